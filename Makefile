@@ -1,0 +1,62 @@
+# flashsale: `make demo` runs a flash sale end to end; `make test` runs the tests.
+# Both set everything up on a fresh machine (venv, Kafka jars, system packages as root).
+
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+FS    := $(VENV)/bin/flashsale
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml infra/setup-system.sh
+	@infra/setup-system.sh
+	@# The venv is rebuilt from scratch whenever pyproject.toml changes.
+	rm -rf $(VENV)
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test,dev]'
+	@touch $(STAMP)
+
+.PHONY: setup
+setup: $(STAMP) ## Create the venv and install system packages (as root) if missing
+	@infra/setup-system.sh
+
+.PHONY: up
+up: setup ## Start Kafka and PostgreSQL (and services as they arrive); leave them running
+	$(FS) infra up
+
+.PHONY: down
+down: ## Stop everything `make up` started
+	@if [ -x $(FS) ]; then $(FS) infra down; else echo "nothing to stop (no venv)"; fi
+
+.PHONY: status
+status: ## Show whether the servers answer (JSON: .venv/bin/flashsale infra status --json)
+	@$(FS) infra status
+
+.PHONY: demo
+demo: up ## Run a flash sale end to end against the local stack
+	@echo "demo: the servers are up; the flash-sale demo arrives with the decision core"
+
+.PHONY: test
+test: setup ## Run every test against real Kafka and PostgreSQL (started if not up)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+.PHONY: lint
+lint: setup ## ruff and mypy
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy flashsale infra schemas producers processors projections
+
+.PHONY: bench
+bench: up ## Benchmarks: print figures and write them to bench-results/
+	@echo "bench: not yet (the core benchmark arrives with the decision core)"
+
+.PHONY: clean
+clean: down ## Stop and delete all local server data (keeps the venv and jars)
+	rm -rf .state/kafka .state/postgres .state/run

@@ -1,0 +1,1 @@
+"""flashsale: a Kafka event-sourced flash-sale backend."""

@@ -1,0 +1,40 @@
+"""The `flashsale` command: one entry point, a sub-command per component."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from flashsale import logs
+from flashsale.settings import SettingError, Settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's argument parser with every command group registered."""
+    from infra import commands as infra_commands
+
+    parser = argparse.ArgumentParser(prog="flashsale", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    infra_commands.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, read settings, run; infrastructure errors print one clear line and exit 2."""
+    from infra.errors import InfraError
+
+    args = build_parser().parse_args(argv)
+    logs.configure(service=f"flashsale-{args.command}")
+    try:
+        settings = Settings.from_env()
+        return int(args.run(args, settings))
+    except (SettingError, InfraError) as exc:
+        print(f"flashsale: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Process settings, read from the environment (prefix ``FLASHSALE_``) with local defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class SettingError(ValueError):
+    """A setting is missing or invalid; the message names it."""
+
+
+def _int(env: dict[str, str], name: str, default: int, lo: int = 1, hi: int = 2**31) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingError(f"{name}={raw!r} is not an integer") from None
+    if not lo <= value <= hi:
+        raise SettingError(f"{name}={value} is outside {lo}..{hi}")
+    return value
+
+
+INFRA_MODES = ("local", "containers", "external")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a process needs to find its servers and its state."""
+
+    infra_mode: str
+    state_dir: Path
+    kafka_port: int
+    kafka_controller_port: int
+    kafka_heap: str
+    kafka_bootstrap: str
+    pg_port: int
+    database_url: str
+    partitions: int
+    replication_factor: int
+    http_port: int
+
+    @property
+    def destructive_tests_allowed(self) -> bool:
+        """Tests that kill or wipe servers run only against servers this project owns."""
+        return self.infra_mode == "local"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        """Read settings; fail with the variable's name when one is invalid."""
+        e = dict(os.environ if env is None else env)
+        external = bool(e.get("KAFKA_BOOTSTRAP_SERVERS") or e.get("DATABASE_URL"))
+        mode = e.get("FLASHSALE_INFRA") or ("external" if external else "local")
+        if mode not in INFRA_MODES:
+            raise SettingError(f"FLASHSALE_INFRA={mode!r} must be one of {', '.join(INFRA_MODES)}")
+        if mode == "external" and not (e.get("KAFKA_BOOTSTRAP_SERVERS") and e.get("DATABASE_URL")):
+            raise SettingError(
+                "FLASHSALE_INFRA=external needs both KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL"
+            )
+        kafka_port = _int(e, "FLASHSALE_KAFKA_PORT", 19092, 1024, 65535)
+        pg_port = _int(e, "FLASHSALE_PG_PORT", 15432, 1024, 65535)
+        state_dir = Path(e.get("FLASHSALE_STATE_DIR") or REPO_ROOT / ".state").resolve()
+        return cls(
+            infra_mode=mode,
+            state_dir=state_dir,
+            kafka_port=kafka_port,
+            kafka_controller_port=_int(e, "FLASHSALE_KAFKA_CONTROLLER_PORT", 19093, 1024, 65535),
+            kafka_heap=e.get("FLASHSALE_KAFKA_HEAP", "1g"),
+            kafka_bootstrap=e.get("KAFKA_BOOTSTRAP_SERVERS") or f"127.0.0.1:{kafka_port}",
+            pg_port=pg_port,
+            database_url=e.get("DATABASE_URL")
+            or f"postgresql://flashsale:flashsale@127.0.0.1:{pg_port}/flashsale",
+            partitions=_int(e, "FLASHSALE_PARTITIONS", 6, 1, 256),
+            replication_factor=_int(e, "FLASHSALE_REPLICATION_FACTOR", 1, 1, 5),
+            http_port=_int(e, "FLASHSALE_HTTP_PORT", 18080, 1024, 65535),
+        )

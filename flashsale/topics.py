@@ -1,0 +1,91 @@
+"""The topic catalogue: every topic flashsale owns, with its key, schemas and configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flashsale.settings import Settings
+
+SKU_COMMANDS = "flashsale.sku-commands"
+DECISIONS = "flashsale.decisions"
+DEAD_LETTERS = "flashsale.dead-letters"
+
+RETAIN_FOREVER = -1
+THIRTY_DAYS_MS = 30 * 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """One topic: name, key, the Avro records its values may hold, and broker configuration."""
+
+    name: str
+    key: str
+    value_schemas: tuple[str, ...]
+    partitions: int
+    replication_factor: int
+    cleanup_policy: str
+    retention_ms: int
+    timestamp_type: str
+    min_insync_replicas: int
+    description: str
+    extra_config: dict[str, str] = field(default_factory=dict)
+
+    def config(self) -> dict[str, str]:
+        """Topic-level broker configuration to create it with and to check for drift."""
+        return {
+            "cleanup.policy": self.cleanup_policy,
+            "retention.ms": str(self.retention_ms),
+            "message.timestamp.type": self.timestamp_type,
+            "min.insync.replicas": str(self.min_insync_replicas),
+            "unclean.leader.election.enable": "false",
+            **self.extra_config,
+        }
+
+
+def catalogue(settings: Settings) -> tuple[TopicSpec, ...]:
+    """Every topic, sized from settings (partitions, replication factor)."""
+    rf = settings.replication_factor
+    isr = 1 if rf == 1 else 2
+    # Input and decision topics share the partition count so one SKU maps to the same
+    # partition number in both (and in the processor's table changelogs).
+    n = settings.partitions
+    return (
+        TopicSpec(
+            name=SKU_COMMANDS,
+            key="sku (UTF-8)",
+            value_schemas=("SaleOpened", "SaleClosed", "PurchaseIntent"),
+            partitions=n,
+            replication_factor=rf,
+            cleanup_policy="delete",
+            retention_ms=RETAIN_FOREVER,
+            timestamp_type="LogAppendTime",
+            min_insync_replicas=isr,
+            description="Every input that changes a SKU's state, in one order per SKU. "
+            "The broker stamps arrival time; sale windows are judged on it.",
+        ),
+        TopicSpec(
+            name=DECISIONS,
+            key="sku (UTF-8)",
+            value_schemas=("IntentAccepted", "IntentRejected"),
+            partitions=n,
+            replication_factor=rf,
+            cleanup_policy="delete",
+            retention_ms=RETAIN_FOREVER,
+            timestamp_type="CreateTime",
+            min_insync_replicas=isr,
+            description="Exactly one decision per intent id (a redelivery repeats it identically).",
+        ),
+        TopicSpec(
+            name=DEAD_LETTERS,
+            key="the source record's key",
+            value_schemas=(),
+            partitions=n,
+            replication_factor=rf,
+            cleanup_policy="delete",
+            retention_ms=THIRTY_DAYS_MS,
+            timestamp_type="CreateTime",
+            min_insync_replicas=isr,
+            description="Records that could not be decoded or broke their schema, as received; "
+            "headers: dlq.source.topic, dlq.source.partition, dlq.source.offset, dlq.reason.",
+        ),
+    )

@@ -1,0 +1,142 @@
+"""Detached server processes tracked by pid files in the state directory."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from infra.errors import MissingBinary, PortInUse
+
+
+def find_binary(name: str, env_var: str, install_hint: str, search: Sequence[Path] = ()) -> str:
+    """Locate a program (override with ``env_var``) or raise naming the install command."""
+    override = os.environ.get(env_var)
+    if override:
+        if os.access(override, os.X_OK):
+            return override
+        raise MissingBinary(f"{env_var}={override} is not an executable file")
+    for directory in search:
+        candidate = directory / name
+        if os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise MissingBinary(f"'{name}' was not found on PATH; install it with: {install_hint}")
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when nothing listens on host:port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
+
+
+def require_free_port(port: int, what: str, env_var: str) -> None:
+    """Raise PortInUse naming the port, the server and the setting that moves it."""
+    if not port_is_free(port):
+        raise PortInUse(
+            f"port {port} (for {what}) is already in use by another process; stop that "
+            f"process or choose another port with {env_var}=<port>"
+        )
+
+
+def read_pid(pidfile: Path) -> int | None:
+    """The pid recorded in pidfile if that process is still alive, else None."""
+    try:
+        pid = int(pidfile.read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    try:  # a zombie or a recycled pid is not our server
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return None
+    except (FileNotFoundError, IndexError):
+        return None
+    return pid
+
+
+def spawn(argv: list[str], logfile: Path, pidfile: Path, env: dict[str, str] | None = None) -> int:
+    """Start argv in its own session, output to logfile, pid to pidfile."""
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    with open(logfile, "ab") as out:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
+    pidfile.write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
+    """Poll check() until it is true or timeout seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(interval)
+    return check()
+
+
+def alive(pid: int) -> bool:
+    """True while pid exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def terminate(pid: int, grace: float = 30.0) -> None:
+    """SIGTERM the process group, wait for exit, SIGKILL after grace seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        except PermissionError:
+            os.kill(pid, sig)
+        if wait_until(lambda: not alive(pid), wait, 0.1):
+            _reap(pid)
+            return
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def log_tail(logfile: Path, lines: int = 25) -> str:
+    """Last lines of a server log, for error messages."""
+    try:
+        return "\n".join(logfile.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log written)"

@@ -1,0 +1,64 @@
+"""Create the catalogue's topics idempotently and report drift from the catalogue."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+
+from flashsale.topics import TopicSpec
+from infra.errors import InfraError
+
+
+def ensure_topics(
+    bootstrap: str, specs: Iterable[TopicSpec], timeout: float = 30.0
+) -> tuple[list[str], list[str]]:
+    """Create missing topics; return (created names, drift messages for existing ones)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    try:
+        existing = admin.list_topics(timeout=timeout).topics
+    except KafkaException as exc:
+        raise InfraError(f"Kafka at {bootstrap} did not answer: {exc}") from None
+    specs = list(specs)
+    missing = [s for s in specs if s.name not in existing]
+    created: list[str] = []
+    if missing:
+        futures = admin.create_topics(
+            [
+                NewTopic(s.name, s.partitions, s.replication_factor, config=s.config())
+                for s in missing
+            ],
+            operation_timeout=timeout,
+        )
+        for name, fut in futures.items():
+            try:
+                fut.result()
+                created.append(name)
+            except KafkaException as exc:
+                if exc.args[0].code() != 36:  # TOPIC_ALREADY_EXISTS: a concurrent creator won
+                    raise InfraError(f"creating topic {name} failed: {exc}") from None
+    present = [s for s in specs if s.name in existing]
+    return created, drift(admin, present, {n: len(existing[n].partitions) for n in existing})
+
+
+def drift(admin: AdminClient, specs: list[TopicSpec], partitions: dict[str, int]) -> list[str]:
+    """Differences between existing topics and the catalogue, one message each."""
+    problems: list[str] = []
+    if not specs:
+        return problems
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, s.name) for s in specs]
+    configs = {r.name: f.result() for r, f in admin.describe_configs(resources).items()}
+    for spec in specs:
+        if partitions[spec.name] != spec.partitions:
+            problems.append(
+                f"{spec.name}: has {partitions[spec.name]} partitions, catalogue says "
+                f"{spec.partitions} (a SKU could map to another partition: recreate the topic "
+                "or set FLASHSALE_PARTITIONS to match)"
+            )
+        actual = configs[spec.name]
+        for key, want in spec.config().items():
+            have = actual[key].value if key in actual else None
+            if have != want:
+                problems.append(f"{spec.name}: {key}={have}, catalogue says {want}")
+    return problems

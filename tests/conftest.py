@@ -1,0 +1,38 @@
+"""Shared fixtures: the real servers (started here when not already up) and unique ids."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from flashsale.settings import Settings
+from infra.stack import Endpoints, Stack
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    return Settings.from_env()
+
+
+@pytest.fixture(scope="session")
+def endpoints(settings: Settings) -> Iterator[Endpoints]:
+    """Kafka and PostgreSQL for the whole session; stopped after if this session started them."""
+    stack = Stack(settings)
+    started = stack.up()
+    yield stack.endpoints()
+    if any(started.values()):
+        stack.down()
+
+
+@pytest.fixture
+def uid() -> str:
+    """A short unique id so tests can share one broker and one database."""
+    return uuid.uuid4().hex[:10]
+
+
+def local_only(settings: Settings) -> None:
+    """Skip tests that kill, wipe or start servers unless the infra is the project's own."""
+    if not settings.destructive_tests_allowed:
+        pytest.skip("destructive test: runs only with FLASHSALE_INFRA=local")
