@@ -1,0 +1,377 @@
+"""The pure decision core: one SKU's ledger, commands in, decision events out.
+
+The single writer of a SKU feeds every command from its SKU-keyed input partition, in log
+order, to ``decide``. Time is the broker's log-append time of the command, never a clock.
+``decide`` mutates the ledger in place (the ledger is the writer's private state and copying
+it per intent would dominate the hot path) and returns the events to emit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class RejectionReason(StrEnum):
+    """Why an intent was rejected (same symbols as the Avro enum)."""
+
+    UNKNOWN_SALE = "UNKNOWN_SALE"
+    INVALID_QUANTITY = "INVALID_QUANTITY"
+    ORDER_MAX_EXCEEDED = "ORDER_MAX_EXCEEDED"
+    SALE_NOT_OPEN = "SALE_NOT_OPEN"
+    SALE_ENDED = "SALE_ENDED"
+    SOLD_OUT = "SOLD_OUT"
+    INSUFFICIENT_STOCK = "INSUFFICIENT_STOCK"
+    USER_LIMIT = "USER_LIMIT"
+    UNSPECIFIED = "UNSPECIFIED"
+
+
+@dataclass(slots=True, frozen=True)
+class SaleTerms:
+    """Terms of one sale for one SKU; the window is [starts_at_ms, ends_at_ms)."""
+
+    sale_id: str
+    sku: str
+    allocation: int
+    per_user_limit: int
+    per_order_max: int
+    starts_at_ms: int
+    ends_at_ms: int
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class OpenSale:
+    """Open a sale for one SKU."""
+
+    terms: SaleTerms
+
+    @property
+    def sku(self) -> str:
+        """SKU the sale is for."""
+        return self.terms.sku
+
+
+@dataclass(slots=True, frozen=True)
+class CloseSale:
+    """Close a sale for one SKU before its end."""
+
+    sale_id: str
+    sku: str
+
+
+@dataclass(slots=True, frozen=True)
+class PlaceIntent:
+    """Ask for ``quantity`` units of ``sku`` in ``sale_id`` on behalf of ``user_id``."""
+
+    intent_id: str
+    user_id: str
+    sale_id: str
+    sku: str
+    quantity: int
+
+
+@dataclass(slots=True, frozen=True)
+class ReturnUnits:
+    """Give units back to a sale (e.g. an expired hold); ``ref`` makes it idempotent."""
+
+    sale_id: str
+    sku: str
+    quantity: int
+    ref: str
+
+
+Command = OpenSale | CloseSale | PlaceIntent | ReturnUnits
+
+# -- events -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class IntentAccepted:
+    """An intent won ``quantity`` units; it becomes order ``order_id``."""
+
+    intent_id: str
+    sale_id: str
+    sku: str
+    user_id: str
+    quantity: int
+    order_id: str
+    remaining: int
+    sequence: int
+    decided_at: int
+
+
+@dataclass(slots=True, frozen=True)
+class IntentRejected:
+    """An intent was refused for ``reason``."""
+
+    intent_id: str
+    sale_id: str
+    sku: str
+    user_id: str
+    quantity: int
+    reason: RejectionReason
+    detail: str
+    remaining: int
+    sequence: int
+    decided_at: int
+
+
+@dataclass(slots=True, frozen=True)
+class UnitsReturned:
+    """Units came back to a sale; ``quantity`` is what was actually applied."""
+
+    sale_id: str
+    sku: str
+    ref: str
+    quantity: int
+    remaining: int
+    sequence: int
+    decided_at: int
+
+
+@dataclass(slots=True, frozen=True)
+class SaleRejected:
+    """An OpenSale was ignored (invalid terms, or conflicting with terms already open)."""
+
+    sale_id: str
+    sku: str
+    detail: str
+
+
+Decision = IntentAccepted | IntentRejected
+Sequenced = IntentAccepted | IntentRejected | UnitsReturned
+Event = IntentAccepted | IntentRejected | UnitsReturned | SaleRejected
+
+# -- state ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class SaleBook:
+    """State of one sale of the ledger's SKU."""
+
+    terms: SaleTerms
+    remaining: int
+    closed: bool = False
+    bought: dict[str, int] = field(default_factory=dict)
+    decided: dict[str, Decision] = field(default_factory=dict)
+    returns: dict[str, UnitsReturned] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class SkuLedger:
+    """Everything the single writer of one SKU knows."""
+
+    sku: str
+    sequence: int = 0
+    sales: dict[str, SaleBook] = field(default_factory=dict)
+    # UNKNOWN_SALE rejections, by intent id: they belong to no SaleBook.
+    orphans: dict[str, IntentRejected] = field(default_factory=dict)
+
+
+class WrongLedger(ValueError):
+    """A command for another SKU reached this ledger (a routing bug, not bad input)."""
+
+
+def terms_problem(terms: SaleTerms) -> str | None:
+    """Why ``terms`` are invalid, or None if they are valid."""
+    if terms.allocation < 0:
+        return "allocation must be >= 0"
+    if terms.per_user_limit < 1 or terms.per_order_max < 1:
+        return "per_user_limit and per_order_max must be >= 1"
+    if terms.starts_at_ms >= terms.ends_at_ms:
+        return "starts_at must be before ends_at"
+    return None
+
+
+def _previous(ledger: SkuLedger, book: SaleBook | None, intent_id: str) -> Decision | None:
+    orphan = ledger.orphans.get(intent_id)
+    if orphan is not None:
+        return orphan
+    if book is not None:
+        found = book.decided.get(intent_id)
+        if found is not None:
+            return found
+    # Intent ids embed the sale, so only a forged or corrupted record reaches this loop with
+    # a known id; answering it with the first decision keeps "one decision per intent id".
+    for other in ledger.sales.values():
+        found = other.decided.get(intent_id)
+        if found is not None:
+            return found
+    return None
+
+
+def _rule_fault(book: SaleBook, cmd: PlaceIntent, now: int) -> tuple[RejectionReason, str] | None:
+    terms = book.terms
+    q = cmd.quantity
+    if q <= 0:
+        return RejectionReason.INVALID_QUANTITY, f"quantity {q} must be >= 1"
+    if q > terms.per_order_max:
+        return RejectionReason.ORDER_MAX_EXCEEDED, f"quantity {q} > {terms.per_order_max}"
+    if now < terms.starts_at_ms:
+        return RejectionReason.SALE_NOT_OPEN, f"sale opens at {terms.starts_at_ms}"
+    if book.closed or now >= terms.ends_at_ms:
+        return RejectionReason.SALE_ENDED, "sale closed" if book.closed else "sale ended"
+    if book.remaining == 0:
+        return RejectionReason.SOLD_OUT, "no units left"
+    had = book.bought.get(cmd.user_id, 0)
+    if had + q > terms.per_user_limit:
+        return RejectionReason.USER_LIMIT, f"{had} + {q} > limit {terms.per_user_limit}"
+    if q > book.remaining:
+        return RejectionReason.INSUFFICIENT_STOCK, f"{q} > {book.remaining} left"
+    return None
+
+
+def _place(ledger: SkuLedger, cmd: PlaceIntent, now: int) -> list[Event]:
+    book = ledger.sales.get(cmd.sale_id)
+    previous = _previous(ledger, book, cmd.intent_id)
+    if previous is not None:
+        return [previous]
+    seq = ledger.sequence + 1
+    ledger.sequence = seq
+    if book is None:
+        orphan = IntentRejected(
+            cmd.intent_id,
+            cmd.sale_id,
+            cmd.sku,
+            cmd.user_id,
+            cmd.quantity,
+            RejectionReason.UNKNOWN_SALE,
+            "no such sale for this SKU",
+            0,
+            seq,
+            now,
+        )
+        ledger.orphans[cmd.intent_id] = orphan
+        return [orphan]
+    fault = _rule_fault(book, cmd, now)
+    decision: Decision
+    if fault is None:
+        book.remaining -= cmd.quantity
+        book.bought[cmd.user_id] = book.bought.get(cmd.user_id, 0) + cmd.quantity
+        decision = IntentAccepted(
+            cmd.intent_id,
+            cmd.sale_id,
+            cmd.sku,
+            cmd.user_id,
+            cmd.quantity,
+            order_id_for(cmd.intent_id),
+            book.remaining,
+            seq,
+            now,
+        )
+    else:
+        decision = IntentRejected(
+            cmd.intent_id,
+            cmd.sale_id,
+            cmd.sku,
+            cmd.user_id,
+            cmd.quantity,
+            fault[0],
+            fault[1],
+            book.remaining,
+            seq,
+            now,
+        )
+    book.decided[cmd.intent_id] = decision
+    return [decision]
+
+
+def _return(ledger: SkuLedger, cmd: ReturnUnits, now: int) -> list[Event]:
+    book = ledger.sales.get(cmd.sale_id)
+    if book is None or cmd.quantity <= 0:
+        return []
+    previous = book.returns.get(cmd.ref)
+    if previous is not None:
+        return [previous]
+    # Units out = allocation - remaining; never give back more than that.
+    applied = min(cmd.quantity, book.terms.allocation - book.remaining)
+    book.remaining += applied
+    ledger.sequence += 1
+    event = UnitsReturned(
+        cmd.sale_id, cmd.sku, cmd.ref, applied, book.remaining, ledger.sequence, now
+    )
+    book.returns[cmd.ref] = event
+    return [event]
+
+
+def _open(ledger: SkuLedger, cmd: OpenSale) -> list[Event]:
+    terms = cmd.terms
+    book = ledger.sales.get(terms.sale_id)
+    if book is not None:
+        if book.terms == terms:
+            return []  # replayed OpenSale
+        # Changing terms mid-sale is out of scope: the edge refuses it; here it is ignored.
+        return [SaleRejected(terms.sale_id, terms.sku, "sale already open with other terms")]
+    problem = terms_problem(terms)
+    if problem is not None:
+        return [SaleRejected(terms.sale_id, terms.sku, problem)]
+    ledger.sales[terms.sale_id] = SaleBook(terms, terms.allocation)
+    return []
+
+
+def decide(ledger: SkuLedger, command: Command, log_time_ms: int) -> list[Event]:
+    """Apply ``command`` (stamped with broker log time) to ``ledger``; return events to emit.
+
+    PlaceIntent always yields exactly one decision; a repeated intent id yields the very same
+    decision object again and changes nothing. OpenSale with identical terms is a no-op; with
+    other or invalid terms it changes nothing and yields a ``SaleRejected``. CloseSale
+    (idempotent) and unknown-sale CloseSale/ReturnUnits yield nothing.
+    """
+    if command.sku != ledger.sku:
+        raise WrongLedger(f"command for {command.sku!r} sent to ledger of {ledger.sku!r}")
+    if type(command) is PlaceIntent:
+        return _place(ledger, command, log_time_ms)
+    if type(command) is OpenSale:
+        return _open(ledger, command)
+    if type(command) is CloseSale:
+        book = ledger.sales.get(command.sale_id)
+        if book is not None:
+            book.closed = True
+        return []
+    if type(command) is ReturnUnits:
+        return _return(ledger, command, log_time_ms)
+    raise TypeError(f"not a command: {command!r}")
+
+
+def order_id_for(intent_id: str) -> str:
+    """Deterministic order id of an accepted intent."""
+    return "ord-" + intent_id
+
+
+def ledger_from_decisions(
+    sku: str,
+    sales: Iterable[SaleTerms],
+    closed: Iterable[str],
+    decisions: Iterable[Sequenced],
+) -> SkuLedger:
+    """Rebuild a ledger from persisted sale terms, closed sale ids and sequenced events."""
+    ledger = SkuLedger(sku)
+    for terms in sales:
+        decide(ledger, OpenSale(terms), 0)
+    for sale_id in closed:
+        book = ledger.sales.get(sale_id)
+        if book is not None:
+            book.closed = True
+    for event in sorted(decisions, key=lambda e: e.sequence):
+        ledger.sequence = max(ledger.sequence, event.sequence)
+        book = ledger.sales.get(event.sale_id)
+        if isinstance(event, IntentRejected) and (
+            book is None or event.reason is RejectionReason.UNKNOWN_SALE
+        ):
+            ledger.orphans[event.intent_id] = event
+        elif book is None:
+            continue  # a sequenced event for a sale we have no terms for: nothing to rebuild
+        elif isinstance(event, IntentAccepted):
+            book.remaining -= event.quantity
+            book.bought[event.user_id] = book.bought.get(event.user_id, 0) + event.quantity
+            book.decided[event.intent_id] = event
+        elif isinstance(event, IntentRejected):
+            book.decided[event.intent_id] = event
+        else:
+            book.remaining += event.quantity
+            book.returns[event.ref] = event
+    return ledger

@@ -1,0 +1,217 @@
+"""Single-object codec: round trips, fingerprints, bad input, schema evolution."""
+
+from __future__ import annotations
+
+import copy
+import json
+import struct
+from typing import Any
+
+import pytest
+from fastavro.schema import to_parsing_canonical_form
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from processors.decision import IntentAccepted, IntentRejected, RejectionReason
+from processors.records import from_record, to_record
+from schemas import SCHEMA_DIR
+from schemas.codec import (
+    MAGIC,
+    SchemaRegistry,
+    SchemaViolation,
+    UndecodableRecord,
+    decode,
+    default_registry,
+    encode,
+    schema_fingerprint,
+)
+
+ENVELOPE = {"event_id": "e-1", "correlation_id": "i-1", "producer": "test", "occurred_at": 17}
+DECISIONS: list[IntentAccepted | IntentRejected] = [
+    IntentAccepted("i-1", "s-1", "SKU", "u-1", 2, "ord-i-1", 3, 7, 1_700_000_000_000),
+    IntentRejected(
+        "i-2",
+        "s-1",
+        "SKU",
+        "u-2",
+        9,
+        RejectionReason.ORDER_MAX_EXCEEDED,
+        "9 > 2",
+        3,
+        8,
+        1_700_000_000_001,
+    ),
+]
+SAMPLES: dict[str, dict[str, Any]] = {
+    "SaleOpened": {
+        "sale_id": "s-1",
+        "sku": "SKU",
+        "allocation": 100,
+        "per_user_limit": 2,
+        "per_order_max": 1,
+        "starts_at": 1,
+        "ends_at": 2**42,
+    },
+    "SaleClosed": {"sale_id": "s-1", "sku": "SKU", "reason": "ops"},
+    "PurchaseIntent": {
+        "intent_id": "i-1",
+        "idempotency_key": "k",
+        "user_id": "u-1",
+        "sale_id": "s-1",
+        "sku": "SKU",
+        "quantity": -3,
+    },
+    "IntentAccepted": to_record(DECISIONS[0]),
+    "IntentRejected": to_record(DECISIONS[1]),
+}
+
+
+def current(name: str) -> dict[str, Any]:
+    return dict(json.loads((SCHEMA_DIR / f"{name}.avsc").read_text()))
+
+
+def crc64_avro(data: bytes) -> int:
+    """CRC-64-AVRO exactly as the Avro specification's reference code computes it."""
+    empty = 0xC15D213AA4D7A795
+    table = []
+    for i in range(256):
+        fp = i
+        for _ in range(8):
+            fp = (fp >> 1) ^ (empty & -(fp & 1))
+        table.append(fp)
+    fp = empty
+    for byte in data:
+        fp = (fp >> 8) ^ table[(fp ^ byte) & 0xFF]
+    return fp
+
+
+def test_every_schema_is_registered_and_has_the_envelope_first() -> None:
+    registry = SchemaRegistry.load_default()
+    assert registry.names() == sorted(SAMPLES)
+    for name in SAMPLES:
+        fields = [f["name"] for f in registry.schema(name)["fields"]]
+        assert fields[:4] == ["event_id", "correlation_id", "producer", "occurred_at"]
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_round_trip(name: str) -> None:
+    record = {**ENVELOPE, **SAMPLES[name]}
+    data = encode(name, record)
+    assert data[:2] == MAGIC
+    assert decode(data) == (name, record)
+
+
+def test_decision_events_survive_records_and_codec() -> None:
+    for event in DECISIONS:
+        name, record = decode(encode(type(event).__name__, {**ENVELOPE, **to_record(event)}))
+        assert from_record(name, record) == event
+
+
+def test_fingerprint_matches_the_spec_algorithm_little_endian() -> None:
+    # Known vector from Avro's own test suite: the schema "int".
+    assert crc64_avro(b'"int"') == 8247732601305521295
+    assert schema_fingerprint("int") == struct.pack("<Q", 8247732601305521295)
+    for name in SAMPLES:
+        canonical = to_parsing_canonical_form(current(name)).encode()
+        expected = struct.pack("<Q", crc64_avro(canonical))
+        assert schema_fingerprint(current(name)) == expected
+        assert encode(name, {**ENVELOPE, **SAMPLES[name]})[2:10] == expected
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "bad-magic"),
+        (b"\x00\x01" + b"\x00" * 20, "bad-magic"),
+        (MAGIC + b"\x00" * 8 + b"\x02a", "unknown-fingerprint"),
+    ],
+)
+def test_bad_input_is_named(data: bytes, reason: str) -> None:
+    with pytest.raises(UndecodableRecord) as info:
+        decode(data)
+    assert info.value.reason == reason
+
+
+def test_truncated_or_padded_body_is_corrupt() -> None:
+    data = encode("PurchaseIntent", {**ENVELOPE, **SAMPLES["PurchaseIntent"]})
+    for cut in [*range(10, len(data)), None]:
+        broken = data[:cut] if cut is not None else data + b"\x00"
+        with pytest.raises(UndecodableRecord) as info:
+            decode(broken)
+        assert info.value.reason == "truncated-or-corrupt"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64), st.sampled_from(sorted(SAMPLES)), st.booleans())
+def test_random_bytes_never_escape_as_other_errors(body: bytes, name: str, framed: bool) -> None:
+    data = MAGIC + default_registry().fingerprint(name) + body if framed else body
+    try:
+        decoded_name, record = decode(data)
+    except UndecodableRecord as exc:
+        assert exc.reason in {"bad-magic", "unknown-fingerprint", "truncated-or-corrupt"}
+    else:
+        assert decoded_name == name and isinstance(record, dict)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"quantity": "2"}, "quantity"),
+        ({"quantity": 2.5}, "quantity"),
+        ({"quantity": True}, "quantity"),
+        ({"quantity": 2**31}, "quantity"),
+        ({"sku": None}, "sku"),
+        ({"occurred_at": "now"}, "occurred_at"),
+    ],
+)
+def test_encoding_a_bad_record_names_the_field(change: dict[str, Any], field: str) -> None:
+    with pytest.raises(SchemaViolation) as info:
+        encode("PurchaseIntent", {**ENVELOPE, **SAMPLES["PurchaseIntent"], **change})
+    assert info.value.reason == "schema-violation" and info.value.field == field
+
+
+def test_missing_field_is_a_schema_violation() -> None:
+    record = {**ENVELOPE, **SAMPLES["PurchaseIntent"]}
+    del record["user_id"]
+    with pytest.raises(SchemaViolation) as info:
+        encode("PurchaseIntent", record)
+    assert info.value.field == "user_id"
+
+
+def with_extra_field(schema: dict[str, Any]) -> dict[str, Any]:
+    newer = copy.deepcopy(schema)
+    newer["fields"].append({"name": "channel", "type": "string", "default": "web"})
+    return newer
+
+
+def test_old_reader_new_writer_drops_the_added_field() -> None:
+    registry = SchemaRegistry.load_default()
+    newer = registry.register(with_extra_field(current("PurchaseIntent")))
+    record = {**ENVELOPE, **SAMPLES["PurchaseIntent"]}
+    data = registry.encode_as(newer, {**record, "channel": "app"})
+    assert data[2:10] == newer != registry.fingerprint("PurchaseIntent")
+    assert registry.decode(data) == ("PurchaseIntent", record)
+
+
+def test_new_reader_old_writer_fills_the_default() -> None:
+    registry = SchemaRegistry()
+    old = registry.register(current("PurchaseIntent"))
+    registry.register(with_extra_field(current("PurchaseIntent")), current=True)
+    record = {**ENVELOPE, **SAMPLES["PurchaseIntent"]}
+    data = SchemaRegistry.load_default().encode("PurchaseIntent", record)
+    assert data[2:10] == old
+    assert registry.decode(data) == ("PurchaseIntent", {**record, "channel": "web"})
+
+
+def test_unknown_rejection_reason_reads_as_unspecified() -> None:
+    registry = SchemaRegistry.load_default()
+    newer = current("IntentRejected")
+    reason_type = next(f["type"] for f in newer["fields"] if f["name"] == "reason")
+    reason_type["symbols"].append("FRAUD_SUSPECTED")
+    fp = registry.register(newer)
+    data = registry.encode_as(
+        fp, {**ENVELOPE, **SAMPLES["IntentRejected"], "reason": "FRAUD_SUSPECTED"}
+    )
+    name, record = registry.decode(data)
+    assert (name, record["reason"]) == ("IntentRejected", "UNSPECIFIED")
+    assert from_record(name, record).reason is RejectionReason.UNSPECIFIED  # type: ignore[union-attr]

@@ -1,0 +1,155 @@
+"""Readable examples of each decision rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from processors.decision import (
+    CloseSale,
+    IntentAccepted,
+    IntentRejected,
+    OpenSale,
+    PlaceIntent,
+    RejectionReason,
+    ReturnUnits,
+    SaleRejected,
+    SaleTerms,
+    SkuLedger,
+    UnitsReturned,
+    WrongLedger,
+    decide,
+)
+
+SKU = "SKU-1"
+START, END = 1_000, 2_000
+TERMS = SaleTerms(
+    "sale-1",
+    SKU,
+    allocation=5,
+    per_user_limit=3,
+    per_order_max=2,
+    starts_at_ms=START,
+    ends_at_ms=END,
+)
+
+
+def opened(terms: SaleTerms = TERMS) -> SkuLedger:
+    ledger = SkuLedger(SKU)
+    assert decide(ledger, OpenSale(terms), 0) == []
+    return ledger
+
+
+def place(
+    ledger: SkuLedger,
+    intent: str,
+    user: str = "u1",
+    qty: int = 1,
+    t: int = START,
+    sale: str = "sale-1",
+) -> IntentAccepted | IntentRejected:
+    [event] = decide(ledger, PlaceIntent(intent, user, sale, SKU, qty), t)
+    assert isinstance(event, IntentAccepted | IntentRejected)
+    return event
+
+
+def reason(event: object) -> RejectionReason:
+    assert isinstance(event, IntentRejected)
+    return event.reason
+
+
+def test_accept_takes_units_and_numbers_the_decision() -> None:
+    ledger = opened()
+    event = place(ledger, "i1", qty=2)
+    assert event == IntentAccepted("i1", "sale-1", SKU, "u1", 2, "ord-i1", 3, 1, START)
+    assert ledger.sales["sale-1"].remaining == 3
+    assert ledger.sales["sale-1"].bought == {"u1": 2}
+
+
+def test_duplicate_intent_gets_the_same_decision_and_changes_nothing() -> None:
+    ledger = opened()
+    first = place(ledger, "i1", qty=2)
+    again = place(ledger, "i1", qty=2, t=START + 5)
+    assert again is first
+    assert ledger.sequence == 1 and ledger.sales["sale-1"].remaining == 3
+
+
+def test_unknown_sale() -> None:
+    ledger = opened()
+    first = place(ledger, "i1", sale="nope")
+    assert reason(first) is RejectionReason.UNKNOWN_SALE
+    assert place(ledger, "i1", sale="nope") is first
+
+
+@pytest.mark.parametrize("qty", [0, -1])
+def test_invalid_quantity(qty: int) -> None:
+    assert reason(place(opened(), "i1", qty=qty)) is RejectionReason.INVALID_QUANTITY
+
+
+def test_order_max_exceeded() -> None:
+    assert reason(place(opened(), "i1", qty=3)) is RejectionReason.ORDER_MAX_EXCEEDED
+
+
+def test_sale_not_open_before_start() -> None:
+    assert reason(place(opened(), "i1", t=START - 1)) is RejectionReason.SALE_NOT_OPEN
+
+
+def test_sale_ended_at_end_or_when_closed() -> None:
+    assert reason(place(opened(), "i1", t=END)) is RejectionReason.SALE_ENDED
+    ledger = opened()
+    decide(ledger, CloseSale("sale-1", SKU), START)
+    decide(ledger, CloseSale("sale-1", SKU), START)  # idempotent
+    assert reason(place(ledger, "i1")) is RejectionReason.SALE_ENDED
+
+
+def test_sold_out() -> None:
+    ledger = opened()
+    for n, user in enumerate(["a", "a", "b", "b", "c"]):
+        assert isinstance(place(ledger, f"i{n}", user=user), IntentAccepted)
+    rejected = place(ledger, "late", user="d")
+    assert reason(rejected) is RejectionReason.SOLD_OUT
+    assert isinstance(rejected, IntentRejected) and rejected.remaining == 0
+
+
+def test_user_limit() -> None:
+    ledger = opened()
+    place(ledger, "i1", qty=2)
+    assert reason(place(ledger, "i2", qty=2)) is RejectionReason.USER_LIMIT
+    assert isinstance(place(ledger, "i3", qty=1), IntentAccepted)
+
+
+def test_insufficient_stock() -> None:
+    ledger = opened()
+    place(ledger, "i1", user="a", qty=2)
+    place(ledger, "i2", user="b", qty=2)
+    assert reason(place(ledger, "i3", user="c", qty=2)) is RejectionReason.INSUFFICIENT_STOCK
+
+
+def test_rejections_take_a_sequence_number_too() -> None:
+    ledger = opened()
+    events = [place(ledger, "i1", qty=9), place(ledger, "i2"), place(ledger, "i3", sale="x")]
+    assert [e.sequence for e in events] == [1, 2, 3]
+
+
+def test_open_sale_replay_conflict_and_invalid_terms() -> None:
+    ledger = opened()
+    assert decide(ledger, OpenSale(TERMS), 0) == []
+    [conflict] = decide(ledger, OpenSale(SaleTerms("sale-1", SKU, 99, 1, 1, 0, 5)), 0)
+    assert isinstance(conflict, SaleRejected) and ledger.sales["sale-1"].terms == TERMS
+    [invalid] = decide(ledger, OpenSale(SaleTerms("sale-2", SKU, 1, 1, 1, 5, 5)), 0)
+    assert isinstance(invalid, SaleRejected) and "sale-2" not in ledger.sales
+
+
+def test_return_units_is_idempotent_and_capped_at_units_out() -> None:
+    ledger = opened()
+    place(ledger, "i1", qty=2)
+    [back] = decide(ledger, ReturnUnits("sale-1", SKU, 5, "hold-1"), START + 1)
+    assert back == UnitsReturned("sale-1", SKU, "hold-1", 2, 5, 2, START + 1)
+    assert decide(ledger, ReturnUnits("sale-1", SKU, 5, "hold-1"), START + 2) == [back]
+    [none_out] = decide(ledger, ReturnUnits("sale-1", SKU, 1, "hold-2"), START + 3)
+    assert isinstance(none_out, UnitsReturned) and none_out.quantity == 0
+    assert ledger.sales["sale-1"].remaining == TERMS.allocation
+
+
+def test_command_for_another_sku_is_a_routing_bug() -> None:
+    with pytest.raises(WrongLedger):
+        decide(opened(), PlaceIntent("i1", "u1", "sale-1", "OTHER", 1), START)
