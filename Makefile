@@ -28,8 +28,8 @@ setup: $(STAMP) ## Create the venv and install system packages (as root) if miss
 	@infra/setup-system.sh
 
 .PHONY: up
-up: setup ## Start Kafka and PostgreSQL (and services as they arrive); leave them running
-	$(FS) infra up
+up: setup ## Start Kafka, PostgreSQL, the processor and the projector; leave them running
+	$(FS) infra up --services
 
 .PHONY: down
 down: ## Stop everything `make up` started
@@ -40,8 +40,8 @@ status: ## Show whether the servers answer (JSON: .venv/bin/flashsale infra stat
 	@$(FS) infra status
 
 .PHONY: demo
-demo: up ## Run a flash sale end to end against the local stack
-	@echo "demo: the servers are up; the flash-sale demo arrives with the decision core"
+demo: setup ## Run a flash sale end to end (reuses what `make up` started, stops what it started)
+	$(FS) demo --report .state/demo-report.json
 
 .PHONY: test
 test: setup ## Run every test against real Kafka and PostgreSQL (started if not up)
@@ -54,8 +54,8 @@ lint: setup ## ruff and mypy
 	$(VENV)/bin/mypy flashsale infra schemas producers processors projections
 
 .PHONY: bench
-bench: up ## Benchmarks: print figures and write them to bench-results/
-	@echo "bench: not yet (the core benchmark arrives with the decision core)"
+bench: setup ## Benchmarks: print figures and write them to bench-results/
+	$(FS) bench
 
 .PHONY: clean
 clean: down ## Stop and delete all local server data (keeps the venv and jars)

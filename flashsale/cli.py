@@ -12,11 +12,20 @@ from flashsale.settings import SettingError, Settings
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser with every command group registered."""
+    from flashsale import bench, demo
     from infra import commands as infra_commands
+    from processors import commands as processor_commands
+    from producers import cli as producer_commands
+    from projections import commands as projector_commands
 
     parser = argparse.ArgumentParser(prog="flashsale", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     infra_commands.register(sub)
+    producer_commands.register(sub)
+    processor_commands.register(sub)
+    projector_commands.register(sub)
+    demo.register(sub)
+    bench.register(sub)
     return parser
 
 

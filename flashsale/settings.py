@@ -44,6 +44,7 @@ class Settings:
     partitions: int
     replication_factor: int
     http_port: int
+    namespace: str = "flashsale"
 
     @property
     def destructive_tests_allowed(self) -> bool:
@@ -64,6 +65,9 @@ class Settings:
             )
         kafka_port = _int(e, "FLASHSALE_KAFKA_PORT", 19092, 1024, 65535)
         pg_port = _int(e, "FLASHSALE_PG_PORT", 15432, 1024, 65535)
+        namespace = e.get("FLASHSALE_NAMESPACE", "flashsale")
+        if not namespace.replace("-", "").replace("_", "").isalnum():
+            raise SettingError(f"FLASHSALE_NAMESPACE={namespace!r} must be letters, digits, - or _")
         state_dir = Path(e.get("FLASHSALE_STATE_DIR") or REPO_ROOT / ".state").resolve()
         return cls(
             infra_mode=mode,
@@ -78,4 +82,5 @@ class Settings:
             partitions=_int(e, "FLASHSALE_PARTITIONS", 6, 1, 256),
             replication_factor=_int(e, "FLASHSALE_REPLICATION_FACTOR", 1, 1, 5),
             http_port=_int(e, "FLASHSALE_HTTP_PORT", 18080, 1024, 65535),
+            namespace=namespace,
         )

@@ -15,6 +15,21 @@ THIRTY_DAYS_MS = 30 * 24 * 3600 * 1000
 
 
 @dataclass(frozen=True)
+class TopicNames:
+    """Topic names under a namespace (``FLASHSALE_NAMESPACE``; benchmarks use their own)."""
+
+    sku_commands: str
+    decisions: str
+    dead_letters: str
+
+    @classmethod
+    def of(cls, settings: Settings) -> TopicNames:
+        """The names for settings' namespace (``flashsale`` gives the catalogue's defaults)."""
+        ns = settings.namespace
+        return cls(f"{ns}.sku-commands", f"{ns}.decisions", f"{ns}.dead-letters")
+
+
+@dataclass(frozen=True)
 class TopicSpec:
     """One topic: name, key, the Avro records its values may hold, and broker configuration."""
 
@@ -49,9 +64,10 @@ def catalogue(settings: Settings) -> tuple[TopicSpec, ...]:
     # Input and decision topics share the partition count so one SKU maps to the same
     # partition number in both (and in the processor's table changelogs).
     n = settings.partitions
+    names = TopicNames.of(settings)
     return (
         TopicSpec(
-            name=SKU_COMMANDS,
+            name=names.sku_commands,
             key="sku (UTF-8)",
             value_schemas=("SaleOpened", "SaleClosed", "PurchaseIntent"),
             partitions=n,
@@ -64,7 +80,7 @@ def catalogue(settings: Settings) -> tuple[TopicSpec, ...]:
             "The broker stamps arrival time; sale windows are judged on it.",
         ),
         TopicSpec(
-            name=DECISIONS,
+            name=names.decisions,
             key="sku (UTF-8)",
             value_schemas=("IntentAccepted", "IntentRejected"),
             partitions=n,
@@ -76,7 +92,7 @@ def catalogue(settings: Settings) -> tuple[TopicSpec, ...]:
             description="Exactly one decision per intent id (a redelivery repeats it identically).",
         ),
         TopicSpec(
-            name=DEAD_LETTERS,
+            name=names.dead_letters,
             key="the source record's key",
             value_schemas=(),
             partitions=n,

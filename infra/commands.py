@@ -10,6 +10,7 @@ import time
 from flashsale.settings import Settings
 from flashsale.topics import catalogue
 from infra import migrate, provision
+from infra.services import all_services
 from infra.stack import Stack
 
 
@@ -17,7 +18,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the `infra` command group to the CLI."""
     infra = sub.add_parser("infra", help="start, stop and inspect Kafka and PostgreSQL")
     cmds = infra.add_subparsers(dest="infra_cmd", required=True)
-    cmds.add_parser("up", help="start the servers (no-op when running), create topics and tables")
+    up = cmds.add_parser("up", help="start the servers (no-op when running), create topics, tables")
+    up.add_argument("--services", action="store_true", help="also start processor and projector")
     down = cmds.add_parser("down", help="stop the servers this project started")
     down.add_argument("--wipe", action="store_true", help="also delete their data")
     status = cmds.add_parser("status", help="where the servers are and whether they answer")
@@ -34,6 +36,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if cmd == "up":
         t0 = time.monotonic()
         started = stack.up()
+        if args.services:
+            for service in all_services(settings):
+                word = "started" if service.start() else "running"
+                print(f"{service.name:9} {word:8} pid {service.pid()} log {service.logfile}")
         st = stack.status()
         for name in ("kafka", "postgres"):
             where = st[name]["bootstrap_servers"] if name == "kafka" else st[name]["dsn"]
@@ -42,6 +48,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"ready in {time.monotonic() - t0:.1f}s (mode: {settings.infra_mode})")
         return 0
     if cmd == "down":
+        for service in reversed(all_services(settings)):
+            print(f"{service.name:9} {'stopped' if service.stop() else 'not running'}")
         stopped = stack.down(wipe=args.wipe)
         for name, was in stopped.items():
             print(f"{name:9} {'stopped' if was else 'not running'}")

@@ -87,7 +87,13 @@ class Stack:
         ep = self.endpoints()
         local = self.settings.infra_mode == "local"
         kafka_up = self.kafka.answers() if local else _kafka_answers(ep.bootstrap)
+        from infra.services import all_services
+
         return {
+            "services": {
+                s.name: {"pid": s.pid(), "up": s.pid() is not None}
+                for s in all_services(self.settings)
+            },
             "mode": self.settings.infra_mode,
             "state_dir": str(self.settings.state_dir),
             "kafka": {

@@ -1,0 +1,182 @@
+"""An independent check of a sale from the topics alone: oversell, duplicates, losses.
+
+It shares no state with the processor: it reads the sale's terms from the command topic
+and every decision from the decision topic (read_committed) with its own consumer, and
+counts each intent id once.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from flashsale.topics import TopicNames
+from schemas.codec import SchemaRegistry, UndecodableRecord
+
+
+@dataclass
+class AuditReport:
+    """What the log says about one sale."""
+
+    allocation: dict[str, int] = field(default_factory=dict)
+    accepted_units: dict[str, int] = field(default_factory=dict)
+    accepted: int = 0
+    rejected: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    decisions_seen: int = 0
+    repeated_decisions: int = 0  # identical re-emissions (counted once)
+    conflicting: list[str] = field(default_factory=list)  # intent ids with two different decisions
+    sequence_gaps: dict[str, int] = field(default_factory=dict)
+    user_limit_breaches: int = 0
+
+    @property
+    def oversold(self) -> int:
+        """Units accepted beyond the allocation, over all SKUs."""
+        return sum(
+            max(0, self.accepted_units.get(sku, 0) - alloc)
+            for sku, alloc in self.allocation.items()
+        )
+
+    @property
+    def invariants_hold(self) -> bool:
+        return (
+            self.oversold == 0
+            and not self.conflicting
+            and not self.sequence_gaps
+            and self.user_limit_breaches == 0
+        )
+
+
+class DecisionAudit:
+    """Consumes a sale's decisions from offset 0 and keeps one decision per intent id."""
+
+    def __init__(self, bootstrap: str, names: TopicNames, sale_id: str) -> None:
+        self._bootstrap = bootstrap
+        self._names = names
+        self.sale_id = sale_id
+        self._registry = SchemaRegistry.load_default()
+        self._consumer = _consumer(bootstrap)
+        md = self._consumer.list_topics(names.decisions, timeout=10)
+        parts = md.topics[names.decisions].partitions
+        self._consumer.assign([TopicPartition(names.decisions, p, OFFSET_BEGINNING) for p in parts])
+        self.decisions: dict[str, tuple[bytes, dict[str, Any]]] = {}
+        self.first_seen_ms: dict[str, float] = {}
+        self._seen = 0
+        self._repeats = 0
+        self._conflicts: list[str] = []
+
+    def poll(self, timeout: float = 0.2) -> int:
+        """Consume what is available; return how many new intents got their decision."""
+        new = 0
+        for msg in self._consumer.consume(2000, timeout):
+            if msg.error():
+                continue
+            value = msg.value() or b""
+            try:
+                name, record = self._registry.decode(value)
+            except UndecodableRecord:
+                continue
+            if record.get("sale_id") != self.sale_id:
+                continue
+            self._seen += 1
+            intent = record["intent_id"]
+            known = self.decisions.get(intent)
+            if known is None:
+                record["_name"] = name
+                self.decisions[intent] = (value, record)
+                self.first_seen_ms[intent] = time.time() * 1000
+                new += 1
+            elif known[0] == value:
+                self._repeats += 1
+            else:
+                self._conflicts.append(intent)
+        return new
+
+    def wait_for(self, intent_ids: set[str], timeout: float) -> set[str]:
+        """Poll until every intent id has a decision or timeout; return the missing ids."""
+        deadline = time.monotonic() + timeout
+        missing = intent_ids - self.decisions.keys()
+        while missing and time.monotonic() < deadline:
+            self.poll(0.2)
+            missing = intent_ids - self.decisions.keys()
+        return missing
+
+    def sale_terms(self, timeout: float = 10.0) -> dict[str, dict[str, Any]]:
+        """The sale's SaleOpened records per SKU, read from the command topic."""
+        consumer = _consumer(self._bootstrap)
+        topic = self._names.sku_commands
+        md = consumer.list_topics(topic, timeout=10)
+        parts = list(md.topics[topic].partitions)
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p))[1] for p in parts}
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        terms: dict[str, dict[str, Any]] = {}
+        done: set[int] = {p for p, end in ends.items() if end == 0}
+        deadline = time.monotonic() + timeout
+        while len(done) < len(parts) and time.monotonic() < deadline:
+            for msg in consumer.consume(5000, 0.5):
+                if msg.error():
+                    continue
+                partition, offset = msg.partition() or 0, msg.offset() or 0
+                if offset + 1 >= ends[partition]:
+                    done.add(partition)
+                try:
+                    name, record = self._registry.decode(msg.value() or b"")
+                except UndecodableRecord:
+                    continue
+                if name == "SaleOpened" and record["sale_id"] == self.sale_id:
+                    terms.setdefault(record["sku"], record)
+        consumer.close()
+        return terms
+
+    def report(self) -> AuditReport:
+        """Invariants computed from the decisions collected so far."""
+        rep = AuditReport(decisions_seen=self._seen, repeated_decisions=self._repeats)
+        rep.conflicting = list(self._conflicts)
+        terms = self.sale_terms()
+        rep.allocation = {sku: t["allocation"] for sku, t in terms.items()}
+        units: Counter[str] = Counter()
+        per_user: Counter[tuple[str, str]] = Counter()
+        reasons: Counter[str] = Counter()
+        sequences: dict[str, list[int]] = defaultdict(list)
+        for _, r in self.decisions.values():
+            sequences[r["sku"]].append(r["sequence"])
+            if r["_name"] == "IntentAccepted":
+                rep.accepted += 1
+                units[r["sku"]] += r["quantity"]
+                per_user[(r["sku"], r["user_id"])] += r["quantity"]
+            else:
+                rep.rejected += 1
+                reasons[r["reason"]] += 1
+        rep.accepted_units = dict(units)
+        rep.rejected_by_reason = dict(reasons)
+        for (sku, _user), bought in per_user.items():
+            limit = terms.get(sku, {}).get("per_user_limit")
+            if limit is not None and bought > limit:
+                rep.user_limit_breaches += 1
+        for sku, seqs in sequences.items():
+            seqs.sort()
+            # The sale's SKUs are its own, so their sequences must run 1..N without gaps.
+            if seqs != list(range(1, len(seqs) + 1)):
+                rep.sequence_gaps[sku] = len(set(range(1, max(seqs) + 1)) - set(seqs))
+        return rep
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def _consumer(bootstrap: str) -> Consumer:
+    return Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"flashsale-audit-{uuid.uuid4().hex}",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "log_level": 3,
+        }
+    )

@@ -1,0 +1,170 @@
+"""`flashsale demo`: a whole flash sale, end to end, checked from the log."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+import psycopg
+
+from flashsale.audit import DecisionAudit
+from flashsale.settings import Settings
+from flashsale.topics import TopicNames
+from infra.services import all_services
+from infra.stack import Stack
+from producers.commands import CommandProducer, SkuAllocation
+from producers.crowd import plan_crowd
+from producers.identity import intent_id_for
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the `demo` command."""
+    p = sub.add_parser("demo", help="run a flash sale end to end and check its invariants")
+    p.add_argument("--intents", type=int, default=20_000)
+    p.add_argument("--users", type=int, default=5_000)
+    p.add_argument("--skus", type=int, default=3)
+    p.add_argument("--allocation", type=int, default=300, help="units per SKU")
+    p.add_argument("--per-user-limit", type=int, default=2)
+    p.add_argument("--report", help="also write the summary as JSON to this file")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for decisions")
+    p.set_defaults(run=run)
+
+
+def _percentile(values: list[float], q: int) -> float:
+    if len(values) < 2:
+        return values[0] if values else float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Start what is missing, run the sale, print the summary, stop what was started."""
+    stack = Stack(settings)
+    started_servers = stack.up()
+    services = all_services(settings)
+    started = [s for s in services if s.start()]
+    try:
+        summary = _sale(args, settings, stack)
+    finally:
+        for service in reversed(started):
+            service.stop()
+        if any(started_servers.values()):
+            stack.down()
+    _print(summary)
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0 if summary["invariants_hold"] else 1
+
+
+def _sale(args: argparse.Namespace, settings: Settings, stack: Stack) -> dict[str, Any]:
+    bootstrap = stack.endpoints().bootstrap
+    names = TopicNames.of(settings)
+    sale_id = f"demo-{int(time.time())}"
+    skus = [f"{sale_id}-sku-{chr(ord('A') + i)}" for i in range(args.skus)]
+    producer = CommandProducer(bootstrap, "flashsale-demo", topic=names.sku_commands)
+    now = int(time.time() * 1000)
+    producer.open_sale(
+        sale_id,
+        [SkuAllocation(s, args.allocation, args.per_user_limit, 2) for s in skus],
+        now,
+        now + 3_600_000,
+    )
+    audit = DecisionAudit(bootstrap, names, sale_id)
+    plan = plan_crowd(skus, args.intents, args.users, args.per_user_limit)
+    print(
+        f"sale {sale_id}: {len(skus)} SKUs x {args.allocation} units; "
+        f"{len(plan.intents)} intents from {args.users} users ({plan.retries} retries, "
+        f"{plan.over_limit_users} user/SKU pairs asking beyond the limit)"
+    )
+    t0 = time.monotonic()
+    futures = []
+    for p in plan.intents:
+        _, fut = producer.submit_intent(sale_id, p.sku, p.user_id, p.quantity, p.idempotency_key)
+        futures.append(fut)
+        if len(futures) % 2000 == 0:
+            audit.poll(0)
+    producer.wait(futures)
+    acked_s = time.monotonic() - t0
+    expected = {intent_id_for(p.user_id, sale_id, p.idempotency_key) for p in plan.intents}
+    missing = audit.wait_for(expected, args.timeout)
+    decided_s = time.monotonic() - t0
+    time.sleep(0.5)
+    audit.poll(0.5)  # late repeats, if any
+    report = audit.report()
+    audit.close()
+    latencies = [
+        audit.first_seen_ms[i] - audit.decisions[i][1]["decided_at"]
+        for i in expected if i in audit.decisions
+    ]  # fmt: skip
+    orders = _wait_orders(stack.endpoints().dsn, sale_id, report.accepted, 60.0)
+    return {
+        "sale_id": sale_id,
+        "intents": len(plan.intents),
+        "unique_intents": len(expected),
+        "retries_sent": plan.retries,
+        "over_limit_user_skus": plan.over_limit_users,
+        "accepted": report.accepted,
+        "rejected": report.rejected,
+        "rejected_by_reason": report.rejected_by_reason,
+        "allocation": report.allocation,
+        "accepted_units": report.accepted_units,
+        "oversold": report.oversold,
+        "missing_decisions": len(missing),
+        "conflicting_decisions": len(report.conflicting),
+        "repeated_decisions_seen": report.repeated_decisions,
+        "user_limit_breaches": report.user_limit_breaches,
+        "sequence_gaps": report.sequence_gaps,
+        "orders_in_postgres": orders,
+        "latency_ms_p50": round(_percentile(latencies, 50), 1),
+        "latency_ms_p99": round(_percentile(latencies, 99), 1),
+        "intents_per_s": round(len(plan.intents) / decided_s, 1),
+        "produce_seconds": round(acked_s, 2),
+        "decide_seconds": round(decided_s, 2),
+        "invariants_hold": bool(
+            report.invariants_hold and not missing and orders == report.accepted
+        ),
+    }
+
+
+def _wait_orders(dsn: str, sale_id: str, expected: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    count = -1
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute("SELECT count(*) FROM orders WHERE sale_id = %s", (sale_id,))
+            count = int(row.fetchone()[0])  # type: ignore[index]
+            if count >= expected:
+                break
+            time.sleep(0.3)
+    return count
+
+
+def _print(s: dict[str, Any]) -> None:
+    rows = [
+        ("intents sent", s["intents"]),
+        ("  of which retries (same key)", s["retries_sent"]),
+        ("unique intents", s["unique_intents"]),
+        ("accepted", s["accepted"]),
+        ("rejected", s["rejected"]),
+        *((f"  {reason.lower()}", n) for reason, n in sorted(s["rejected_by_reason"].items())),
+        ("allocation (units)", sum(s["allocation"].values())),
+        ("accepted units", sum(s["accepted_units"].values())),
+        ("oversold", s["oversold"]),
+        ("missing decisions", s["missing_decisions"]),
+        ("conflicting decisions", s["conflicting_decisions"]),
+        ("users over limit who got more", s["user_limit_breaches"]),
+        ("orders in postgres", s["orders_in_postgres"]),
+        ("decision latency p50 (ms)", s["latency_ms_p50"]),
+        ("decision latency p99 (ms)", s["latency_ms_p99"]),
+        ("intents/s (end to end)", s["intents_per_s"]),
+    ]
+    width = max(len(r[0]) for r in rows) + 2
+    print()
+    for label, value in rows:
+        print(f"  {label:<{width}} {value}")
+    print()
+    print("  INVARIANTS HOLD" if s["invariants_hold"] else "  INVARIANT BROKEN", file=sys.stdout)

@@ -1,0 +1,23 @@
+"""`flashsale processor`: run one inventory worker."""
+
+from __future__ import annotations
+
+import argparse
+
+from flashsale.settings import Settings
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the `processor` command to the CLI."""
+    p = sub.add_parser("processor", help="run one inventory worker (Faust) until stopped")
+    p.add_argument("--loglevel", default="warn", choices=["crit", "error", "warn", "info", "debug"])
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Start the worker with the stack's Kafka."""
+    from infra.stack import Stack
+    from processors.app import main
+
+    main(settings, Stack(settings).endpoints().bootstrap, args.loglevel)
+    return 0

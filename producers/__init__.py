@@ -1,0 +1,1 @@
+"""Producers: the one library every entry point uses to write to the SKU command log."""

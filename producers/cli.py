@@ -1,0 +1,90 @@
+"""`flashsale sale open|close` and `flashsale intent post`."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from flashsale.settings import Settings
+from producers.commands import CommandProducer, SkuAllocation
+
+
+def _sku_spec(text: str) -> SkuAllocation:
+    parts = text.split(":")
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(
+            f"--sku {text!r} must be SKU:ALLOCATION:PER_USER_LIMIT:PER_ORDER_MAX"
+        )
+    try:
+        allocation, limit, order_max = (int(p) for p in parts[1:])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--sku {text!r}: the three numbers must be integers"
+        ) from None
+    if allocation < 0 or limit < 1 or order_max < 1:
+        raise argparse.ArgumentTypeError(f"--sku {text!r}: allocation must be >= 0, limits >= 1")
+    return SkuAllocation(parts[0], allocation, limit, order_max)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be > 0")
+    return value
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the `sale` and `intent` command groups."""
+    sale = sub.add_parser("sale", help="open or close a flash sale")
+    cmds = sale.add_subparsers(dest="sale_cmd", required=True)
+    op = cmds.add_parser("open", help="open a sale for one or more SKUs")
+    op.add_argument("--sale", required=True, help="sale id")
+    op.add_argument("--sku", required=True, action="append", type=_sku_spec,
+                    metavar="SKU:ALLOCATION:PER_USER_LIMIT:PER_ORDER_MAX")  # fmt: skip
+    op.add_argument("--starts-in", type=float, default=0.0, help="seconds from now")
+    op.add_argument("--duration", type=_positive, default=3600, help="seconds")
+    cl = cmds.add_parser("close", help="close a sale's SKUs now")
+    cl.add_argument("--sale", required=True)
+    cl.add_argument("--sku", required=True, action="append")
+    sale.set_defaults(run=run_sale)
+
+    intent = sub.add_parser("intent", help="post purchase intents")
+    icmds = intent.add_subparsers(dest="intent_cmd", required=True)
+    post = icmds.add_parser("post", help="post one intent; prints its id once Kafka acked it")
+    post.add_argument("--sale", required=True)
+    post.add_argument("--sku", required=True)
+    post.add_argument("--user", required=True)
+    post.add_argument("--quantity", type=int, default=1)
+    post.add_argument("--key", help="idempotency key (a retry with the same key is one intent)")
+    intent.set_defaults(run=run_intent)
+
+
+def _producer(settings: Settings, name: str) -> CommandProducer:
+    from flashsale.topics import TopicNames
+    from infra.stack import Stack
+
+    return CommandProducer(
+        Stack(settings).endpoints().bootstrap,
+        producer_name=name,
+        topic=TopicNames.of(settings).sku_commands,
+    )
+
+
+def run_sale(args: argparse.Namespace, settings: Settings) -> int:
+    """Open or close a sale."""
+    producer = _producer(settings, "flashsale-cli")
+    if args.sale_cmd == "open":
+        starts = int((time.time() + args.starts_in) * 1000)
+        producer.open_sale(args.sale, args.sku, starts, starts + args.duration * 1000)
+        print(f"opened sale {args.sale} for {', '.join(s.sku for s in args.sku)}")
+    else:
+        producer.close_sale(args.sale, args.sku)
+        print(f"closed sale {args.sale} for {', '.join(args.sku)}")
+    return 0
+
+
+def run_intent(args: argparse.Namespace, settings: Settings) -> int:
+    """Post one intent."""
+    producer = _producer(settings, "flashsale-cli")
+    print(producer.post_intent(args.sale, args.sku, args.user, args.quantity, args.key))
+    return 0

@@ -1,0 +1,216 @@
+"""Write sale commands and purchase intents to the SKU-keyed command topic, durably."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import KafkaError, Producer
+
+from flashsale.topics import SKU_COMMANDS
+from producers.identity import intent_id_for
+from schemas.codec import SchemaRegistry
+
+
+class NotAcknowledged(RuntimeError):
+    """Kafka did not confirm the write in time: the outcome is unknown, retry with the same key."""
+
+
+@dataclass(frozen=True)
+class SkuAllocation:
+    """One SKU's share of a sale."""
+
+    sku: str
+    allocation: int
+    per_user_limit: int
+    per_order_max: int
+
+
+def producer_config(bootstrap: str, timeout_ms: int = 10_000) -> dict[str, Any]:
+    """Settings that lose nothing and partition like the Java client and Faust (murmur2)."""
+    return {
+        "bootstrap.servers": bootstrap,
+        "acks": "all",
+        "enable.idempotence": True,
+        # librdkafka's default (consistent_random, CRC32) disagrees with Java/aiokafka:
+        # one SKU would land on two partitions and get two writers.
+        "partitioner": "murmur2_random",
+        "linger.ms": 2,
+        # No compression: every client (aiokafka without extras included) can read our topics.
+        # Bounded: an unacknowledged write is reported as unknown instead of hanging 300 s.
+        "message.timeout.ms": timeout_ms,
+        "log_level": 3,
+    }
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class CommandProducer:
+    """Produces SaleOpened, SaleClosed and PurchaseIntent records keyed by SKU."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        producer_name: str = "flashsale-producer",
+        timeout_ms: int = 10_000,
+        registry: SchemaRegistry | None = None,
+        topic: str = SKU_COMMANDS,
+    ) -> None:
+        self._producer = Producer(producer_config(bootstrap, timeout_ms))
+        self._registry = registry or SchemaRegistry.load_default()
+        self._name = producer_name
+        self._timeout_s = timeout_ms / 1000
+        self.topic = topic
+        self._poller: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    # -- low level ------------------------------------------------------------------------
+    def _produce(
+        self, sku: str, record_name: str, record: dict[str, Any], done: Callable[[Any, Any], None]
+    ) -> None:
+        value = self._registry.encode(record_name, record)
+        while True:
+            try:
+                self._producer.produce(self.topic, value, key=sku.encode(), on_delivery=done)
+                break
+            except BufferError:  # local queue full: let deliveries drain
+                self._producer.poll(0.05)
+        self._producer.poll(0)
+
+    def _envelope(self, correlation_id: str | None) -> dict[str, Any]:
+        return {
+            "event_id": str(uuid.uuid4()),
+            "correlation_id": correlation_id,
+            "producer": self._name,
+            "occurred_at": _now_ms(),
+        }
+
+    def start_polling(self) -> None:
+        """Serve delivery callbacks from a background thread (for servers)."""
+        if self._poller is None:
+            self._poller = threading.Thread(target=self._poll_loop, daemon=True, name="kafka-poll")
+            self._poller.start()
+
+    def _poll_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._producer.poll(0.1)
+
+    # -- intents --------------------------------------------------------------------------
+    def submit_intent(
+        self,
+        sale_id: str,
+        sku: str,
+        user_id: str,
+        quantity: int,
+        idempotency_key: str | None = None,
+    ) -> tuple[str, Future[int]]:
+        """Queue an intent; the future resolves (to its offset) once Kafka acknowledged it."""
+        key = idempotency_key or uuid.uuid4().hex
+        intent_id = intent_id_for(user_id, sale_id, key)
+        record = {
+            **self._envelope(intent_id),
+            "intent_id": intent_id,
+            "idempotency_key": key,
+            "user_id": user_id,
+            "sale_id": sale_id,
+            "sku": sku,
+            "quantity": quantity,
+        }
+        fut: Future[int] = Future()
+
+        def done(err: KafkaError | None, msg: Any) -> None:
+            if err is not None:
+                fut.set_exception(NotAcknowledged(f"intent {intent_id} not acknowledged: {err}"))
+            else:
+                fut.set_result(msg.offset())
+
+        self._produce(sku, "PurchaseIntent", record, done)
+        return intent_id, fut
+
+    def post_intent(
+        self,
+        sale_id: str,
+        sku: str,
+        user_id: str,
+        quantity: int,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Write one intent and return its id only after Kafka acknowledged it (acks=all)."""
+        intent_id, fut = self.submit_intent(sale_id, sku, user_id, quantity, idempotency_key)
+        self.wait([fut])
+        return intent_id
+
+    def wait(self, futures: Iterable[Future[Any]]) -> None:
+        """Block until every future is resolved; raise NotAcknowledged on the first failure."""
+        futures = list(futures)
+        deadline = time.monotonic() + self._timeout_s + 5
+        while not all(f.done() for f in futures):
+            if time.monotonic() > deadline:
+                raise NotAcknowledged("Kafka did not acknowledge in time; outcome unknown")
+            self._producer.poll(0.05) if self._poller is None else time.sleep(0.01)
+        for f in futures:
+            f.result()
+
+    # -- sales ----------------------------------------------------------------------------
+    def open_sale(
+        self, sale_id: str, skus: Iterable[SkuAllocation], starts_at_ms: int, ends_at_ms: int
+    ) -> None:
+        """Publish one SaleOpened per SKU (each to its own writer) and wait for all acks."""
+        futures = []
+        for item in skus:
+            record = {
+                **self._envelope(None),
+                "sale_id": sale_id,
+                "sku": item.sku,
+                "allocation": item.allocation,
+                "per_user_limit": item.per_user_limit,
+                "per_order_max": item.per_order_max,
+                "starts_at": starts_at_ms,
+                "ends_at": ends_at_ms,
+            }
+            futures.append(self._ack_future(item.sku, "SaleOpened", record))
+        self.wait(futures)
+
+    def close_sale(
+        self, sale_id: str, skus: Iterable[str], reason: str = "closed by admin"
+    ) -> None:
+        """Publish one SaleClosed per SKU and wait for all acks."""
+        futures = [
+            self._ack_future(
+                sku,
+                "SaleClosed",
+                {**self._envelope(None), "sale_id": sale_id, "sku": sku, "reason": reason},
+            )
+            for sku in skus
+        ]
+        self.wait(futures)
+
+    def _ack_future(self, sku: str, name: str, record: dict[str, Any]) -> Future[int]:
+        fut: Future[int] = Future()
+
+        def done(err: KafkaError | None, msg: Any) -> None:
+            if err is not None:
+                fut.set_exception(NotAcknowledged(f"{name} for {sku} not acknowledged: {err}"))
+            else:
+                fut.set_result(msg.offset())
+
+        self._produce(sku, name, record, done)
+        return fut
+
+    def flush(self, timeout: float = 30.0) -> int:
+        """Deliver everything queued; returns how many records are still undelivered."""
+        return int(self._producer.flush(timeout))
+
+    def close(self) -> None:
+        """Flush and stop the poller."""
+        self.flush()
+        self._stopping.set()
+        if self._poller is not None:
+            self._poller.join(timeout=2)

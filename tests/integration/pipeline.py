@@ -1,0 +1,66 @@
+"""A private pipeline per test module: own topics, processor and projector (real processes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+from flashsale.audit import DecisionAudit
+from flashsale.settings import Settings
+from flashsale.topics import TopicNames, catalogue
+from infra import provision
+from infra.services import Service
+from infra.stack import Endpoints
+from producers.commands import CommandProducer, SkuAllocation
+
+
+@dataclass
+class Pipeline:
+    """Settings under a unique namespace plus the services running on it."""
+
+    settings: Settings
+    endpoints: Endpoints
+    processor: Service
+    projector: Service
+    env: dict[str, str]
+
+    @property
+    def names(self) -> TopicNames:
+        return TopicNames.of(self.settings)
+
+    def producer(self) -> CommandProducer:
+        return CommandProducer(self.endpoints.bootstrap, "tests", topic=self.names.sku_commands)
+
+    def audit(self, sale_id: str) -> DecisionAudit:
+        return DecisionAudit(self.endpoints.bootstrap, self.names, sale_id)
+
+    def open_sale(self, sale_id: str, skus: list[SkuAllocation], starts_in_ms: int = -1000) -> None:
+        now = int(time.time() * 1000)
+        self.producer().open_sale(sale_id, skus, now + starts_in_ms, now + 3_600_000)
+
+    def stop(self) -> None:
+        self.projector.stop()
+        self.processor.stop()
+
+
+def start_pipeline(
+    settings: Settings, endpoints: Endpoints, uid: str, extra_env: dict[str, str] | None = None
+) -> Pipeline:
+    """Provision a namespace's topics and start its processor and projector."""
+    ns = f"t-{uid}"
+    s = dataclasses.replace(settings, namespace=ns)
+    provision.ensure_topics(endpoints.bootstrap, catalogue(s))
+    env = {
+        "FLASHSALE_NAMESPACE": ns,
+        "KAFKA_BOOTSTRAP_SERVERS": endpoints.bootstrap,
+        "DATABASE_URL": endpoints.dsn,
+        "FLASHSALE_INFRA": "external",
+        "FLASHSALE_STATE_DIR": str(settings.state_dir),
+        **(extra_env or {}),
+    }
+    processor = Service("processor", s)
+    projector = Service("projector", s)
+    processor.start(env)
+    projector.start(env)
+    return Pipeline(s, endpoints, processor, projector, env)

@@ -1,0 +1,93 @@
+"""Pure row mapping of the Postgres projection."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from projections.rows import BatchRows, order_row, outcome_row, sale_row, utc
+
+ENVELOPE = {"event_id": "e1", "correlation_id": None, "producer": "t", "occurred_at": 1}
+
+
+def accepted(intent: str, seq: int, **kw: object) -> dict:
+    r = {
+        **ENVELOPE,
+        "intent_id": intent,
+        "sale_id": "s1",
+        "sku": "k1",
+        "user_id": "u1",
+        "quantity": 2,
+        "order_id": f"o-{intent}",
+        "remaining": 8,
+        "sequence": seq,
+        "decided_at": 1_700_000_000_123,
+    }
+    r.update(kw)
+    return r
+
+
+def rejected(intent: str, seq: int) -> dict:
+    r = accepted(intent, seq)
+    del r["order_id"]
+    return {**r, "reason": "USER_LIMIT", "detail": "limit 2"}
+
+
+def test_utc_keeps_milliseconds():
+    assert utc(1_700_000_000_123) == datetime(2023, 11, 14, 22, 13, 20, 123000, tzinfo=UTC)
+    assert utc(0) == datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def test_accepted_outcome_and_order():
+    row = outcome_row("IntentAccepted", accepted("i1", 3))
+    assert row == (
+        "i1", "s1", "k1", "u1", 2, "accepted", None, "", "o-i1", 8, 3, utc(1_700_000_000_123),
+    )  # fmt: skip
+    assert order_row(row) == ("o-i1", "i1", "s1", "k1", "u1", 2, utc(1_700_000_000_123), 3)
+
+
+def test_rejected_outcome_has_reason_and_no_order():
+    row = outcome_row("IntentRejected", rejected("i2", 4))
+    assert row[5:9] == ("rejected", "USER_LIMIT", "limit 2", None)
+    assert order_row(row) is None
+
+
+def test_non_decision_is_refused():
+    with pytest.raises(ValueError, match="not a decision"):
+        outcome_row("SaleOpened", {})
+
+
+def test_sale_row():
+    record = {
+        **ENVELOPE,
+        "sale_id": "s1",
+        "sku": "k1",
+        "allocation": 10,
+        "per_user_limit": 2,
+        "per_order_max": 2,
+        "starts_at": 1000,
+        "ends_at": 2000,
+    }
+    assert sale_row(record) == ("s1", "k1", 10, 2, 2, utc(1000), utc(2000), "e1")
+
+
+def test_batch_keeps_first_decision_per_intent_and_skips_intents():
+    batch = BatchRows()
+    assert batch.add("IntentAccepted", accepted("i1", 1))
+    assert batch.add("IntentAccepted", accepted("i1", 1, event_id="e2"))  # redelivery
+    assert batch.add("IntentRejected", rejected("i2", 2))
+    assert not batch.add("PurchaseIntent", {"sale_id": "s1", "intent_id": "i3"})
+    assert batch.add("SaleClosed", {**ENVELOPE, "sale_id": "s1", "sku": "k1", "reason": "x"})
+    assert list(batch.outcomes) == ["i1", "i2"]
+    assert batch.outcomes["i1"] == outcome_row("IntentAccepted", accepted("i1", 1))
+    assert [o[0] for o in batch.orders()] == ["o-i1"]
+    assert batch.closures == [("s1", "k1")]
+    assert len(batch) == 3 and batch.skipped == 1
+
+
+def test_batch_filters_other_sales():
+    batch = BatchRows(only_sales={"s2"})
+    assert not batch.add("IntentAccepted", accepted("i1", 1))
+    assert batch.add("IntentAccepted", accepted("i2", 1, sale_id="s2"))
+    assert list(batch.outcomes) == ["i2"] and batch.skipped == 1
