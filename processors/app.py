@@ -34,13 +34,40 @@ ROCKSDB_OPTIONS = {
 
 
 def _guarantee(env: dict[str, str]) -> ProcessingGuarantee:
-    raw = env.get("FLASHSALE_PROCESSING_GUARANTEE", "at_least_once")
+    raw = env.get("FLASHSALE_PROCESSING_GUARANTEE", "exactly_once")
     try:
         return ProcessingGuarantee(raw)
     except ValueError:
         raise SettingError(
             f"FLASHSALE_PROCESSING_GUARANTEE={raw!r} must be at_least_once or exactly_once"
         ) from None
+
+
+def _flush_changelog_before_commit() -> None:
+    """Make Faust's exactly-once commit include every table write made before it.
+
+    Table writes reach their changelog through Faust's ProducerBuffer, in the background.
+    At-least-once commits flush that buffer before committing offsets; the transactional
+    commit does not, so a changelog record of an event whose offset is being committed can
+    land in the *next* transaction, and be lost with it if the worker dies (the lost table
+    updates of faust-streaming #340/#502), or be sent between commit and the next
+    begin_transaction ("Can't send messages while not in transaction"). Flushing first puts
+    each event's changelog record in the same transaction as its offset. Records of later
+    events may join that transaction too: harmless, because a redelivered command re-decides
+    to byte-identical output.
+    """
+    from faust.transport.consumer import TransactionManager
+
+    if getattr(TransactionManager.commit, "_flashsale_flushes", False):
+        return
+    original = TransactionManager.commit
+
+    async def commit(self: Any, offsets: Any, start_new_transaction: bool = True) -> bool:
+        await self.app.producer.buffer.flush()
+        return bool(await original(self, offsets, start_new_transaction))
+
+    commit._flashsale_flushes = True  # type: ignore[attr-defined]
+    TransactionManager.commit = commit  # type: ignore[method-assign]
 
 
 def build_app(settings: Settings, endpoints_bootstrap: str) -> faust.App:
@@ -71,6 +98,15 @@ def build_app(settings: Settings, endpoints_bootstrap: str) -> faust.App:
         producer_linger_ms=2,
         stream_buffer_maxsize=8192,
         consumer_auto_offset_reset="earliest",
+    )
+    if app.conf.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE:
+        _flush_changelog_before_commit()
+    log.info(
+        "processor.configured",
+        app_id=app_id,
+        guarantee=app.conf.processing_guarantee.value,
+        commit_interval_ms=commit_ms,
+        partitions=settings.partitions,
     )
     raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes}
     raw |= {"key_serializer": "raw", "value_serializer": "raw"}
