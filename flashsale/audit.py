@@ -55,12 +55,15 @@ class AuditReport:
 class DecisionAudit:
     """Consumes a sale's decisions from offset 0 and keeps one decision per intent id."""
 
-    def __init__(self, bootstrap: str, names: TopicNames, sale_id: str) -> None:
+    def __init__(
+        self, bootstrap: str, names: TopicNames, sale_id: str, committed_only: bool = True
+    ) -> None:
+        """``committed_only=False`` also sees records of aborted transactions (diagnostics)."""
         self._bootstrap = bootstrap
         self._names = names
         self.sale_id = sale_id
         self._registry = SchemaRegistry.load_default()
-        self._consumer = _consumer(bootstrap)
+        self._consumer = _consumer(bootstrap, committed_only)
         md = self._consumer.list_topics(names.decisions, timeout=10)
         parts = md.topics[names.decisions].partitions
         self._consumer.assign([TopicPartition(names.decisions, p, OFFSET_BEGINNING) for p in parts])
@@ -169,12 +172,12 @@ class DecisionAudit:
         self._consumer.close()
 
 
-def _consumer(bootstrap: str) -> Consumer:
+def _consumer(bootstrap: str, committed_only: bool = True) -> Consumer:
     return Consumer(
         {
             "bootstrap.servers": bootstrap,
             "group.id": f"flashsale-audit-{uuid.uuid4().hex}",
-            "isolation.level": "read_committed",
+            "isolation.level": "read_committed" if committed_only else "read_uncommitted",
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "log_level": 3,

@@ -123,16 +123,7 @@ class CommandProducer:
             "sku": sku,
             "quantity": quantity,
         }
-        fut: Future[int] = Future()
-
-        def done(err: KafkaError | None, msg: Any) -> None:
-            if err is not None:
-                fut.set_exception(NotAcknowledged(f"intent {intent_id} not acknowledged: {err}"))
-            else:
-                fut.set_result(msg.offset())
-
-        self._produce(sku, "PurchaseIntent", record, done)
-        return intent_id, fut
+        return intent_id, self._ack_future(sku, "PurchaseIntent", record, intent_id)
 
     def post_intent(
         self,
@@ -192,17 +183,29 @@ class CommandProducer:
         ]
         self.wait(futures)
 
-    def _ack_future(self, sku: str, name: str, record: dict[str, Any]) -> Future[int]:
+    def _ack_future(
+        self, sku: str, name: str, record: dict[str, Any], what: str | None = None
+    ) -> Future[int]:
+        """Produce one record; the future resolves to its offset once Kafka acknowledged it."""
         fut: Future[int] = Future()
+        label = what or f"{name} for {sku}"
 
         def done(err: KafkaError | None, msg: Any) -> None:
             if err is not None:
-                fut.set_exception(NotAcknowledged(f"{name} for {sku} not acknowledged: {err}"))
+                fut.set_exception(NotAcknowledged(f"{label} not acknowledged: {err}"))
             else:
                 fut.set_result(msg.offset())
 
         self._produce(sku, name, record, done)
         return fut
+
+    def reachable(self, timeout: float = 2.0) -> bool:
+        """True when a broker answers a metadata request for the command topic."""
+        try:
+            md = self._producer.list_topics(self.topic, timeout=timeout)
+        except Exception:  # KafkaException: no broker answered in time
+            return False
+        return bool(md.brokers) and self.topic in md.topics
 
     def flush(self, timeout: float = 30.0) -> int:
         """Deliver everything queued; returns how many records are still undelivered."""

@@ -32,8 +32,8 @@ class Pipeline:
     def producer(self) -> CommandProducer:
         return CommandProducer(self.endpoints.bootstrap, "tests", topic=self.names.sku_commands)
 
-    def audit(self, sale_id: str) -> DecisionAudit:
-        return DecisionAudit(self.endpoints.bootstrap, self.names, sale_id)
+    def audit(self, sale_id: str, committed_only: bool = True) -> DecisionAudit:
+        return DecisionAudit(self.endpoints.bootstrap, self.names, sale_id, committed_only)
 
     def open_sale(self, sale_id: str, skus: list[SkuAllocation], starts_in_ms: int = -1000) -> None:
         now = int(time.time() * 1000)
