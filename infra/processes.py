@@ -46,9 +46,13 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def require_free_port(port: int, what: str, env_var: str) -> None:
-    """Raise PortInUse naming the port, the server and the setting that moves it."""
-    if not port_is_free(port):
+def require_free_port(port: int, what: str, env_var: str, grace: float = 5.0) -> None:
+    """Raise PortInUse naming the port, the server and the setting that moves it.
+
+    A port held by a process that was just killed is released within moments, so wait
+    ``grace`` seconds before calling it taken.
+    """
+    if not wait_until(lambda: port_is_free(port), grace, 0.2):
         raise PortInUse(
             f"port {port} (for {what}) is already in use by another process; stop that "
             f"process or choose another port with {env_var}=<port>"

@@ -79,6 +79,7 @@ def build_app(settings: Settings, endpoints_bootstrap: str) -> faust.App:
     datadir = Path(
         env.get("FLASHSALE_PROCESSOR_DATADIR") or settings.state_dir / "processor" / app_id
     )
+    datadir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
     app = faust.App(
         app_id,
         broker=f"aiokafka://{endpoints_bootstrap}",

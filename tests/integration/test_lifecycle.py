@@ -6,6 +6,7 @@ These never touch the session's shared servers: each test runs its own broker or
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -27,9 +28,11 @@ pytestmark = pytest.mark.slow
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below Linux's ephemeral range, so client sockets never take it later."""
+    while True:
+        port = random.randrange(20_000, 32_000)
+        if processes.port_is_free(port):
+            return port
 
 
 @pytest.fixture
