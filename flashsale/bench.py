@@ -38,7 +38,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="a rate one worker keeps up with, for an unsaturated latency figure",
     )
     p.add_argument("--seconds", type=int, default=10, help="length of the latency run")
+    p.add_argument("--only", choices=["all", "core", "http"], default="all")
     p.add_argument("--out", default="bench-results/core.json")
+    p.add_argument("--http-out", default="bench-results/http.json")
     p.set_defaults(run=run)
 
 
@@ -46,7 +48,48 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run every scenario and report."""
     stack = Stack(settings)
     stack.up()
-    bootstrap = stack.endpoints().bootstrap
+    if args.only in ("all", "core"):
+        core(args, settings, stack.endpoints().bootstrap)
+    if args.only in ("all", "http"):
+        http(args, settings)
+    return 0
+
+
+def http(args: argparse.Namespace, settings: Settings) -> None:
+    """The HTTP edge through nginx: max 202/s (wrk) and latency at a fixed offered rate."""
+    from infra.edge import Edge
+    from infra.services import all_services
+    from producers.http.bench import run_http_bench
+
+    started = [s for s in all_services(settings) if s.start()]
+    edge = Edge(settings)
+    edge_started = any(edge.up().values())
+    try:
+        figures = run_http_bench(settings, rate=2000, edge=edge)
+    finally:
+        if edge_started:
+            edge.down()
+        for service in reversed(started):
+            service.stop()
+    _show("HTTP edge through nginx (2 app servers)", _flat(figures))
+    out = Path(args.http_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(figures, indent=2))
+    print(f"written to {out}")
+
+
+def _flat(figures: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in figures.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def core(args: argparse.Namespace, settings: Settings, bootstrap: str) -> None:
+    """One inventory worker: in-process cost, backlogs, latency at fixed rates."""
     results: dict[str, Any] = {"in_process": in_process(args.intents)}
     _show("in-process SkuWriter.handle (no broker)", results["in_process"])
     for label, skus in (("backlog_one_hot_sku", 1), ("backlog_1000_skus", 1000)):
@@ -60,7 +103,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"written to {out}")
-    return 0
 
 
 def _show(title: str, figures: dict[str, Any]) -> None:

@@ -16,6 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     from infra import commands as infra_commands
     from processors import commands as processor_commands
     from producers import cli as producer_commands
+    from producers.http import auth as http_auth
+    from producers.http import server as http_server
     from projections import commands as projector_commands
 
     parser = argparse.ArgumentParser(prog="flashsale", description=__doc__)
@@ -25,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     processor_commands.register(sub)
     projector_commands.register(sub)
     demo.register(sub)
+    http_auth.register(sub)
+    http_server.register(sub)
     bench.register(sub)
     return parser
 

@@ -6,18 +6,24 @@ import argparse
 import json
 import statistics
 import sys
+import threading
 import time
 from typing import Any
 
+import httpx
 import psycopg
 
 from flashsale.audit import DecisionAudit
 from flashsale.settings import Settings
 from flashsale.topics import TopicNames
+from infra.edge import Edge
 from infra.services import all_services
 from infra.stack import Stack
 from producers.commands import CommandProducer, SkuAllocation
 from producers.crowd import plan_crowd
+from producers.http.auth import load_secret, token
+from producers.http.config import EdgeSettings
+from producers.http_crowd import drive_crowd
 from producers.identity import intent_id_for
 
 
@@ -31,6 +37,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--per-user-limit", type=int, default=2)
     p.add_argument("--report", help="also write the summary as JSON to this file")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for decisions")
+    p.add_argument(
+        "--direct",
+        action="store_true",
+        help="write intents with the producer library instead of HTTP via nginx",
+    )
     p.set_defaults(run=run)
 
 
@@ -46,9 +57,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     started_servers = stack.up()
     services = all_services(settings)
     started = [s for s in services if s.start()]
+    edge = Edge(settings)
+    edge_started = False
     try:
-        summary = _sale(args, settings, stack)
+        if not args.direct:
+            edge_started = any(edge.up().values())
+        summary = _sale(args, settings, stack, None if args.direct else edge)
     finally:
+        if edge_started:
+            edge.down()
         for service in reversed(started):
             service.stop()
         if any(started_servers.values()):
@@ -60,19 +77,20 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if summary["invariants_hold"] else 1
 
 
-def _sale(args: argparse.Namespace, settings: Settings, stack: Stack) -> dict[str, Any]:
+def _sale(
+    args: argparse.Namespace, settings: Settings, stack: Stack, edge: Edge | None
+) -> dict[str, Any]:
     bootstrap = stack.endpoints().bootstrap
     names = TopicNames.of(settings)
     sale_id = f"demo-{int(time.time())}"
     skus = [f"{sale_id}-sku-{chr(ord('A') + i)}" for i in range(args.skus)]
+    allocations = [SkuAllocation(s, args.allocation, args.per_user_limit, 2) for s in skus]
     producer = CommandProducer(bootstrap, "flashsale-demo", topic=names.sku_commands)
-    now = int(time.time() * 1000)
-    producer.open_sale(
-        sale_id,
-        [SkuAllocation(s, args.allocation, args.per_user_limit, 2) for s in skus],
-        now,
-        now + 3_600_000,
-    )
+    if edge is None:
+        now = int(time.time() * 1000)
+        producer.open_sale(sale_id, allocations, now, now + 3_600_000)
+    else:
+        _open_over_http(edge.url, settings, sale_id, allocations)
     audit = DecisionAudit(bootstrap, names, sale_id)
     plan = plan_crowd(skus, args.intents, args.users, args.per_user_limit)
     print(
@@ -81,15 +99,39 @@ def _sale(args: argparse.Namespace, settings: Settings, stack: Stack) -> dict[st
         f"{plan.over_limit_users} user/SKU pairs asking beyond the limit)"
     )
     t0 = time.monotonic()
-    futures = []
-    for p in plan.intents:
-        _, fut = producer.submit_intent(sale_id, p.sku, p.user_id, p.quantity, p.idempotency_key)
-        futures.append(fut)
-        if len(futures) % 2000 == 0:
-            audit.poll(0)
-    producer.wait(futures)
+    edge_figures: dict[str, Any] = {}
+    if edge is None:
+        futures = []
+        for p in plan.intents:
+            _, fut = producer.submit_intent(
+                sale_id, p.sku, p.user_id, p.quantity, p.idempotency_key
+            )
+            futures.append(fut)
+            if len(futures) % 2000 == 0:
+                audit.poll(0)
+        producer.wait(futures)
+        expected = {intent_id_for(p.user_id, sale_id, p.idempotency_key) for p in plan.intents}
+    else:
+        users = {p.user_id for p in plan.intents}
+        secret = load_secret(settings.state_dir, EdgeSettings.from_env().jwt_secret)
+        tokens = {u: token(u, "shopper", 3600, secret) for u in users}
+        # The audit reads decisions while the crowd runs, so latency is measured live.
+        stop = threading.Event()
+        watcher = threading.Thread(target=_poll_until, args=(audit, stop), daemon=True)
+        watcher.start()
+        try:
+            crowd = drive_crowd(edge.url, sale_id, plan.intents, tokens)
+        finally:
+            stop.set()
+            watcher.join()
+        expected = set(crowd.queued.values())
+        edge_figures = {
+            "http_202": crowd.statuses.get(202, 0),
+            "http_202_per_s": round(crowd.statuses.get(202, 0) / crowd.seconds, 1),
+            "rejected_at_edge": dict(crowd.edge_rejections),
+            "retried_after_429_or_503": crowd.retried_after_429_or_503,
+        }
     acked_s = time.monotonic() - t0
-    expected = {intent_id_for(p.user_id, sale_id, p.idempotency_key) for p in plan.intents}
     missing = audit.wait_for(expected, args.timeout)
     decided_s = time.monotonic() - t0
     time.sleep(0.5)
@@ -124,10 +166,40 @@ def _sale(args: argparse.Namespace, settings: Settings, stack: Stack) -> dict[st
         "intents_per_s": round(len(plan.intents) / decided_s, 1),
         "produce_seconds": round(acked_s, 2),
         "decide_seconds": round(decided_s, 2),
+        "via": "direct" if edge is None else f"http {edge.url}",
+        **edge_figures,
         "invariants_hold": bool(
             report.invariants_hold and not missing and orders == report.accepted
         ),
     }
+
+
+def _poll_until(audit: DecisionAudit, stop: threading.Event) -> None:
+    while not stop.is_set():
+        audit.poll(0.2)
+
+
+def _open_over_http(url: str, settings: Settings, sale_id: str, skus: list[SkuAllocation]) -> None:
+    """Open the sale through the admin API and wait until the edge can see it."""
+    secret = load_secret(settings.state_dir, EdgeSettings.from_env().jwt_secret)
+    admin = {"Authorization": "Bearer " + token("demo-admin", "admin", 600, secret)}
+    body = {
+        "sale_id": sale_id,
+        "skus": [
+            {"sku": s.sku, "allocation": s.allocation, "per_user_limit": s.per_user_limit,
+             "per_order_max": s.per_order_max}
+            for s in skus
+        ],
+        "starts_in_s": 0,
+        "duration_s": 3600,
+    }  # fmt: skip
+    with httpx.Client(base_url=url, timeout=15) as client:
+        client.post("/v1/admin/sales", json=body, headers=admin).raise_for_status()
+        deadline = time.monotonic() + 120
+        while client.get(f"/v1/sales/{sale_id}").status_code != 200:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sale {sale_id} was not projected in 120 s")
+            time.sleep(0.2)
 
 
 def _wait_orders(dsn: str, sale_id: str, expected: int, timeout: float) -> int:
@@ -147,6 +219,19 @@ def _print(s: dict[str, Any]) -> None:
     rows = [
         ("intents sent", s["intents"]),
         ("  of which retries (same key)", s["retries_sent"]),
+        *(
+            [
+                ("via", s["via"]),
+                ("HTTP 202 (queued)", s["http_202"]),
+                ("HTTP 202/s", s["http_202_per_s"]),
+            ]
+            if "http_202" in s
+            else []
+        ),
+        *(
+            (f"  rejected at the edge: {code}", n)
+            for code, n in sorted(s.get("rejected_at_edge", {}).items())
+        ),
         ("unique intents", s["unique_intents"]),
         ("accepted", s["accepted"]),
         ("rejected", s["rejected"]),

@@ -10,6 +10,7 @@ import time
 from flashsale.settings import Settings
 from flashsale.topics import catalogue
 from infra import migrate, provision
+from infra.edge import Edge
 from infra.services import all_services
 from infra.stack import Stack
 
@@ -40,6 +41,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             for service in all_services(settings):
                 word = "started" if service.start() else "running"
                 print(f"{service.name:9} {word:8} pid {service.pid()} log {service.logfile}")
+            edge = Edge(settings)
+            started_edge = edge.up()
+            word = "started" if any(started_edge.values()) else "running"
+            print(f"{'http':9} {word:8} {edge.url} ({len(edge.servers)} app servers behind nginx)")
         st = stack.status()
         for name in ("kafka", "postgres"):
             where = st[name]["bootstrap_servers"] if name == "kafka" else st[name]["dsn"]
@@ -48,6 +53,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"ready in {time.monotonic() - t0:.1f}s (mode: {settings.infra_mode})")
         return 0
     if cmd == "down":
+        for name, was in Edge(settings).down().items():
+            print(f"{name:9} {'stopped' if was else 'not running'}")
         for service in reversed(all_services(settings)):
             print(f"{service.name:9} {'stopped' if service.stop() else 'not running'}")
         stopped = stack.down(wipe=args.wipe)

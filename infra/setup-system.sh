@@ -10,6 +10,9 @@ command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || missing+=(maven)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v runuser >/dev/null || missing+=(util-linux)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+ls /usr/lib/nginx/modules/ngx_http_js_module.so >/dev/null 2>&1 || missing+=(libnginx-mod-http-js)
+command -v wrk >/dev/null || missing+=(wrk)
 for pkg in "$@"; do  # optional extras, e.g. nginx
   command -v "$pkg" >/dev/null || missing+=("$pkg")
 done

@@ -87,9 +87,11 @@ class Stack:
         ep = self.endpoints()
         local = self.settings.infra_mode == "local"
         kafka_up = self.kafka.answers() if local else _kafka_answers(ep.bootstrap)
+        from infra.edge import Edge
         from infra.services import all_services
 
         return {
+            **Edge(self.settings).status(),
             "services": {
                 s.name: {"pid": s.pid(), "up": s.pid() is not None}
                 for s in all_services(self.settings)

@@ -1,0 +1,1 @@
+"""The HTTP edge: an ASGI app that turns authenticated requests into acknowledged intents."""

@@ -1,0 +1,48 @@
+"""Settings of the HTTP edge, read from the environment (prefix ``FLASHSALE_``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from flashsale.settings import SettingError
+
+
+def _number(env: dict[str, str], name: str, default: float, lo: float, hi: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingError(f"{name}={raw!r} is not a number") from None
+    if not lo <= value <= hi:
+        raise SettingError(f"{name}={raw} is outside {lo:g}..{hi:g}")
+    return value
+
+
+@dataclass(frozen=True)
+class EdgeSettings:
+    """Knobs of one app server; defaults work locally."""
+
+    ack_timeout_ms: int = 5000  # FLASHSALE_KAFKA_ACK_TIMEOUT_MS
+    rate_per_s: float = 5.0  # FLASHSALE_RATE_PER_S
+    rate_burst: float = 10.0  # FLASHSALE_RATE_BURST
+    jwt_secret: str | None = None  # FLASHSALE_JWT_SECRET (else <state_dir>/jwt-secret)
+    heartbeat_s: float = 15.0  # FLASHSALE_SSE_HEARTBEAT_S
+    server_id: str = ""  # FLASHSALE_HTTP_SERVER_ID, sent as X-Served-By
+    pool_size: int = 10  # FLASHSALE_PG_POOL_SIZE
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> EdgeSettings:
+        """Read the edge's settings; an invalid one fails naming its variable."""
+        e = dict(os.environ if env is None else env)
+        return cls(
+            ack_timeout_ms=int(_number(e, "FLASHSALE_KAFKA_ACK_TIMEOUT_MS", 5000, 100, 300_000)),
+            rate_per_s=_number(e, "FLASHSALE_RATE_PER_S", 5.0, 0.001, 1e9),
+            rate_burst=_number(e, "FLASHSALE_RATE_BURST", 10.0, 1, 1e9),
+            jwt_secret=e.get("FLASHSALE_JWT_SECRET") or None,
+            heartbeat_s=_number(e, "FLASHSALE_SSE_HEARTBEAT_S", 15.0, 0.05, 3600),
+            server_id=e.get("FLASHSALE_HTTP_SERVER_ID", ""),
+            pool_size=int(_number(e, "FLASHSALE_PG_POOL_SIZE", 10, 1, 200)),
+        )

@@ -1,0 +1,46 @@
+"""Prometheus metrics of one app server (its own registry: nothing global at import)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class EdgeMetrics:
+    """Request counts and latency by route, plus the intent outcomes the edge produced."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "flashsale_http_requests",
+            "HTTP requests by route template, method and status",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "flashsale_http_request_duration_seconds",
+            "Time to the last byte of the response, by route template (streams excluded)",
+            ["route"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.intents_accepted = Counter(
+            "flashsale_intents_accepted",
+            "Intents answered 202 (acknowledged by Kafka)",
+            registry=self.registry,
+        )
+        self.unavailable = Counter(
+            "flashsale_http_unavailable",
+            "503 answers (Kafka or PostgreSQL did not answer in time)",
+            registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "flashsale_http_rate_limited",
+            "429 answers (per-user rate limit)",
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,146 @@
+"""Request and response bodies of the public API (unknown fields are rejected)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
+
+Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+IDEMPOTENCY_KEY = r"^[A-Za-z0-9_.:-]{1,128}$"
+
+
+class Strict(BaseModel):
+    """Base: unknown fields are a 422, never silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class IntentRequest(Strict):
+    """POST /v1/sales/{sale_id}/intents."""
+
+    sku: Identifier
+    quantity: Annotated[StrictInt, Field(ge=1, le=1_000_000)]
+
+
+class IntentQueued(Strict):
+    """202: the intent is durably in Kafka and will get exactly one decision."""
+
+    intent_id: str
+    status: Literal["queued"] = "queued"
+    status_url: str
+
+
+class IntentStatus(Strict):
+    """GET /v1/intents/{intent_id}."""
+
+    intent_id: str
+    sale_id: str
+    sku: str
+    quantity: int
+    status: Literal["queued", "accepted", "rejected"]
+    position: int | None = None
+    order_id: str | None = None
+    reason: str | None = None
+    detail: str | None = None
+    decided_at: datetime | None = None
+
+
+class SkuState(Strict):
+    """One SKU of a sale as the projections see it (remaining may lag the log)."""
+
+    sku: str
+    state: Literal["open", "not_open", "ended", "sold_out"]
+    allocation: int
+    remaining: int
+    per_user_limit: int
+    per_order_max: int
+    starts_at: datetime
+    ends_at: datetime
+
+
+class SaleState(Strict):
+    """GET /v1/sales/{sale_id}."""
+
+    sale_id: str
+    skus: list[SkuState]
+
+
+class SkuSpec(Strict):
+    """One SKU's share of a new sale."""
+
+    sku: Identifier
+    allocation: Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
+    per_user_limit: Annotated[StrictInt, Field(ge=1, le=2**31 - 1)]
+    per_order_max: Annotated[StrictInt, Field(ge=1, le=2**31 - 1)]
+
+
+Seconds = Annotated[StrictInt | StrictFloat, Field(ge=-86_400, le=366 * 86_400)]
+
+
+class OpenSaleRequest(Strict):
+    """POST /v1/admin/sales: starts_at or starts_in_s, ends_at or duration_s."""
+
+    sale_id: Identifier
+    skus: Annotated[list[SkuSpec], Field(min_length=1, max_length=100)]
+    starts_at: datetime | None = None
+    starts_in_s: Seconds | None = None
+    ends_at: datetime | None = None
+    duration_s: Annotated[StrictInt | StrictFloat, Field(gt=0, le=366 * 86_400)] | None = None
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> OpenSaleRequest:
+        if (self.starts_at is None) == (self.starts_in_s is None):
+            raise ValueError("give exactly one of starts_at and starts_in_s")
+        if (self.ends_at is None) == (self.duration_s is None):
+            raise ValueError("give exactly one of ends_at and duration_s")
+        for name in ("starts_at", "ends_at"):
+            value = getattr(self, name)
+            if value is not None and value.tzinfo is None:
+                raise ValueError(f"{name} needs a time zone (e.g. 2030-01-01T12:00:00Z)")
+        if len({s.sku for s in self.skus}) != len(self.skus):
+            raise ValueError("skus must be distinct")
+        return self
+
+
+class SaleOpenedReply(Strict):
+    """Answer to opening a sale: the SaleOpened records are acknowledged by Kafka."""
+
+    sale_id: str
+    skus: list[str]
+    starts_at: datetime
+    ends_at: datetime
+
+
+class CloseSaleRequest(Strict):
+    """POST /v1/admin/sales/{sale_id}/close (every field optional)."""
+
+    skus: Annotated[list[Identifier], Field(min_length=1, max_length=100)] | None = None
+    reason: Annotated[str, Field(min_length=1, max_length=200)] = "closed by admin"
+
+
+class SaleClosedReply(Strict):
+    """Answer to closing a sale's SKUs."""
+
+    sale_id: str
+    skus: list[str]
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong."""
+
+    code: str
+    message: str
+    details: list[dict[str, object]] | None = None
+
+
+class ErrorReply(BaseModel):
+    """Every error response."""
+
+    error: ErrorDetail
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries: these status codes answer with an ErrorReply."""
+    return {c: {"model": ErrorReply} for c in codes}

@@ -1,0 +1,66 @@
+"""Per-user token buckets, kept in the app server's memory.
+
+Why in memory and not in Redis or Postgres: nginx routes every user to one app server
+(``hash $jwt_sub consistent`` on the token's ``sub``), so each user's bucket lives in exactly
+one process and checking it costs no network round trip. The caveat is failover: when a
+server dies (or one is added), the users it served move to another server and start there
+with a fresh, full bucket; for a few seconds such a user can get up to one extra burst.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class TokenBucket:
+    """``rate`` tokens per second up to ``burst``; one request takes one token."""
+
+    rate: float
+    burst: float
+    tokens: float
+    updated: float
+
+    def take(self, now: float) -> float:
+        """Take a token: 0.0 if granted, else the seconds until one is available."""
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+
+class RateLimiter:
+    """One bucket per user; idle full buckets are dropped to bound memory."""
+
+    def __init__(
+        self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._buckets: dict[str, TokenBucket] = {}
+        self._next_sweep = clock() + 60.0
+
+    def check(self, user_id: str) -> int:
+        """0 when the request may pass, else Retry-After in whole seconds (>= 1)."""
+        now = self._clock()
+        bucket = self._buckets.get(user_id)
+        if bucket is None:
+            bucket = self._buckets[user_id] = TokenBucket(self.rate, self.burst, self.burst, now)
+        wait = bucket.take(now)
+        if now >= self._next_sweep:
+            self._sweep(now)
+        return 0 if wait == 0.0 else max(1, math.ceil(wait))
+
+    def _sweep(self, now: float) -> None:
+        refill = self.burst / self.rate
+        self._buckets = {u: b for u, b in self._buckets.items() if now - b.updated < refill}
+        self._next_sweep = now + 60.0
+
+    def __len__(self) -> int:
+        return len(self._buckets)

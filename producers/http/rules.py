@@ -1,0 +1,72 @@
+"""What the edge may decide by itself: only rejections that are certain.
+
+Everything else (sale not open yet by the writer's clock, per-user limits, stock that is
+low but not gone) is the single writer's call, judged on the log's own timestamps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from producers.http.errors import ApiError
+
+
+@dataclass(frozen=True, slots=True)
+class SkuTerms:
+    """One SKU of a sale from the projections (``sales`` + ``sale_counters``)."""
+
+    sale_id: str
+    sku: str
+    allocation: int
+    per_user_limit: int
+    per_order_max: int
+    starts_at: datetime
+    ends_at: datetime
+    closed: bool
+    remaining: int
+
+
+def hopeless(sale_state: SkuTerms) -> bool:
+    """No unit can come back: today always true when remaining == 0.
+
+    Holds (on the roadmap) may return units after an expiry; this is the one place to
+    change when they do (e.g. remaining == 0 and no hold outstanding).
+    """
+    return sale_state.remaining <= 0
+
+
+def state_of(terms: SkuTerms, now: datetime) -> str:
+    """Public state of a SKU: open, not_open, ended or sold_out."""
+    if terms.closed or now >= terms.ends_at:
+        return "ended"
+    if hopeless(terms):
+        return "sold_out"
+    if now < terms.starts_at:
+        return "not_open"
+    return "open"
+
+
+def check_intent(
+    sale_id: str, skus: Mapping[str, SkuTerms] | None, sku: str, quantity: int, now: datetime
+) -> SkuTerms:
+    """The SKU's terms when the intent may go to the writer; ApiError when it is surely lost."""
+    if not skus:
+        raise ApiError(404, "unknown_sale", f"sale {sale_id!r} does not exist")
+    terms = skus.get(sku)
+    if terms is None:
+        raise ApiError(404, "unknown_sku", f"sale {sale_id!r} has no SKU {sku!r}")
+    if quantity > terms.per_order_max:
+        raise ApiError(
+            422,
+            "order_max_exceeded",
+            f"quantity {quantity} is above this SKU's per-order maximum of {terms.per_order_max}",
+        )
+    if terms.closed:
+        raise ApiError(409, "sale_closed", f"sale {sale_id!r} is closed for {sku!r}")
+    if now >= terms.ends_at:
+        raise ApiError(409, "sale_ended", f"sale {sale_id!r} ended at {terms.ends_at.isoformat()}")
+    if hopeless(terms):
+        raise ApiError(409, "sold_out", f"{sku!r} is sold out in sale {sale_id!r}")
+    return terms

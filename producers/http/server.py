@@ -1,0 +1,137 @@
+"""Composition root of one app server: build the clients from settings, wire, run uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from flashsale.settings import Settings
+from infra.stack import Endpoints
+
+DEFAULT_HOST = "127.0.0.1"
+# The Kafka poll thread needs the GIL to hand each ack to the event loop; with the default
+# 5 ms switch interval a busy loop delays every ack by up to 5 ms.
+SWITCH_INTERVAL_S = 0.0005
+
+
+def build_app(
+    settings: Settings, endpoints: Endpoints, config: Any = None, server_id: str = ""
+) -> FastAPI:
+    """The ASGI app; its Kafka producer, pool and LISTEN feed are created at start-up."""
+    from psycopg_pool import AsyncConnectionPool
+
+    from flashsale.topics import TopicNames
+    from producers.commands import CommandProducer
+    from producers.http import admin, api, errors, ops
+    from producers.http.auth import load_secret
+    from producers.http.config import EdgeSettings
+    from producers.http.context import EdgeContext
+    from producers.http.events import OutcomeFeed
+    from producers.http.metrics import EdgeMetrics
+    from producers.http.middleware import EdgeMiddleware
+    from producers.http.ratelimit import RateLimiter
+    from producers.http.store import EdgeStore, status_of
+
+    cfg: EdgeSettings = config or EdgeSettings.from_env()
+    ident = cfg.server_id or server_id or socket.gethostname()
+    metrics = EdgeMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        secret = load_secret(settings.state_dir, cfg.jwt_secret)
+        producer = CommandProducer(
+            endpoints.bootstrap,
+            producer_name=f"http-edge-{ident}",
+            timeout_ms=cfg.ack_timeout_ms,
+            topic=TopicNames.of(settings).sku_commands,
+        )
+        producer.start_polling()
+        pool = AsyncConnectionPool(
+            endpoints.dsn, min_size=2, max_size=cfg.pool_size, open=False, timeout=5.0
+        )
+        await pool.open(wait=False)
+        store = EdgeStore(pool)
+
+        async def lookup(intent_id: str) -> dict[str, Any] | None:
+            row = await store.intent_status(intent_id)
+            return status_of(row) if row else None
+
+        feed = OutcomeFeed(endpoints.dsn, lookup)
+        feed.start()
+        limiter = RateLimiter(cfg.rate_per_s, cfg.rate_burst)
+        app.state.edge = EdgeContext(cfg, secret, producer, store, feed, limiter, metrics)
+        try:
+            yield
+        finally:
+            await feed.stop()
+            await pool.close()
+            await asyncio.to_thread(producer.close)
+
+    app = FastAPI(
+        title="flashsale HTTP edge",
+        version="1",
+        description="Purchase intents in, acknowledged by Kafka before the 202.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.include_router(api.router)
+    app.include_router(admin.router)
+    app.include_router(ops.router)
+    app.add_middleware(EdgeMiddleware, metrics=metrics, server_id=ident)
+    return app
+
+
+def serve(port: int, host: str = DEFAULT_HOST) -> int:
+    """Run one app server on host:port until SIGTERM/SIGINT."""
+    import uvicorn
+
+    from flashsale import logs
+    from infra.stack import Stack
+
+    logs.configure(service="flashsale-http")
+    settings = Settings.from_env()
+    app = build_app(settings, Stack(settings).endpoints(), server_id=f"{host}:{port}")
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        backlog=4096,
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `flashsale http serve --port N` (one app server in the foreground)."""
+    p = sub.add_parser("http", help="the HTTP edge")
+    cmds = p.add_subparsers(dest="http_cmd", required=True)
+    s = cmds.add_parser("serve", help="run one app server in the foreground")
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--host", default=DEFAULT_HOST)
+    p.set_defaults(run=lambda args, settings: serve(args.port, args.host))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m producers.http.server --port N`."""
+    parser = argparse.ArgumentParser(prog="flashsale-http", description=__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default=DEFAULT_HOST)
+    args = parser.parse_args(argv)
+    return serve(args.port, args.host)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The edge's PostgreSQL side: the intents it received, and reads of the projections."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from producers.http.rules import SkuTerms
+
+_SALE_SQL = """
+SELECT s.sale_id, s.sku, s.allocation, s.per_user_limit, s.per_order_max, s.starts_at,
+       s.ends_at, s.closed, coalesce(c.remaining, s.allocation) AS remaining
+FROM sales s LEFT JOIN sale_counters c USING (sale_id, sku)
+WHERE s.sale_id = %s
+"""
+
+_INSERT_SQL = """
+INSERT INTO intents (intent_id, user_id, sale_id, sku, quantity, idempotency_key)
+VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (intent_id) DO NOTHING
+"""
+
+_INTENT_SQL = """
+SELECT i.intent_id, i.user_id, i.sale_id, i.sku, i.quantity,
+       o.outcome, o.reason, o.detail, o.order_id, o.decided_at
+FROM intents i LEFT JOIN intent_outcomes o USING (intent_id)
+WHERE i.intent_id = %s
+"""
+
+# Intents produced by other producers (the CLI, the crowd) have an outcome but no intents row.
+_OUTCOME_SQL = """
+SELECT intent_id, user_id, sale_id, sku, quantity, outcome, reason, detail, order_id, decided_at
+FROM intent_outcomes WHERE intent_id = %s
+"""
+
+
+@dataclass(frozen=True)
+class StoredIntent:
+    """An intent as the edge recorded it."""
+
+    intent_id: str
+    user_id: str
+    sale_id: str
+    sku: str
+    quantity: int
+
+
+class EdgeStore:
+    """Queries over one async connection pool; sale terms cached briefly per process."""
+
+    def __init__(self, pool: AsyncConnectionPool, sale_ttl_s: float = 0.5) -> None:
+        self.pool = pool
+        self._ttl = sale_ttl_s
+        self._sales: dict[str, tuple[float, dict[str, SkuTerms]]] = {}
+
+    async def sale(self, sale_id: str, fresh: bool = False) -> dict[str, SkuTerms]:
+        """Terms of a sale's SKUs by SKU (empty when unknown); may lag by the cache TTL.
+
+        Only known sales are cached: a sale that was just opened is seen as soon as it is
+        projected, by every server.
+        """
+        now = time.monotonic()
+        hit = self._sales.get(sale_id)
+        if hit is not None and not fresh and now - hit[0] < self._ttl:
+            return hit[1]
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(_SALE_SQL, (sale_id,))
+            rows = await cur.fetchall()
+        skus = {r[1]: SkuTerms(*r) for r in rows}
+        if len(self._sales) > 10_000:
+            self._sales.clear()
+        if skus:
+            self._sales[sale_id] = (now, skus)
+        return skus
+
+    async def record_intent(self, intent: StoredIntent, idempotency_key: str) -> StoredIntent:
+        """Insert the intent unless its id exists; return the row stored under that id."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                _INSERT_SQL,
+                (intent.intent_id, intent.user_id, intent.sale_id, intent.sku,
+                 intent.quantity, idempotency_key),
+            )  # fmt: skip
+            if cur.rowcount == 1:
+                return intent
+            found = await self.find_intent(intent.intent_id, conn)
+        assert found is not None  # intents rows are never deleted
+        return found
+
+    async def find_intent(self, intent_id: str, conn: Any = None) -> StoredIntent | None:
+        """The intents row for an id, if the edge recorded one."""
+        sql = "SELECT intent_id, user_id, sale_id, sku, quantity FROM intents WHERE intent_id = %s"
+        if conn is None:
+            async with self.pool.connection() as c:
+                row = await (await c.execute(sql, (intent_id,))).fetchone()
+        else:
+            row = await (await conn.execute(sql, (intent_id,))).fetchone()
+        return StoredIntent(*row) if row else None
+
+    async def intent_status(self, intent_id: str) -> dict[str, Any] | None:
+        """The intent with its outcome columns (None while undecided), or None when unknown."""
+        async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(_INTENT_SQL, (intent_id,))
+            row = await cur.fetchone()
+            if row is None:
+                await cur.execute(_OUTCOME_SQL, (intent_id,))
+                row = await cur.fetchone()
+        return dict(row) if row else None
+
+    async def ping(self) -> bool:
+        """True when a pooled connection answers."""
+        async with self.pool.connection(timeout=2.0) as conn:
+            await conn.execute("SELECT 1")
+        return True
+
+
+def status_of(row: dict[str, Any]) -> dict[str, Any]:
+    """The public status of an intent row (as from ``intent_status``)."""
+    outcome = row.get("outcome")
+    decided: datetime | None = row.get("decided_at")
+    return {
+        "intent_id": row["intent_id"],
+        "sale_id": row["sale_id"],
+        "sku": row["sku"],
+        "quantity": row["quantity"],
+        "status": outcome or "queued",
+        "position": None,
+        "order_id": row.get("order_id"),
+        "reason": row.get("reason"),
+        "detail": row.get("detail") or None,
+        "decided_at": decided.isoformat() if decided else None,
+    }

@@ -1,0 +1,155 @@
+"""The HTTP edge on real processes: nginx + app servers on free ports over a private pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from queue import Empty, Queue
+from typing import Any
+
+import httpx
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from infra.edge import Edge
+from producers.http.auth import token
+from schemas.codec import SchemaRegistry, UndecodableRecord
+from tests.integration.pipeline import Pipeline
+
+SECRET = "e2e-secret-" + "x" * 40
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class EdgeUnderTest:
+    """A running edge and the pipeline behind it."""
+
+    pipeline: Pipeline
+    edge: Edge
+
+    @property
+    def url(self) -> str:
+        return self.edge.url
+
+    @staticmethod
+    def auth(user: str, role: str = "shopper", ttl: int = 600) -> dict[str, str]:
+        return {"Authorization": "Bearer " + token(user, role, ttl, SECRET)}
+
+    def open_sale(
+        self, client: httpx.Client, sale: str, skus: list[dict[str, int | str]], **window: Any
+    ) -> None:
+        """Open a sale through the admin API and wait until the projection shows it."""
+        body = {"sale_id": sale, "skus": skus, **(window or {"starts_in_s": -1, "duration_s": 600})}
+        resp = client.post(
+            self.url + "/v1/admin/sales", json=body, headers=self.auth("adm", "admin")
+        )
+        assert resp.status_code == 201, resp.text
+        wait_for(lambda: client.get(f"{self.url}/v1/sales/{sale}").status_code == 200, 30)
+
+
+def start_edge(pipeline: Pipeline, servers: int = 2, **env: str) -> EdgeUnderTest:
+    """nginx on a free port in front of ``servers`` app servers, state under state_dir/test."""
+    uid = f"{pipeline.settings.namespace}-{uuid.uuid4().hex[:6]}"
+    state = pipeline.settings.state_dir / "test" / uid
+    settings = dataclasses.replace(pipeline.settings, state_dir=state, http_port=free_port())
+    full_env = {**pipeline.env, "FLASHSALE_JWT_SECRET": SECRET, **env}
+    full_env.pop("FLASHSALE_STATE_DIR", None)
+    edge = Edge(settings, server_ports=[free_port() for _ in range(servers)], env=full_env)
+    edge.up()
+    return EdgeUnderTest(pipeline, edge)
+
+
+def wait_for(check: Any, timeout: float, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def purchase_intents(bootstrap: str, topic: str, sale_id: str) -> list[dict[str, Any]]:
+    """Every PurchaseIntent of sale_id in topic (read from offset 0 to the end)."""
+    registry = SchemaRegistry.load_default()
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": f"e2e-{uuid.uuid4().hex}",
+         "enable.auto.commit": False, "log_level": 0}
+    )  # fmt: skip
+    try:
+        parts = list(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), 10)[1] for p in parts}
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        done = {p for p, end in ends.items() if end == 0}
+        found: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 30
+        while len(done) < len(parts) and time.monotonic() < deadline:
+            for msg in consumer.consume(1000, 0.5):
+                if msg.error():
+                    continue
+                if msg.offset() + 1 >= ends[msg.partition()]:
+                    done.add(msg.partition())
+                try:
+                    name, record = registry.decode(msg.value() or b"")
+                except UndecodableRecord:
+                    continue
+                if name == "PurchaseIntent" and record.get("sale_id") == sale_id:
+                    found.append(record)
+        assert len(done) == len(parts), "could not read the topic to its end"
+        return found
+    finally:
+        consumer.close()
+
+
+@contextmanager
+def sse_events(url: str, headers: dict[str, str]) -> Iterator[Queue[dict[str, Any]]]:
+    """Follow an SSE stream in a thread; yields a queue of decoded `intent` events."""
+    events: Queue[dict[str, Any]] = Queue()
+    subscribed = threading.Event()
+    stop = threading.Event()
+
+    def follow() -> None:
+        with (
+            httpx.Client(timeout=httpx.Timeout(5, read=60)) as client,
+            client.stream("GET", url, headers=headers) as resp,
+        ):
+            assert resp.status_code == 200
+            assert resp.headers["content-type"].startswith("text/event-stream")
+            event: dict[str, str] = {}
+            for line in resp.iter_lines():
+                if stop.is_set():
+                    return
+                if line.startswith(": subscribed"):
+                    subscribed.set()
+                elif line.startswith("data: "):
+                    event["data"] = line[6:]
+                elif line.startswith("event: "):
+                    event["event"] = line[7:]
+                elif line == "" and "data" in event:
+                    events.put({"event": event.get("event"), **json.loads(event["data"])})
+                    event = {}
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    assert subscribed.wait(10), "the event stream did not start"
+    try:
+        yield events
+    finally:
+        stop.set()
+
+
+def next_event(events: Queue[dict[str, Any]], timeout: float) -> dict[str, Any] | None:
+    try:
+        return events.get(timeout=timeout)
+    except Empty:
+        return None

@@ -1,0 +1,221 @@
+"""The HTTP edge end to end: nginx, two app servers, Kafka, processor, projector, Postgres."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import jwt
+import psycopg
+import pytest
+
+from producers.http.auth import token
+from tests.e2e.harness import (
+    EdgeUnderTest,
+    next_event,
+    purchase_intents,
+    sse_events,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def client():
+    with httpx.Client(timeout=15) as c:
+        yield c
+
+
+def sku(name: str, allocation: int = 100, limit: int = 5, order_max: int = 3) -> dict:
+    return {"sku": name, "allocation": allocation, "per_user_limit": limit,
+            "per_order_max": order_max}  # fmt: skip
+
+
+def test_intent_is_acknowledged_queued_then_decided_and_pushed(edge: EdgeUnderTest, client, uid):
+    sale = f"life-{uid}"
+    edge.open_sale(client, sale, [sku("k1")])
+    state = client.get(f"{edge.url}/v1/sales/{sale}").json()
+    assert state["skus"][0]["state"] == "open" and state["skus"][0]["remaining"] == 100
+    me = edge.auth(f"buyer-{uid}")
+    with sse_events(edge.url + "/v1/me/events", me) as events:
+        resp = client.post(f"{edge.url}/v1/sales/{sale}/intents",
+                           json={"sku": "k1", "quantity": 2}, headers=me)  # fmt: skip
+        assert resp.status_code == 202, resp.text
+        body = resp.json()
+        intent = body["intent_id"]
+        assert body["status"] == "queued" and body["status_url"] == f"/v1/intents/{intent}"
+        # The 202 came after the ack: the record is in the topic right now.
+        in_topic = purchase_intents(edge.pipeline.endpoints.bootstrap,
+                                    edge.pipeline.names.sku_commands, sale)  # fmt: skip
+        assert [r["intent_id"] for r in in_topic] == [intent]
+        first = client.get(edge.url + body["status_url"], headers=me).json()
+        assert first["status"] in ("queued", "accepted")
+        assert "position" in first
+        pushed = next_event(events, timeout=60)
+    assert pushed is not None, "no event arrived on the stream"
+    assert pushed["event"] == "intent" and pushed["intent_id"] == intent
+    assert pushed["status"] == "accepted" and pushed["order_id"]
+    final = client.get(edge.url + body["status_url"], headers=me).json()
+    assert final["status"] == "accepted" and final["order_id"] == pushed["order_id"]
+
+    other = client.get(edge.url + body["status_url"], headers=edge.auth(f"other-{uid}"))
+    assert other.status_code == 403 and other.json()["error"]["code"] == "forbidden"
+    unknown = client.get(f"{edge.url}/v1/intents/{uuid.uuid4().hex}", headers=me)
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_intent"
+
+
+def test_retry_with_the_same_key_is_one_intent_one_decision_one_order(edge, client, uid):
+    sale = f"idem-{uid}"
+    edge.open_sale(client, sale, [sku("k1")])
+    me = {**edge.auth(f"retry-{uid}"), "Idempotency-Key": f"key-{uid}"}
+    url = f"{edge.url}/v1/sales/{sale}/intents"
+    answers = [client.post(url, json={"sku": "k1", "quantity": 1}, headers=me) for _ in range(3)]
+    assert [a.status_code for a in answers] == [202] * 3
+    ids = {a.json()["intent_id"] for a in answers}
+    assert len(ids) == 1
+    conflict = client.post(url, json={"sku": "k1", "quantity": 2}, headers=me)
+    assert conflict.status_code == 409
+    assert conflict.json()["error"]["code"] == "idempotency_conflict"
+
+    (intent,) = ids
+    decided = wait_for(
+        lambda: (
+            client.get(f"{edge.url}/v1/intents/{intent}", headers=me).json()["status"] != "queued"
+        ),
+        60,
+    )
+    assert decided
+    audit = edge.pipeline.audit(sale)
+    assert not audit.wait_for({intent}, 30)
+    audit.poll(1)
+    assert len(audit.decisions) == 1 and not audit._conflicts
+    with psycopg.connect(edge.pipeline.endpoints.dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM orders WHERE intent_id = %s", (intent,))
+        assert row.fetchone() == (1,)
+    # A retry after the decision still answers the same 202.
+    again = client.post(url, json={"sku": "k1", "quantity": 1}, headers=me)
+    assert again.status_code == 202 and again.json()["intent_id"] == intent
+
+
+def test_auth_and_role_matrix(edge: EdgeUnderTest, client, uid):
+    url = f"{edge.url}/v1/sales/any/intents"
+    body = {"sku": "k1", "quantity": 1}
+    secret = "e2e-secret-" + "x" * 40
+    expired = token("u", "shopper", 10, secret, now=1_000_000)
+    forged = token("u", "admin", 600, "not-the-secret-" + "y" * 40)
+    none_alg = jwt.encode({"sub": "u", "role": "admin", "iat": 1, "exp": 2**40}, None, "none")
+    for header in (None, "Bearer", "Basic dTpw", "Bearer a.b.c", f"Bearer {expired}",
+                   f"Bearer {forged}", f"Bearer {none_alg}"):  # fmt: skip
+        headers = {"Authorization": header} if header else {}
+        resp = client.post(url, json=body, headers=headers)
+        assert resp.status_code == 401, (header, resp.text)
+        assert resp.headers["www-authenticate"].startswith("Bearer")
+        assert resp.json()["error"]["code"] == "unauthenticated"
+    shopper = edge.auth(f"s-{uid}")
+    admin_body = {"sale_id": f"x-{uid}", "skus": [sku("k")], "starts_in_s": 0, "duration_s": 60}
+    resp = client.post(edge.url + "/v1/admin/sales", json=admin_body, headers=shopper)
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "forbidden"
+    resp = client.post(f"{edge.url}/v1/admin/sales/x-{uid}/close", headers=shopper)
+    assert resp.status_code == 403
+    resp = client.post(f"{edge.url}/v1/admin/sales/x-{uid}/close", headers=edge.auth("a", "admin"))
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "unknown_sale"
+
+
+def test_rate_limit_holds_across_two_servers(edge: EdgeUnderTest, client, uid):
+    sale = f"rate-{uid}"
+    edge.open_sale(client, sale, [sku("k1", allocation=10_000, limit=10_000)])
+    heavy = edge.auth(f"heavy-{uid}")
+    url = f"{edge.url}/v1/sales/{sale}/intents"
+
+    def post(_: int) -> httpx.Response:
+        with httpx.Client(timeout=15) as c:
+            return c.post(url, json={"sku": "k1", "quantity": 1}, headers=heavy)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(post, range(60)))
+    elapsed = time.monotonic() - started
+    codes = Counter(a.status_code for a in answers)
+    assert codes[429] > 0 and set(codes) <= {202, 429}, codes
+    assert codes[202] <= 10 + 5 * elapsed + 1, (codes, elapsed)
+    for a in answers:
+        if a.status_code == 429:
+            assert int(a.headers["retry-after"]) >= 1
+            assert a.json()["error"]["code"] == "rate_limited"
+    assert len({a.headers["x-served-by"] for a in answers}) == 1, "one user, one server"
+
+    # Many users: each sticks to one server, and together they use both.
+    served: dict[str, set[str]] = {}
+    for i in range(24):
+        user = f"spread-{uid}-{i}"
+        for _ in range(3):
+            r = client.get(f"{edge.url}/v1/intents/none", headers=edge.auth(user))
+            served.setdefault(user, set()).add(r.headers["x-served-by"])
+    assert all(len(s) == 1 for s in served.values()), served
+    assert len(set().union(*served.values())) == 2, "both app servers served traffic"
+
+
+def test_bad_input_gets_a_json_4xx_and_writes_nothing(edge: EdgeUnderTest, client, uid):
+    sale, closed, gone = f"bad-{uid}", f"closed-{uid}", f"gone-{uid}"
+    edge.open_sale(client, sale, [sku("k1", order_max=2)])
+    edge.open_sale(client, closed, [sku("k1")])
+    edge.open_sale(client, gone, [sku("k1", allocation=0)])
+    resp = client.post(f"{edge.url}/v1/admin/sales/{closed}/close", headers=edge.auth("a", "admin"))
+    assert resp.status_code == 202, resp.text
+    wait_for(lambda: client.get(f"{edge.url}/v1/sales/{closed}").json()["skus"][0]["state"]
+             == "ended", 30)  # fmt: skip
+    time.sleep(0.6)  # each app server caches a sale's terms for 0.5 s
+
+    url = f"{edge.url}/v1/sales/{sale}/intents"
+    json_ct = {"content-type": "application/json"}
+    cases = [
+        (url, b"{not json", json_ct, 400, "malformed_json"),
+        (url, b'{"sku": "k1", "quantity": "1"}', json_ct, 422, "invalid_request"),
+        (url, b'{"sku": 1, "quantity": 1}', json_ct, 422, "invalid_request"),
+        (url, b'{"sku": "k1", "quantity": 1, "coupon": "x"}', json_ct, 422, "invalid_request"),
+        (url, b'{"sku": "k1", "quantity": 0}', json_ct, 422, "invalid_request"),
+        (url, b'{"sku": "k1", "quantity": -3}', json_ct, 422, "invalid_request"),
+        (url, b'{"sku": "k1"}', json_ct, 422, "invalid_request"),
+        (url, b"[]", json_ct, 422, "invalid_request"),
+        (url, b'{"sku": "k1", "quantity": 3}', json_ct, 422, "order_max_exceeded"),
+        (url, b'{"sku": "nope", "quantity": 1}', json_ct, 404, "unknown_sku"),
+        (url, b'{"sku": "k1", "quantity": 1, "pad": "' + b"x" * 5000 + b'"}', json_ct, 413,
+         "body_too_large"),
+        (url, b'{"sku": "k1", "quantity": 1}', {**json_ct, "Idempotency-Key": "bad key!"}, 422,
+         "invalid_request"),
+        (f"{edge.url}/v1/sales/nosuch-{uid}/intents", b'{"sku": "k1", "quantity": 1}', json_ct,
+         404, "unknown_sale"),
+        (f"{edge.url}/v1/sales/{closed}/intents", b'{"sku": "k1", "quantity": 1}', json_ct, 409,
+         "sale_closed"),
+        (f"{edge.url}/v1/sales/{gone}/intents", b'{"sku": "k1", "quantity": 1}', json_ct, 409,
+         "sold_out"),
+    ]  # fmt: skip
+    for i, (target, body, headers, status, code) in enumerate(cases):
+        resp = client.post(target, content=body, headers={**headers, **edge.auth(f"b{i}-{uid}")})
+        assert resp.status_code == status, (body[:60], resp.text)
+        assert resp.headers["content-type"].startswith("application/json")
+        assert resp.json()["error"]["code"] == code, (body[:60], resp.text)
+    for path, method, status in (("/nowhere", "GET", 404), (f"/v1/sales/{sale}", "DELETE", 405)):
+        resp = client.request(method, edge.url + path)
+        assert resp.status_code == status and "error" in resp.json()
+
+    bootstrap, topic = edge.pipeline.endpoints.bootstrap, edge.pipeline.names.sku_commands
+    for s in (sale, closed, gone, f"nosuch-{uid}"):
+        assert purchase_intents(bootstrap, topic, s) == [], f"a rejected request wrote to {s}"
+
+
+def test_health_readiness_and_metrics(edge: EdgeUnderTest, client):
+    assert client.get(edge.url + "/healthz").json() == {"status": "ok"}
+    ready = client.get(edge.url + "/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"] == {"kafka": True, "postgres": True}
+    for server in edge.edge.servers:
+        text = client.get(server.url + "/metrics").text
+        assert "flashsale_http_requests_total" in text
+        assert "flashsale_http_request_duration_seconds_bucket" in text
+        assert "flashsale_intents_accepted_total" in text
+        assert "flashsale_http_rate_limited_total" in text
+        assert "flashsale_http_unavailable_total" in text
