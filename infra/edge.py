@@ -93,13 +93,7 @@ class AppServer:
 
     def stop(self) -> bool:
         """Stop (SIGTERM, then SIGKILL). True if it was running."""
-        pid = self.pid()
-        if pid is None:
-            self.pidfile.unlink(missing_ok=True)
-            return False
-        processes.terminate(pid, grace=10.0)
-        self.pidfile.unlink(missing_ok=True)
-        return True
+        return processes.stop_tracked(self.pid(), self.pidfile, grace=10.0)
 
 
 class Edge:

@@ -232,10 +232,4 @@ class LocalKafka:
 
     def stop(self) -> bool:
         """Stop the broker cleanly (SIGTERM, then SIGKILL). True if one was running."""
-        pid = self.pid()
-        if pid is None:
-            self.pidfile.unlink(missing_ok=True)
-            return False
-        processes.terminate(pid, grace=45.0)
-        self.pidfile.unlink(missing_ok=True)
-        return True
+        return processes.stop_tracked(self.pid(), self.pidfile, grace=45.0)

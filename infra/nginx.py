@@ -227,10 +227,4 @@ class LocalNginx:
 
     def stop(self) -> bool:
         """Stop (SIGTERM = fast shutdown, then SIGKILL). True if it was running."""
-        pid = self.pid()
-        if pid is None:
-            self.pidfile.unlink(missing_ok=True)
-            return False
-        processes.terminate(pid, grace=10.0)
-        self.pidfile.unlink(missing_ok=True)
-        return True
+        return processes.stop_tracked(self.pid(), self.pidfile, grace=10.0)

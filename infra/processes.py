@@ -133,6 +133,17 @@ def terminate(pid: int, grace: float = 30.0) -> None:
             return
 
 
+def stop_tracked(pid: int | None, pidfile: Path, grace: float) -> bool:
+    """Terminate a pid-file-tracked process (if running) and drop its pid file.
+
+    True if it was running.
+    """
+    if pid is not None:
+        terminate(pid, grace=grace)
+    pidfile.unlink(missing_ok=True)
+    return pid is not None
+
+
 def _reap(pid: int) -> None:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)

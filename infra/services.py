@@ -53,13 +53,7 @@ class Service:
 
     def stop(self) -> bool:
         """Stop (SIGTERM, then SIGKILL). True if it was running."""
-        pid = self.pid()
-        if pid is None:
-            self.pidfile.unlink(missing_ok=True)
-            return False
-        processes.terminate(pid, grace=20.0)
-        self.pidfile.unlink(missing_ok=True)
-        return True
+        return processes.stop_tracked(self.pid(), self.pidfile, grace=20.0)
 
 
 def all_services(settings: Settings) -> list[Service]:
