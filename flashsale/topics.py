@@ -69,7 +69,7 @@ def catalogue(settings: Settings) -> tuple[TopicSpec, ...]:
         TopicSpec(
             name=names.sku_commands,
             key="sku (UTF-8)",
-            value_schemas=("SaleOpened", "SaleClosed", "PurchaseIntent"),
+            value_schemas=("SaleOpened", "SaleClosed", "SaleSettled", "PurchaseIntent"),
             partitions=n,
             replication_factor=rf,
             cleanup_policy="delete",

@@ -152,7 +152,10 @@ def build_app(settings: Settings, endpoints_bootstrap: str) -> faust.App:
             msg = event.message
             out = writer.handle(msg.value, round(msg.timestamp * 1000))
             for table, key, value in out.table_writes:
-                tables[table][key] = value
+                if value is None:
+                    tables[table].pop(key, None)  # a tombstone in the changelog
+                else:
+                    tables[table][key] = value
             for sku, value in out.decisions:
                 await decisions_topic.send(key=sku.encode(), value=value, partition=msg.partition)
             if out.dead_letter is not None:

@@ -8,6 +8,7 @@ it per intent would dominate the hot path) and returns the events to emit.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -84,7 +85,15 @@ class ReturnUnits:
     ref: str
 
 
-Command = OpenSale | CloseSale | PlaceIntent | ReturnUnits
+@dataclass(slots=True, frozen=True)
+class SettleSale:
+    """Forget a closed sale's per-intent state, keeping a digest of each decided intent id."""
+
+    sale_id: str
+    sku: str
+
+
+Command = OpenSale | CloseSale | PlaceIntent | ReturnUnits | SettleSale
 
 # -- events -----------------------------------------------------------------------------
 
@@ -142,9 +151,25 @@ class SaleRejected:
     detail: str
 
 
+@dataclass(slots=True, frozen=True)
+class SaleSettled:
+    """A closed sale was settled: ``forgotten`` intents' decisions may be deleted from storage.
+
+    ``digests`` (sorted 8-byte digests of every decided intent id), ``sequence`` and
+    ``remaining`` are what the writer keeps of the sale from now on.
+    """
+
+    sale_id: str
+    sku: str
+    forgotten: tuple[str, ...]
+    digests: frozenset[int]
+    sequence: int
+    remaining: int
+
+
 Decision = IntentAccepted | IntentRejected
 Sequenced = IntentAccepted | IntentRejected | UnitsReturned
-Event = IntentAccepted | IntentRejected | UnitsReturned | SaleRejected
+Event = IntentAccepted | IntentRejected | UnitsReturned | SaleRejected | SaleSettled
 
 # -- state ------------------------------------------------------------------------------
 
@@ -159,6 +184,10 @@ class SaleBook:
     bought: dict[str, int] = field(default_factory=dict)
     decided: dict[str, Decision] = field(default_factory=dict)
     returns: dict[str, UnitsReturned] = field(default_factory=dict)
+    # After settlement only digests of decided intent ids remain (8 bytes each, not a
+    # decision each): enough to recognise a repeat and never decide it differently.
+    settled: bool = False
+    digests: frozenset[int] = frozenset()
 
 
 @dataclass(slots=True)
@@ -225,11 +254,18 @@ def _rule_fault(book: SaleBook, cmd: PlaceIntent, now: int) -> tuple[RejectionRe
     return None
 
 
+def intent_digest(intent_id: str) -> int:
+    """64-bit digest of an intent id, kept for settled sales."""
+    return int.from_bytes(hashlib.blake2b(intent_id.encode(), digest_size=8).digest(), "big")
+
+
 def _place(ledger: SkuLedger, cmd: PlaceIntent, now: int) -> list[Event]:
     book = ledger.sales.get(cmd.sale_id)
     previous = _previous(ledger, book, cmd.intent_id)
     if previous is not None:
         return [previous]
+    if book is not None and book.settled and intent_digest(cmd.intent_id) in book.digests:
+        return []  # decided before settlement: that decision stands, none is added
     seq = ledger.sequence + 1
     ledger.sequence = seq
     if book is None:
@@ -298,6 +334,32 @@ def _return(ledger: SkuLedger, cmd: ReturnUnits, now: int) -> list[Event]:
     return [event]
 
 
+def _settle(ledger: SkuLedger, cmd: SettleSale, now: int) -> list[Event]:
+    book = ledger.sales.get(cmd.sale_id)
+    if book is None or book.settled:
+        return []
+    if not (book.closed or now >= book.terms.ends_at_ms):
+        return [SaleRejected(cmd.sale_id, cmd.sku, "sale still open: close it before settling")]
+    forgotten = tuple(book.decided)
+    book.digests = frozenset(map(intent_digest, forgotten))
+    book.decided, book.bought, book.closed, book.settled = {}, {}, True, True
+    return [
+        SaleSettled(cmd.sale_id, cmd.sku, forgotten, book.digests, ledger.sequence, book.remaining)
+    ]
+
+
+def settle_book(
+    ledger: SkuLedger, sale_id: str, digests: frozenset[int], sequence: int, remaining: int
+) -> None:
+    """Restore a settled sale from what ``SaleSettled`` said to keep (after a restart)."""
+    book = ledger.sales.get(sale_id)
+    if book is None:
+        return
+    book.decided, book.bought, book.closed, book.settled = {}, {}, True, True
+    book.digests, book.remaining = digests, remaining
+    ledger.sequence = max(ledger.sequence, sequence)
+
+
 def _open(ledger: SkuLedger, cmd: OpenSale) -> list[Event]:
     terms = cmd.terms
     book = ledger.sales.get(terms.sale_id)
@@ -316,10 +378,12 @@ def _open(ledger: SkuLedger, cmd: OpenSale) -> list[Event]:
 def decide(ledger: SkuLedger, command: Command, log_time_ms: int) -> list[Event]:
     """Apply ``command`` (stamped with broker log time) to ``ledger``; return events to emit.
 
-    PlaceIntent always yields exactly one decision; a repeated intent id yields the very same
-    decision object again and changes nothing. OpenSale with identical terms is a no-op; with
-    other or invalid terms it changes nothing and yields a ``SaleRejected``. CloseSale
-    (idempotent) and unknown-sale CloseSale/ReturnUnits yield nothing.
+    PlaceIntent yields exactly one decision; a repeated intent id yields the very same
+    decision object again and changes nothing (for a settled sale, whose decisions were
+    forgotten, a repeat yields nothing: its one decision stands). OpenSale with identical
+    terms is a no-op; with other or invalid terms it changes nothing and yields a
+    ``SaleRejected``. CloseSale (idempotent) and unknown-sale CloseSale/ReturnUnits yield
+    nothing. SettleSale of a closed or ended sale yields ``SaleSettled`` once.
     """
     if command.sku != ledger.sku:
         raise WrongLedger(f"command for {command.sku!r} sent to ledger of {ledger.sku!r}")
@@ -334,6 +398,8 @@ def decide(ledger: SkuLedger, command: Command, log_time_ms: int) -> list[Event]
         return []
     if type(command) is ReturnUnits:
         return _return(ledger, command, log_time_ms)
+    if type(command) is SettleSale:
+        return _settle(ledger, command, log_time_ms)
     raise TypeError(f"not a command: {command!r}")
 
 

@@ -18,6 +18,7 @@ from processors.decision import (
     PlaceIntent,
     RejectionReason,
     SaleTerms,
+    SettleSale,
 )
 
 ENVELOPE_FIELDS = ("event_id", "correlation_id", "producer", "occurred_at")
@@ -102,4 +103,6 @@ def command_from_record(name: str, record: dict[str, Any]) -> Command:
         return OpenSale(terms_from_record(r))
     if name == "SaleClosed":
         return CloseSale(r["sale_id"], r["sku"])
+    if name == "SaleSettled":
+        return SettleSale(r["sale_id"], r["sku"])
     raise ValueError(f"not an input command record: {name!r}")

@@ -6,6 +6,7 @@ free of Faust makes the hot path measurable and testable in-process.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,10 +18,12 @@ from processors.decision import (
     IntentAccepted,
     IntentRejected,
     SaleRejected,
+    SaleSettled,
     SaleTerms,
     SkuLedger,
     decide,
     ledger_from_decisions,
+    settle_book,
 )
 from processors.records import command_from_record, from_record, terms_from_record, to_record
 from producers.identity import decision_event_id
@@ -29,8 +32,30 @@ from schemas.codec import SchemaRegistry, UndecodableRecord
 log = structlog.get_logger("processors.writer")
 
 PRODUCER = "flashsale-inventory"
-INPUT_RECORDS = frozenset({"SaleOpened", "SaleClosed", "PurchaseIntent"})
+INPUT_RECORDS = frozenset({"SaleOpened", "SaleClosed", "SaleSettled", "PurchaseIntent"})
 _SEP = "\x1f"
+# A settled sale's digests are stored in chunks that stay well below Kafka's 1 MB record.
+_DIGESTS_PER_CHUNK = 60_000
+_HEADER = struct.Struct(">qi")  # sequence, remaining
+
+
+def pack_settled(event: SaleSettled) -> list[bytes]:
+    """Chunks to persist for a settled sale: header + sorted 8-byte digests."""
+    digests = sorted(event.digests)
+    chunks = [
+        b"".join(d.to_bytes(8, "big") for d in digests[i : i + _DIGESTS_PER_CHUNK])
+        for i in range(0, max(len(digests), 1), _DIGESTS_PER_CHUNK)
+    ]
+    chunks[0] = _HEADER.pack(event.sequence, event.remaining) + chunks[0]
+    return chunks
+
+
+def unpack_settled(chunks: list[bytes]) -> tuple[int, int, frozenset[int]]:
+    """(sequence, remaining, digests) from the chunks written by ``pack_settled``."""
+    sequence, remaining = _HEADER.unpack_from(chunks[0])
+    blob = chunks[0][_HEADER.size :] + b"".join(chunks[1:])
+    digests = frozenset(int.from_bytes(blob[i : i + 8], "big") for i in range(0, len(blob), 8))
+    return sequence, remaining, digests
 
 
 @dataclass(frozen=True)
@@ -46,7 +71,8 @@ class Outcome:
     """What handling one input record produced."""
 
     decisions: list[tuple[str, bytes]] = field(default_factory=list)  # (sku key, value)
-    table_writes: list[tuple[str, str, bytes]] = field(default_factory=list)  # (table, k, v)
+    # (table, key, value); a None value deletes the key.
+    table_writes: list[tuple[str, str, bytes | None]] = field(default_factory=list)
     dead_letter: DeadLetter | None = None
     redelivered: int = 0  # decisions that were already known (duplicates / replays)
 
@@ -73,10 +99,13 @@ class SkuWriter:
         """Rebuild every ledger from the tables' contents (after start or a rebalance)."""
         terms: dict[str, list[SaleTerms]] = {}
         closed: dict[str, list[str]] = {}
+        settled: dict[tuple[str, str], dict[int, bytes]] = {}
         for key, value in sales:
             parts = key.split(_SEP)
             if len(parts) == 3:  # sale_id, sku, "closed"
                 closed.setdefault(parts[1], []).append(parts[0])
+            elif len(parts) == 4:  # sale_id, sku, "settled", chunk number
+                settled.setdefault((parts[0], parts[1]), {})[int(parts[3])] = value
             else:
                 _, record = self._registry.decode(value)
                 t = terms_from_record(record)
@@ -93,6 +122,9 @@ class SkuWriter:
             )
             for sku in skus
         }
+        for (sale_id, sku), chunks in settled.items():
+            sequence, remaining, digests = unpack_settled([chunks[i] for i in sorted(chunks)])
+            settle_book(self.ledger(sku), sale_id, digests, sequence, remaining)
         self.stale = False
         log.info("writer.rebuilt", skus=len(skus), decisions=sum(map(len, by_sku.values())))
         return self._ledgers
@@ -137,6 +169,13 @@ class SkuWriter:
                 out.table_writes.append((self.DECISIONS, event.intent_id, encoded))
                 if ledger.sequence == before:  # nothing new was decided: a repeat
                     out.redelivered += 1
+            elif isinstance(event, SaleSettled):
+                base = f"{event.sale_id}{_SEP}{event.sku}{_SEP}settled{_SEP}"
+                for n, chunk in enumerate(pack_settled(event)):
+                    out.table_writes.append((self.SALES, f"{base}{n}", chunk))
+                out.table_writes += [(self.DECISIONS, i, None) for i in event.forgotten]
+                log.info("sale.settled", sale_id=event.sale_id, sku=event.sku,
+                         forgotten=len(event.forgotten))  # fmt: skip
             elif isinstance(event, SaleRejected):
                 log.warning(
                     "sale.rejected", sale_id=event.sale_id, sku=event.sku, detail=event.detail

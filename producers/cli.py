@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cl = cmds.add_parser("close", help="close a sale's SKUs now")
     cl.add_argument("--sale", required=True)
     cl.add_argument("--sku", required=True, action="append")
+    st = cmds.add_parser("settle", help="settle a closed sale: its writer forgets per-intent state")
+    st.add_argument("--sale", required=True)
+    st.add_argument("--sku", required=True, action="append")
     sale.set_defaults(run=run_sale)
 
     intent = sub.add_parser("intent", help="post purchase intents")
@@ -77,9 +80,12 @@ def run_sale(args: argparse.Namespace, settings: Settings) -> int:
         starts = int((time.time() + args.starts_in) * 1000)
         producer.open_sale(args.sale, args.sku, starts, starts + args.duration * 1000)
         print(f"opened sale {args.sale} for {', '.join(s.sku for s in args.sku)}")
-    else:
+    elif args.sale_cmd == "close":
         producer.close_sale(args.sale, args.sku)
         print(f"closed sale {args.sale} for {', '.join(args.sku)}")
+    else:
+        producer.settle_sale(args.sale, args.sku)
+        print(f"settled sale {args.sale} for {', '.join(args.sku)}")
     return 0
 
 

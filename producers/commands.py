@@ -183,6 +183,16 @@ class CommandProducer:
         ]
         self.wait(futures)
 
+    def settle_sale(self, sale_id: str, skus: Iterable[str]) -> None:
+        """Publish one SaleSettled per SKU (after close) and wait for all acks."""
+        futures = [
+            self._ack_future(
+                sku, "SaleSettled", {**self._envelope(None), "sale_id": sale_id, "sku": sku}
+            )
+            for sku in skus
+        ]
+        self.wait(futures)
+
     def _ack_future(
         self, sku: str, name: str, record: dict[str, Any], what: str | None = None
     ) -> Future[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -155,3 +156,38 @@ def test_our_producers_and_faust_agree_on_every_keys_partition(pipeline: Pipelin
     disagree = [k for k in keys if placed[k] != faust_partitioner(k, parts, parts)]
     assert len(set(placed.values())) == n, "keys should spread over every partition"
     assert disagree == []
+
+
+def test_settled_sale_frees_its_state_and_never_redecides(pipeline: Pipeline, uid: str):
+    sale, sku = f"settle-{uid}", f"sku-settle-{uid}"
+    pipeline.open_sale(sale, [SkuAllocation(sku, 5, 1, 1)])
+    producer = pipeline.producer()
+    first = [producer.post_intent(sale, sku, f"u{i}", 1, "k") for i in range(8)]
+    audit = pipeline.audit(sale)
+    assert audit.wait_for(set(first), timeout=60) == set()
+
+    producer.close_sale(sale, [sku])
+    producer.settle_sale(sale, [sku])
+    again = producer.post_intent(sale, sku, "u0", 1, "k")  # a retry of an accepted intent
+    late = producer.post_intent(sale, sku, "late-user", 1, "k")
+    assert again == first[0]
+    assert audit.wait_for({late}, timeout=60) == set()
+    time.sleep(1)
+    audit.poll(1)
+    report = audit.report()
+    audit.close()
+    assert report.conflicting == [], "a forgotten intent was decided again differently"
+    assert audit.decisions[late][1]["reason"] == "SALE_ENDED"
+    assert report.accepted_units == {sku: 5} and not report.sequence_gaps
+
+    # The writer's per-intent state is gone: its changelog holds a tombstone per intent.
+    changelog = f"{pipeline.settings.namespace}-inventory-decisions-changelog"
+    deadline = time.monotonic() + 30
+    while True:
+        records = read_all(pipeline.endpoints.bootstrap, changelog)
+        # Faust serialises str table keys as JSON strings.
+        deleted = {json.loads(m.key()) for m in records if m.value() is None}
+        if set(first) <= deleted or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert set(first) <= deleted

@@ -53,6 +53,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "ends_at": 2**42,
     },
     "SaleClosed": {"sale_id": "s-1", "sku": "SKU", "reason": "ops"},
+    "SaleSettled": {"sale_id": "s-1", "sku": "SKU"},
     "PurchaseIntent": {
         "intent_id": "i-1",
         "idempotency_key": "k",
