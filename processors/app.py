@@ -153,7 +153,9 @@ def build_app(settings: Settings, endpoints_bootstrap: str) -> faust.App:
             out = writer.handle(msg.value, round(msg.timestamp * 1000))
             for table, key, value in out.table_writes:
                 if value is None:
-                    tables[table].pop(key, None)  # a tombstone in the changelog
+                    # Unconditional: Faust sends the changelog tombstone before it touches
+                    # the store, and a RocksDB delete of an absent key is a no-op.
+                    del tables[table][key]
                 else:
                     tables[table][key] = value
             for sku, value in out.decisions:

@@ -23,7 +23,9 @@ import httpx
 from flashsale.settings import Settings
 from infra.edge import Edge
 from infra.kafka import LocalKafka
+from infra.postgres import LocalPostgres
 from infra.processes import find_binary
+from infra.services import all_services
 from producers.http.auth import load_secret, token
 from producers.http.config import EdgeSettings
 
@@ -252,12 +254,16 @@ def run_http_bench(
     tokens = [token(f"bench-{i}", "shopper", 3600, secret) for i in range(users)]
     path = f"/v1/sales/{sale}/intents"
     kafka = LocalKafka(settings.state_dir, settings.kafka_port, settings.kafka_controller_port)
+    postgres_pid = LocalPostgres(settings.state_dir, settings.pg_port).pid()
     nginx_pid = edge.nginx.pid() or 0
     app_pids = [p for p in (s.pid() for s in edge.servers) if p]
     groups = {
         "nginx": [nginx_pid, *_children(nginx_pid)],
         "app_servers": app_pids,
         "broker": [p for p in [kafka.pid()] if p],
+        # The rest of the pipeline shares the same two cores while the edge is loaded.
+        **{s.name: [p for p in [s.pid()] if p] for s in all_services(settings)},
+        "postgres": [p for p in [postgres_pid] if p] + _children(postgres_pid or 0),
     }
 
     # 1. Maximum load: wrk, closed loop.
