@@ -63,7 +63,10 @@ def _flush_changelog_before_commit() -> None:
     original = TransactionManager.commit
 
     async def commit(self: Any, offsets: Any, start_new_transaction: bool = True) -> bool:
-        await self.app.producer.buffer.flush()
+        # Only what is queued now belongs to the offsets being committed; records queued
+        # while we flush wait for the transaction lock and join the next transaction.
+        buffer = self.app.producer.buffer
+        await buffer.flush_atmost(buffer.size)
         return bool(await original(self, offsets, start_new_transaction))
 
     commit._flashsale_flushes = True  # type: ignore[attr-defined]
