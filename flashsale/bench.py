@@ -16,7 +16,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from flashsale.settings import Settings
+from flashsale.settings import Settings, env_int
 from flashsale.topics import TopicNames, catalogue
 from infra import provision
 from infra.services import Service
@@ -166,7 +166,7 @@ def _bench_settings(settings: Settings, tag: str) -> Settings:
 
 def _start_worker(s: Settings) -> Service:
     worker = Service("processor", s)
-    worker.start(env={"FLASHSALE_NAMESPACE": s.namespace, "FLASHSALE_LOG_LEVEL": "WARNING"})
+    worker.start(env={"FLASHSALE_LOG_LEVEL": "WARNING"})
     return worker
 
 
@@ -274,7 +274,7 @@ def paced(settings: Settings, bootstrap: str, rate: int, seconds: int) -> dict[s
         "latency_ms_p99": round(q[98], 1),
         "latency_ms_max": round(lat[-1], 1) if lat else None,
         "processor_peak_rss_mb": peak,
-        "commit_interval_ms": int(os.environ.get("FLASHSALE_COMMIT_INTERVAL_MS", "100")),
+        "commit_interval_ms": env_int(os.environ, "FLASHSALE_COMMIT_INTERVAL_MS", 100, 1, 60_000),
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,17 +14,26 @@ class SettingError(ValueError):
     """A setting is missing or invalid; the message names it."""
 
 
-def _int(env: dict[str, str], name: str, default: int, lo: int = 1, hi: int = 2**31) -> int:
+def env_number(env: Mapping[str, str], name: str, default: float, lo: float, hi: float) -> float:
+    """A number setting within lo..hi; SettingError naming the variable otherwise."""
     raw = env.get(name)
     if raw is None or raw == "":
         return default
     try:
-        value = int(raw)
+        value = float(raw)
     except ValueError:
-        raise SettingError(f"{name}={raw!r} is not an integer") from None
+        raise SettingError(f"{name}={raw!r} is not a number") from None
     if not lo <= value <= hi:
-        raise SettingError(f"{name}={value} is outside {lo}..{hi}")
+        raise SettingError(f"{name}={raw} is outside {lo:g}..{hi:g}")
     return value
+
+
+def env_int(env: Mapping[str, str], name: str, default: int, lo: int = 1, hi: int = 2**31) -> int:
+    """An integer setting within lo..hi; SettingError naming the variable otherwise."""
+    value = env_number(env, name, default, lo, hi)
+    if value != int(value):
+        raise SettingError(f"{name}={env.get(name)!r} is not an integer")
+    return int(value)
 
 
 INFRA_MODES = ("local", "containers", "external")
@@ -63,8 +73,8 @@ class Settings:
             raise SettingError(
                 "FLASHSALE_INFRA=external needs both KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL"
             )
-        kafka_port = _int(e, "FLASHSALE_KAFKA_PORT", 19092, 1024, 65535)
-        pg_port = _int(e, "FLASHSALE_PG_PORT", 15432, 1024, 65535)
+        kafka_port = env_int(e, "FLASHSALE_KAFKA_PORT", 19092, 1024, 65535)
+        pg_port = env_int(e, "FLASHSALE_PG_PORT", 15432, 1024, 65535)
         namespace = e.get("FLASHSALE_NAMESPACE", "flashsale")
         if not namespace.replace("-", "").replace("_", "").isalnum():
             raise SettingError(f"FLASHSALE_NAMESPACE={namespace!r} must be letters, digits, - or _")
@@ -73,14 +83,14 @@ class Settings:
             infra_mode=mode,
             state_dir=state_dir,
             kafka_port=kafka_port,
-            kafka_controller_port=_int(e, "FLASHSALE_KAFKA_CONTROLLER_PORT", 19093, 1024, 65535),
+            kafka_controller_port=env_int(e, "FLASHSALE_KAFKA_CONTROLLER_PORT", 19093, 1024, 65535),
             kafka_heap=e.get("FLASHSALE_KAFKA_HEAP", "1g"),
             kafka_bootstrap=e.get("KAFKA_BOOTSTRAP_SERVERS") or f"127.0.0.1:{kafka_port}",
             pg_port=pg_port,
             database_url=e.get("DATABASE_URL")
             or f"postgresql://flashsale:flashsale@127.0.0.1:{pg_port}/flashsale",
-            partitions=_int(e, "FLASHSALE_PARTITIONS", 6, 1, 256),
-            replication_factor=_int(e, "FLASHSALE_REPLICATION_FACTOR", 1, 1, 5),
-            http_port=_int(e, "FLASHSALE_HTTP_PORT", 18080, 1024, 65535),
+            partitions=env_int(e, "FLASHSALE_PARTITIONS", 6, 1, 256),
+            replication_factor=env_int(e, "FLASHSALE_REPLICATION_FACTOR", 1, 1, 5),
+            http_port=env_int(e, "FLASHSALE_HTTP_PORT", 18080, 1024, 65535),
             namespace=namespace,
         )

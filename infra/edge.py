@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flashsale.settings import Settings
+from flashsale.settings import Settings, env_int
 from infra import processes
 from infra.errors import InfraError
 from infra.nginx import LocalNginx
@@ -106,7 +106,7 @@ class Edge:
         server_ports: Sequence[int] | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
-        n = servers or int(os.environ.get("FLASHSALE_HTTP_SERVERS", DEFAULT_SERVERS))
+        n = servers or env_int(os.environ, "FLASHSALE_HTTP_SERVERS", DEFAULT_SERVERS, 1, 64)
         ports = tuple(server_ports or range(settings.http_port + 1, settings.http_port + 1 + n))
         self.settings = settings
         self.servers = [AppServer(settings, p, dict(env or {})) for p in ports]

@@ -43,7 +43,14 @@ class Service:
             return False
         self.run_dir.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "flashsale.cli", self.name]
-        full_env = {**os.environ, "FLASHSALE_LOG_FORMAT": "json", **(env or {})}
+        # The child runs with this service's settings, whatever the caller's environment says.
+        full_env = {
+            **os.environ,
+            "FLASHSALE_LOG_FORMAT": "json",
+            "FLASHSALE_STATE_DIR": str(self.settings.state_dir),
+            "FLASHSALE_NAMESPACE": self.settings.namespace,
+            **(env or {}),
+        }
         pid = processes.spawn(argv, self.logfile, self.pidfile, env=full_env)
         if processes.wait_until(lambda: not processes.alive(pid), 1.5):
             raise InfraError(

@@ -16,7 +16,7 @@ import faust
 import structlog
 from faust.types import ProcessingGuarantee
 
-from flashsale.settings import SettingError, Settings
+from flashsale.settings import SettingError, Settings, env_int
 from flashsale.topics import TopicNames
 from processors.writer import SkuWriter
 from schemas.codec import SchemaRegistry
@@ -76,7 +76,7 @@ def _flush_changelog_before_commit() -> None:
 def build_app(settings: Settings, endpoints_bootstrap: str) -> faust.App:
     """Build the Faust app, its topics, tables and agent from settings."""
     env = dict(os.environ)
-    commit_ms = int(env.get("FLASHSALE_COMMIT_INTERVAL_MS", "100"))
+    commit_ms = env_int(env, "FLASHSALE_COMMIT_INTERVAL_MS", 100, 1, 60_000)
     names = TopicNames.of(settings)
     app_id = f"{settings.namespace}-inventory"
     datadir = Path(

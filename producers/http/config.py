@@ -5,20 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from flashsale.settings import SettingError
-
-
-def _number(env: dict[str, str], name: str, default: float, lo: float, hi: float) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingError(f"{name}={raw!r} is not a number") from None
-    if not lo <= value <= hi:
-        raise SettingError(f"{name}={raw} is outside {lo:g}..{hi:g}")
-    return value
+from flashsale.settings import env_int, env_number
 
 
 @dataclass(frozen=True)
@@ -38,11 +25,11 @@ class EdgeSettings:
         """Read the edge's settings; an invalid one fails naming its variable."""
         e = dict(os.environ if env is None else env)
         return cls(
-            ack_timeout_ms=int(_number(e, "FLASHSALE_KAFKA_ACK_TIMEOUT_MS", 5000, 100, 300_000)),
-            rate_per_s=_number(e, "FLASHSALE_RATE_PER_S", 5.0, 0.001, 1e9),
-            rate_burst=_number(e, "FLASHSALE_RATE_BURST", 10.0, 1, 1e9),
+            ack_timeout_ms=env_int(e, "FLASHSALE_KAFKA_ACK_TIMEOUT_MS", 5000, 100, 300_000),
+            rate_per_s=env_number(e, "FLASHSALE_RATE_PER_S", 5.0, 0.001, 1e9),
+            rate_burst=env_number(e, "FLASHSALE_RATE_BURST", 10.0, 1, 1e9),
             jwt_secret=e.get("FLASHSALE_JWT_SECRET") or None,
-            heartbeat_s=_number(e, "FLASHSALE_SSE_HEARTBEAT_S", 15.0, 0.05, 3600),
+            heartbeat_s=env_number(e, "FLASHSALE_SSE_HEARTBEAT_S", 15.0, 0.05, 3600),
             server_id=e.get("FLASHSALE_HTTP_SERVER_ID", ""),
-            pool_size=int(_number(e, "FLASHSALE_PG_POOL_SIZE", 10, 1, 200)),
+            pool_size=env_int(e, "FLASHSALE_PG_POOL_SIZE", 10, 1, 200),
         )

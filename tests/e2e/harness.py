@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
 import threading
 import time
 import uuid
@@ -20,15 +19,10 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from infra.edge import Edge
 from producers.http.auth import token
 from schemas.codec import SchemaRegistry, UndecodableRecord
+from tests.conftest import free_port
 from tests.integration.pipeline import Pipeline
 
 SECRET = "e2e-secret-" + "x" * 40
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -51,12 +51,10 @@ def start_pipeline(
     ns = f"t-{uid}"
     s = dataclasses.replace(settings, namespace=ns)
     provision.ensure_topics(endpoints.bootstrap, catalogue(s))
-    env = {
-        "FLASHSALE_NAMESPACE": ns,
+    env = {  # namespace and state dir come from the Service's settings
         "KAFKA_BOOTSTRAP_SERVERS": endpoints.bootstrap,
         "DATABASE_URL": endpoints.dsn,
         "FLASHSALE_INFRA": "external",
-        "FLASHSALE_STATE_DIR": str(settings.state_dir),
         **(extra_env or {}),
     }
     processor = Service("processor", s)

@@ -6,7 +6,6 @@ These never touch the session's shared servers: each test runs its own broker or
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
 import socket
@@ -22,17 +21,9 @@ from infra import processes
 from infra.errors import CorruptState, MissingBinary, PortInUse
 from infra.kafka import LocalKafka
 from infra.postgres import LocalPostgres
-from tests.conftest import local_only
+from tests.conftest import free_port, local_only
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    """A free port below Linux's ephemeral range, so client sockets never take it later."""
-    while True:
-        port = random.randrange(20_000, 32_000)
-        if processes.port_is_free(port):
-            return port
 
 
 @pytest.fixture
