@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import shutil
@@ -45,6 +46,13 @@ def pg_binary(name: str) -> str:
     )
 
 
+def _searchable_by_others(path: Path) -> bool:
+    """True when every existing ancestor of path lets other users pass through it."""
+    return all(
+        os.stat(parent).st_mode & 0o001 for parent in path.resolve().parents if parent.exists()
+    )
+
+
 @dataclass(frozen=True)
 class LocalPostgres:
     """Cluster files live under ``state_dir/postgres``."""
@@ -54,7 +62,19 @@ class LocalPostgres:
 
     @property
     def home(self) -> Path:
-        return self.state_dir / "postgres"
+        """``state_dir/postgres``, or a stand-in under /var/tmp the postgres user can reach.
+
+        As root the server runs as the ``postgres`` user, which must be able to walk down to
+        its data directory. A checkout under a private directory (``mktemp -d`` makes 0700
+        ones, and /root is 0700) does not allow that, so the cluster then lives in
+        ``/var/tmp/flashsale-postgres-<hash of the state dir>`` instead: one per checkout,
+        kept across reboots, removed by ``make clean``.
+        """
+        preferred = self.state_dir / "postgres"
+        if os.geteuid() != 0 or _searchable_by_others(preferred):
+            return preferred
+        digest = hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:12]
+        return Path("/var/tmp") / f"flashsale-postgres-{digest}"
 
     @property
     def data(self) -> Path:
@@ -111,21 +131,8 @@ class LocalPostgres:
             )
         return True
 
-    def _check_reachable(self) -> None:
-        """As root, the postgres user must be able to walk down to the data directory."""
-        if os.geteuid() != 0:
-            return
-        for parent in self.home.resolve().parents:
-            if parent.exists() and not os.stat(parent).st_mode & 0o001:
-                raise InfraError(
-                    f"the postgres user cannot enter {parent} "
-                    f"(mode {oct(os.stat(parent).st_mode & 0o777)}); "
-                    "put FLASHSALE_STATE_DIR under a world-searchable directory or chmod o+x it"
-                )
-
     def _initdb(self) -> None:
         initdb = pg_binary("initdb")
-        self._check_reachable()
         for d in (self.home, self.data, self.sockets):
             d.mkdir(parents=True, exist_ok=True)
             self._chown(d)
