@@ -58,5 +58,6 @@ bench: setup ## Benchmarks: print figures and write them to bench-results/
 	$(FS) bench
 
 .PHONY: clean
-clean: down ## Stop and delete all local server data (keeps the venv and jars)
-	rm -rf .state/kafka .state/postgres .state/run
+clean: ## Stop and delete all local server data (keeps the venv and jars)
+	@if [ -x $(FS) ]; then $(FS) infra down --wipe; fi
+	rm -rf .state/kafka .state/postgres .state/run .state/processor .state/nginx
