@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser with every command group registered."""
     from flashsale import bench, demo
     from infra import commands as infra_commands
+    from infra import supervise_command
     from processors import commands as processor_commands
     from producers import cli as producer_commands
     from producers.http import auth as http_auth
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flashsale", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     infra_commands.register(sub)
+    supervise_command.register(sub)
     producer_commands.register(sub)
     processor_commands.register(sub)
     projector_commands.register(sub)

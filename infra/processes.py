@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import shutil
@@ -94,6 +95,47 @@ def spawn(argv: list[str], logfile: Path, pidfile: Path, env: dict[str, str] | N
         )
     pidfile.write_text(f"{proc.pid}\n")
     return proc.pid
+
+
+def spawn_child(argv: list[str], logfile: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start argv as a child that dies with this process: own session, output to logfile.
+
+    The child gets SIGTERM when its parent dies, even by SIGKILL (Linux PR_SET_PDEATHSIG),
+    so a killed supervisor leaves no orphans. The signal follows the *thread* that forked,
+    so call this from the thread that lives as long as the process (the main thread).
+    """
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    parent = os.getpid()
+    prctl = _prctl()
+
+    def die_with_parent() -> None:  # runs in the child between fork and exec
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl: nobody will signal us
+            os._exit(1)
+
+    with open(logfile, "ab") as out:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+            env=env,
+        )
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl, looked up before fork; None where there is none (not Linux)."""
+    try:
+        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return prctl
 
 
 def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from flashsale.settings import Settings
 from infra import processes
 from infra.errors import InfraError
 
 SERVICES = ("processor", "projector")
+
+
+def run_dir(settings: Settings) -> Path:
+    """Where the services of settings.namespace keep pid files, logs and supervision files."""
+    return settings.state_dir / "run" / settings.namespace
 
 
 @dataclass(frozen=True)
@@ -23,7 +30,7 @@ class Service:
 
     @property
     def run_dir(self) -> Path:
-        return self.settings.state_dir / "run" / self.settings.namespace
+        return run_dir(self.settings)
 
     @property
     def pidfile(self) -> Path:
@@ -66,3 +73,67 @@ class Service:
 def all_services(settings: Settings) -> list[Service]:
     """Every service of the stack, in start order."""
     return [Service(name, settings) for name in SERVICES]
+
+
+@dataclass(frozen=True)
+class SupervisorProcess:
+    """`flashsale supervise` as a detached process: it starts, watches and restarts services."""
+
+    settings: Settings
+    services: tuple[str, ...] = SERVICES
+
+    @property
+    def pidfile(self) -> Path:
+        return run_dir(self.settings) / "supervisor.pid"
+
+    @property
+    def logfile(self) -> Path:
+        return run_dir(self.settings) / "supervisor.log"
+
+    @property
+    def statefile(self) -> Path:
+        return run_dir(self.settings) / "supervisor.json"
+
+    def pid(self) -> int | None:
+        """Pid of the running supervisor, or None."""
+        return processes.read_pid(self.pidfile)
+
+    def state(self) -> dict[str, Any]:
+        """What the supervisor last wrote (its pid, each service's state), or {} if nothing."""
+        try:
+            state: dict[str, Any] = json.loads(self.statefile.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return state
+
+    def start(self, env: dict[str, str] | None = None, timeout: float = 15.0) -> bool:
+        """Start unless running and wait for its services' first start; True if started now."""
+        if self.pid() is not None:
+            return False
+        argv = [sys.executable, "-m", "flashsale.cli", "supervise", "--services", *self.services]
+        full_env = {
+            **os.environ,
+            "FLASHSALE_LOG_FORMAT": "json",
+            "FLASHSALE_STATE_DIR": str(self.settings.state_dir),
+            "FLASHSALE_NAMESPACE": self.settings.namespace,
+            **(env or {}),
+        }
+        pid = processes.spawn(argv, self.logfile, self.pidfile, env=full_env)
+
+        def first_starts_done() -> bool:
+            state = self.state()
+            services = state.get("services", {}) if state.get("pid") == pid else {}
+            return all(
+                services.get(n, {}).get("state", "starting") != "starting" for n in self.services
+            )
+
+        processes.wait_until(lambda: not processes.alive(pid) or first_starts_done(), timeout)
+        if not processes.alive(pid):
+            raise InfraError(
+                f"the supervisor exited at start; log:\n{processes.log_tail(self.logfile)}"
+            )
+        return True
+
+    def stop(self, grace: float = 60.0) -> bool:
+        """SIGTERM the supervisor (it stops its services first), SIGKILL after grace seconds."""
+        return processes.stop_tracked(self.pid(), self.pidfile, grace=grace)

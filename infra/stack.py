@@ -87,15 +87,12 @@ class Stack:
         ep = self.endpoints()
         local = self.settings.infra_mode == "local"
         kafka_up = self.kafka.answers() if local else _kafka_answers(ep.bootstrap)
+        from infra import supervisor
         from infra.edge import Edge
-        from infra.services import all_services
 
         return {
             **Edge(self.settings).status(),
-            "services": {
-                s.name: {"pid": s.pid(), "up": s.pid() is not None}
-                for s in all_services(self.settings)
-            },
+            **supervisor.status(self.settings),  # "supervisor" and "services"
             "mode": self.settings.infra_mode,
             "state_dir": str(self.settings.state_dir),
             "kafka": {

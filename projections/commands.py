@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
-from flashsale.settings import Settings
+from flashsale.settings import Settings, env_int
+
+# Tests only: when set to an offset, the projector records a crash there and exits 70 at start.
+FAULT_EXIT_AT_START = "FLASHSALE_FAULT_EXIT_AT_START"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -17,6 +21,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Start the projector against the stack's servers, named after the namespace."""
+    if os.environ.get(FAULT_EXIT_AT_START):  # test hook: a projector stuck on one record
+        from infra.supervisor import record_crash
+
+        offset = env_int(os.environ, FAULT_EXIT_AT_START, 0, 0)
+        record_crash(settings, "projector", partition=0, offset=offset, reason="injected fault")
+        return 70
     from infra.stack import Stack
     from projections.postgres import main
 
