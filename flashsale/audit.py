@@ -29,7 +29,7 @@ class AuditReport:
     rejected: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     decisions_seen: int = 0
-    repeated_decisions: int = 0  # identical re-emissions (counted once)
+    repeated_decisions: int = 0  # a second decision record for an intent id: never allowed
     conflicting: list[str] = field(default_factory=list)  # intent ids with two different decisions
     sequence_gaps: dict[str, int] = field(default_factory=dict)
     user_limit_breaches: int = 0
@@ -46,6 +46,7 @@ class AuditReport:
     def invariants_hold(self) -> bool:
         return (
             self.oversold == 0
+            and self.repeated_decisions == 0
             and not self.conflicting
             and not self.sequence_gaps
             and self.user_limit_breaches == 0

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import psycopg
 
+from flashsale import input_audit
 from flashsale.audit import DecisionAudit
 from flashsale.settings import Settings
 from flashsale.topics import TopicNames
@@ -143,6 +144,7 @@ def _sale(
         for i in expected if i in audit.decisions
     ]  # fmt: skip
     orders = _wait_orders(stack.endpoints().dsn, sale_id, report.accepted, 60.0)
+    inputs = input_audit.account(bootstrap, names, sale_id)
     return {
         "sale_id": sale_id,
         "intents": len(plan.intents),
@@ -157,7 +159,10 @@ def _sale(
         "oversold": report.oversold,
         "missing_decisions": len(missing),
         "conflicting_decisions": len(report.conflicting),
-        "repeated_decisions_seen": report.repeated_decisions,
+        "repeated_decisions": report.repeated_decisions,
+        "input_offsets": inputs.inputs,
+        "input_offsets_unaccounted": len(inputs.unaccounted),
+        "intents_with_extra_decisions": len(inputs.extra_decisions),
         "user_limit_breaches": report.user_limit_breaches,
         "sequence_gaps": report.sequence_gaps,
         "orders_in_postgres": orders,
@@ -169,7 +174,7 @@ def _sale(
         "via": "direct" if edge is None else f"http {edge.url}",
         **edge_figures,
         "invariants_hold": bool(
-            report.invariants_hold and not missing and orders == report.accepted
+            report.invariants_hold and inputs.holds and not missing and orders == report.accepted
         ),
     }
 
@@ -241,6 +246,9 @@ def _print(s: dict[str, Any]) -> None:
         ("oversold", s["oversold"]),
         ("missing decisions", s["missing_decisions"]),
         ("conflicting decisions", s["conflicting_decisions"]),
+        ("repeated decisions", s["repeated_decisions"]),
+        ("input offsets of the sale", s["input_offsets"]),
+        ("  not accounted for", s["input_offsets_unaccounted"]),
         ("users over limit who got more", s["user_limit_breaches"]),
         ("orders in postgres", s["orders_in_postgres"]),
         ("decision latency p50 (ms)", s["latency_ms_p50"]),

@@ -21,12 +21,19 @@ class TopicNames:
     sku_commands: str
     decisions: str
     dead_letters: str
+    ledger_changelog: str = "flashsale-inventory-ledger-changelog"
 
     @classmethod
     def of(cls, settings: Settings) -> TopicNames:
         """The names for settings' namespace (``flashsale`` gives the catalogue's defaults)."""
         ns = settings.namespace
-        return cls(f"{ns}.sku-commands", f"{ns}.decisions", f"{ns}.dead-letters")
+        return cls(
+            f"{ns}.sku-commands",
+            f"{ns}.decisions",
+            f"{ns}.dead-letters",
+            # Faust names a table's changelog <app id>-<table>-changelog.
+            f"{ns}-inventory-ledger-changelog",
+        )
 
 
 @dataclass(frozen=True)
@@ -89,7 +96,7 @@ def catalogue(settings: Settings) -> tuple[TopicSpec, ...]:
             retention_ms=RETAIN_FOREVER,
             timestamp_type="CreateTime",
             min_insync_replicas=isr,
-            description="Exactly one decision per intent id (a redelivery repeats it identically).",
+            description="Exactly one decision per intent id: a repeated intent gets none.",
         ),
         TopicSpec(
             name=names.dead_letters,
@@ -103,5 +110,18 @@ def catalogue(settings: Settings) -> tuple[TopicSpec, ...]:
             min_insync_replicas=isr,
             description="Records that could not be decoded or broke their schema, as received; "
             "headers: dlq.source.topic, dlq.source.partition, dlq.source.offset, dlq.reason.",
+        ),
+        TopicSpec(
+            name=names.ledger_changelog,
+            key="state key (processors/state_layout.py)",
+            value_schemas=(),
+            partitions=n,
+            replication_factor=rf,
+            cleanup_policy="compact",
+            retention_ms=RETAIN_FOREVER,
+            timestamp_type="CreateTime",
+            min_insync_replicas=isr,
+            description="The inventory writer's RocksDB table (batch deltas and checkpoints), "
+            "written in the same transaction as the decisions; Faust restores the table from it.",
         ),
     )

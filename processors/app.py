@@ -1,24 +1,30 @@
-"""Composition root of the inventory processor: a Faust app around ``SkuWriter``.
+"""Composition root of the inventory processor: a Faust agent around ``PartitionWriter``.
 
-One agent (concurrency=1) per worker consumes the SKU-keyed command topic; each partition
-has exactly one writer. State lives in two RocksDB tables (rocksdict) whose changelogs have
-the command topic's partition count; decisions go to the decision topic on the same
-partition number as their command (both topics are keyed by SKU with murmur2).
+One agent (concurrency=1) consumes the SKU-keyed command topic through the batch transport
+(processors/faust_runtime.py): each event is one fetched batch of one partition, so each
+partition has exactly one writer and one ordered stream. A batch is decided in chunks, its
+decisions go out as producer batches on the partition's transactional producer, its state
+changes as one delta in the ``ledger`` table (processors/state_layout.py), and only then is
+its offset marked processed. Faust's exactly-once commit puts all of that in one transaction.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import faust
 import structlog
-from faust.types import ProcessingGuarantee
+from confluent_kafka import Consumer, TopicPartition
+from faust.types import TP, ProcessingGuarantee
 
 from flashsale.settings import SettingError, Settings, env_int
-from flashsale.topics import TopicNames
-from processors.writer import SkuWriter
+from flashsale.topics import TopicNames, catalogue
+from processors import faust_runtime as runtime_mod
+from processors.writer import BatchResult, PartitionWriter, Replayed, StateMissing
 from schemas.codec import SchemaRegistry
 
 log = structlog.get_logger("processors.app")
@@ -31,52 +37,27 @@ ROCKSDB_OPTIONS = {
     "block_cache_compressed_size": 0,
     "max_open_files": 256,
 }
+CHUNK = 500  # records decided between two yields to the event loop
+BATCH_SEND_MIN = 200  # fewer decisions than this join the partition's pending producer batch
+LEDGER_TABLE = "ledger"
 
 
 def _guarantee(env: dict[str, str]) -> ProcessingGuarantee:
     raw = env.get("FLASHSALE_PROCESSING_GUARANTEE", "exactly_once")
-    try:
-        return ProcessingGuarantee(raw)
-    except ValueError:
+    if raw != "exactly_once":
         raise SettingError(
-            f"FLASHSALE_PROCESSING_GUARANTEE={raw!r} must be at_least_once or exactly_once"
-        ) from None
+            f"FLASHSALE_PROCESSING_GUARANTEE={raw!r}: the writer runs exactly_once only "
+            "(its state and offsets must commit together)"
+        )
+    return ProcessingGuarantee.EXACTLY_ONCE
 
 
-def _flush_changelog_before_commit() -> None:
-    """Make Faust's exactly-once commit include every table write made before it.
-
-    Table writes reach their changelog through Faust's ProducerBuffer, in the background.
-    At-least-once commits flush that buffer before committing offsets; the transactional
-    commit does not, so a changelog record of an event whose offset is being committed can
-    land in the *next* transaction, and be lost with it if the worker dies (the lost table
-    updates of faust-streaming #340/#502), or be sent between commit and the next
-    begin_transaction ("Can't send messages while not in transaction"). Flushing first puts
-    each event's changelog record in the same transaction as its offset. Records of later
-    events may join that transaction too: harmless, because a redelivered command re-decides
-    to byte-identical output.
-    """
-    from faust.transport.consumer import TransactionManager
-
-    if getattr(TransactionManager.commit, "_flashsale_flushes", False):
-        return
-    original = TransactionManager.commit
-
-    async def commit(self: Any, offsets: Any, start_new_transaction: bool = True) -> bool:
-        # Only what is queued now belongs to the offsets being committed; records queued
-        # while we flush wait for the transaction lock and join the next transaction.
-        buffer = self.app.producer.buffer
-        await buffer.flush_atmost(buffer.size)
-        return bool(await original(self, offsets, start_new_transaction))
-
-    commit._flashsale_flushes = True  # type: ignore[attr-defined]
-    TransactionManager.commit = commit  # type: ignore[method-assign]
-
-
-def build_app(settings: Settings, endpoints_bootstrap: str) -> faust.App:
-    """Build the Faust app, its topics, tables and agent from settings."""
+def build_app(settings: Settings, bootstrap: str) -> faust.App:
+    """Build the Faust app, its topics, table and agent from settings."""
     env = dict(os.environ)
     commit_ms = env_int(env, "FLASHSALE_COMMIT_INTERVAL_MS", 100, 1, 60_000)
+    max_poll = env_int(env, "FLASHSALE_PROCESSOR_MAX_BATCH", 2000, 1, 100_000)
+    worker_id = env_int(env, "FLASHSALE_WORKER_ID", 0, 0, 1000)
     names = TopicNames.of(settings)
     app_id = f"{settings.namespace}-inventory"
     datadir = Path(
@@ -85,106 +66,218 @@ def build_app(settings: Settings, endpoints_bootstrap: str) -> faust.App:
     datadir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
     app = faust.App(
         app_id,
-        broker=f"aiokafka://{endpoints_bootstrap}",
+        broker=f"{runtime_mod.SCHEME}://{bootstrap}",
         store="rocksdb://",
         datadir=str(datadir),
         processing_guarantee=_guarantee(env),
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
         broker_commit_interval=commit_ms / 1000,
-        broker_commit_every=10_000,
+        broker_commit_every=10**9,  # commits follow the interval; ours are per whole batch
         broker_session_timeout=10.0,
+        # Static membership: a restarted worker (after a crash too) takes its partitions back
+        # at once instead of waiting for the session timeout of its previous incarnation.
+        consumer_group_instance_id=f"{app_id}-{worker_id}",
         broker_heartbeat_interval=1.0,
+        broker_max_poll_records=max_poll,
         web_enabled=False,
-        topic_allow_declare=True,
+        topic_allow_declare=False,  # provisioning created and verified every topic
         table_standby_replicas=0,
         producer_acks=-1,
-        producer_linger_ms=2,
-        stream_buffer_maxsize=8192,
+        producer_linger_ms=0,
+        producer_max_batch_size=1024 * 1024,
+        producer_max_request_size=4 * 1024 * 1024,
+        stream_buffer_maxsize=64,
         consumer_auto_offset_reset="earliest",
     )
-    if app.conf.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE:
-        _flush_changelog_before_commit()
-    log.info(
-        "processor.configured",
-        app_id=app_id,
-        guarantee=app.conf.processing_guarantee.value,
-        commit_interval_ms=commit_ms,
-        partitions=settings.partitions,
-    )
+    run_dir = settings.state_dir / "run" / settings.namespace
+    txn_timeout = env_int(env, "FLASHSALE_TRANSACTION_TIMEOUT_MS", 60_000, 1_000, 900_000)
+    runtime = runtime_mod.BatchRuntime(names.sku_commands, _crash_recorder(run_dir), txn_timeout)
+    runtime_mod.install(app, runtime)
+    log.info("processor.configured", app_id=app_id, commit_interval_ms=commit_ms,
+             partitions=settings.partitions, max_batch=max_poll)  # fmt: skip
     raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes}
     raw |= {"key_serializer": "raw", "value_serializer": "raw"}
     n = settings.partitions
     commands = app.topic(names.sku_commands, partitions=n, **raw)
-    decisions_topic = app.topic(names.decisions, partitions=n, **raw)
-    dead_letters = app.topic(names.dead_letters, partitions=n, **raw)
-    decisions = app.Table(
-        SkuWriter.DECISIONS, partitions=n, key_type=str, value_type=bytes, options=ROCKSDB_OPTIONS
-    )
-    sales = app.Table(
-        SkuWriter.SALES, partitions=n, key_type=str, value_type=bytes, options=ROCKSDB_OPTIONS
-    )
-    tables = {SkuWriter.DECISIONS: decisions, SkuWriter.SALES: sales}
-    writer = SkuWriter(SchemaRegistry.load_default())
+    ledger = app.Table(LEDGER_TABLE, partitions=n, key_type=bytes, value_type=bytes,
+                       options=ROCKSDB_OPTIONS)  # fmt: skip
+    registry = SchemaRegistry.load_default()
+    writers: dict[int, PartitionWriter] = {}
 
-    # Under exactly-once Faust looks up the transactional producer by the *destination*
-    # topic's group, which only exists for consumed topics. Our outputs share the command
-    # topic's partitioning, so they belong to its group (and thus its transaction).
-    lookup = app.assignor.group_for_topic
+    async def _forget(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
+        for tp in revoked:  # reloaded from the (recovered) table if assigned again
+            if tp.topic == names.sku_commands:
+                writers.pop(tp.partition, None)
 
-    def group_for_topic(topic: str) -> int:
+    app.on_partitions_revoked.connect(_forget)  # type: ignore[arg-type]
+
+    async def writer_for(partition: int, first: int) -> PartitionWriter:
+        writer = writers.get(partition)
+        if writer is not None:
+            return writer
+        writer = PartitionWriter(registry, partition)
+        store = runtime_mod.RocksStoreReader(ledger, partition)
         try:
-            return lookup(topic)
-        except KeyError:
-            return lookup(names.sku_commands)
+            info = writer.load(store, first)
+            log.info("state.loaded", partition=partition, resume_at=first, **info)
+        except StateMissing as missing:
+            log.warning("state.rebuilding", partition=partition, reason=str(missing))
+            replayed = await asyncio.to_thread(
+                lambda: writer.rebuild(_replay(bootstrap, names.sku_commands, partition, first))
+            )
+            log.info("state.rebuilt", partition=partition, records=replayed)
+        writers[partition] = writer
+        return writer
 
-    app.assignor.group_for_topic = group_for_topic  # type: ignore[method-assign]
+    async def decide(partition: int, records: list[Any]) -> BatchResult:
+        """Decide a batch in memory (no output yet): a commit may run meanwhile."""
+        first = records[0].offset
+        writer = await writer_for(partition, first)
+        batch = writer.open_batch()
+        for i in range(0, len(records), CHUNK):
+            writer.decide(batch, records[i : i + CHUNK])
+            await asyncio.sleep(0)  # let the fetcher, the sender and a commit run
+        tp = TP(names.sku_commands, partition)
+        writer.close_batch(batch, first, runtime_mod.committed_offset(app, tp))
+        return batch
 
-    # A rebalance may move partitions: rebuild the ledgers from the tables before the next event.
-    async def _mark_stale(sender: Any, *args: Any, **kwargs: Any) -> None:
-        writer.stale = True
+    async def emit(partition: int, records: list[Any], batch: BatchResult) -> None:
+        """Send a decided batch's output and mark it processed (under the gate)."""
+        producer = runtime_mod.transactional_producer(app, names.sku_commands, partition)
+        decisions = batch.decisions
+        if runtime.fault is not None:  # tests: send half, make it visible, maybe fault
+            half = len(decisions) // 2
+            await _send(producer, names.decisions, partition, decisions[:half])
+            await producer.flush()
+            runtime.maybe_fault("mid-batch", partition, records[0].offset, records[-1].offset)
+            decisions = decisions[half:]
+        await _send(producer, names.decisions, partition, decisions)
+        if batch.dead_letters:
+            await _send_dead_letters(producer, names, partition, batch.dead_letters)
+        for key, value in batch.writes:
+            if value is None:
+                del ledger[key]  # a changelog tombstone, then a local delete
+            else:
+                ledger[key] = value
+        tp = TP(names.sku_commands, partition)
+        runtime.processed[tp] = records[-1].offset + 1
+        st = runtime.stats
+        st["batches"] += 1
+        st["records"] += len(records)
+        lag = time.time() - records[0].timestamp / 1000
+        st["fetch_lag_s_max"] = max(st["fetch_lag_s_max"], lag)
 
-    app.on_partitions_revoked.connect(_mark_stale)  # type: ignore[arg-type]
-    app.on_partitions_assigned.connect(_mark_stale)  # type: ignore[arg-type]
+    @app.task
+    async def watchdog() -> None:
+        await runtime.watchdog()
 
     @app.agent(commands, concurrency=1)
     async def decide_commands(stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
-            if writer.stale:
-                writer.rebuild(decisions.values(), sales.items())
             msg = event.message
-            out = writer.handle(msg.value, round(msg.timestamp * 1000))
-            for table, key, value in out.table_writes:
-                if value is None:
-                    # Unconditional: Faust sends the changelog tombstone before it touches
-                    # the store, and a RocksDB delete of an absent key is a no-op.
-                    del tables[table][key]
-                else:
-                    tables[table][key] = value
-            for sku, value in out.decisions:
-                await decisions_topic.send(key=sku.encode(), value=value, partition=msg.partition)
-            if out.dead_letter is not None:
-                dl = out.dead_letter
-                log.warning("record.dead_lettered", partition=msg.partition, offset=msg.offset,
-                            reason=dl.reason)  # fmt: skip
-                await dead_letters.send(
-                    key=msg.key,
-                    value=msg.value,
-                    partition=msg.partition,
-                    headers={
-                        "dlq.source.topic": msg.topic.encode(),
-                        "dlq.source.partition": str(msg.partition).encode(),
-                        "dlq.source.offset": str(msg.offset).encode(),
-                        "dlq.reason": dl.reason.encode(),
-                        "dlq.detail": dl.detail.encode()[:1000],
-                    },
-                )
+            records = msg.records
+            try:
+                batch = await decide(msg.partition, records)
+                async with runtime.gate:
+                    await emit(msg.partition, records, batch)
+            except asyncio.CancelledError:
+                runtime.abandoned = True  # stopping mid-batch: the commit must not run
+                raise
+            except BaseException as exc:  # crash-only: never let Faust ack or go on
+                writer = writers.get(msg.partition)
+                at = writer.position if writer is not None else records[0].offset
+                runtime.crash(f"{type(exc).__name__}: {exc}", msg.partition, at)
 
     return app
 
 
+async def _send(producer: Any, topic: str, partition: int, items: list[Any]) -> None:
+    """Send (key, value) items on the partition's transactional producer.
+
+    Many records go as whole producer batches (one append each, no future per record). A few
+    are appended to the batch already pending for the partition: aiokafka keeps one produce
+    request in flight per broker and ``send_batch`` waits until the previous batch left, so
+    sending every small batch on its own would cost a produce round trip each.
+    """
+    if len(items) < BATCH_SEND_MIN:
+        for key, value in items:
+            await producer.send(topic, value, key=key, partition=partition)
+        return
+    builder = producer.create_batch()
+    for key, value in items:
+        if builder.append(key=key, value=value, timestamp=None) is None:
+            await producer.send_batch(builder, topic, partition=partition)
+            builder = producer.create_batch()
+            builder.append(key=key, value=value, timestamp=None)
+    if builder.record_count():
+        await producer.send_batch(builder, topic, partition=partition)
+
+
+async def _send_dead_letters(
+    producer: Any, names: TopicNames, partition: int, dead: list[Any]
+) -> None:
+    for d in dead:
+        log.warning("record.dead_lettered", partition=partition, offset=d.offset, reason=d.reason)
+        headers = [
+            ("dlq.source.topic", names.sku_commands.encode()),
+            ("dlq.source.partition", str(partition).encode()),
+            ("dlq.source.offset", str(d.offset).encode()),
+            ("dlq.reason", d.reason.encode()),
+            ("dlq.detail", d.detail.encode()[:1000]),
+        ]
+        builder = producer.create_batch()
+        builder.append(key=d.key, value=d.value, timestamp=None, headers=headers)
+        await producer.send_batch(builder, names.dead_letters, partition=partition)
+
+
+def _replay(bootstrap: str, topic: str, partition: int, end: int) -> Any:
+    """Input records of one partition from offset 0 up to ``end`` (exclusive)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{topic}-replay",
+                         "enable.auto.commit": False, "log_level": 3})  # fmt: skip
+    consumer.assign([TopicPartition(topic, partition, 0)])
+    try:
+        done = False
+        while not done:
+            for m in consumer.consume(5000, 1.0):
+                offset = m.offset()
+                if m.error() or offset is None:
+                    continue
+                if offset >= end:
+                    done = True
+                    break
+                yield Replayed(offset, m.key(), m.value(), m.timestamp()[1])
+                done = offset + 1 >= end
+    finally:
+        consumer.close()
+
+
+def _crash_recorder(run_dir: Path) -> Any:
+    def record(partition: int | None, offset: int | None, reason: str) -> None:
+        try:
+            from infra.supervisor import record_crash
+        except ImportError:
+            return
+        record_crash(run_dir, "processor", -1 if partition is None else partition,
+                     -1 if offset is None else offset, reason)  # fmt: skip
+
+    return record
+
+
+def ensure_topics(settings: Settings, bootstrap: str) -> None:
+    """Create and verify every topic the worker reads or writes, its changelog included."""
+    from infra import provision
+
+    _, drift = provision.ensure_topics(bootstrap, catalogue(settings))
+    wrong = [d for d in drift if "partitions" in d]
+    if wrong:
+        raise SettingError("topics do not match the catalogue: " + "; ".join(wrong))
+
+
 def main(settings: Settings, bootstrap: str, loglevel: str = "warn") -> None:
-    """Run one inventory worker until SIGTERM/SIGINT."""
+    """Run one inventory worker until SIGTERM/SIGINT (or a crash: exit code 70)."""
+    runtime_mod.check_versions()
+    ensure_topics(settings, bootstrap)
     app = build_app(settings, bootstrap)
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker = runtime_mod.QuietWorker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from flashsale.settings import Settings
 
@@ -10,7 +11,12 @@ from flashsale.settings import Settings
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the `processor` command to the CLI."""
     p = sub.add_parser("processor", help="run one inventory worker (Faust) until stopped")
-    p.add_argument("--loglevel", default="warn", choices=["crit", "error", "warn", "info", "debug"])
+    p.add_argument(
+        "--loglevel",
+        default=os.environ.get("FLASHSALE_FAUST_LOGLEVEL", "warn"),
+        choices=["crit", "error", "warn", "info", "debug"],
+        help="Faust's own log level (FLASHSALE_FAUST_LOGLEVEL)",
+    )
     p.set_defaults(run=run)
 
 

@@ -4,12 +4,16 @@ The single writer of a SKU feeds every command from its SKU-keyed input partitio
 order, to ``decide``. Time is the broker's log-append time of the command, never a clock.
 ``decide`` mutates the ledger in place (the ledger is the writer's private state and copying
 it per intent would dominate the hot path) and returns the events to emit.
+
+An intent id decided once is remembered (as a member of a set, not its decision): a repeat
+of it, whether a client retry or a producer retry, yields no event at all, so the committed
+decision log holds exactly one decision per intent id.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Container
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -182,12 +186,12 @@ class SaleBook:
     remaining: int
     closed: bool = False
     bought: dict[str, int] = field(default_factory=dict)
-    decided: dict[str, Decision] = field(default_factory=dict)
-    returns: dict[str, UnitsReturned] = field(default_factory=dict)
-    # After settlement only digests of decided intent ids remain (8 bytes each, not a
-    # decision each): enough to recognise a repeat and never decide it differently.
+    decided: set[str] = field(default_factory=set)
+    returns: set[str] = field(default_factory=set)
+    # After settlement only digests of decided intent ids remain, kept by the writer on disk
+    # (``settled_digests`` answers ``in`` from there): enough to recognise a repeat.
     settled: bool = False
-    digests: frozenset[int] = frozenset()
+    settled_digests: Container[int] = frozenset()
 
 
 @dataclass(slots=True)
@@ -197,8 +201,8 @@ class SkuLedger:
     sku: str
     sequence: int = 0
     sales: dict[str, SaleBook] = field(default_factory=dict)
-    # UNKNOWN_SALE rejections, by intent id: they belong to no SaleBook.
-    orphans: dict[str, IntentRejected] = field(default_factory=dict)
+    # Intent ids rejected as UNKNOWN_SALE: they belong to no SaleBook.
+    orphans: set[str] = field(default_factory=set)
 
 
 class WrongLedger(ValueError):
@@ -216,21 +220,12 @@ def terms_problem(terms: SaleTerms) -> str | None:
     return None
 
 
-def _previous(ledger: SkuLedger, book: SaleBook | None, intent_id: str) -> Decision | None:
-    orphan = ledger.orphans.get(intent_id)
-    if orphan is not None:
-        return orphan
-    if book is not None:
-        found = book.decided.get(intent_id)
-        if found is not None:
-            return found
+def _known(ledger: SkuLedger, book: SaleBook | None, intent_id: str) -> bool:
+    if intent_id in ledger.orphans or (book is not None and intent_id in book.decided):
+        return True
     # Intent ids embed the sale, so only a forged or corrupted record reaches this loop with
-    # a known id; answering it with the first decision keeps "one decision per intent id".
-    for other in ledger.sales.values():
-        found = other.decided.get(intent_id)
-        if found is not None:
-            return found
-    return None
+    # a known id; treating it as a repeat keeps "one decision per intent id".
+    return any(intent_id in other.decided for other in ledger.sales.values())
 
 
 def _rule_fault(book: SaleBook, cmd: PlaceIntent, now: int) -> tuple[RejectionReason, str] | None:
@@ -261,10 +256,9 @@ def intent_digest(intent_id: str) -> int:
 
 def _place(ledger: SkuLedger, cmd: PlaceIntent, now: int) -> list[Event]:
     book = ledger.sales.get(cmd.sale_id)
-    previous = _previous(ledger, book, cmd.intent_id)
-    if previous is not None:
-        return [previous]
-    if book is not None and book.settled and intent_digest(cmd.intent_id) in book.digests:
+    if _known(ledger, book, cmd.intent_id):
+        return []  # a repeat: its one decision is already in the log
+    if book is not None and book.settled and intent_digest(cmd.intent_id) in book.settled_digests:
         return []  # decided before settlement: that decision stands, none is added
     seq = ledger.sequence + 1
     ledger.sequence = seq
@@ -281,7 +275,7 @@ def _place(ledger: SkuLedger, cmd: PlaceIntent, now: int) -> list[Event]:
             seq,
             now,
         )
-        ledger.orphans[cmd.intent_id] = orphan
+        ledger.orphans.add(cmd.intent_id)
         return [orphan]
     fault = _rule_fault(book, cmd, now)
     decision: Decision
@@ -312,7 +306,7 @@ def _place(ledger: SkuLedger, cmd: PlaceIntent, now: int) -> list[Event]:
             seq,
             now,
         )
-    book.decided[cmd.intent_id] = decision
+    book.decided.add(cmd.intent_id)
     return [decision]
 
 
@@ -320,9 +314,8 @@ def _return(ledger: SkuLedger, cmd: ReturnUnits, now: int) -> list[Event]:
     book = ledger.sales.get(cmd.sale_id)
     if book is None or cmd.quantity <= 0:
         return []
-    previous = book.returns.get(cmd.ref)
-    if previous is not None:
-        return [previous]
+    if cmd.ref in book.returns:
+        return []
     # Units out = allocation - remaining; never give back more than that.
     applied = min(cmd.quantity, book.terms.allocation - book.remaining)
     book.remaining += applied
@@ -330,7 +323,7 @@ def _return(ledger: SkuLedger, cmd: ReturnUnits, now: int) -> list[Event]:
     event = UnitsReturned(
         cmd.sale_id, cmd.sku, cmd.ref, applied, book.remaining, ledger.sequence, now
     )
-    book.returns[cmd.ref] = event
+    book.returns.add(cmd.ref)
     return [event]
 
 
@@ -341,23 +334,10 @@ def _settle(ledger: SkuLedger, cmd: SettleSale, now: int) -> list[Event]:
     if not (book.closed or now >= book.terms.ends_at_ms):
         return [SaleRejected(cmd.sale_id, cmd.sku, "sale still open: close it before settling")]
     forgotten = tuple(book.decided)
-    book.digests = frozenset(map(intent_digest, forgotten))
-    book.decided, book.bought, book.closed, book.settled = {}, {}, True, True
-    return [
-        SaleSettled(cmd.sale_id, cmd.sku, forgotten, book.digests, ledger.sequence, book.remaining)
-    ]
-
-
-def settle_book(
-    ledger: SkuLedger, sale_id: str, digests: frozenset[int], sequence: int, remaining: int
-) -> None:
-    """Restore a settled sale from what ``SaleSettled`` said to keep (after a restart)."""
-    book = ledger.sales.get(sale_id)
-    if book is None:
-        return
-    book.decided, book.bought, book.closed, book.settled = {}, {}, True, True
-    book.digests, book.remaining = digests, remaining
-    ledger.sequence = max(ledger.sequence, sequence)
+    digests = frozenset(map(intent_digest, forgotten))
+    book.settled_digests = digests
+    book.decided, book.bought, book.closed, book.settled = set(), {}, True, True
+    return [SaleSettled(cmd.sale_id, cmd.sku, forgotten, digests, ledger.sequence, book.remaining)]
 
 
 def _open(ledger: SkuLedger, cmd: OpenSale) -> list[Event]:
@@ -378,10 +358,9 @@ def _open(ledger: SkuLedger, cmd: OpenSale) -> list[Event]:
 def decide(ledger: SkuLedger, command: Command, log_time_ms: int) -> list[Event]:
     """Apply ``command`` (stamped with broker log time) to ``ledger``; return events to emit.
 
-    PlaceIntent yields exactly one decision; a repeated intent id yields the very same
-    decision object again and changes nothing (for a settled sale, whose decisions were
-    forgotten, a repeat yields nothing: its one decision stands). OpenSale with identical
-    terms is a no-op; with other or invalid terms it changes nothing and yields a
+    PlaceIntent yields exactly one decision for a new intent id; a repeated intent id yields
+    nothing and changes nothing (its one decision stands), settled sale or not. OpenSale with
+    identical terms is a no-op; with other or invalid terms it changes nothing and yields a
     ``SaleRejected``. CloseSale (idempotent) and unknown-sale CloseSale/ReturnUnits yield
     nothing. SettleSale of a closed or ended sale yields ``SaleSettled`` once.
     """
@@ -406,38 +385,3 @@ def decide(ledger: SkuLedger, command: Command, log_time_ms: int) -> list[Event]
 def order_id_for(intent_id: str) -> str:
     """Deterministic order id of an accepted intent."""
     return "ord-" + intent_id
-
-
-def ledger_from_decisions(
-    sku: str,
-    sales: Iterable[SaleTerms],
-    closed: Iterable[str],
-    decisions: Iterable[Sequenced],
-) -> SkuLedger:
-    """Rebuild a ledger from persisted sale terms, closed sale ids and sequenced events."""
-    ledger = SkuLedger(sku)
-    for terms in sales:
-        decide(ledger, OpenSale(terms), 0)
-    for sale_id in closed:
-        book = ledger.sales.get(sale_id)
-        if book is not None:
-            book.closed = True
-    for event in sorted(decisions, key=lambda e: e.sequence):
-        ledger.sequence = max(ledger.sequence, event.sequence)
-        book = ledger.sales.get(event.sale_id)
-        if isinstance(event, IntentRejected) and (
-            book is None or event.reason is RejectionReason.UNKNOWN_SALE
-        ):
-            ledger.orphans[event.intent_id] = event
-        elif book is None:
-            continue  # a sequenced event for a sale we have no terms for: nothing to rebuild
-        elif isinstance(event, IntentAccepted):
-            book.remaining -= event.quantity
-            book.bought[event.user_id] = book.bought.get(event.user_id, 0) + event.quantity
-            book.decided[event.intent_id] = event
-        elif isinstance(event, IntentRejected):
-            book.decided[event.intent_id] = event
-        else:
-            book.remaining += event.quantity
-            book.returns[event.ref] = event
-    return ledger

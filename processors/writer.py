@@ -1,192 +1,383 @@
-"""The single writer of a SKU partition, without Faust: bytes in, records and table writes out.
+"""The single writer of one input partition, without Faust: batches in, records and state out.
 
-The Faust agent (processors/app.py) is a thin shell around ``SkuWriter.handle``. Keeping this
-free of Faust makes the hot path measurable and testable in-process.
+The Faust agent (processors/app.py) is a thin shell around ``PartitionWriter.handle_batch``.
+Keeping this free of Faust makes the hot path measurable and testable in-process.
 """
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
+from processors import state_layout as layout
 from processors.decision import (
+    CloseSale,
+    Command,
     Decision,
     IntentAccepted,
     IntentRejected,
+    OpenSale,
+    PlaceIntent,
     SaleRejected,
     SaleSettled,
-    SaleTerms,
     SkuLedger,
     decide,
-    ledger_from_decisions,
-    settle_book,
 )
-from processors.records import command_from_record, from_record, terms_from_record, to_record
-from producers.identity import decision_event_id
+from processors.hot_codec import DecisionEncoder
+from processors.records import command_from_record
 from schemas.codec import SchemaRegistry, UndecodableRecord
 
 log = structlog.get_logger("processors.writer")
 
 PRODUCER = "flashsale-inventory"
 INPUT_RECORDS = frozenset({"SaleOpened", "SaleClosed", "SaleSettled", "PurchaseIntent"})
-_SEP = "\x1f"
-# A settled sale's digests are stored in chunks that stay well below Kafka's 1 MB record.
-_DIGESTS_PER_CHUNK = 60_000
-_HEADER = struct.Struct(">qi")  # sequence, remaining
+# A checkpoint replaces the deltas once this many were written since the last one.
+CHECKPOINT_EVERY = 2_000
 
 
-def pack_settled(event: SaleSettled) -> list[bytes]:
-    """Chunks to persist for a settled sale: header + sorted 8-byte digests."""
-    digests = sorted(event.digests)
-    chunks = [
-        b"".join(d.to_bytes(8, "big") for d in digests[i : i + _DIGESTS_PER_CHUNK])
-        for i in range(0, max(len(digests), 1), _DIGESTS_PER_CHUNK)
-    ]
-    chunks[0] = _HEADER.pack(event.sequence, event.remaining) + chunks[0]
-    return chunks
+class InputRecord(Protocol):
+    """What the writer needs of a consumed record (aiokafka's ConsumerRecord has these)."""
+
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def timestamp(self) -> int:
+        """Broker log-append time, epoch ms."""
+        ...
 
 
-def unpack_settled(chunks: list[bytes]) -> tuple[int, int, frozenset[int]]:
-    """(sequence, remaining, digests) from the chunks written by ``pack_settled``."""
-    sequence, remaining = _HEADER.unpack_from(chunks[0])
-    blob = chunks[0][_HEADER.size :] + b"".join(chunks[1:])
-    digests = frozenset(int.from_bytes(blob[i : i + 8], "big") for i in range(0, len(blob), 8))
-    return sequence, remaining, digests
+@dataclass(frozen=True)
+class Replayed:
+    """An input record re-read for a rebuild (same attributes as ``InputRecord``)."""
+
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: int
 
 
 @dataclass(frozen=True)
 class DeadLetter:
     """A record that cannot be processed, with the reason for the dead-letter topic."""
 
+    offset: int
+    key: bytes | None
+    value: bytes | None
     reason: str
     detail: str
 
 
 @dataclass
-class Outcome:
-    """What handling one input record produced."""
+class BatchResult:
+    """What handling one batch produced, in input order."""
 
-    decisions: list[tuple[str, bytes]] = field(default_factory=list)  # (sku key, value)
-    # (table, key, value); a None value deletes the key.
-    table_writes: list[tuple[str, str, bytes | None]] = field(default_factory=list)
-    dead_letter: DeadLetter | None = None
-    redelivered: int = 0  # decisions that were already known (duplicates / replays)
+    decisions: list[tuple[bytes, bytes]] = field(default_factory=list)  # (SKU key, value)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    writes: list[tuple[bytes, bytes | None]] = field(default_factory=list)  # None deletes
+    repeats: int = 0  # intents already decided earlier in the log: no second decision
+    checkpoint: bool = False
+    touched: _Touched | None = None
 
 
-class SkuWriter:
-    """Holds every assigned SKU's ledger in memory, rebuilt from the tables when stale.
+class StateMissing(RuntimeError):
+    """The store lacks state for records the group already committed: rebuild by replay."""
 
-    Persistence is one table entry per decided intent (the exact decision bytes) plus one
-    per sale (terms) and per closed sale; the in-memory ledgers are derived from those.
-    """
 
-    DECISIONS = "decisions"
-    SALES = "sales"
+class PartitionWriter:
+    """Every SKU ledger of one input partition, loaded from and persisted to its store."""
 
-    def __init__(self, registry: SchemaRegistry) -> None:
+    def __init__(self, registry: SchemaRegistry, partition: int) -> None:
         self._registry = registry
-        self._ledgers: dict[str, SkuLedger] = {}
-        self.stale = True
+        self._encoder = DecisionEncoder(registry, PRODUCER)
+        self.partition = partition
+        self.ledgers: dict[str, SkuLedger] = {}
+        self._checkpoint_at: int | None = None  # offset of the latest checkpoint written
+        self._deltas_since = 0
+        # Keys the state currently rests on (latest checkpoint + deltas since), and keys
+        # superseded by a checkpoint, deletable once that checkpoint's offset is committed.
+        self._live: list[bytes] = []
+        self._garbage: list[tuple[int, list[bytes]]] = []
+        self._force_checkpoint = False
+        self._has_layout = False
+        # Sales settled while replaying for a rebuild: their digests go out with the
+        # checkpoint that follows it (a rebuild emits nothing itself).
+        self._replayed_settlements: list[tuple[SaleSettled, int]] = []
+        self.position = -1  # offset of the record being decided (named when a crash hits)
 
-    # -- state ----------------------------------------------------------------------------
-    def rebuild(
-        self, decisions: Iterable[bytes], sales: Iterable[tuple[str, bytes]]
-    ) -> dict[str, SkuLedger]:
-        """Rebuild every ledger from the tables' contents (after start or a rebalance)."""
-        terms: dict[str, list[SaleTerms]] = {}
-        closed: dict[str, list[str]] = {}
-        settled: dict[tuple[str, str], dict[int, bytes]] = {}
-        for key, value in sales:
-            parts = key.split(_SEP)
-            if len(parts) == 3:  # sale_id, sku, "closed"
-                closed.setdefault(parts[1], []).append(parts[0])
-            elif len(parts) == 4:  # sale_id, sku, "settled", chunk number
-                settled.setdefault((parts[0], parts[1]), {})[int(parts[3])] = value
-            else:
-                _, record = self._registry.decode(value)
-                t = terms_from_record(record)
-                terms.setdefault(t.sku, []).append(t)
-        by_sku: dict[str, list[Decision]] = {}
-        for value in decisions:
-            name, record = self._registry.decode(value)
-            d = from_record(name, record)
-            by_sku.setdefault(d.sku, []).append(d)
-        skus = set(terms) | set(by_sku)
-        self._ledgers = {
-            sku: ledger_from_decisions(
-                sku, terms.get(sku, []), closed.get(sku, []), by_sku.get(sku, [])
+    # -- loading ----------------------------------------------------------------------
+    def load(self, store: layout.StoreReader, first_offset: int) -> dict[str, int]:
+        """Fold the committed state; discard what transactions at/after ``first_offset`` left.
+
+        ``first_offset`` is where consumption resumes, i.e. the committed input position.
+        Raises StateMissing when records before it were committed but the store has no state.
+        """
+        stale: list[bytes] = []
+        checkpoints: list[bytes] = []
+        for key in store.keys_from(b"C/"):
+            (stale if layout.key_offset(key) >= first_offset else checkpoints).append(key)
+        base = max((layout.key_offset(k) for k in checkpoints), default=None)
+        ledgers: dict[str, SkuLedger] = {}
+        garbage = [k for k in checkpoints if layout.key_offset(k) != base]
+        folded = 0
+        live: list[bytes] = [layout.offset_key(b"C", base)] if base is not None else []
+        for kind in (b"S/", b"D/"):
+            for key in store.keys_from(kind):
+                offset = layout.key_offset(key)
+                if offset >= first_offset:
+                    stale.append(key)
+                elif base is not None and (offset < base or (kind == b"S/" and offset != base)):
+                    garbage.append(key)
+                else:
+                    value = store.get(key)
+                    if value is not None:
+                        layout.fold(ledgers, value)
+                        live.append(key)
+                        folded += 1
+        # The marker has no offset, so a batch that never committed may have left it; the
+        # batch writing it also writes a checkpoint (close_batch), so only a marker with a
+        # committed checkpoint is proof of state.
+        has_layout = store.get(layout.LAYOUT_KEY) == layout.LAYOUT and base is not None
+        settled = self._attach_settled(store, ledgers, first_offset, stale)
+        # Discarded even when state is missing: a rebuild must not fold them in later.
+        for key in stale:
+            store.discard(key)
+        if first_offset > 0 and not has_layout:
+            raise StateMissing(
+                f"partition {self.partition}: input committed up to offset {first_offset} "
+                "but the store holds no state in layout "
+                f"{layout.LAYOUT.decode()} (new disk, lost changelog or an older layout)"
             )
-            for sku in skus
-        }
-        for (sale_id, sku), chunks in settled.items():
-            sequence, remaining, digests = unpack_settled([chunks[i] for i in sorted(chunks)])
-            settle_book(self.ledger(sku), sale_id, digests, sequence, remaining)
-        self.stale = False
-        log.info("writer.rebuilt", skus=len(skus), decisions=sum(map(len, by_sku.values())))
-        return self._ledgers
+        self.ledgers = ledgers
+        self._checkpoint_at = base
+        self._live = live
+        self._deltas_since = sum(1 for k in live if k.startswith(b"D/"))
+        self._garbage = [(base, garbage)] if garbage and base is not None else []
+        self._has_layout = has_layout
+        return {"chunks_folded": folded, "discarded": len(stale), "settled_sales": settled,
+                "skus": len(ledgers)}  # fmt: skip
 
-    def ledger(self, sku: str) -> SkuLedger:
-        """The ledger of one SKU (created empty on first use)."""
-        ledger = self._ledgers.get(sku)
-        if ledger is None:
-            ledger = self._ledgers[sku] = SkuLedger(sku)
-        return ledger
+    def _attach_settled(
+        self,
+        store: layout.StoreReader,
+        ledgers: dict[str, SkuLedger],
+        first_offset: int,
+        stale: list[bytes],
+    ) -> int:
+        n = 0
+        for key in store.keys_from(b"Z/"):
+            if not key.endswith(b"/h"):
+                continue
+            value = store.get(key)
+            if value is None:
+                continue
+            offset, chunks = layout.decode_header(value)
+            prefix = key[:-1]
+            if offset >= first_offset:
+                stale.append(key)  # its chunks are rewritten identically when redone
+                continue
+            sku, sale_id = key[2:-2].decode().split("\x1f", 1)
+            book = ledgers.get(sku, SkuLedger(sku)).sales.get(sale_id)
+            if book is not None and book.settled:
+                book.settled_digests = layout.SettledDigests(store, prefix, chunks)
+                n += 1
+        return n
 
-    # -- hot path -------------------------------------------------------------------------
-    def handle(self, value: bytes | None, log_time_ms: int) -> Outcome:
-        """Decode one input record, decide, and say what to emit and persist."""
-        out = Outcome()
-        if value is None:
-            out.dead_letter = DeadLetter("empty-value", "record has no value")
-            return out
-        try:
-            name, record = self._registry.decode(value)
-        except UndecodableRecord as exc:
-            out.dead_letter = DeadLetter(exc.reason, exc.message)
-            return out
-        if name not in INPUT_RECORDS:
-            out.dead_letter = DeadLetter("wrong-schema", f"{name} does not belong on this topic")
-            return out
-        command = command_from_record(name, record)
-        ledger = self.ledger(command.sku)
-        before = ledger.sequence
-        events = decide(ledger, command, log_time_ms)
-        if name == "SaleOpened" and not events:
-            out.table_writes.append((self.SALES, f"{record['sale_id']}{_SEP}{command.sku}", value))
-        elif name == "SaleClosed":
-            key = f"{record['sale_id']}{_SEP}{command.sku}{_SEP}closed"
-            out.table_writes.append((self.SALES, key, b"1"))
-        for event in events:
-            if isinstance(event, IntentAccepted | IntentRejected):
-                encoded = self.encode_decision(event)
-                out.decisions.append((event.sku, encoded))
-                # Re-written even when known: a write lost with an aborted transaction or a
-                # killed worker is restored, and rewriting identical bytes is harmless.
-                out.table_writes.append((self.DECISIONS, event.intent_id, encoded))
-                if ledger.sequence == before:  # nothing new was decided: a repeat
-                    out.redelivered += 1
-            elif isinstance(event, SaleSettled):
-                base = f"{event.sale_id}{_SEP}{event.sku}{_SEP}settled{_SEP}"
-                for n, chunk in enumerate(pack_settled(event)):
-                    out.table_writes.append((self.SALES, f"{base}{n}", chunk))
-                out.table_writes += [(self.DECISIONS, i, None) for i in event.forgotten]
-                log.info("sale.settled", sale_id=event.sale_id, sku=event.sku,
-                         forgotten=len(event.forgotten))  # fmt: skip
-            elif isinstance(event, SaleRejected):
-                log.warning(
-                    "sale.rejected", sale_id=event.sale_id, sku=event.sku, detail=event.detail
-                )
+    def rebuild(self, records: Iterable[InputRecord]) -> int:
+        """Decide ``records`` (input offsets 0..committed) again without emitting anything."""
+        self.ledgers = {}
+        self._replayed_settlements = []
+        n = 0
+        for record in records:
+            self._decide_one(record, None, None)
+            n += 1
+        self._force_checkpoint = True
+        self._checkpoint_at, self._garbage, self._live = None, [], []
+        return n
+
+    # -- hot path ---------------------------------------------------------------------
+    def handle_batch(self, records: Sequence[InputRecord], committed: int | None) -> BatchResult:
+        """Decide a whole batch and persist it (``open_batch`` + ``decide`` + ``close_batch``)."""
+        batch = self.open_batch()
+        self.decide(batch, records)
+        self.close_batch(batch, records[0].offset, committed)
+        return batch
+
+    def open_batch(self) -> BatchResult:
+        """Start a batch; feed it with ``decide`` in chunks, then ``close_batch``."""
+        out = BatchResult()
+        out.touched = _Touched()
         return out
+
+    def decide(self, batch: BatchResult, records: Iterable[InputRecord]) -> None:
+        """Decide records in log order, appending decisions and dead letters to ``batch``."""
+        touched = batch.touched
+        for record in records:
+            self._decide_one(record, batch, touched)
+
+    def close_batch(self, batch: BatchResult, first: int, committed: int | None) -> None:
+        """Append the state writes persisting the batch that started at input offset ``first``.
+
+        ``committed`` is the input offset the group last committed (for garbage collection).
+        """
+        touched = batch.touched
+        assert touched is not None
+        if not self._has_layout:
+            batch.writes.append((layout.LAYOUT_KEY, layout.LAYOUT))
+            self._has_layout = True
+            self._force_checkpoint = True  # the marker counts only with a checkpoint (load)
+        checkpoint = (
+            self._force_checkpoint or touched.settled or (self._deltas_since >= CHECKPOINT_EVERY)
+        )
+        if checkpoint:
+            self._write_checkpoint(first, committed, batch)
+        elif touched.skus:
+            ops = touched.ops(self.ledgers)
+            for n, chunk in enumerate(layout.chunk_ops(ops)):
+                key = layout.offset_key(b"D", first, n)
+                batch.writes.append((key, chunk))
+                self._live.append(key)
+            self._deltas_since += 1
+
+    def _write_checkpoint(self, first: int, committed: int | None, out: BatchResult) -> None:
+        ops: list[list[Any]] = []
+        for ledger in self.ledgers.values():
+            ops += layout.ledger_ops(ledger)
+        chunks = layout.chunk_ops(ops)
+        written = [(layout.offset_key(b"S", first, n), c) for n, c in enumerate(chunks)]
+        written.append((layout.offset_key(b"C", first), b"%d" % len(chunks)))
+        out.writes += written
+        for event, offset in self._replayed_settlements:
+            self._settle(event, offset, out)
+        self._replayed_settlements = []
+        # What a checkpoint supersedes may be deleted once that checkpoint's transaction is
+        # committed (its offset is below the committed input offset); until then a crash
+        # falls back to the older checkpoint and the deltas after it.
+        if self._live:
+            self._garbage.append((first, self._live))
+        self._live = [k for k, _ in written]
+        keep: list[tuple[int, list[bytes]]] = []
+        for valid_after, keys in self._garbage:
+            if committed is not None and valid_after < committed:
+                out.writes += [(k, None) for k in keys]
+            else:
+                keep.append((valid_after, keys))
+        self._garbage = keep
+        self._force_checkpoint = False
+        self._deltas_since = 0
+        out.checkpoint = True
+        self._checkpoint_at = first
+
+    def _command(self, record: InputRecord, out: BatchResult | None) -> Command | None:
+        """The record's command, or None after dead-lettering it (when ``out`` is given)."""
+        value = record.value
+        reason, detail = "empty-value", "record has no value"
+        if value is not None:
+            try:
+                name, rec = self._registry.decode(value)
+            except UndecodableRecord as exc:
+                reason, detail = exc.reason, exc.message
+            else:
+                if name in INPUT_RECORDS:
+                    return command_from_record(name, rec)
+                reason, detail = "wrong-schema", f"{name} does not belong on this topic"
+        if out is not None:
+            out.dead_letters.append(DeadLetter(record.offset, record.key, value, reason, detail))
+        return None
+
+    def _decide_one(
+        self, record: InputRecord, out: BatchResult | None, touched: _Touched | None
+    ) -> None:
+        self.position = record.offset
+        command = self._command(record, out)
+        if command is None:
+            return
+        sku = command.sku
+        ledger = self.ledgers.get(sku)
+        if ledger is None:
+            ledger = self.ledgers[sku] = SkuLedger(sku)
+        is_new_sale = type(command) is OpenSale and command.terms.sale_id not in ledger.sales
+        events = decide(ledger, command, record.timestamp)
+        if touched is None or out is None:
+            self._replayed_settlements += [
+                (e, record.offset) for e in events if type(e) is SaleSettled
+            ]
+            return
+        if type(command) is PlaceIntent and not events:
+            out.repeats += 1
+            return
+        if is_new_sale and command.terms.sale_id in ledger.sales:  # type: ignore[union-attr]
+            touched.book(sku, command.terms.sale_id, new=True)  # type: ignore[union-attr]
+        elif type(command) is CloseSale and command.sale_id in ledger.sales:
+            touched.book(sku, command.sale_id)
+        for event in events:
+            if type(event) is IntentAccepted or type(event) is IntentRejected:
+                out.decisions.append((sku.encode(), self.encode_decision(event)))
+                touched.decided(sku, event, event.sale_id in ledger.sales)
+            elif type(event) is SaleSettled:
+                self._settle(event, record.offset, out)
+                touched.settled = True
+            elif type(event) is SaleRejected:
+                log.warning("sale.rejected", sale_id=event.sale_id, sku=event.sku,
+                            detail=event.detail)  # fmt: skip
+
+    def _settle(self, event: SaleSettled, offset: int, out: BatchResult) -> None:
+        prefix = layout.settled_prefix(event.sku, event.sale_id)
+        chunks = layout.pack_digests(event.digests)
+        out.writes += [(prefix + b"%04d" % n, c) for n, c in enumerate(chunks)]
+        out.writes.append((prefix + b"h", layout.encode_header(offset, len(chunks))))
+        log.info("sale.settled", sale_id=event.sale_id, sku=event.sku,
+                 forgotten=len(event.forgotten))  # fmt: skip
 
     def encode_decision(self, event: Decision) -> bytes:
         """Deterministic bytes: the same decision always encodes identically."""
-        record: dict[str, Any] = to_record(event)
-        record["event_id"] = decision_event_id(event.intent_id)
-        record["correlation_id"] = event.intent_id
-        record["producer"] = PRODUCER
-        record["occurred_at"] = event.decided_at
-        return self._registry.encode(type(event).__name__, record)
+        return self._encoder.encode(event)
+
+
+_BookChange = tuple[list[bool], list[str], set[str]]  # [is new], new intent ids, users
+
+
+class _Touched:
+    """What one batch changed, to write as a delta."""
+
+    __slots__ = ("books", "orphans", "settled", "skus")
+
+    def __init__(self) -> None:
+        self.skus: set[str] = set()
+        self.orphans: dict[str, list[str]] = {}
+        # (sku, sale) -> [is new, new intent ids, users whose bought count changed]
+        self.books: dict[tuple[str, str], tuple[list[bool], list[str], set[str]]] = {}
+        self.settled = False
+
+    def book(self, sku: str, sale_id: str, new: bool = False) -> _BookChange:
+        self.skus.add(sku)
+        entry = self.books.get((sku, sale_id))
+        if entry is None:
+            entry = self.books[sku, sale_id] = ([new], [], set())
+        elif new:
+            entry[0][0] = True
+        return entry
+
+    def decided(self, sku: str, event: Decision, in_book: bool) -> None:
+        if not in_book:
+            self.skus.add(sku)
+            self.orphans.setdefault(sku, []).append(event.intent_id)
+            return
+        _, ids, users = self.book(sku, event.sale_id)
+        ids.append(event.intent_id)
+        if type(event) is IntentAccepted:
+            users.add(event.user_id)
+
+    def ops(self, ledgers: dict[str, SkuLedger]) -> list[list[Any]]:
+        ops: list[list[Any]] = [[layout.SEQ, sku, ledgers[sku].sequence] for sku in self.skus]
+        ops += [[layout.ORPHANS, sku, ids] for sku, ids in self.orphans.items()]
+        for (sku, sale_id), (new, ids, users) in self.books.items():
+            book = ledgers[sku].sales[sale_id]
+            ops += layout.book_ops(sku, sale_id, book, terms=new[0], ids=ids, users=users)
+        return ops

@@ -45,9 +45,13 @@ class Pipeline:
 
 
 def start_pipeline(
-    settings: Settings, endpoints: Endpoints, uid: str, extra_env: dict[str, str] | None = None
+    settings: Settings,
+    endpoints: Endpoints,
+    uid: str,
+    extra_env: dict[str, str] | None = None,
+    start_processor: bool = True,
 ) -> Pipeline:
-    """Provision a namespace's topics and start its processor and projector."""
+    """Provision a namespace's topics and start its processor (unless told not to) and projector."""
     ns = f"t-{uid}"
     s = dataclasses.replace(settings, namespace=ns)
     provision.ensure_topics(endpoints.bootstrap, catalogue(s))
@@ -59,6 +63,15 @@ def start_pipeline(
     }
     processor = Service("processor", s)
     projector = Service("projector", s)
-    processor.start(env)
+    if start_processor:
+        processor.start(env)
     projector.start(env)
     return Pipeline(s, endpoints, processor, projector, env)
+
+
+def partition_of(sku: str, partitions: int) -> int:
+    """The partition a SKU's records land on (murmur2, as every producer of ours uses)."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    parts = list(range(partitions))
+    return int(DefaultPartitioner()(sku.encode(), parts, parts))

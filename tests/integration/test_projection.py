@@ -7,6 +7,7 @@ own sale ids; comparisons look only at those sale ids' rows.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
@@ -23,9 +24,9 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from flashsale.settings import REPO_ROOT
-from flashsale.topics import DEAD_LETTERS, DECISIONS, SKU_COMMANDS, TopicNames
-from infra import migrate
+from flashsale.settings import REPO_ROOT, Settings
+from flashsale.topics import DEAD_LETTERS, TopicNames, catalogue
+from infra import migrate, provision
 from infra.stack import Endpoints
 from projections.postgres import PostgresProjector, reset
 from schemas.codec import encode
@@ -34,9 +35,18 @@ T0 = 1_760_000_000_000
 REASONS = ("USER_LIMIT", "ORDER_MAX_EXCEEDED", "SALE_ENDED")
 
 
+# Tests never write into the default namespace: this module's log has its own topics.
+NAMESPACE = "t-projection"
+NAMES = TopicNames.of(dataclasses.replace(Settings.from_env({}), namespace=NAMESPACE))
+SKU_COMMANDS, DECISIONS = NAMES.sku_commands, NAMES.decisions
+
+
 @pytest.fixture(scope="module", autouse=True)
-def migrated(endpoints: Endpoints) -> None:
+def migrated(endpoints: Endpoints, settings: Settings) -> None:
     migrate.apply(endpoints.dsn)
+    provision.ensure_topics(
+        endpoints.bootstrap, catalogue(dataclasses.replace(settings, namespace=NAMESPACE))
+    )
 
 
 # -- building the log ----------------------------------------------------------------------
@@ -222,6 +232,7 @@ def project(endpoints: Endpoints, name: str, sale_id: str, timeout: float = 30) 
         endpoints.dsn,
         name=name,
         group_id=f"{name}-{uuid.uuid4().hex[:6]}",
+        topics=NAMES,
         only_sales={sale_id},
     )
     try:
@@ -285,6 +296,7 @@ def test_projector_killed_mid_backlog_resumes_without_loss_or_double_count(
             "KAFKA_BOOTSTRAP_SERVERS": endpoints.bootstrap,
             "DATABASE_URL": endpoints.dsn,
             "FLASHSALE_LOG_FORMAT": "json",
+            "FLASHSALE_NAMESPACE": NAMESPACE,
         }
         with (tmp_path / f"{log_name}.log").open("wb") as out:
             return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=out)

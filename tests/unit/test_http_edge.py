@@ -195,7 +195,7 @@ def terms(**over) -> SkuTerms:
         starts_at=NOW - timedelta(minutes=1), ends_at=NOW + timedelta(hours=1),
         closed=False, remaining=10,
     )  # fmt: skip
-    return SkuTerms(**{**base, **over})  # type: ignore[arg-type]
+    return SkuTerms(**{**base, **over})
 
 
 def test_hopeless_is_exactly_nothing_remaining():

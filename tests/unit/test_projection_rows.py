@@ -12,7 +12,7 @@ ENVELOPE = {"event_id": "e1", "correlation_id": None, "producer": "t", "occurred
 
 
 def accepted(intent: str, seq: int, **kw: object) -> dict:
-    r = {
+    r: dict[str, object] = {
         **ENVELOPE,
         "intent_id": intent,
         "sale_id": "s1",

@@ -1,89 +1,108 @@
-"""SkuWriter, the processor's shell without Faust: bytes in, deterministic bytes out."""
+"""PartitionWriter, the processor's shell without Faust: batches of bytes in, bytes out."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from processors.writer import SkuWriter
+from processors.decision import OpenSale, PlaceIntent, SaleTerms
+from processors.writer import PartitionWriter
 from producers.crowd import plan_crowd
-from schemas.codec import SchemaRegistry
+from tests.unit.writer_fakes import (
+    REGISTRY,
+    InputLog,
+    MemoryStore,
+    assert_same_state,
+    loaded,
+    persist,
+)
 
-REG = SchemaRegistry.load_default()
 NOW = 1_800_000_000_000
+TERMS = SaleTerms("s", "A", allocation=2, per_user_limit=5, per_order_max=5,
+                  starts_at_ms=NOW - 1, ends_at_ms=NOW + 60_000)  # fmt: skip
 
 
-def env(i: int | str) -> dict[str, Any]:
-    return {"event_id": f"e{i}", "correlation_id": None, "producer": "t", "occurred_at": NOW}
+def sale_log(intents: int, quantity: int = 1) -> InputLog:
+    log = InputLog()
+    log.add(OpenSale(TERMS), NOW)
+    for i in range(intents):
+        log.add(PlaceIntent(f"i{i}", f"u{i}", "s", "A", quantity), NOW)
+    return log
 
 
-def opened(allocation: int = 2) -> bytes:
-    return REG.encode("SaleOpened", {**env("o"), "sale_id": "s", "sku": "A",
-                                     "allocation": allocation, "per_user_limit": 5,
-                                     "per_order_max": 5, "starts_at": NOW - 1,
-                                     "ends_at": NOW + 60_000})  # fmt: skip
+def test_a_redelivered_intent_gets_no_second_decision_and_is_counted_as_a_repeat() -> None:
+    log = sale_log(1)
+    log.add(PlaceIntent("i0", "u0", "s", "A", 1), NOW + 5)
+    writer = PartitionWriter(REGISTRY, 0)
+
+    first = writer.handle_batch(log.between(0, 2), None)
+    again = writer.handle_batch(log.between(2, 3), 2)
+
+    assert len(first.decisions) == 1 and first.repeats == 0
+    assert again.decisions == [] and again.repeats == 1
+    assert again.writes == [], "a repeat changes no state"
 
 
-def intent(i: int, quantity: int = 1) -> bytes:
-    return REG.encode("PurchaseIntent", {**env(i), "intent_id": f"i{i}", "idempotency_key": "k",
-                                         "user_id": f"u{i}", "sale_id": "s", "sku": "A",
-                                         "quantity": quantity})  # fmt: skip
+def test_decisions_are_keyed_by_sku_and_encoded_as_the_registry_would() -> None:
+    writer = PartitionWriter(REGISTRY, 0)
+    [(key, value)] = writer.handle_batch(sale_log(1).records, None).decisions
+    name, record = REGISTRY.decode(value)
+    assert key == b"A" and name == "IntentAccepted"
+    assert (record["intent_id"], record["order_id"], record["remaining"]) == ("i0", "ord-i0", 1)
+    assert (record["correlation_id"], record["decided_at"], record["occurred_at"]) == (
+        "i0",
+        NOW,
+        NOW,
+    )
 
 
-def fresh() -> SkuWriter:
-    w = SkuWriter(REG)
-    w.stale = False
-    return w
+def test_a_batch_decided_in_chunks_is_the_same_as_one_handle_batch() -> None:
+    log = sale_log(6)
+    whole = PartitionWriter(REGISTRY, 0).handle_batch(log.records, None)
+    writer = PartitionWriter(REGISTRY, 0)
+    batch = writer.open_batch()
+    for start in range(0, 7, 2):
+        writer.decide(batch, log.between(start, start + 2))
+    writer.close_batch(batch, 0, None)
+    assert (batch.decisions, batch.writes) == (whole.decisions, whole.writes)
 
 
-def test_redelivered_intent_gets_byte_identical_decision_and_is_counted():
-    w = fresh()
-    w.handle(opened(), NOW)
-    first = w.handle(intent(1), NOW)
-    again = w.handle(intent(1), NOW + 5)
-    assert first.redelivered == 0 and again.redelivered == 1
-    assert first.decisions == again.decisions
-    assert again.table_writes == first.table_writes  # rewritten identically
+def test_decisions_after_a_load_continue_byte_identically() -> None:
+    log = sale_log(3)
+    for i in (1, 9):
+        log.add(PlaceIntent(f"i{i}", f"u{i}", "s", "A", 1), NOW + 1)
+    writer, store = PartitionWriter(REGISTRY, 0), MemoryStore()
+    persist(writer, store, log.between(0, 2))
+    persist(writer, store, log.between(2, 4), committed=2)
+
+    resumed = loaded(store, 4)
+    assert_same_state(resumed.ledgers, writer.ledgers)
+    tail = log.between(4, 6)
+    assert resumed.handle_batch(tail, 4).decisions == writer.handle_batch(tail, 4).decisions
 
 
-def test_decisions_rebuilt_from_tables_continue_identically():
-    w = fresh()
-    w.handle(opened(allocation=2), NOW)
-    table: dict[str, bytes] = {}
-    sales: dict[str, bytes] = {}
-    for i in range(3):
-        out = w.handle(intent(i), NOW)
-        for name, key, value in out.table_writes:
-            (table if name == SkuWriter.DECISIONS else sales)[key] = value
-    sales.update({k: v for n, k, v in fresh().handle(opened(2), NOW).table_writes})
-    rebuilt = SkuWriter(REG)
-    rebuilt.rebuild(table.values(), sales.items())
-    assert rebuilt.handle(intent(1), NOW).decisions == w.handle(intent(1), NOW).decisions
-    assert rebuilt.handle(intent(9), NOW).decisions == w.handle(intent(9), NOW).decisions
+def test_a_rebuild_by_replay_gives_the_live_state_and_persists_it_whole() -> None:
+    log = sale_log(5)
+    live = PartitionWriter(REGISTRY, 0)
+    live.handle_batch(log.between(0, 4), None)
+    expected = live.handle_batch(log.between(4, 6), 4)
+
+    rebuilt, store = PartitionWriter(REGISTRY, 0), MemoryStore()
+    assert rebuilt.rebuild(log.between(0, 4)) == 4
+    result = persist(rebuilt, store, log.between(4, 6), committed=4)
+
+    assert result.checkpoint, "the replayed state is written whole"
+    assert result.decisions == expected.decisions
+    assert_same_state(rebuilt.ledgers, live.ledgers)
+    assert_same_state(loaded(store, 6).ledgers, live.ledgers)
 
 
-def test_bad_records_are_dead_letters_with_reasons():
-    w = fresh()
-    assert w.handle(b"\x00garbage", NOW).dead_letter.reason == "bad-magic"  # type: ignore[union-attr]
-    assert w.handle(None, NOW).dead_letter.reason == "empty-value"  # type: ignore[union-attr]
-    accepted = REG.encode("IntentAccepted", {**env(1), "intent_id": "i", "sale_id": "s",
-                                             "sku": "A", "user_id": "u", "quantity": 1,
-                                             "order_id": "o", "remaining": 0, "sequence": 1,
-                                             "decided_at": NOW})  # fmt: skip
-    out = w.handle(accepted, NOW)
-    assert out.dead_letter is not None and out.dead_letter.reason == "wrong-schema"
-    assert out.decisions == [] and out.table_writes == []
-
-
-def test_negative_quantity_is_a_rule_fault_not_a_dead_letter():
-    w = fresh()
-    w.handle(opened(), NOW)
-    out = w.handle(intent(1, quantity=-2), NOW)
-    assert out.dead_letter is None
-    name, record = REG.decode(out.decisions[0][1])
+def test_negative_quantity_is_a_rule_fault_not_a_dead_letter() -> None:
+    writer = PartitionWriter(REGISTRY, 0)
+    result = writer.handle_batch(sale_log(1, quantity=-2).records, None)
+    assert result.dead_letters == []
+    name, record = REGISTRY.decode(result.decisions[0][1])
     assert name == "IntentRejected" and record["reason"] == "INVALID_QUANTITY"
 
 
-def test_demo_crowd_contains_its_stressors():
+def test_demo_crowd_contains_its_stressors() -> None:
     plan = plan_crowd(["A", "B", "C"], intents=20_000, users=5_000)
     assert len(plan.intents) == 20_000
     assert plan.retries == sum(1 for p in plan.intents if p.retry) > 0

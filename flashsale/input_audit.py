@@ -1,0 +1,119 @@
+"""Every input offset accounted for, computed from the topics alone.
+
+For each record of the command topic (up to the end offsets seen at the start): a purchase
+intent whose id appears here for the first time must have exactly one decision in the
+committed decision log; a later record with the same intent id is a *repeat* and must add no
+decision; a record that cannot be decoded must be in the dead-letter topic under its source
+partition and offset; sale commands (open, close, settle) need no decision. Nothing here
+shares code or state with the processor.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from flashsale.topics import TopicNames
+from schemas.codec import SchemaRegistry, UndecodableRecord
+
+
+@dataclass
+class InputAccount:
+    """What the log says about every input offset (optionally of one sale only)."""
+
+    inputs: int = 0  # records read from the command topic
+    decided: int = 0  # first occurrences of an intent id, each with its one decision
+    repeats: int = 0  # later occurrences of a decided intent id, with no decision of their own
+    dead_lettered: int = 0
+    sale_commands: int = 0
+    unaccounted: list[tuple[int, int]] = field(default_factory=list)  # (partition, offset)
+    extra_decisions: list[str] = field(default_factory=list)  # intent ids with > 1 decision
+    orphan_decisions: list[str] = field(default_factory=list)  # decisions nobody asked for
+
+    @property
+    def holds(self) -> bool:
+        """Every offset accounted for, exactly one decision per intent id, none invented."""
+        return not (self.unaccounted or self.extra_decisions or self.orphan_decisions)
+
+
+def _read(bootstrap: str, topic: str, committed_only: bool, timeout: float) -> list:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"audit-{uuid.uuid4().hex}",
+                         "enable.auto.commit": False, "log_level": 3,
+                         "isolation.level": "read_committed" if committed_only
+                         else "read_uncommitted"})  # fmt: skip
+    try:
+        parts = list(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                for p in parts}  # fmt: skip
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        out: list = []
+        pending = {p for p, end in ends.items() if end > 0}
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            for msg in consumer.consume(5000, 0.5):
+                if msg.error():
+                    continue
+                out.append(msg)
+                if (msg.offset() or 0) + 1 >= ends[msg.partition() or 0]:
+                    pending.discard(msg.partition() or 0)
+            if committed_only:  # transaction markers: the last offsets are not records
+                for p in list(pending):
+                    position = consumer.position([TopicPartition(topic, p)])[0].offset
+                    if position >= ends[p]:
+                        pending.discard(p)
+        return out
+    finally:
+        consumer.close()
+
+
+def account(
+    bootstrap: str, names: TopicNames, sale_id: str | None = None, timeout: float = 60.0
+) -> InputAccount:
+    """Account for every command-topic offset against the decisions and dead letters."""
+    registry = SchemaRegistry.load_default()
+    decisions: Counter[str] = Counter()
+    for msg in _read(bootstrap, names.decisions, True, timeout):
+        try:
+            _, record = registry.decode(msg.value() or b"")
+        except UndecodableRecord:
+            continue
+        if sale_id is None or record.get("sale_id") == sale_id:
+            decisions[record["intent_id"]] += 1
+    dead = set()
+    for msg in _read(bootstrap, names.dead_letters, True, timeout):
+        h = dict(msg.headers() or [])
+        if h.get("dlq.source.topic", b"").decode() == names.sku_commands:
+            dead.add((int(h["dlq.source.partition"]), int(h["dlq.source.offset"])))
+    acc = InputAccount()
+    asked: set[str] = set()
+    for msg in _read(bootstrap, names.sku_commands, False, timeout):
+        where = (msg.partition() or 0, msg.offset() or 0)
+        try:
+            name, record = registry.decode(msg.value() or b"")
+        except UndecodableRecord:
+            name, record = "", {}
+        if name and sale_id is not None and record.get("sale_id") != sale_id:
+            continue
+        acc.inputs += 1
+        if name == "PurchaseIntent":
+            intent = record["intent_id"]
+            if intent in asked:
+                acc.repeats += 1
+            elif decisions[intent] >= 1:
+                acc.decided += 1
+            else:
+                acc.unaccounted.append(where)
+            asked.add(intent)
+        elif name in ("SaleOpened", "SaleClosed", "SaleSettled"):
+            acc.sale_commands += 1
+        elif where in dead:
+            acc.dead_lettered += 1
+        else:
+            acc.unaccounted.append(where)
+    acc.extra_decisions = sorted(i for i, n in decisions.items() if n > 1)
+    acc.orphan_decisions = sorted(i for i in decisions if i not in asked)
+    return acc

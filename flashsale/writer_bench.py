@@ -1,0 +1,273 @@
+"""How fast one inventory worker decides, on the real broker: the scenarios of `make bench`.
+
+Every scenario runs in its own namespace (topics, consumer groups, RocksDB directory), which
+is deleted afterwards. Figures are measured, never asserted:
+
+* decisions/s: decisions in the log over the span from the first to the last decision's
+  broker timestamp (one worker, exactly-once, ``FLASHSALE_COMMIT_INTERVAL_MS``);
+* CPU µs per decision: the worker's (and the broker's) user+system CPU over that span,
+  read from /proc, divided by the decisions;
+* latency: an open-loop offered rate; decision seen by a read_committed consumer minus the
+  intent's broker log-append time (the decision carries it as ``decided_at``);
+* restart: a worker stopped with N decided intents in its state, started again; time until
+  the decision of one new intent is visible (keeping RocksDB, then from an empty disk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from flashsale.settings import Settings, env_int
+from flashsale.topics import TopicNames, catalogue
+from infra import provision
+from infra.services import Service
+from producers.commands import CommandProducer, SkuAllocation
+from schemas.codec import SchemaRegistry
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of a process so far (0 when it is gone)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+    except (FileNotFoundError, IndexError):
+        return 0.0
+
+
+def peak_rss_mb(pid: int | None) -> float | None:
+    """VmHWM of a process in MiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (FileNotFoundError, TypeError):
+        return None
+    return None
+
+
+class Namespace:
+    """A private namespace for one scenario: topics, a producer, a worker, clean-up."""
+
+    def __init__(self, settings: Settings, tag: str, broker_pid: int | None) -> None:
+        ns = f"bench-{tag}-{uuid.uuid4().hex[:6]}"
+        self.settings = dataclasses.replace(settings, namespace=ns)
+        self.bootstrap = settings.kafka_bootstrap
+        self.names = TopicNames.of(self.settings)
+        self.broker_pid = broker_pid
+        provision.ensure_topics(self.bootstrap, catalogue(self.settings))
+        self.producer = CommandProducer(self.bootstrap, "bench", topic=self.names.sku_commands)
+        self.worker = Service("processor", self.settings)
+        self.env = {
+            "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
+            "FLASHSALE_INFRA": "external",
+            "DATABASE_URL": settings.database_url,
+            "FLASHSALE_LOG_LEVEL": "WARNING",
+        }
+
+    def open_sale(self, skus: list[str], allocation: int, per_user: int) -> None:
+        now = int(time.time() * 1000)
+        allocations = [SkuAllocation(k, allocation, per_user, 1) for k in skus]
+        self.producer.open_sale("bench", allocations, now - 1000, now + 3_600_000)
+
+    def intents(self, n: int, skus: list[str], users: int, prefix: str = "k") -> None:
+        futures = []
+        for i in range(n):
+            futures.append(self.producer.submit_intent(
+                "bench", skus[i % len(skus)], f"u{i % users}", 1, f"{prefix}{i}")[1])  # fmt: skip
+            if len(futures) >= 20_000:
+                self.producer.wait(futures)
+                futures = []
+        self.producer.wait(futures)
+
+    def start(self) -> None:
+        self.worker.start(env=self.env)
+
+    def drop(self) -> None:
+        """Stop the worker, delete the namespace's topics and RocksDB directory."""
+        self.worker.stop()
+        self.producer.close()
+        admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
+        names = [t.name for t in catalogue(self.settings)]
+        for fut in admin.delete_topics(names, operation_timeout=30).values():
+            with contextlib.suppress(Exception):  # already gone: nothing to tidy
+                fut.result()
+        shutil.rmtree(self.datadir, ignore_errors=True)
+        shutil.rmtree(self.settings.state_dir / "run" / self.settings.namespace, ignore_errors=True)
+
+    @property
+    def datadir(self) -> Path:
+        return self.settings.state_dir / "processor" / f"{self.settings.namespace}-inventory"
+
+
+class DecisionReader:
+    """A read_committed consumer of the decision topic: counts, stamps, latencies."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self._c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4()}",
+                            "isolation.level": "read_committed", "enable.auto.commit": False,
+                            # librdkafka waits up to 500 ms per empty fetch by default: that
+                            # would be measured as decision latency.
+                            "fetch.wait.max.ms": 10, "log_level": 3})  # fmt: skip
+        parts = self._c.list_topics(topic, timeout=10).topics[topic].partitions
+        self._c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        self._registry = SchemaRegistry.load_default()
+        self.count = 0
+        self.first_ms: int | None = None
+        self.last_ms: int | None = None
+        self.latencies: list[float] = []
+
+    def poll(self, timeout: float = 0.2, latency: bool = False) -> int:
+        msgs = [m for m in self._c.consume(10_000, timeout) if not m.error()]
+        now = time.time() * 1000
+        for m in msgs:
+            stamp = m.timestamp()[1]
+            self.first_ms = stamp if self.first_ms is None else self.first_ms
+            self.last_ms = stamp
+            if latency:
+                self.latencies.append(
+                    now - self._registry.decode(m.value() or b"")[1]["decided_at"]
+                )
+        self.count += len(msgs)
+        return len(msgs)
+
+    def wait(self, n: int, timeout: float, on_first: Callable[[], None] | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while self.count < n and time.monotonic() < deadline:
+            had = self.count
+            self.poll()
+            if had == 0 and self.count and on_first is not None:
+                on_first()
+
+    def close(self) -> None:
+        self._c.close()
+
+
+def backlog(settings: Settings, broker_pid: int | None, n: int, skus: int, mix: str) -> dict:
+    """n intents already in the topic, then one fresh worker decides them all."""
+    ns = Namespace(settings, f"{mix}-{skus}", broker_pid)
+    try:
+        names = [f"sku-{i:04d}" for i in range(skus)]
+        users = max(1, n // 4)
+        if mix == "accept-heavy":  # every intent is accepted: every decision decrements stock
+            ns.open_sale(names, allocation=n // skus + 1, per_user=n)
+        else:  # oversubscribed: one unit in ten finds stock
+            ns.open_sale(names, allocation=max(1, n // (10 * skus)), per_user=2)
+        ns.intents(n, names, users)
+        reader = DecisionReader(ns.bootstrap, ns.names.decisions)
+        ns.start()
+        cpu: dict[str, float] = {}
+
+        def mark() -> None:
+            cpu["worker0"] = cpu_seconds(ns.worker.pid())
+            cpu["broker0"] = cpu_seconds(broker_pid)
+
+        reader.wait(n, 600, on_first=mark)
+        worker_cpu = cpu_seconds(ns.worker.pid()) - cpu.get("worker0", 0.0)
+        broker_cpu = cpu_seconds(broker_pid) - cpu.get("broker0", 0.0)
+        peak = peak_rss_mb(ns.worker.pid())
+        reader.close()
+        span = ((reader.last_ms or 0) - (reader.first_ms or 0)) / 1000
+        decided = reader.count
+        return {
+            "intents": n, "skus": skus, "mix": mix, "decisions": decided,
+            "seconds_first_to_last": round(span, 2),
+            "decisions_per_s": round(decided / span) if span > 0 else None,
+            "worker_cpu_us_per_decision": round(worker_cpu / decided * 1e6, 1) if decided else None,
+            "broker_cpu_us_per_decision": round(broker_cpu / decided * 1e6, 1) if decided else None,
+            "worker_peak_rss_mb": peak,
+        }  # fmt: skip
+    finally:
+        ns.drop()
+
+
+def latency(settings: Settings, broker_pid: int | None, rate: int, seconds: int) -> dict:
+    """Open loop: ``rate`` intents/s for ``seconds`` to a running worker (100 SKUs)."""
+    ns = Namespace(settings, "latency", broker_pid)
+    try:
+        names = [f"sku-{i}" for i in range(100)]
+        total = rate * seconds
+        ns.open_sale(names, allocation=total, per_user=total)
+        reader = DecisionReader(ns.bootstrap, ns.names.decisions)
+        ns.start()
+        ns.intents(1, names, 1, prefix="warm")  # the worker has joined once this is decided
+        reader.wait(1, 120)
+        stop = threading.Event()
+
+        def read() -> None:  # its own thread: polling between sends would add to the latency
+            while not stop.is_set() and reader.count < total + 1:
+                reader.poll(0.05, latency=True)
+
+        watcher = threading.Thread(target=read, daemon=True)
+        watcher.start()
+        t0 = time.monotonic()
+        futures = []
+        for i in range(total):
+            delay = t0 + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            sku = names[i % 100]
+            futures.append(ns.producer.submit_intent("bench", sku, f"u{i}", 1, f"k{i}")[1])
+        ns.producer.wait(futures)
+        offered = total / (time.monotonic() - t0)
+        watcher.join(timeout=60)
+        stop.set()
+        watcher.join()
+        reader.close()
+        lat = sorted(reader.latencies[1:]) or [float("nan")]
+        q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [lat[0]] * 99
+        return {"offered_per_s": round(offered), "decided": len(lat),
+                "latency_ms_p50": round(q[49], 1), "latency_ms_p99": round(q[98], 1),
+                "latency_ms_max": round(lat[-1], 1)}  # fmt: skip
+    finally:
+        ns.drop()
+
+
+def restart(settings: Settings, broker_pid: int | None, n: int) -> dict:
+    """Time from start to a new decision with n decided intents in state: kept, then wiped."""
+    ns = Namespace(settings, "restart", broker_pid)
+    try:
+        skus = [f"sku-{i:04d}" for i in range(100)]
+        ns.open_sale(skus, allocation=n, per_user=n)
+        ns.intents(n, skus, max(1, n // 4))
+        reader = DecisionReader(ns.bootstrap, ns.names.decisions)
+        ns.start()
+        reader.wait(n, 1800)
+        peak = peak_rss_mb(ns.worker.pid())
+        out: dict[str, Any] = {"decided_intents_in_state": reader.count, "worker_peak_rss_mb": peak}
+        for label, wipe in (("keeping_rocksdb", False), ("from_empty_disk", True)):
+            ns.worker.stop()
+            if wipe:
+                shutil.rmtree(ns.datadir, ignore_errors=True)
+            had = reader.count
+            t0 = time.monotonic()
+            ns.start()
+            ns.intents(1, skus, 1, prefix=f"after-{label}-")
+            reader.wait(had + 1, 600)
+            out[f"restart_to_first_decision_s_{label}"] = round(time.monotonic() - t0, 2)
+            out[f"worker_peak_rss_mb_{label}"] = peak_rss_mb(ns.worker.pid())
+        reader.close()
+        return out
+    finally:
+        ns.drop()
+
+
+def commit_interval_ms() -> int:
+    """The commit interval the worker runs with (its setting, or the default)."""
+    return env_int(os.environ, "FLASHSALE_COMMIT_INTERVAL_MS", 100, 1, 60_000)

@@ -1,0 +1,454 @@
+"""Every touch of Faust's internals, in one place: a batch transport and a crash-only worker.
+
+faust-streaming is pinned (``FAUST_VERSION``) and checked at start-up: the subclasses and
+patches below were written against that version's source and are wrong for any other.
+
+What the writer needs from Faust, and where Faust falls short:
+
+* **One event per fetched partition batch** (``BatchConsumer.getmany``). Faust delivers one
+  event per record through a conductor, a channel and a stream; at ~50 µs of Python per
+  record that alone caps a worker far below our target. The batch transport hands the agent
+  one event per partition per fetch, carrying the raw aiokafka records. Changelog topics (table
+  recovery) keep Faust's per-record path.
+* **Offsets committed only for whole processed batches** (``BatchConsumer._new_offset``).
+  Faust acks an event when the agent moves on *or crashes* (``_execute_actor`` restarts the
+  actor at N+1, ``streams.pyx`` acks N in a ``finally``), so a record whose processing raised
+  was committed as done. For batch topics the committable offset is ``BatchRuntime.processed``,
+  set by the agent only after a batch's decisions were sent and its state written.
+* **A transaction per set of whole batches** (``GatedTransactionManager.commit``). Faust's
+  commit timer may fire while the agent is between two awaits of a batch; the commit then
+  holds part of a batch's output with the offsets of the batch before it, and a crash repeats
+  that output (the 186 byte-identical repeats seen after a SIGKILL). The commit waits on
+  ``BatchRuntime.gate``, which the agent holds for a whole batch.
+* **Crash-only.** Faust swallows ``ProducerFenced`` in ``begin_transaction`` and crashes the
+  app into a state where it stays up doing nothing. Here any service crash, a failed commit
+  and any unexpected exception in the agent log partition, offset and reason and exit the
+  process at once (``os._exit``) without committing: the open transaction aborts and the
+  records are redelivered to the replacement the supervisor starts.
+
+The commit protocol (``GatedTransactionManager.commit``), in steps:
+
+1. Wait for the batch gate: no batch is half-processed while we commit. Take each
+   partition's offset to commit *now*, under the gate (Faust computed its offsets before
+   waiting; a batch finished meanwhile is in the transaction and its offset must be too).
+2. If a batch was abandoned half-way (the agent was cancelled mid-batch), exit without
+   committing.
+3. Flush the changelog records queued so far (Faust's transactional commit does not), so a
+   batch's state writes are in the same transaction as its offsets.
+4. For every partition's transactional producer at once: send the processed offsets, commit
+   the transaction, begin the next one (aiokafka sends queued decision batches before EndTxn).
+5. Any error in 3-4 (fenced, timed out, broker gone): exit without committing further.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+import traceback
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiokafka
+import faust
+import mode
+import structlog
+from faust.tables import recovery as faust_recovery
+from faust.transport.consumer import TransactionManager
+from faust.transport.drivers import TRANSPORTS
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP, ConsumerMessage, Message
+
+log = structlog.get_logger("processors.runtime")
+
+FAUST_VERSION = "0.15.3"
+AIOKAFKA_VERSION = "0.14.0"
+SCHEME = "flashsale-batch"
+CRASH_EXIT = 70
+FETCH_MAX_WAIT_MS = 20
+RECOVERY_IDLE_S = 0.5
+PROGRESS_EVERY_S = 10.0
+
+
+class UnsupportedFaust(RuntimeError):
+    """The installed faust-streaming/aiokafka is not the version this module was written for."""
+
+
+def check_versions() -> None:
+    """Refuse to run on a Faust or aiokafka this module was not written against."""
+    found = (faust.__version__, aiokafka.__version__)
+    if found != (FAUST_VERSION, AIOKAFKA_VERSION):
+        raise UnsupportedFaust(
+            f"processors/faust_runtime.py patches faust-streaming {FAUST_VERSION} with aiokafka "
+            f"{AIOKAFKA_VERSION}, found faust-streaming {found[0]} with aiokafka {found[1]}; "
+            f"install the pinned versions (pip install -e .) or review the patches first"
+        )
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A test-only fault (``FLASHSALE_FAULT=action:point:partition:offset``)."""
+
+    action: str  # raise | kill
+    # mid-batch: after some of a batch's decisions were sent; before-commit: the batch was
+    # processed and flushed, its commit not yet made; after-commit: in the batch right after
+    # the commit that covered the offset.
+    point: str
+    partition: int
+    offset: int
+    origin: str = ""  # the configured point, when re-armed as another (after-commit)
+
+    @classmethod
+    def from_env(cls, raw: str | None) -> Fault | None:
+        """Parse the fault spec, or None when unset."""
+        if not raw:
+            return None
+        try:
+            action, point, partition, offset = raw.split(":")
+            fault = cls(action, point, int(partition), int(offset))
+        except ValueError:
+            fault = None
+        ok = fault and fault.action in ("raise", "kill") and fault.point in (
+            "mid-batch", "before-commit", "after-commit")  # fmt: skip
+        if not ok:
+            raise ValueError(
+                f"FLASHSALE_FAULT={raw!r}: want ACTION:POINT:PARTITION:OFFSET, ACTION raise|kill,"
+                " POINT mid-batch|before-commit|after-commit"
+            )
+        return fault
+
+    def fire(self) -> None:
+        """Do the fault: SIGKILL this process, or raise."""
+        log.warning("fault.injected", action=self.action, point=self.origin or self.point,
+                    partition=self.partition, offset=self.offset)  # fmt: skip
+        if self.action == "kill":
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected fault at {self.point} {self.partition}:{self.offset}")
+
+
+class BatchRuntime:
+    """What the agent and the patched transport share: the gate, progress and crash exit."""
+
+    def __init__(
+        self,
+        batch_topic: str,
+        on_crash: Callable[[int | None, int | None, str], None],
+        transaction_timeout_ms: int = 60_000,
+    ) -> None:
+        self.batch_topic = batch_topic
+        self.transaction_timeout_ms = transaction_timeout_ms
+        self.gate = asyncio.Lock()
+        self.processed: dict[TP, int] = {}  # next offset to commit, per batch-topic partition
+        self.abandoned = False
+        self.fault = Fault.from_env(os.environ.get("FLASHSALE_FAULT"))
+        self._on_crash = on_crash
+        self.committed: dict[TP, int] = {}
+        self.last_commit = time.monotonic()
+        # Counters logged every PROGRESS_EVERY_S as processor.progress (an operator's pulse).
+        self.stats = {"batches": 0, "records": 0, "commits": 0, "commit_s": 0.0,
+                      "gate_wait_s": 0.0, "fetch_lag_s_max": 0.0}  # fmt: skip
+
+    def stalled_for(self) -> float:
+        """Seconds since the last commit while work waits to be committed, else 0.
+
+        Past the transaction timeout the broker has aborted our transaction (a pause, a hung
+        send): nothing this process still holds can commit, so the watchdog exits it.
+        """
+        busy = self.gate.locked() or any(
+            offset > self.committed.get(tp, -1) for tp, offset in self.processed.items()
+        )
+        return time.monotonic() - self.last_commit if busy else 0.0
+
+    async def watchdog(self) -> None:
+        """Exit when no commit succeeded for a transaction timeout while work was pending."""
+        limit = self.transaction_timeout_ms / 1000
+        next_report = time.monotonic() + PROGRESS_EVERY_S
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            if time.monotonic() >= next_report:
+                next_report += PROGRESS_EVERY_S
+                st, self.stats = self.stats, dict.fromkeys(self.stats, 0)
+                n = st["commits"] or 1
+                log.info("processor.progress", batches=st["batches"], records=st["records"],
+                         commits=st["commits"], commit_ms=round(st["commit_s"] / n * 1000, 1),
+                         gate_wait_ms=round(st["gate_wait_s"] / n * 1000, 1),
+                         fetch_lag_ms_max=round(st["fetch_lag_s_max"] * 1000, 1))  # fmt: skip
+            stalled = self.stalled_for()
+            if stalled > limit:
+                self.crash(f"stalled: no commit for {stalled:.1f} s with work pending "
+                           f"(transaction timeout {limit:g} s)")  # fmt: skip
+            if not stalled:
+                self.last_commit = time.monotonic()
+
+    def crash(self, reason: str, partition: int | None = None, offset: int | None = None) -> None:
+        """Log, record the crash for the supervisor, and exit now without committing."""
+        try:
+            log.error("processor.crashed", partition=partition, offset=offset, reason=reason)
+            self._on_crash(partition, offset, reason)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(CRASH_EXIT)
+
+    def maybe_fault(self, point: str, partition: int, first: int, last: int) -> None:
+        """Fire the configured fault if it targets this point and offset range."""
+        f = self.fault
+        hit = f is not None and (f.point, f.partition) == (point, partition)
+        if f is not None and hit and first <= f.offset <= last:
+            self.fault = None
+            f.fire()
+
+    def after_commit(self, offsets: Any) -> None:
+        """Re-arm an after-commit fault to fire in the first batch after this commit."""
+        f = self.fault
+        if f is None or f.point != "after-commit":
+            return
+        for tp, offset in offsets.items():
+            if tp.topic == self.batch_topic and tp.partition == f.partition and offset > f.offset:
+                self.fault = Fault(f.action, "mid-batch", f.partition, offset, f.point)
+
+
+def runtime_of(app: Any) -> BatchRuntime:
+    """The BatchRuntime installed on ``app``."""
+    return app.flashsale_runtime
+
+
+class BatchMessage(ConsumerMessage):
+    """One fetched batch of a partition: ``records`` are aiokafka ConsumerRecords."""
+
+    records: list[Any]
+
+
+class BatchConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's consumer thread with a short broker fetch wait.
+
+    Faust hard-codes ``fetch_max_wait_ms=1500``, and aiokafka keeps one fetch in flight per
+    broker: a fetch sent while the hot partition still had buffered records covers only the
+    idle partitions, the broker holds it 1.5 s, and the hot partition's next fetch waits
+    behind it. Measured: ~1.2 s idle after every 6,000 records (under 6,000 decisions/s).
+    """
+
+    def _create_worker_consumer(self, transport: Any) -> aiokafka.AIOKafkaConsumer:
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
+        return consumer
+
+
+class BatchConsumer(faust_aiokafka.Consumer):
+    """aiokafka consumer delivering one message per partition batch for the batch topic."""
+
+    def _new_consumer_thread(self) -> BatchConsumerThread:
+        return BatchConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:
+        """Like Faust's, but batch-topic partitions yield one ``BatchMessage`` per fetch."""
+        records, active = await self._wait_next_records(timeout)
+        if records is None or self.should_stop:
+            return
+        if not self.flow_active:
+            await self.perform_seek()
+            return
+        batch_topic = runtime_of(self.app).batch_topic
+        generation = self.app.consumer_generation_id
+        for tp, recs in records.items():
+            if not self.flow_active or self.app.consumer_generation_id != generation:
+                break
+            if active is not None and tp not in active and tp not in self._buffered_partitions:
+                continue
+            if tp.topic == batch_topic:
+                if recs:
+                    yield tp, self._batch_message(tp, recs, generation)
+            else:
+                for record in recs:
+                    yield tp, self._to_message(tp, record)
+
+    def _batch_message(self, tp: TP, recs: list[Any], generation: int) -> BatchMessage:
+        last = recs[-1]
+        msg = BatchMessage(tp.topic, tp.partition, last.offset, last.timestamp / 1000.0,
+                           last.timestamp_type, None, None, b"", None, 0, 0, tp,
+                           generation_id=generation)  # fmt: skip
+        msg.records = recs
+        return msg
+
+    def _new_offset(self, tp: TP) -> int | None:
+        if tp.topic != runtime_of(self.app).batch_topic:
+            return super()._new_offset(tp)
+        self._acked[tp].clear()
+        self._acked_index[tp].clear()
+        return runtime_of(self.app).processed.get(tp)
+
+    async def _add_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:
+        # Consecutive batch messages look like gaps to Faust; their offsets are ours to track.
+        if tp.topic != runtime_of(self.app).batch_topic:
+            await super()._add_gap(tp, offset_from, offset_to)
+
+
+class GatedTransactionManager(TransactionManager):
+    """Faust's transaction manager, committing only whole batches (steps in the module doc)."""
+
+    async def commit(self, offsets: Any, start_new_transaction: bool = True) -> bool:
+        """Commit processed offsets with everything the batches before them produced."""
+        runtime = runtime_of(self.app)
+        asked = time.monotonic()
+        async with runtime.gate:  # step 1
+            began = time.monotonic()
+            if runtime.abandoned:  # step 2
+                runtime.crash("a batch was abandoned half-way; not committing it")
+            # Faust computed ``offsets`` before we got the gate; batches finished since then
+            # have output in these transactions, so their offsets must be committed with it.
+            offsets = {
+                tp: runtime.processed.get(tp, offset) if tp.topic == runtime.batch_topic else offset
+                for tp, offset in offsets.items()
+            }
+            try:
+                buffer = self.app.producer.buffer  # step 3
+                await buffer.flush_atmost(buffer.size)
+                by_tid: dict[str, dict[TP, int]] = defaultdict(dict)
+                for tp, offset in offsets.items():
+                    group = self.app.assignor.group_for_topic(tp.topic)
+                    by_tid[f"{self.app.conf.id}-{group}-{tp.partition}"][tp] = offset
+                if runtime.fault is not None:  # tests: make the work in flight visible first
+                    await self.producer.flush()
+                    for tp, offset in offsets.items():
+                        if tp.topic == runtime.batch_topic:
+                            runtime.maybe_fault("before-commit", tp.partition, 0, offset - 1)
+                # step 4: every partition's transaction at once (Faust commits them one by
+                # one: with 6 partitions that held the gate 6 round trips long, ~50 ms).
+                await asyncio.gather(*(
+                    self._commit_one(tid, offs, start_new_transaction)
+                    for tid, offs in by_tid.items()
+                ))  # fmt: skip
+            except Exception as exc:  # step 5
+                runtime.crash(f"commit failed: {type(exc).__name__}: {exc}")
+            runtime.last_commit = done = time.monotonic()
+            runtime.committed.update(offsets)
+            st = runtime.stats
+            st["commits"] += 1
+            st["commit_s"] += done - began
+            st["gate_wait_s"] += began - asked
+            runtime.after_commit(offsets)
+        return True
+
+    async def _commit_one(self, tid: str, offsets: dict[TP, int], begin_next: bool) -> None:
+        producer: Any = self.producer
+        txn = producer._transaction_producers.get(tid)
+        if txn is None:
+            raise RuntimeError(f"no transactional producer {tid} (fenced or stopped)")
+        async with producer._trn_locks[tid]:
+            await txn.send_offsets_to_transaction(offsets, self.app.conf.id)
+            await txn.commit_transaction()
+            if begin_next:
+                await txn.begin_transaction()
+
+
+class BoundedTransactionProducer(faust_aiokafka.Producer):
+    """Faust's producer with our transaction timeout (Faust leaves aiokafka's 60 s).
+
+    A worker paused past this timeout (SIGSTOP, a long GC, a frozen VM) has its transaction
+    aborted by the broker and its producer epoch bumped: its next commit fails as fenced and
+    the runtime exits, instead of a zombie committing late.
+    """
+
+    def _settings_extra(self) -> Any:
+        extra = dict(super()._settings_extra())
+        extra["transaction_timeout_ms"] = runtime_of(self.app).transaction_timeout_ms
+        return extra
+
+
+class BatchTransport(faust_aiokafka.Transport):
+    """The aiokafka transport with the batch consumer and the gated transaction manager."""
+
+    Consumer = BatchConsumer
+    Producer = BoundedTransactionProducer
+    TransactionManager = GatedTransactionManager
+
+
+class _RecoveryAsyncio:
+    """``asyncio`` as seen by faust/tables/recovery.py, with a short changelog idle wait.
+
+    Under exactly-once every changelog partition ends in a transaction marker, which is never
+    delivered as a record, so Faust's recovery only sees it has reached the end after two idle
+    waits of ``asyncio.wait_for(changelog_queue.get(), timeout=5.0)`` (recovery.py, the
+    ``detect_aborted_tx`` path): 10 s added to every start. The cap makes that ~2 x 0.5 s;
+    the end is still only declared when the consumer's position has passed the highwater.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+    @staticmethod
+    async def wait_for(aw: Any, timeout: float | None) -> Any:
+        capped = timeout if timeout is None else min(timeout, RECOVERY_IDLE_S)
+        return await asyncio.wait_for(aw, capped)
+
+
+def install(app: faust.App, runtime: BatchRuntime) -> None:
+    """Register the transport (``flashsale-batch://``), attach the runtime, make crashes exit."""
+    check_versions()
+    faust_recovery.asyncio = _RecoveryAsyncio()  # type: ignore[assignment]
+    TRANSPORTS.data[SCHEME] = f"{__name__}:BatchTransport"  # Faust's own transport registry
+    app.flashsale_runtime = runtime  # type: ignore[attr-defined]
+
+    async def crash(self: mode.Service, reason: BaseException) -> None:
+        # mode.Service.crash would stop the service tree and leave the process up, idle.
+        text = "".join(traceback.format_exception_only(type(reason), reason)).strip()
+        runtime.crash(f"{type(self).__name__} crashed: {text}")
+
+    mode.Service.crash = crash  # type: ignore[method-assign]
+
+
+def transactional_producer(app: faust.App, topic: str, partition: int) -> Any:
+    """The aiokafka producer whose transaction covers ``partition`` of consumed ``topic``."""
+    group = app.assignor.group_for_topic(topic)
+    tid = f"{app.conf.id}-{group}-{partition}"
+    producer = app.producer._transaction_producers.get(tid)  # type: ignore[attr-defined]
+    if producer is None:
+        raise RuntimeError(f"no transactional producer {tid} (fenced or not started)")
+    return producer
+
+
+class RocksStoreReader:
+    """Read one table partition's RocksDB directly (``processors.state_layout.StoreReader``)."""
+
+    def __init__(self, table: Any, partition: int) -> None:
+        self._db = table.data._db_for_partition(partition)
+
+    def get(self, key: bytes) -> bytes | None:
+        """Value of ``key`` or None."""
+        value = self._db.get(key)
+        return None if value is None else bytes(value)
+
+    def keys_from(self, prefix: bytes) -> Iterator[bytes]:
+        """Keys with ``prefix``, sorted (a snapshot list: callers may delete while iterating)."""
+        it = self._db.iter()
+        it.seek(prefix)
+        keys = []
+        while it.valid():
+            key = bytes(it.key())
+            if not key.startswith(prefix):
+                break
+            keys.append(key)
+            it.next()
+        return iter(keys)
+
+    def discard(self, key: bytes) -> None:
+        """Delete locally only: used for leftovers of transactions that never committed."""
+        self._db.delete(key)
+
+
+class QuietWorker(faust.Worker):
+    """Faust's worker without its terminal spinner (it writes escape codes into our logs)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.spinner = None
+
+
+def committed_offset(app: faust.App, tp: TP) -> int | None:
+    """The input offset the group last committed for ``tp`` (Faust's bookkeeping)."""
+    return app.consumer._committed_offset.get(tp)  # type: ignore[attr-defined]

@@ -1,0 +1,262 @@
+"""How the writer's state sits in its per-partition key-value store: batch deltas + checkpoints.
+
+Why this layout: one table write per intent costs ~90 µs through Faust (its changelog record
+alone), so the writer persists what a whole *batch* of input records changed as one *delta*,
+and now and then a *checkpoint* (a full copy of the partition's live state). Every key a batch
+writes carries the input offset the batch started at, so after a crash the local store can
+be cut back to exactly the committed transactions: RocksDB writes are not rolled back when a
+transaction aborts, but anything written under an offset at or past the committed input
+position belongs to a transaction that never committed, and is discarded before the first
+record is decided again.
+
+Keys (one store per input partition; ``<o>`` is a 20-digit zero-padded input offset, so keys
+sort in batch order)::
+
+    L                      layout marker (``LAYOUT``), written with the first checkpoint
+    D/<o>/<n>              delta chunk n of the batch starting at input offset o
+    S/<o>/<n>              checkpoint chunk n, taken by the batch starting at o
+    C/<o>                  checkpoint o is complete (written after its chunks)
+    Z/<sku>\\x1f<sale>/h    a settled sale: the offset that settled it and its chunk count
+    Z/<sku>\\x1f<sale>/<n>  sorted 8-byte digests of the settled sale's intent ids
+
+A delta and a checkpoint chunk have one format: a list of operations (``ops``) whose fold onto
+empty ledgers rebuilds the state. State = fold(latest complete checkpoint below the committed
+offset, then every delta from that checkpoint's offset up to the committed offset). Entries
+that change after they were written (remaining units, a user's bought count; later the
+pre-queue's entries and holds) are written as absolute values, so the latest op wins.
+Settling a sale writes its digests under ``Z/`` and takes a checkpoint without its intents:
+settled intents cost disk, not start-up time or memory. Each value stays below Kafka's 1 MB
+record limit (``CHUNK_BYTES``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import sys
+from array import array
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import msgspec
+
+from processors.decision import SaleBook, SaleTerms, SkuLedger
+
+LAYOUT = b"flashsale-ledger-v2"
+LAYOUT_KEY = b"L"
+CHUNK_BYTES = 900_000
+_SEP = "\x1f"
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder()
+
+# Operation codes (first element of each op list).
+SEQ, ORPHANS, TERMS, BOOK, BOUGHT, IDS, RETURNS, SETTLED = range(8)
+
+
+class StoreReader(Protocol):
+    """Read access to one partition's store (RocksDB in production, a dict in tests)."""
+
+    def get(self, key: bytes) -> bytes | None: ...
+
+    def keys_from(self, prefix: bytes) -> Iterator[bytes]:
+        """Keys starting with ``prefix``, in sorted order."""
+        ...
+
+    def discard(self, key: bytes) -> None:
+        """Delete a key locally (for leftovers of transactions that never committed)."""
+        ...
+
+
+def offset_key(kind: bytes, offset: int, chunk: int | None = None) -> bytes:
+    """``kind/<offset>[/<chunk>]``."""
+    key = kind + b"/" + b"%020d" % offset
+    return key if chunk is None else key + b"/%04d" % chunk
+
+
+def key_offset(key: bytes) -> int:
+    """The offset part of a D/, S/ or C/ key."""
+    return int(key[2:22])
+
+
+def settled_prefix(sku: str, sale_id: str) -> bytes:
+    """Prefix of a settled sale's Z/ keys."""
+    return b"Z/" + f"{sku}{_SEP}{sale_id}".encode() + b"/"
+
+
+# -- writing ----------------------------------------------------------------------------
+
+
+def ledger_ops(ledger: SkuLedger) -> list[list[Any]]:
+    """Operations that rebuild ``ledger`` from nothing (a checkpoint's content)."""
+    sku = ledger.sku
+    ops: list[list[Any]] = [[SEQ, sku, ledger.sequence]]
+    if ledger.orphans:
+        ops.append([ORPHANS, sku, sorted(ledger.orphans)])
+    for sale_id, book in ledger.sales.items():
+        ops += book_ops(sku, sale_id, book, terms=True, ids=book.decided, users=book.bought)
+    return ops
+
+
+def book_ops(
+    sku: str,
+    sale_id: str,
+    book: SaleBook,
+    *,
+    terms: bool,
+    ids: Any,
+    users: Any,
+) -> list[list[Any]]:
+    """Operations recording ``book``: its terms (if asked), counters, given ids and users."""
+    ops: list[list[Any]] = []
+    if terms:
+        t = book.terms
+        ops.append([TERMS, sku, sale_id, t.allocation, t.per_user_limit, t.per_order_max,
+                    t.starts_at_ms, t.ends_at_ms])  # fmt: skip
+    if book.settled:
+        ops.append([SETTLED, sku, sale_id, book.remaining])
+        if ids:  # intents decided after settlement (SALE_ENDED) are remembered as ids
+            ops.append([IDS, sku, sale_id, list(ids)])
+        return ops
+    ops.append([BOOK, sku, sale_id, book.remaining, book.closed])
+    if users:
+        bought = book.bought
+        flat: list[Any] = []
+        for user in users:
+            flat += (user, bought[user])
+        ops.append([BOUGHT, sku, sale_id, flat])
+    if ids:
+        ops.append([IDS, sku, sale_id, list(ids)])
+    if book.returns and terms:
+        ops.append([RETURNS, sku, sale_id, sorted(book.returns)])
+    return ops
+
+
+def _size(item: Any) -> int:
+    """Most bytes msgpack takes for ``item`` (a str, an int or a bool)."""
+    if isinstance(item, str):
+        n = len(item) if item.isascii() else len(item.encode())
+        return n + (2 if n < 256 else 5)
+    return 9
+
+
+def chunk_ops(ops: list[list[Any]], limit: int = CHUNK_BYTES) -> list[bytes]:
+    """Encode ``ops`` as one or more values, each under ``limit`` bytes.
+
+    Long id/user lists are split across chunks; folding the chunks in order is the same as
+    folding ``ops``. Sizes are upper bounds of the encoding (UTF-8 lengths, list headers).
+    """
+    chunks: list[bytes] = []
+    current: list[list[Any]] = []
+    size = 5  # the chunk's own list header
+    for op in ops:
+        split = op[0] in (ORPHANS, BOUGHT, IDS, RETURNS)
+        head = op[:-1] if split else op
+        head_size = 10 + sum(map(_size, head))  # with the op's list header (and its items')
+        if not split:
+            if current and size + head_size >= limit:
+                chunks.append(_enc.encode(current))
+                current, size = [], 5
+            current.append(op)
+            size += head_size
+            continue
+        items = op[-1]
+        step = 2 if op[0] == BOUGHT else 1
+        start = 0
+        while start < len(items):
+            room = limit - size - head_size
+            taken, end = 0, start
+            while end < len(items):
+                more = sum(map(_size, items[end : end + step]))
+                if taken + more >= room:
+                    break
+                taken += more
+                end += step
+            if end == start:  # not one more item fits: start a new chunk
+                if not current:
+                    raise ValueError(f"an item of op {op[0]} does not fit in {limit} bytes")
+                chunks.append(_enc.encode(current))
+                current, size = [], 5
+                continue
+            current.append([*head, items[start:end]])
+            size += taken + head_size
+            start = end
+    if current or not chunks:
+        chunks.append(_enc.encode(current))
+    return chunks
+
+
+# -- reading ----------------------------------------------------------------------------
+
+
+def fold(ledgers: dict[str, SkuLedger], value: bytes) -> None:
+    """Apply one encoded delta or checkpoint chunk to ``ledgers``."""
+    for op in _dec.decode(value):
+        code, sku = op[0], op[1]
+        ledger = ledgers.get(sku)
+        if ledger is None:
+            ledger = ledgers[sku] = SkuLedger(sku)
+        if code == SEQ:
+            ledger.sequence = op[2]
+        elif code == ORPHANS:
+            ledger.orphans.update(op[2])
+        elif code == TERMS:
+            sale_id = op[2]
+            terms = SaleTerms(sale_id, sku, *op[3:8])
+            if sale_id not in ledger.sales:
+                ledger.sales[sale_id] = SaleBook(terms, terms.allocation)
+        else:
+            book = ledger.sales[op[2]]
+            if code == BOOK:
+                book.remaining, book.closed = op[3], op[4]
+            elif code == BOUGHT:
+                flat = op[3]
+                book.bought.update(zip(flat[::2], flat[1::2], strict=True))
+            elif code == IDS:
+                book.decided.update(op[3])
+            elif code == RETURNS:
+                book.returns.update(op[3])
+            elif code == SETTLED:
+                book.remaining = op[3]
+                if not book.settled:  # a delta after settlement keeps the ids decided since
+                    book.decided, book.bought, book.closed, book.settled = set(), {}, True, True
+
+
+class SettledDigests:
+    """``digest in settled`` answered from the store, loaded on first use (then cached)."""
+
+    def __init__(self, reader: StoreReader, prefix: bytes, chunks: int) -> None:
+        self._reader, self._prefix, self._chunks = reader, prefix, chunks
+        self._sorted: array[int] | None = None
+
+    def __contains__(self, digest: object) -> bool:
+        if self._sorted is None:
+            blob = b"".join(
+                self._reader.get(self._prefix + b"%04d" % n) or b"" for n in range(self._chunks)
+            )
+            values = array("Q")
+            values.frombytes(blob)
+            if sys.byteorder != "little":
+                values.byteswap()
+            self._sorted = values
+        i = bisect.bisect_left(self._sorted, digest)  # type: ignore[call-overload]
+        return i < len(self._sorted) and self._sorted[i] == digest
+
+
+def pack_digests(digests: frozenset[int]) -> list[bytes]:
+    """Sorted little-endian 8-byte digests in chunks under ``CHUNK_BYTES``."""
+    values = array("Q", sorted(digests))
+    if sys.byteorder != "little":
+        values.byteswap()
+    blob = values.tobytes()
+    per = (CHUNK_BYTES - 1) // 8 * 8  # whole digests, strictly under the limit
+    return [blob[i : i + per] for i in range(0, max(len(blob), 1), per)] or [b""]
+
+
+def encode_header(offset: int, chunks: int) -> bytes:
+    """Value of a settled sale's ``h`` key."""
+    return _enc.encode([offset, chunks])
+
+
+def decode_header(value: bytes) -> tuple[int, int]:
+    """(settling offset, chunk count) of a settled sale."""
+    offset, chunks = _dec.decode(value)
+    return int(offset), int(chunks)

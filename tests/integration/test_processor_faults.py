@@ -1,0 +1,191 @@
+"""The writer under faults: raised, killed at three points, paused past its transaction.
+
+Each test checks from the command topic itself that every input offset is accounted for
+(decided, a repeat of a committed decision, or dead-lettered), that every intent id has
+exactly one decision in read_committed, that nothing is oversold, and that the fault really
+hit the work in flight (the killed attempt's decisions sit in aborted transactions, visible
+with read_uncommitted, and were redone byte-identically).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass
+
+import pytest
+
+from flashsale import input_audit
+from flashsale.settings import Settings
+from infra import processes
+from infra.services import SupervisorProcess
+from infra.stack import Endpoints
+from producers.commands import SkuAllocation
+from producers.identity import intent_id_for
+from tests.conftest import local_only
+from tests.integration.pipeline import Pipeline, partition_of, start_pipeline
+
+pytestmark = pytest.mark.slow
+
+ALLOCATION = 1000
+
+
+@dataclass
+class Backlog:
+    """A sale of one hot SKU with intents (and retries) already in the command topic."""
+
+    sale: str
+    sku: str
+    partition: int
+    offsets: list[int]  # command-topic offsets of the intents, in send order
+    expected: set[str]  # distinct intent ids
+    retries: int
+
+
+def write_backlog(pipeline: Pipeline, uid: str, intents: int = 5000) -> Backlog:
+    sale, sku = f"f-{uid}", f"sku-f-{uid}"
+    pipeline.open_sale(sale, [SkuAllocation(sku, ALLOCATION, 2, 1)])
+    producer = pipeline.producer()
+    sends = [(f"u{i % (intents // 2)}", f"k{i}") for i in range(intents)]
+    retries = sends[::10]  # same user and key: the same intent, which gets no second decision
+    futures = [producer.submit_intent(sale, sku, u, 1, k)[1] for u, k in sends + retries]
+    producer.wait(futures)
+    offsets = [f.result() for f in futures]
+    expected = {intent_id_for(u, sale, k) for u, k in sends}
+    part = partition_of(sku, pipeline.settings.partitions)
+    return Backlog(sale, sku, part, offsets, expected, len(retries))
+
+
+def log_events(pipeline: Pipeline, event: str) -> list[dict]:
+    try:
+        lines = pipeline.processor.logfile.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    found = []
+    for line in lines:
+        if line.startswith("{") and f'"{event}"' in line:
+            found.append(json.loads(line))
+    return found
+
+
+def assert_every_promise_kept(pipeline: Pipeline, b: Backlog, redone: bool) -> None:
+    audit = pipeline.audit(b.sale)
+    missing = audit.wait_for(b.expected, timeout=180)
+    time.sleep(1.5)  # anything late (a second decision) would show up now
+    audit.poll(1)
+    report = audit.report()
+    audit.close()
+    assert missing == set(), f"{len(missing)} intents lost their decision"
+    assert report.repeated_decisions == 0, "an intent got a second committed decision"
+    assert report.conflicting == [] and report.oversold == 0
+    assert report.user_limit_breaches == 0 and not report.sequence_gaps
+    assert report.accepted_units == {b.sku: ALLOCATION}, "the whole allocation sold, no more"
+
+    account = input_audit.account(pipeline.endpoints.bootstrap, pipeline.names, b.sale)
+    assert account.unaccounted == [], "input offsets with no decision, repeat or dead letter"
+    assert account.extra_decisions == [] and account.orphan_decisions == []
+    assert account.decided == len(b.expected) and account.repeats == b.retries
+
+    if redone:
+        everything = pipeline.audit(b.sale, committed_only=False)
+        assert everything.wait_for(b.expected, timeout=30) == set()
+        everything.poll(1)
+        raw = everything.report()
+        everything.close()
+        assert raw.repeated_decisions > 0, "the fault interrupted no work in flight"
+        assert raw.conflicting == [], "redone work was decided differently"
+
+
+@pytest.mark.parametrize("point", ["mid-batch", "before-commit", "after-commit"])
+def test_worker_killed_at_each_point_loses_and_doubles_nothing(
+    settings: Settings, endpoints: Endpoints, point: str
+):
+    local_only(settings)
+    uid = uuid.uuid4().hex[:8]
+    pipeline = start_pipeline(settings, endpoints, uid, start_processor=False)
+    try:
+        b = write_backlog(pipeline, uid)
+        target = b.offsets[len(b.offsets) // 2]
+        fault = f"kill:{point}:{b.partition}:{target}"
+        pipeline.processor.start({**pipeline.env, "FLASHSALE_FAULT": fault})
+        pid = pipeline.processor.pid()
+        assert pid is not None
+        assert processes.wait_until(lambda: not processes.alive(pid), 120), "fault never hit"
+        assert [e["point"] for e in log_events(pipeline, "fault.injected")] == [point]
+
+        pipeline.processor.start(pipeline.env)
+        assert_every_promise_kept(pipeline, b, redone=True)
+    finally:
+        pipeline.stop()
+
+
+def test_record_whose_processing_raises_is_decided_after_the_restart(
+    settings: Settings, endpoints: Endpoints
+):
+    local_only(settings)
+    uid = uuid.uuid4().hex[:8]
+    pipeline = start_pipeline(settings, endpoints, uid, start_processor=False)
+    try:
+        b = write_backlog(pipeline, uid, intents=3000)
+        target = b.offsets[1234]
+        fault = f"raise:mid-batch:{b.partition}:{target}"
+        pipeline.processor.start({**pipeline.env, "FLASHSALE_FAULT": fault})
+        pid = pipeline.processor.pid()
+        assert pid is not None
+        assert processes.wait_until(lambda: not processes.alive(pid), 120)
+        [crashed] = log_events(pipeline, "processor.crashed")
+        assert crashed["partition"] == b.partition and crashed["offset"] >= target
+        assert "injected fault" in crashed["reason"]
+        record = json.loads((pipeline.processor.run_dir / "processor.crash.json").read_text())
+        assert (record["partition"], record["offset"]) == (b.partition, crashed["offset"])
+
+        pipeline.processor.start(pipeline.env)
+        assert_every_promise_kept(pipeline, b, redone=True)
+    finally:
+        pipeline.stop()
+
+
+def test_worker_paused_past_its_transaction_is_fenced_exits_and_is_replaced(
+    settings: Settings, endpoints: Endpoints
+):
+    local_only(settings)
+    uid = uuid.uuid4().hex[:8]
+    pipeline = start_pipeline(settings, endpoints, uid, start_processor=False)
+    supervisor = SupervisorProcess(pipeline.settings, services=("processor",))
+    try:
+        b = write_backlog(pipeline, uid, intents=30_000)
+        env = {**pipeline.env, "FLASHSALE_TRANSACTION_TIMEOUT_MS": "3000",
+               "FLASHSALE_SUPERVISE_BACKOFF_S": "0.2"}  # fmt: skip
+        assert supervisor.start(env)
+        audit = pipeline.audit(b.sale)
+        deadline = time.monotonic() + 90
+        while not audit.decisions and time.monotonic() < deadline:
+            audit.poll(0.05)
+        decided_before = len(audit.decisions)
+        audit.close()
+        paused = pipeline.processor.pid()
+        assert paused is not None and 0 < decided_before < len(b.expected), "pause mid-backlog"
+        os.kill(paused, signal.SIGSTOP)  # a transaction with records is open
+        time.sleep(8)  # past the transaction timeout and the broker's abort check
+        os.kill(paused, signal.SIGCONT)
+        assert processes.wait_until(lambda: not processes.alive(paused), 60), (
+            "the paused worker did not exit after being fenced"
+        )
+        [crashed] = log_events(pipeline, "processor.crashed")
+        # Its transaction was aborted: it exits on the watchdog or on the fenced commit.
+        assert any(w in crashed["reason"] for w in ("stalled", "Fenced", "transaction"))
+        assert processes.wait_until(lambda: pipeline.processor.pid() not in (None, paused), 30), (
+            "the supervisor did not start a replacement"
+        )
+        # The replacement resumed mid-backlog, from the last committed offset. (The paused
+        # attempt's output may never have left its producer, so no read_uncommitted check.)
+        assert_every_promise_kept(pipeline, b, redone=False)
+        resumed = [e["resume_at"] for e in log_events(pipeline, "state.loaded")
+                   if e["partition"] == b.partition]  # fmt: skip
+        assert len(resumed) == 2 and 0 < resumed[1] < b.offsets[-1]
+    finally:
+        supervisor.stop()
+        pipeline.stop()
