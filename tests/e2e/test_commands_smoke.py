@@ -1,0 +1,76 @@
+"""`flashsale demo` and `flashsale bench` run end to end (small sizes), so neither rots.
+
+Both run as a user would run them, against this session's Kafka and PostgreSQL, in their own
+namespace (the bench makes one per scenario), so nothing lands in the default namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from flashsale.settings import Settings
+from infra.stack import Endpoints
+from tests.conftest import free_port, local_only
+
+pytestmark = pytest.mark.slow
+
+
+def _env(settings: Settings, endpoints: Endpoints, namespace: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": endpoints.bootstrap,
+        "DATABASE_URL": endpoints.dsn,
+        "FLASHSALE_INFRA": "external",
+        "FLASHSALE_NAMESPACE": namespace,
+        "FLASHSALE_STATE_DIR": str(settings.state_dir),
+        "FLASHSALE_HTTP_PORT": str(free_port()),
+    }
+
+
+def test_demo_runs_a_small_sale_over_http_and_its_audit_holds(
+    settings: Settings, endpoints: Endpoints, tmp_path: Path
+):
+    local_only(settings)
+    report = tmp_path / "demo.json"
+    argv = ["demo", "--intents", "3000", "--users", "800", "--allocation", "100"]
+    done = subprocess.run(
+        [sys.executable, "-m", "flashsale.cli", *argv, "--report", str(report)],
+        env=_env(settings, endpoints, f"t-demo-{uuid.uuid4().hex[:8]}"),
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "INVARIANTS HOLD" in done.stdout
+    summary = json.loads(report.read_text())
+    assert summary["oversold"] == 0 and summary["missing_decisions"] == 0
+    assert summary["repeated_decisions"] == 0 and summary["input_offsets_unaccounted"] == 0
+    assert summary["accepted"] > 0 and summary["orders_in_postgres"] == summary["accepted"]
+
+
+def test_bench_smoke_prints_and_writes_every_writer_figure(
+    settings: Settings, endpoints: Endpoints, tmp_path: Path
+):
+    local_only(settings)
+    out = tmp_path / "core.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "flashsale.cli", "bench", "--only", "core", "--smoke",
+         "--out", str(out)],
+        env=_env(settings, endpoints, "t-bench-unused"),
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    for name in ("backlog_accept-heavy_1_sku", "backlog_accept-heavy_1000_sku",
+                 "backlog_oversubscribed_1_sku", "backlog_oversubscribed_1000_sku"):  # fmt: skip
+        assert figures[name]["decisions"] == figures[name]["intents"], name
+        assert f"{figures[name]['decisions_per_s']}" in done.stdout
+    assert figures["latency_at_half_max"]["decided"] > 0
+    restart = figures["restart"]
+    assert restart["restart_to_first_decision_s_keeping_rocksdb"] > 0
+    assert restart["restart_to_first_decision_s_from_empty_disk"] > 0
