@@ -33,8 +33,9 @@ The commit protocol (``GatedTransactionManager.commit``), in steps:
    waiting; a batch finished meanwhile is in the transaction and its offset must be too).
 2. If a batch was abandoned half-way (the agent was cancelled mid-batch), exit without
    committing.
-3. Flush the changelog records queued so far (Faust's transactional commit does not), so a
-   batch's state writes are in the same transaction as its offsets.
+3. Send the decisions the agent holds for the commit, and flush the changelog records queued
+   so far (Faust's transactional commit does not), so a batch's output and state writes are
+   in the same transaction as its offsets.
 4. For every partition's transactional producer at once: send the processed offsets, commit
    the transaction, begin the next one (aiokafka sends queued decision batches before EndTxn).
 5. Any error in 3-4 (fenced, timed out, broker gone): exit without committing further.
@@ -49,7 +50,7 @@ import sys
 import time
 import traceback
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,9 +95,9 @@ class Fault:
     """A test-only fault (``FLASHSALE_FAULT=action:point:partition:offset``)."""
 
     action: str  # raise | kill
-    # mid-batch: after some of a batch's decisions were sent; before-commit: the batch was
-    # processed and flushed, its commit not yet made; after-commit: in the batch right after
-    # the commit that covered the offset.
+    # mid-batch: after a batch's decisions were sent, before its state and offset;
+    # before-commit: the batch was processed and flushed, its commit not yet made;
+    # after-commit: in the batch right after the commit that covered the offset.
     point: str
     partition: int
     offset: int
@@ -149,9 +150,11 @@ class BatchRuntime:
         self._on_crash = on_crash
         self.committed: dict[TP, int] = {}
         self.last_commit = time.monotonic()
+        self.before_commit: Callable[[], Awaitable[None]] = _nothing
         # Counters logged every PROGRESS_EVERY_S as processor.progress (an operator's pulse).
         self.stats = {"batches": 0, "records": 0, "commits": 0, "commit_s": 0.0,
-                      "gate_wait_s": 0.0, "fetch_lag_s_max": 0.0}  # fmt: skip
+                      "gate_wait_s": 0.0, "fetch_lag_s_max": 0.0, "idle_s": 0.0,
+                      "decide_s": 0.0, "emit_wait_s": 0.0}  # fmt: skip
 
     def stalled_for(self) -> float:
         """Seconds since the last commit while work waits to be committed, else 0.
@@ -172,12 +175,16 @@ class BatchRuntime:
             await asyncio.sleep(min(1.0, limit / 4))
             if time.monotonic() >= next_report:
                 next_report += PROGRESS_EVERY_S
-                st, self.stats = self.stats, dict.fromkeys(self.stats, 0)
+                st = dict(self.stats)
+                self.stats.update(dict.fromkeys(self.stats, 0))
                 n = st["commits"] or 1
                 log.info("processor.progress", batches=st["batches"], records=st["records"],
                          commits=st["commits"], commit_ms=round(st["commit_s"] / n * 1000, 1),
                          gate_wait_ms=round(st["gate_wait_s"] / n * 1000, 1),
-                         fetch_lag_ms_max=round(st["fetch_lag_s_max"] * 1000, 1))  # fmt: skip
+                         fetch_lag_ms_max=round(st["fetch_lag_s_max"] * 1000, 1),
+                         agent_idle_s=round(st["idle_s"], 2),
+                         agent_decide_s=round(st["decide_s"], 2),
+                         agent_wait_for_commit_s=round(st["emit_wait_s"], 2))  # fmt: skip
             stalled = self.stalled_for()
             if stalled > limit:
                 self.crash(f"stalled: no commit for {stalled:.1f} s with work pending "
@@ -211,6 +218,10 @@ class BatchRuntime:
         for tp, offset in offsets.items():
             if tp.topic == self.batch_topic and tp.partition == f.partition and offset > f.offset:
                 self.fault = Fault(f.action, "mid-batch", f.partition, offset, f.point)
+
+
+async def _nothing() -> None:
+    return None
 
 
 def runtime_of(app: Any) -> BatchRuntime:
@@ -306,7 +317,8 @@ class GatedTransactionManager(TransactionManager):
                 for tp, offset in offsets.items()
             }
             try:
-                buffer = self.app.producer.buffer  # step 3
+                await runtime.before_commit()  # step 3: held output, then changelog records
+                buffer = self.app.producer.buffer
                 await buffer.flush_atmost(buffer.size)
                 by_tid: dict[str, dict[TP, int]] = defaultdict(dict)
                 for tp, offset in offsets.items():

@@ -45,13 +45,14 @@ def _str(s: str) -> bytes:
 _NS = DECISIONS_NAMESPACE.bytes
 
 
+_VARIANT = {c: format((int(c, 16) & 0x3) | 0x8, "x") for c in "0123456789abcdef"}
+
+
 def event_id(intent_id: str) -> str:
     """``str(uuid.uuid5(DECISIONS_NAMESPACE, intent_id))`` without building UUID objects."""
-    h = bytearray(hashlib.sha1(_NS + intent_id.encode()).digest()[:16])
-    h[6] = (h[6] & 0x0F) | 0x50  # version 5
-    h[8] = (h[8] & 0x3F) | 0x80  # RFC 4122 variant
-    x = h.hex()
-    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+    x = hashlib.sha1(_NS + intent_id.encode()).hexdigest()
+    # Version nibble (hex digit 12) is 5; the variant's top bits (digit 16) are 10.
+    return f"{x[:8]}-{x[8:12]}-5{x[13:16]}-{_VARIANT[x[16]]}{x[17:20]}-{x[20:32]}"
 
 
 class DecisionEncoder:
@@ -64,6 +65,7 @@ class DecisionEncoder:
         self._reasons = {RejectionReason(s): _long(i) for i, s in enumerate(symbols)}
         self._producer = _str(producer)
         self._at: tuple[int, bytes] = (0, _long(0))  # a batch shares few log times
+        self._where: tuple[str, str, bytes] = ("", "", _str("") + _str(""))  # and sale, SKU
 
     def encode(self, event: IntentAccepted | IntentRejected) -> bytes:
         """Single-object encoding with envelope (event id, correlation id, producer, time)."""
@@ -73,9 +75,12 @@ class DecisionEncoder:
         else:
             at = _long(event.decided_at)
             self._at = (event.decided_at, at)
+        where = self._where
+        if where[0] != event.sale_id or where[1] != event.sku:
+            where = self._where = (event.sale_id, event.sku, _str(event.sale_id) + _str(event.sku))
         common = (
             _str(event_id(event.intent_id)) + b"\x02" + intent + self._producer + at + intent
-            + _str(event.sale_id) + _str(event.sku) + _str(event.user_id) + _long(event.quantity)
+            + where[2] + _str(event.user_id) + _long(event.quantity)
         )  # fmt: skip
         if type(event) is IntentAccepted:
             return b"".join((self._accepted, common, _str(event.order_id),

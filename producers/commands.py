@@ -125,6 +125,16 @@ class CommandProducer:
         }
         return intent_id, self._ack_future(sku, "PurchaseIntent", record, intent_id)
 
+    def encode_intent(
+        self, sale_id: str, sku: str, user_id: str, quantity: int, idempotency_key: str
+    ) -> bytes:
+        """The PurchaseIntent record as it would be produced (for load generators)."""
+        intent_id = intent_id_for(user_id, sale_id, idempotency_key)
+        record = {**self._envelope(intent_id), "intent_id": intent_id,
+                  "idempotency_key": idempotency_key, "user_id": user_id, "sale_id": sale_id,
+                  "sku": sku, "quantity": quantity}  # fmt: skip
+        return self._registry.encode("PurchaseIntent", record)
+
     def post_intent(
         self,
         sale_id: str,
