@@ -98,6 +98,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
     runtime_mod.install(app, runtime)
     log.info("processor.configured", app_id=app_id, commit_interval_ms=commit_ms,
              partitions=settings.partitions, max_batch=max_poll)  # fmt: skip
+    changelog = names.ledger_changelog
     raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes}
     raw |= {"key_serializer": "raw", "value_serializer": "raw"}
     n = settings.partitions
@@ -111,8 +112,11 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         for tp in revoked:  # reloaded from the (recovered) table if assigned again
             if tp.topic == names.sku_commands:
                 writers.pop(tp.partition, None)
-                pending.pop(tp.partition, None)
-                runtime.processed.pop(tp, None)
+                held = pending.pop(tp.partition, None)
+                done = runtime.processed.pop(tp, None)
+                if held or (done is not None and done > runtime.committed.get(tp, -1)):
+                    # Faust's last commit before a revocation should have covered it.
+                    runtime.crash("partition revoked with uncommitted output", tp.partition, done)
 
     app.on_partitions_revoked.connect(_forget)  # type: ignore[arg-type]
 
@@ -154,7 +158,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
             items = pending.pop(p, None)
             if items:
                 producer = runtime_mod.transactional_producer(app, names.sku_commands, p)
-                await _send(producer, names.decisions, p, items)
+                runtime.inflight += await _send(producer, names.decisions, p, items)
 
     runtime.before_commit = send_pending
 
@@ -177,12 +181,21 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
             await send_pending(partition)
         producer = runtime_mod.transactional_producer(app, names.sku_commands, partition)
         if batch.dead_letters:
-            await _send_dead_letters(producer, names, partition, batch.dead_letters)
+            runtime.inflight += await _send_dead_letters(producer, names, partition,
+                                                         batch.dead_letters)  # fmt: skip
+        # State writes: the local RocksDB of the partition and the changelog record, sent on the
+        # partition's transactional producer itself. (Through Faust's table API the records
+        # go via its ProducerBuffer, whose flush gives up after 0.1 s per record: a record
+        # could slip into the next transaction, after its offsets were committed.)
+        db = runtime_mod.partition_db(ledger, partition)
         for key, value in batch.writes:
             if value is None:
-                del ledger[key]  # a changelog tombstone, then a local delete
+                db.delete(key)
             else:
-                ledger[key] = value
+                db.put(key, value)
+            runtime.inflight.append(
+                await producer.send(changelog, value, key=key, partition=partition)
+            )
         tp = TP(names.sku_commands, partition)
         runtime.processed[tp] = records[-1].offset + 1
         st = runtime.stats
@@ -230,31 +243,35 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
     return app
 
 
-async def _send(producer: Any, topic: str, partition: int, items: list[Any]) -> None:
-    """Send (key, value) items on the partition's transactional producer.
+async def _send(producer: Any, topic: str, partition: int, items: list[Any]) -> list[Any]:
+    """Send (key, value) items on the partition's transactional producer; return the futures.
 
-    Many records go as whole producer batches (one append each, no future per record). A few
-    are appended to the batch already pending for the partition: aiokafka keeps one produce
-    request in flight per broker and ``send_batch`` waits until the previous batch left, so
-    sending every small batch on its own would cost a produce round trip each.
+    Many records go as whole producer batches (one append each, one future per batch). A
+    few are appended to the batch already pending for the partition: aiokafka keeps one
+    produce request in flight per broker and ``send_batch`` waits until the previous batch
+    left, so a small batch of its own would cost a produce round trip.
     """
+    futures: list[Any] = []
     if len(items) < BATCH_SEND_MIN:
         for key, value in items:
-            await producer.send(topic, value, key=key, partition=partition)
-        return
+            futures.append(await producer.send(topic, value, key=key, partition=partition))
+        return futures
     builder = producer.create_batch()
     for key, value in items:
         if builder.append(key=key, value=value, timestamp=None) is None:
-            await producer.send_batch(builder, topic, partition=partition)
+            futures.append(await producer.send_batch(builder, topic, partition=partition))
             builder = producer.create_batch()
             builder.append(key=key, value=value, timestamp=None)
     if builder.record_count():
-        await producer.send_batch(builder, topic, partition=partition)
+        futures.append(await producer.send_batch(builder, topic, partition=partition))
+    return futures
 
 
 async def _send_dead_letters(
     producer: Any, names: TopicNames, partition: int, dead: list[Any]
-) -> None:
+) -> list[Any]:
+    """Send dead letters with their source and reason in headers; return the futures."""
+    futures = []
     for d in dead:
         log.warning("record.dead_lettered", partition=partition, offset=d.offset, reason=d.reason)
         headers = [
@@ -266,7 +283,8 @@ async def _send_dead_letters(
         ]
         builder = producer.create_batch()
         builder.append(key=d.key, value=d.value, timestamp=None, headers=headers)
-        await producer.send_batch(builder, names.dead_letters, partition=partition)
+        futures.append(await producer.send_batch(builder, names.dead_letters, partition=partition))
+    return futures
 
 
 def _replay(bootstrap: str, topic: str, partition: int, end: int) -> Any:

@@ -33,9 +33,9 @@ The commit protocol (``GatedTransactionManager.commit``), in steps:
    waiting; a batch finished meanwhile is in the transaction and its offset must be too).
 2. If a batch was abandoned half-way (the agent was cancelled mid-batch), exit without
    committing.
-3. Send the decisions the agent holds for the commit, and flush the changelog records queued
-   so far (Faust's transactional commit does not), so a batch's output and state writes are
-   in the same transaction as its offsets.
+3. Send the decisions the agent holds for the commit, then wait for every record sent in
+   this transaction (decisions, dead letters, changelog records) to be acknowledged: aiokafka
+   would commit a transaction whose produce request failed.
 4. For every partition's transactional producer at once: send the processed offsets, commit
    the transaction, begin the next one (aiokafka sends queued decision batches before EndTxn).
 5. Any error in 3-4 (fenced, timed out, broker gone): exit without committing further.
@@ -151,6 +151,7 @@ class BatchRuntime:
         self.committed: dict[TP, int] = {}
         self.last_commit = time.monotonic()
         self.before_commit: Callable[[], Awaitable[None]] = _nothing
+        self.inflight: list[Any] = []  # send futures of the open transactions
         # Counters logged every PROGRESS_EVERY_S as processor.progress (an operator's pulse).
         self.stats = {"batches": 0, "records": 0, "commits": 0, "commit_s": 0.0,
                       "gate_wait_s": 0.0, "fetch_lag_s_max": 0.0, "idle_s": 0.0,
@@ -286,6 +287,18 @@ class BatchConsumer(faust_aiokafka.Consumer):
         msg.records = recs
         return msg
 
+    def _filter_tps_with_pending_acks(self, topics: Any = None) -> Iterator[TP]:
+        # Faust clears its ack lists of every partition when a rebalance starts, before its
+        # last commit: a partition processed since the previous commit must still be in it,
+        # or its output would stay in an open transaction and be redone by the next owner.
+        runtime = runtime_of(self.app)
+        tps = set(super()._filter_tps_with_pending_acks(topics))
+        tps.update(
+            tp for tp in runtime.processed
+            if topics is None or tp in topics or tp.topic in topics
+        )  # fmt: skip
+        return iter(tps)
+
     def _new_offset(self, tp: TP) -> int | None:
         if tp.topic != runtime_of(self.app).batch_topic:
             return super()._new_offset(tp)
@@ -312,14 +325,14 @@ class GatedTransactionManager(TransactionManager):
                 runtime.crash("a batch was abandoned half-way; not committing it")
             # Faust computed ``offsets`` before we got the gate; batches finished since then
             # have output in these transactions, so their offsets must be committed with it.
-            offsets = {
-                tp: runtime.processed.get(tp, offset) if tp.topic == runtime.batch_topic else offset
-                for tp, offset in offsets.items()
-            }
+            # Updated in place: it is Faust's own dict, which it records as committed.
+            for tp in offsets:
+                if tp.topic == runtime.batch_topic and tp in runtime.processed:
+                    offsets[tp] = runtime.processed[tp]
             try:
-                await runtime.before_commit()  # step 3: held output, then changelog records
-                buffer = self.app.producer.buffer
-                await buffer.flush_atmost(buffer.size)
+                await runtime.before_commit()  # step 3: held output, then every send's ack
+                sent, runtime.inflight = runtime.inflight, []
+                await asyncio.gather(*sent)  # a failed send fails the commit (aiokafka would not)
                 by_tid: dict[str, dict[TP, int]] = defaultdict(dict)
                 for tp, offset in offsets.items():
                     group = self.app.assignor.group_for_topic(tp.topic)
@@ -335,7 +348,7 @@ class GatedTransactionManager(TransactionManager):
                     self._commit_one(tid, offs, start_new_transaction)
                     for tid, offs in by_tid.items()
                 ))  # fmt: skip
-            except Exception as exc:  # step 5
+            except BaseException as exc:  # step 5 (a cancelled commit may have lost held output)
                 runtime.crash(f"commit failed: {type(exc).__name__}: {exc}")
             runtime.last_commit = done = time.monotonic()
             runtime.committed.update(offsets)
@@ -459,6 +472,11 @@ class QuietWorker(faust.Worker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.spinner = None
+
+
+def partition_db(table: Any, partition: int) -> Any:
+    """The rocksdict of one partition of a Faust RocksDB table (writes bypass Faust)."""
+    return table.data._db_for_partition(partition)
 
 
 def committed_offset(app: faust.App, tp: TP) -> int | None:

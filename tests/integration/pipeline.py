@@ -50,11 +50,13 @@ def start_pipeline(
     uid: str,
     extra_env: dict[str, str] | None = None,
     start_processor: bool = True,
+    unprovisioned: tuple[str, ...] = (),
 ) -> Pipeline:
     """Provision a namespace's topics and start its processor (unless told not to) and projector."""
     ns = f"t-{uid}"
     s = dataclasses.replace(settings, namespace=ns)
-    provision.ensure_topics(endpoints.bootstrap, catalogue(s))
+    specs = [t for t in catalogue(s) if t.name not in unprovisioned]
+    provision.ensure_topics(endpoints.bootstrap, specs)
     env = {  # namespace and state dir come from the Service's settings
         "KAFKA_BOOTSTRAP_SERVERS": endpoints.bootstrap,
         "DATABASE_URL": endpoints.dsn,

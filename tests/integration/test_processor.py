@@ -19,8 +19,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from flashsale import input_audit
 from flashsale.settings import Settings
-from flashsale.topics import TopicNames, catalogue
-from infra import provision
+from flashsale.topics import TopicNames
 from infra.stack import Endpoints
 from producers.commands import SkuAllocation, producer_config
 from producers.identity import intent_id_for
@@ -203,13 +202,14 @@ def test_missing_changelog_topic_is_created_before_the_worker_consumes(
     settings: Settings, endpoints: Endpoints, uid: str
 ):
     ns = dataclasses.replace(settings, namespace=f"t-cl-{uid}")
-    names = TopicNames.of(ns)
-    provision.ensure_topics(
-        endpoints.bootstrap, [t for t in catalogue(ns) if t.name != names.ledger_changelog]
-    )
+    changelog = TopicNames.of(ns).ledger_changelog
     admin = AdminClient({"bootstrap.servers": endpoints.bootstrap})
-    assert names.ledger_changelog not in admin.list_topics(timeout=10).topics
-    pipeline = start_pipeline(settings, endpoints, f"cl-{uid}")
+    pipeline = start_pipeline(
+        settings, endpoints, f"cl-{uid}", start_processor=False, unprovisioned=(changelog,)
+    )
+    assert pipeline.settings.namespace == ns.namespace
+    assert changelog not in admin.list_topics(timeout=10).topics, "the test provisioned it"
+    pipeline.processor.start(pipeline.env)
     try:
         pipeline.open_sale("s", [SkuAllocation("sku-cl", 10, 1, 1)])
         producer = pipeline.producer()
@@ -218,7 +218,6 @@ def test_missing_changelog_topic_is_created_before_the_worker_consumes(
         assert audit.wait_for(ids, timeout=90) == set()
         audit.close()
         topics = admin.list_topics(timeout=10).topics
-        changelog = TopicNames.of(pipeline.settings).ledger_changelog
         assert len(topics[changelog].partitions) == pipeline.settings.partitions
     finally:
         pipeline.stop()
