@@ -40,6 +40,7 @@ ROCKSDB_OPTIONS = {
 }
 CHUNK = 500  # records decided between two yields to the event loop
 BATCH_SEND_MIN = 200  # fewer decisions than this join the partition's pending producer batch
+REPLAY_STALL_S = 60.0  # a rebuild that reads nothing for this long fails (and is retried)
 HOLD_MAX = 4000  # decisions held per partition before they are sent without waiting for a commit
 LEDGER_TABLE = "ledger"
 
@@ -141,6 +142,9 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
     async def decide(partition: int, records: list[Any]) -> BatchResult:
         """Decide a batch in memory (no output yet): a commit may run meanwhile."""
         first = records[0].offset
+        expected = runtime.processed.get(TP(names.sku_commands, partition))
+        if expected is not None and first != expected and partition in writers:
+            raise RuntimeError(f"batch starts at {first}, expected {expected}: records skipped")
         writer = await writer_for(partition, first)
         batch = writer.open_batch()
         for i in range(0, len(records), CHUNK):
@@ -288,22 +292,35 @@ async def _send_dead_letters(
 
 
 def _replay(bootstrap: str, topic: str, partition: int, end: int) -> Any:
-    """Input records of one partition from offset 0 up to ``end`` (exclusive)."""
+    """Input records of one partition from offset 0 up to ``end`` (exclusive), all of them.
+
+    Raises if the log no longer starts at 0, skips an offset, errs or stalls: a rebuild from
+    part of the log would be a wrong state, not a slow one.
+    """
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{topic}-replay",
-                         "enable.auto.commit": False, "log_level": 3})  # fmt: skip
+                         "enable.auto.commit": False, "auto.offset.reset": "error",
+                         "log_level": 3})  # fmt: skip
+    low, _ = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=30)
+    if low != 0:
+        raise RuntimeError(f"{topic}[{partition}] starts at {low}, not 0: cannot rebuild")
     consumer.assign([TopicPartition(topic, partition, 0)])
+    expected, idle_since = 0, time.monotonic()
     try:
-        done = False
-        while not done:
-            for m in consumer.consume(5000, 1.0):
+        while expected < end:
+            msgs = consumer.consume(5000, 1.0)
+            if not msgs and time.monotonic() - idle_since > REPLAY_STALL_S:
+                raise RuntimeError(f"replay of {topic}[{partition}] stalled at {expected}")
+            for m in msgs:
+                if m.error():
+                    raise RuntimeError(f"replay of {topic}[{partition}]: {m.error()}")
                 offset = m.offset()
-                if m.error() or offset is None:
+                if offset is None or offset >= end:
                     continue
-                if offset >= end:
-                    done = True
-                    break
+                if offset != expected:
+                    raise RuntimeError(f"replay of {topic}[{partition}] got {offset}, "
+                                       f"expected {expected}")  # fmt: skip
                 yield Replayed(offset, m.key(), m.value(), m.timestamp()[1])
-                done = offset + 1 >= end
+                expected, idle_since = offset + 1, time.monotonic()
     finally:
         consumer.close()
 

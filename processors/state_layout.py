@@ -14,6 +14,9 @@ sort in batch order)::
 
     L                      layout marker (``LAYOUT``), written with the first checkpoint
     D/<o>/<n>              delta chunk n of the batch starting at input offset o
+    D/<o>/link             the state-writing batch before it and its chunk count: load
+                           follows this chain from the checkpoint, so a missing delta or
+                           chunk is detected (and the state rebuilt), never folded around
     S/<o>/<n>              checkpoint chunk n, taken by the batch starting at o
     C/<o>                  checkpoint o is complete (written after its chunks)
     Z/<sku>\\x1f<sale>/h    a settled sale: the offset that settled it and its chunk count
@@ -249,6 +252,20 @@ def pack_digests(digests: frozenset[int]) -> list[bytes]:
     blob = values.tobytes()
     per = (CHUNK_BYTES - 1) // 8 * 8  # whole digests, strictly under the limit
     return [blob[i : i + per] for i in range(0, max(len(blob), 1), per)] or [b""]
+
+
+LINK_SUFFIX = b"/link"
+
+
+def encode_link(previous: int | None, chunks: int) -> bytes:
+    """Value of a delta's link key: the previous state-writing batch and the chunk count."""
+    return _enc.encode([-1 if previous is None else previous, chunks])
+
+
+def decode_link(value: bytes) -> tuple[int | None, int]:
+    """(previous state-writing batch offset or None, chunk count) of a delta."""
+    previous, chunks = _dec.decode(value)
+    return (None if previous < 0 else int(previous)), int(chunks)
 
 
 def encode_header(offset: int, chunks: int) -> bytes:

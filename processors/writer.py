@@ -110,6 +110,7 @@ class PartitionWriter:
         # checkpoint that follows it (a rebuild emits nothing itself).
         self._replayed_settlements: list[tuple[SaleSettled, int]] = []
         self.position = -1  # offset of the record being decided (named when a crash hits)
+        self._last_write: int | None = None  # the last batch that wrote a delta or checkpoint
 
     # -- loading ----------------------------------------------------------------------
     def load(self, store: layout.StoreReader, first_offset: int) -> dict[str, int]:
@@ -127,6 +128,9 @@ class PartitionWriter:
         garbage = [k for k in checkpoints if layout.key_offset(k) != base]
         folded = 0
         live: list[bytes] = [layout.offset_key(b"C", base)] if base is not None else []
+        chunks: dict[tuple[bytes, int], int] = {}  # (kind, offset) -> chunks seen
+        links: dict[int, tuple[int | None, int]] = {}
+        unreadable: str | None = None
         for kind in (b"S/", b"D/"):
             for key in store.keys_from(kind):
                 offset = layout.key_offset(key)
@@ -136,10 +140,21 @@ class PartitionWriter:
                     garbage.append(key)
                 else:
                     value = store.get(key)
-                    if value is not None:
+                    if value is None:
+                        continue
+                    live.append(key)
+                    if key.endswith(layout.LINK_SUFFIX):
+                        links[offset] = layout.decode_link(value)
+                        continue
+                    try:
                         layout.fold(ledgers, value)
-                        live.append(key)
-                        folded += 1
+                    except Exception as exc:  # an op for a book whose terms are missing, ...
+                        unreadable = unreadable or f"{key!r} does not fold: {exc!r}"
+                    chunks[kind, offset] = chunks.get((kind, offset), 0) + 1
+                    folded += 1
+        broken = unreadable or (
+            self._broken_chain(store, base, chunks, links) if first_offset > 0 else None
+        )
         # The marker has no offset, so a batch that never committed may have left it; the
         # batch writing it also writes a checkpoint (close_batch), so only a marker with a
         # committed checkpoint is proof of state.
@@ -148,6 +163,8 @@ class PartitionWriter:
         # Discarded even when state is missing: a rebuild must not fold them in later.
         for key in stale:
             store.discard(key)
+        if broken is not None and has_layout:
+            raise StateMissing(f"partition {self.partition}: state incomplete ({broken})")
         if first_offset > 0 and not has_layout:
             raise StateMissing(
                 f"partition {self.partition}: input committed up to offset {first_offset} "
@@ -156,12 +173,37 @@ class PartitionWriter:
             )
         self.ledgers = ledgers
         self._checkpoint_at = base
+        self._last_write = max(links, default=base)
         self._live = live
-        self._deltas_since = sum(1 for k in live if k.startswith(b"D/"))
+        self._deltas_since = len(links)
         self._garbage = [(base, garbage)] if garbage and base is not None else []
         self._has_layout = has_layout
         return {"chunks_folded": folded, "discarded": len(stale), "settled_sales": settled,
                 "skus": len(ledgers)}  # fmt: skip
+
+    @staticmethod
+    def _broken_chain(
+        store: layout.StoreReader,
+        base: int | None,
+        chunks: dict[tuple[bytes, int], int],
+        links: dict[int, tuple[int | None, int]],
+    ) -> str | None:
+        """Why the folded state is not complete (a chunk or a delta missing), or None."""
+        if base is None:
+            return "no committed checkpoint"
+        want = store.get(layout.offset_key(b"C", base))
+        if want is None or chunks.get((b"S/", base), 0) != int(want):
+            return f"checkpoint {base} has {chunks.get((b'S/', base), 0)} of {want!r} chunks"
+        previous: int | None = base
+        deltas = sorted(o for kind, o in chunks if kind == b"D/")
+        if sorted(links) != deltas:
+            return f"deltas {deltas} but links {sorted(links)}"
+        for offset in deltas:
+            prev, n = links[offset]
+            if prev != previous or n != chunks[b"D/", offset]:
+                return f"delta {offset} follows {prev} with {n} chunks, expected {previous}"
+            previous = offset
+        return None
 
     def _attach_settled(
         self,
@@ -227,7 +269,8 @@ class PartitionWriter:
         ``committed`` is the input offset the group last committed (for garbage collection).
         """
         touched = batch.touched
-        assert touched is not None
+        if touched is None:
+            raise ValueError("close_batch of a batch not opened with open_batch")
         if not self._has_layout:
             batch.writes.append((layout.LAYOUT_KEY, layout.LAYOUT))
             self._has_layout = True
@@ -238,12 +281,18 @@ class PartitionWriter:
         if checkpoint:
             self._write_checkpoint(first, committed, batch)
         elif touched.skus:
-            ops = touched.ops(self.ledgers)
-            for n, chunk in enumerate(layout.chunk_ops(ops)):
+            chunks = layout.chunk_ops(touched.ops(self.ledgers))
+            for n, chunk in enumerate(chunks):
                 key = layout.offset_key(b"D", first, n)
                 batch.writes.append((key, chunk))
                 self._live.append(key)
+            # The link names the state-writing batch before this one: load follows the chain
+            # from the checkpoint and refuses a store with a delta missing or incomplete.
+            link = layout.offset_key(b"D", first) + layout.LINK_SUFFIX
+            batch.writes.append((link, layout.encode_link(self._last_write, len(chunks))))
+            self._live.append(link)
             self._deltas_since += 1
+            self._last_write = first
 
     def _write_checkpoint(self, first: int, committed: int | None, out: BatchResult) -> None:
         ops: list[list[Any]] = []
@@ -272,7 +321,7 @@ class PartitionWriter:
         self._force_checkpoint = False
         self._deltas_since = 0
         out.checkpoint = True
-        self._checkpoint_at = first
+        self._checkpoint_at = self._last_write = first
 
     def _command(self, record: InputRecord, out: BatchResult | None) -> Command | None:
         """The record's command, or None after dead-lettering it (when ``out`` is given)."""

@@ -196,6 +196,29 @@ def test_writes_of_batches_at_or_after_the_committed_offset_are_discarded_on_loa
 # -- (c) state missing ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("lose", ["a whole delta", "a delta chunk", "a checkpoint chunk"])
+def test_a_store_missing_a_committed_write_is_refused_not_folded_around(lose: str) -> None:
+    log = InputLog()
+    log.add(OpenSale(SALE), 0)
+    for i in range(12):
+        log.add(PlaceIntent(f"i{i}", USERS[i % 4], "s", "A", 1), 1)
+    writer, store = PartitionWriter(REGISTRY, 0), MemoryStore()
+    for first in (0, 4, 8):
+        persist(writer, store, log.between(first, first + 4))
+    loaded(store.copy(), 13)  # complete: loads
+    deltas = sorted(k for k in store.keys_from(b"D/") if not k.endswith(layout.LINK_SUFFIX))
+    if lose == "a whole delta":
+        doomed = [k for k in store.keys_from(layout.offset_key(b"D", 4))]
+    elif lose == "a delta chunk":
+        doomed = deltas[-1:]
+    else:
+        doomed = list(store.keys_from(b"S/"))[:1]
+    for key in doomed:
+        store.discard(key)
+    with pytest.raises(StateMissing, match="incomplete"):
+        loaded(store, 13)
+
+
 def test_an_empty_store_is_missing_state_once_offsets_were_committed() -> None:
     with pytest.raises(StateMissing, match="offset 7"):
         loaded(MemoryStore(), 7)
