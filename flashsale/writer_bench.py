@@ -33,7 +33,7 @@ from confluent_kafka.admin import AdminClient
 from flashsale.settings import Settings, env_int
 from flashsale.topics import TopicNames, catalogue
 from infra import provision
-from infra.services import Service
+from infra.services import Service, SupervisorProcess
 from producers.commands import CommandProducer, SkuAllocation, producer_config
 from schemas.codec import SchemaRegistry
 
@@ -73,12 +73,15 @@ class Namespace:
         self.broker_pid = broker_pid
         provision.ensure_topics(self.bootstrap, catalogue(self.settings))
         self.producer = CommandProducer(self.bootstrap, "bench", topic=self.names.sku_commands)
-        self.worker = Service("processor", self.settings)
+        self.worker = Service("processor", self.settings)  # its pid, log and CPU
+        # Run as `make up` runs it: under the supervisor, which restarts a crashed worker.
+        self.supervisor = SupervisorProcess(self.settings, services=("processor",))
         self.env = {
             "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
             "FLASHSALE_INFRA": "external",
             "DATABASE_URL": settings.database_url,
             "FLASHSALE_LOG_LEVEL": "WARNING",
+            "FLASHSALE_SUPERVISE_BACKOFF_S": "0.2",
         }
 
     def open_sale(self, skus: list[str], allocation: int, per_user: int) -> None:
@@ -97,11 +100,22 @@ class Namespace:
         self.producer.wait(futures)
 
     def start(self) -> None:
-        self.worker.start(env=self.env)
+        """Start the worker (under its supervisor)."""
+        self.supervisor.start(env=self.env)
+
+    def restarts(self) -> int | None:
+        """How often the supervisor restarted the worker (a crash shows here)."""
+        state = self.supervisor.state().get("services", {}).get("processor", {})
+        return state.get("restarts")
+
+    def stop(self) -> None:
+        """Stop the worker and its supervisor."""
+        self.supervisor.stop()
+        self.worker.stop()
 
     def drop(self) -> None:
         """Stop the worker, delete the namespace's topics and RocksDB directory."""
-        self.worker.stop()
+        self.stop()
         self.producer.close()
         admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
         names = [t.name for t in catalogue(self.settings)]
@@ -262,7 +276,7 @@ def restart(settings: Settings, broker_pid: int | None, n: int) -> dict:
         peak = peak_rss_mb(ns.worker.pid())
         out: dict[str, Any] = {"decided_intents_in_state": reader.count, "worker_peak_rss_mb": peak}
         for label, wipe in (("keeping_rocksdb", False), ("from_empty_disk", True)):
-            ns.worker.stop()
+            ns.stop()
             if wipe:
                 shutil.rmtree(ns.datadir, ignore_errors=True)
             had = reader.count
@@ -272,6 +286,7 @@ def restart(settings: Settings, broker_pid: int | None, n: int) -> dict:
             reader.wait(had + 1, 600)
             out[f"restart_to_first_decision_s_{label}"] = round(time.monotonic() - t0, 2)
             out[f"worker_peak_rss_mb_{label}"] = peak_rss_mb(ns.worker.pid())
+            out[f"worker_restarts_{label}"] = ns.restarts()
         reader.close()
         return out
     finally:

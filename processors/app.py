@@ -208,6 +208,22 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         lag = time.time() - records[0].timestamp / 1000
         st["fetch_lag_s_max"] = max(st["fetch_lag_s_max"], lag)
 
+    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{app_id}-probe",
+                      "enable.auto.commit": False, "log_level": 3})  # fmt: skip
+
+    def end_offsets() -> dict[TP, int]:
+        """The broker's end offsets of the command partitions this worker is assigned."""
+        ends = {}
+        for tp in list(app.consumer.assignment()):
+            if tp.topic == names.sku_commands:
+                _, high = probe.get_watermark_offsets(TopicPartition(tp.topic, tp.partition),
+                                                      timeout=10, cached=False)  # fmt: skip
+                ends[tp] = high
+        return ends
+
+    runtime.end_offsets = end_offsets
+    runtime.group_committed = lambda tp: runtime_mod.committed_offset(app, tp)
+
     @app.task
     async def watchdog() -> None:
         await runtime.watchdog()

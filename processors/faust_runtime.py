@@ -73,6 +73,7 @@ CRASH_EXIT = 70
 FETCH_MAX_WAIT_MS = 20
 RECOVERY_IDLE_S = 0.5
 PROGRESS_EVERY_S = 10.0
+INPUT_CHECK_EVERY_S = 5.0
 
 
 class UnsupportedFaust(RuntimeError):
@@ -152,6 +153,10 @@ class BatchRuntime:
         self.last_commit = time.monotonic()
         self.before_commit: Callable[[], Awaitable[None]] = _nothing
         self.inflight: list[Any] = []  # send futures of the open transactions
+        # The broker's end offsets of the assigned batch partitions (set by the app).
+        self.end_offsets: Callable[[], dict[TP, int]] = dict
+        self.group_committed: Callable[[TP], int | None] = lambda tp: None
+        self._progress: dict[TP, tuple[int, float]] = {}
         # Counters logged every PROGRESS_EVERY_S as processor.progress (an operator's pulse).
         self.stats = {"batches": 0, "records": 0, "commits": 0, "commit_s": 0.0,
                       "gate_wait_s": 0.0, "fetch_lag_s_max": 0.0, "idle_s": 0.0,
@@ -172,6 +177,7 @@ class BatchRuntime:
         """Exit when no commit succeeded for a transaction timeout while work was pending."""
         limit = self.transaction_timeout_ms / 1000
         next_report = time.monotonic() + PROGRESS_EVERY_S
+        next_input_check = time.monotonic() + INPUT_CHECK_EVERY_S
         while True:
             await asyncio.sleep(min(1.0, limit / 4))
             if time.monotonic() >= next_report:
@@ -192,6 +198,27 @@ class BatchRuntime:
                            f"(transaction timeout {limit:g} s)")  # fmt: skip
             if not stalled:
                 self.last_commit = time.monotonic()
+            if time.monotonic() >= next_input_check:
+                next_input_check = time.monotonic() + INPUT_CHECK_EVERY_S
+                await self._check_input_flows(limit)
+
+    async def _check_input_flows(self, limit: float) -> None:
+        """Exit when an assigned partition has records waiting and made no progress for long.
+
+        Seen once: after a restart Faust left one partition assigned but never fetched (its
+        stream was not resumed after recovery); the worker sat idle with a record waiting.
+        """
+        ends = await asyncio.to_thread(self.end_offsets)
+        now = time.monotonic()
+        for tp, end in ends.items():
+            known = (self.processed.get(tp), self.committed.get(tp), self.group_committed(tp))
+            done = max((o for o in known if o is not None), default=0)
+            seen = self._progress.get(tp)
+            if seen is None or seen[0] != done or end <= done:
+                self._progress[tp] = (done, now)
+            elif now - seen[1] > limit:
+                self.crash(f"input waiting at {done} (end {end}) with no progress for "
+                           f"{now - seen[1]:.0f} s", tp.partition, done)  # fmt: skip
 
     def crash(self, reason: str, partition: int | None = None, offset: int | None = None) -> None:
         """Log, record the crash for the supervisor, and exit now without committing."""
