@@ -21,7 +21,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from flashsale.settings import REPO_ROOT, Settings
@@ -44,9 +44,18 @@ SKU_COMMANDS, DECISIONS = NAMES.sku_commands, NAMES.decisions
 @pytest.fixture(scope="module", autouse=True)
 def migrated(endpoints: Endpoints, settings: Settings) -> None:
     migrate.apply(endpoints.dsn)
-    provision.ensure_topics(
+    created, _ = provision.ensure_topics(
         endpoints.bootstrap, catalogue(dataclasses.replace(settings, namespace=NAMESPACE))
     )
+    deadline = time.monotonic() + 30
+    while created:  # a topic created just now may not have a leader yet
+        try:
+            log_ends(endpoints.bootstrap)
+            break
+        except KafkaException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 # -- building the log ----------------------------------------------------------------------
