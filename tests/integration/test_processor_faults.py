@@ -168,12 +168,19 @@ def test_worker_paused_past_its_transaction_is_fenced_exits_and_is_replaced(
         audit.close()
         paused = pipeline.processor.pid()
         assert paused is not None and 0 < decided_before < len(b.expected), "pause mid-backlog"
-        os.kill(paused, signal.SIGSTOP)  # a transaction with records is open
-        time.sleep(8)  # past the transaction timeout and the broker's abort check
-        os.kill(paused, signal.SIGCONT)
-        assert processes.wait_until(lambda: not processes.alive(paused), 60), (
-            "the paused worker did not exit after being fenced"
-        )
+        # A pause that catches an open transaction with records in it gets that transaction
+        # aborted; one that falls between a commit and the next batch's first send leaves
+        # nothing to abort, and the worker rightly goes on. Pause until one hits.
+        for attempt in range(4):
+            if attempt:  # fresh input, so that the worker is busy again when paused
+                write_backlog(pipeline, f"{uid}r{attempt}", intents=20_000)
+                time.sleep(0.3)
+            os.kill(paused, signal.SIGSTOP)
+            time.sleep(8)  # past the transaction timeout and the broker's abort check
+            os.kill(paused, signal.SIGCONT)
+            if processes.wait_until(lambda: not processes.alive(paused), 15):
+                break
+        assert not processes.alive(paused), "no pause made the worker exit"
         [crashed] = log_events(pipeline, "processor.crashed")
         # Its transaction was aborted: it exits on the watchdog or on the fenced commit.
         assert any(w in crashed["reason"] for w in ("stalled", "Fenced", "transaction"))
@@ -185,7 +192,9 @@ def test_worker_paused_past_its_transaction_is_fenced_exits_and_is_replaced(
         assert_every_promise_kept(pipeline, b, redone=False)
         resumed = [e["resume_at"] for e in log_events(pipeline, "state.loaded")
                    if e["partition"] == b.partition]  # fmt: skip
-        assert len(resumed) == 2 and 0 < resumed[1] < b.offsets[-1]
+        # (The replacement may load more than once: a rebalance while the paused member
+        # rejoins reloads it, always from a committed offset.)
+        assert len(resumed) >= 2 and 0 < resumed[1] < b.offsets[-1]
     finally:
         supervisor.stop()
         pipeline.stop()
