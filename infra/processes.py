@@ -83,18 +83,28 @@ def read_pid(pidfile: Path) -> int | None:
 
 def spawn(argv: list[str], logfile: Path, pidfile: Path, env: dict[str, str] | None = None) -> int:
     """Start argv in its own session, output to logfile, pid to pidfile."""
+    proc = _popen(argv, logfile, env)
+    pidfile.write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def _popen(
+    argv: list[str],
+    logfile: Path,
+    env: dict[str, str] | None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> subprocess.Popen[bytes]:
     logfile.parent.mkdir(parents=True, exist_ok=True)
     with open(logfile, "ab") as out:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=preexec_fn,
             env=env,
         )
-    pidfile.write_text(f"{proc.pid}\n")
-    return proc.pid
 
 
 def spawn_child(argv: list[str], logfile: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -104,7 +114,6 @@ def spawn_child(argv: list[str], logfile: Path, env: dict[str, str]) -> subproce
     so a killed supervisor leaves no orphans. The signal follows the *thread* that forked,
     so call this from the thread that lives as long as the process (the main thread).
     """
-    logfile.parent.mkdir(parents=True, exist_ok=True)
     parent = os.getpid()
     prctl = _prctl()
 
@@ -114,16 +123,7 @@ def spawn_child(argv: list[str], logfile: Path, env: dict[str, str]) -> subproce
         if os.getppid() != parent:  # the parent died before prctl: nobody will signal us
             os._exit(1)
 
-    with open(logfile, "ab") as out:
-        return subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-            env=env,
-        )
+    return _popen(argv, logfile, env, die_with_parent)
 
 
 _PR_SET_PDEATHSIG = 1

@@ -468,7 +468,7 @@ class RocksStoreReader:
     """Read one table partition's RocksDB directly (``processors.state_layout.StoreReader``)."""
 
     def __init__(self, table: Any, partition: int) -> None:
-        self._db = table.data._db_for_partition(partition)
+        self._db = partition_db(table, partition)
 
     def get(self, key: bytes) -> bytes | None:
         """Value of ``key`` or None."""

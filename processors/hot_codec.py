@@ -11,11 +11,10 @@ module does not follow fails there, not in production.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from processors.decision import IntentAccepted, IntentRejected, RejectionReason
-from producers.identity import DECISIONS_NAMESPACE
+from producers.identity import decision_event_id
 from schemas.codec import SchemaRegistry
 
 _ONE_BYTE = [bytes((n << 1,)) for n in range(64)]  # 0..63 zigzag to a single byte
@@ -42,19 +41,6 @@ def _str(s: str) -> bytes:
     return (_ONE_BYTE[n] if n < 64 else _long(n)) + b
 
 
-_NS = DECISIONS_NAMESPACE.bytes
-
-
-_VARIANT = {c: format((int(c, 16) & 0x3) | 0x8, "x") for c in "0123456789abcdef"}
-
-
-def event_id(intent_id: str) -> str:
-    """``str(uuid.uuid5(DECISIONS_NAMESPACE, intent_id))`` without building UUID objects."""
-    x = hashlib.sha1(_NS + intent_id.encode()).hexdigest()
-    # Version nibble (hex digit 12) is 5; the variant's top bits (digit 16) are 10.
-    return f"{x[:8]}-{x[8:12]}-5{x[13:16]}-{_VARIANT[x[16]]}{x[17:20]}-{x[20:32]}"
-
-
 class DecisionEncoder:
     """Encodes IntentAccepted / IntentRejected with the registry's current schemas."""
 
@@ -78,8 +64,9 @@ class DecisionEncoder:
         where = self._where
         if where[0] != event.sale_id or where[1] != event.sku:
             where = self._where = (event.sale_id, event.sku, _str(event.sale_id) + _str(event.sku))
+        eid = _str(decision_event_id(event.intent_id))
         common = (
-            _str(event_id(event.intent_id)) + b"\x02" + intent + self._producer + at + intent
+            eid + b"\x02" + intent + self._producer + at + intent
             + where[2] + _str(event.user_id) + _long(event.quantity)
         )  # fmt: skip
         if type(event) is IntentAccepted:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 
 _INTENTS = uuid.UUID("6f1b2f5e-3c9a-4d0e-9d1e-5a7f0c2b8e11")
@@ -13,6 +14,16 @@ def intent_id_for(user_id: str, sale_id: str, idempotency_key: str) -> str:
     return uuid.uuid5(_INTENTS, f"{user_id}\x1f{sale_id}\x1f{idempotency_key}").hex
 
 
+_NS = DECISIONS_NAMESPACE.bytes
+_VARIANT = {c: format((int(c, 16) & 0x3) | 0x8, "x") for c in "0123456789abcdef"}
+
+
 def decision_event_id(intent_id: str) -> str:
-    """Event id of an intent's decision: a re-emitted decision is byte-identical."""
-    return str(uuid.uuid5(DECISIONS_NAMESPACE, intent_id))
+    """Event id of an intent's decision: a re-emitted decision is byte-identical.
+
+    ``str(uuid.uuid5(DECISIONS_NAMESPACE, intent_id))``, built without UUID objects (the
+    writer computes one per decision: ~2 µs instead of ~6 µs).
+    """
+    x = hashlib.sha1(_NS + intent_id.encode()).hexdigest()
+    # Version nibble (hex digit 12) is 5; the variant's top bits (digit 16) are 10.
+    return f"{x[:8]}-{x[8:12]}-5{x[13:16]}-{_VARIANT[x[16]]}{x[17:20]}-{x[20:32]}"

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from processors.decision import IntentAccepted, IntentRejected, RejectionReason
-from processors.hot_codec import DecisionEncoder, event_id
+from processors.hot_codec import DecisionEncoder
 from processors.records import from_record, record_name, to_record
-from producers.identity import DECISIONS_NAMESPACE
+from producers.identity import DECISIONS_NAMESPACE, decision_event_id
 from schemas.codec import SchemaRegistry
 
 REGISTRY = SchemaRegistry.load_default()
@@ -86,4 +86,4 @@ def test_every_rejection_reason_follows_the_schemas_symbol_order() -> None:
 @settings(max_examples=300, deadline=None)
 @given(TEXT)
 def test_event_id_is_the_uuid5_of_the_intent_id(intent_id: str) -> None:
-    assert event_id(intent_id) == str(uuid.uuid5(DECISIONS_NAMESPACE, intent_id))
+    assert decision_event_id(intent_id) == str(uuid.uuid5(DECISIONS_NAMESPACE, intent_id))
