@@ -72,6 +72,9 @@ AIOKAFKA_VERSION = "0.14.0"
 SCHEME = "flashsale-batch"
 CRASH_EXIT = 70
 FETCH_MAX_WAIT_MS = 20
+# aiokafka asks for 1 byte: under a trickle every fetch came back with a record or two, and at
+# 400 intents/s the worker spent 0.72 of a core; 64 KiB (still at most 20 ms) halved that.
+FETCH_MIN_BYTES = 64 * 1024
 RECOVERY_IDLE_S = 0.5
 FAUST_COMMIT_BACKSTOP_S = 5.0  # Faust's own commit timer; BatchRuntime.committer commits sooner
 PROGRESS_EVERY_S = 10.0
@@ -285,7 +288,7 @@ class BatchMessage(ConsumerMessage):
 
 
 class BatchConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
-    """Faust's consumer thread with a short broker fetch wait.
+    """Faust's consumer thread with a short broker fetch wait and a 64 KiB fetch minimum.
 
     Faust hard-codes ``fetch_max_wait_ms=1500``, and aiokafka keeps one fetch in flight per
     broker: a fetch sent while the hot partition still had buffered records covers only the
@@ -296,6 +299,7 @@ class BatchConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport: Any) -> aiokafka.AIOKafkaConsumer:
         consumer = super()._create_worker_consumer(transport)
         consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
+        consumer._fetch_min_bytes = FETCH_MIN_BYTES
         return consumer
 
 
