@@ -490,10 +490,34 @@ class _RecoveryAsyncio:
         return await asyncio.wait_for(aw, capped)
 
 
+class _RecoveryLogger:
+    """faust/tables/recovery.py's logger, turning a swallowed recovery error into a crash.
+
+    ``Recovery._slurp_changelogs`` wraps its whole loop in ``except Exception as ex:
+    logger.warning(f"Error in recovery {ex}")``: a changelog record that cannot be applied
+    (a RocksDB write error, a broken record) ends the loop, recovery never finishes, and the
+    worker sits assigned and idle. Crash-only: that warning exits the worker instead.
+    """
+
+    def __init__(self, inner: Any, runtime: BatchRuntime) -> None:
+        self._inner = inner
+        self._runtime = runtime
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def warning(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        self._inner.warning(msg, *args, **kwargs)
+        if isinstance(msg, str) and msg.startswith("Error in recovery"):
+            self._runtime.crash(f"changelog recovery failed: {msg}")
+
+
 def install(app: faust.App, runtime: BatchRuntime) -> None:
     """Register the transport (``flashsale-batch://``), attach the runtime, make crashes exit."""
     check_versions()
     faust_recovery.asyncio = _RecoveryAsyncio()  # type: ignore[assignment]
+    inner = getattr(faust_recovery.logger, "_inner", faust_recovery.logger)
+    faust_recovery.logger = _RecoveryLogger(inner, runtime)  # type: ignore[assignment]
     TRANSPORTS.data[SCHEME] = f"{__name__}:BatchTransport"  # Faust's own transport registry
     app.flashsale_runtime = runtime  # type: ignore[attr-defined]
 

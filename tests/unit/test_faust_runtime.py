@@ -30,3 +30,20 @@ def test_after_commit_fault_rearms_for_the_first_batch_after_the_commit(monkeypa
     assert runtime.fault == rt.Fault("kill", "after-commit", 3, 100)
     runtime.after_commit({rt.TP("cmds", 3): 150})
     assert runtime.fault == rt.Fault("kill", "mid-batch", 3, 150, origin="after-commit")
+
+
+def test_an_error_faust_recovery_would_swallow_exits_the_worker(monkeypatch):
+    from faust.tables import recovery
+
+    crashes: list[str] = []
+    runtime = rt.BatchRuntime("cmds", lambda *a: None)
+    monkeypatch.setattr(runtime, "crash", lambda reason, *a: crashes.append(reason))
+    import mode
+
+    for owner, name in ((recovery, "logger"), (recovery, "asyncio"), (mode.Service, "crash")):
+        monkeypatch.setattr(owner, name, getattr(owner, name))  # install's patches, undone after
+    rt.install(faust.App("t-recovery-logger"), runtime)
+    recovery.logger.warning("Highwater for changelog is ahead")  # other warnings pass through
+    assert crashes == []
+    recovery.logger.warning("Error in recovery RocksDB write failed")
+    assert crashes == ["changelog recovery failed: Error in recovery RocksDB write failed"]
