@@ -40,6 +40,10 @@ class InputAccount:
         return not (self.unaccounted or self.extra_decisions or self.orphan_decisions)
 
 
+class IncompleteRead(RuntimeError):
+    """A topic could not be read to the end offsets seen when the read began."""
+
+
 def _read(bootstrap: str, topic: str, committed_only: bool, timeout: float) -> list:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"audit-{uuid.uuid4().hex}",
                          "enable.auto.commit": False, "log_level": 3,
@@ -65,6 +69,11 @@ def _read(bootstrap: str, topic: str, committed_only: bool, timeout: float) -> l
                     position = consumer.position([TopicPartition(topic, p)])[0].offset
                     if position >= ends[p]:
                         pending.discard(p)
+        if pending:  # a partial read would account for fewer offsets than the log holds
+            raise IncompleteRead(
+                f"{topic}: partitions {sorted(pending)} not read to their end offsets "
+                f"({ {p: ends[p] for p in sorted(pending)} }) within {timeout:g} s"
+            )
         return out
     finally:
         consumer.close()

@@ -26,6 +26,7 @@ from faust.types import TP, ProcessingGuarantee
 from flashsale.settings import SettingError, Settings, env_int
 from flashsale.topics import TopicNames, catalogue
 from processors import faust_runtime as runtime_mod
+from processors.batch_runtime import BatchRuntime
 from processors.writer import BatchResult, PartitionWriter, Replayed, StateMissing
 from schemas.codec import SchemaRegistry
 
@@ -99,7 +100,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
     )
     run_dir = settings.state_dir / "run" / settings.namespace
     txn_timeout = env_int(env, "FLASHSALE_TRANSACTION_TIMEOUT_MS", 60_000, 1_000, 900_000)
-    runtime = runtime_mod.BatchRuntime(names.sku_commands, _crash_recorder(run_dir), txn_timeout)
+    runtime = BatchRuntime(names.sku_commands, _crash_recorder(run_dir), txn_timeout)
     runtime_mod.install(app, runtime)
     log.info("processor.configured", app_id=app_id, commit_interval_ms=commit_ms,
              partitions=settings.partitions, max_batch=max_poll)  # fmt: skip

@@ -77,6 +77,8 @@ def test_oversubscribed_sale_sells_exactly_the_allocation(pipeline: Pipeline, ui
     account = input_audit.account(pipeline.endpoints.bootstrap, pipeline.names, sale)
     assert account.holds, account
     assert (account.decided, account.repeats) == (len(expected), len(retries))
+    with pytest.raises(input_audit.IncompleteRead, match="not read to their end offsets"):
+        input_audit.account(pipeline.endpoints.bootstrap, pipeline.names, sale, timeout=0)
     assert report.rejected_by_reason.get("SOLD_OUT", 0) > 4000
     assert orders_for(pipeline.endpoints.dsn, sale, 100) == 100
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import faust
 import pytest
 
+from processors import batch_runtime as br
 from processors import faust_runtime as rt
 
 
@@ -16,27 +17,27 @@ def test_runs_only_on_the_pinned_faust_and_says_which_it_found(monkeypatch):
 
 
 def test_fault_spec_parses_and_rejects_nonsense_naming_the_variable():
-    assert rt.Fault.from_env(None) is None and rt.Fault.from_env("") is None
-    assert rt.Fault.from_env("kill:before-commit:2:40") == rt.Fault("kill", "before-commit", 2, 40)
+    assert br.Fault.from_env(None) is None and br.Fault.from_env("") is None
+    assert br.Fault.from_env("kill:before-commit:2:40") == br.Fault("kill", "before-commit", 2, 40)
     for bad in ("kill", "explode:mid-batch:0:1", "raise:sometime:0:1", "raise:mid-batch:x:1"):
         with pytest.raises(ValueError, match="FLASHSALE_FAULT"):
-            rt.Fault.from_env(bad)
+            br.Fault.from_env(bad)
 
 
 def test_after_commit_fault_rearms_for_the_first_batch_after_the_commit(monkeypatch):
     monkeypatch.setenv("FLASHSALE_FAULT", "kill:after-commit:3:100")
-    runtime = rt.BatchRuntime("cmds", lambda *a: None)
-    runtime.after_commit({rt.TP("cmds", 3): 90})  # does not cover offset 100 yet
-    assert runtime.fault == rt.Fault("kill", "after-commit", 3, 100)
-    runtime.after_commit({rt.TP("cmds", 3): 150})
-    assert runtime.fault == rt.Fault("kill", "mid-batch", 3, 150, origin="after-commit")
+    runtime = br.BatchRuntime("cmds", lambda *a: None)
+    runtime.after_commit({br.TP("cmds", 3): 90})  # does not cover offset 100 yet
+    assert runtime.fault == br.Fault("kill", "after-commit", 3, 100)
+    runtime.after_commit({br.TP("cmds", 3): 150})
+    assert runtime.fault == br.Fault("kill", "mid-batch", 3, 150, origin="after-commit")
 
 
 def test_an_error_faust_recovery_would_swallow_exits_the_worker(monkeypatch):
     from faust.tables import recovery
 
     crashes: list[str] = []
-    runtime = rt.BatchRuntime("cmds", lambda *a: None)
+    runtime = br.BatchRuntime("cmds", lambda *a: None)
     monkeypatch.setattr(runtime, "crash", lambda reason, *a: crashes.append(reason))
     import mode
 
