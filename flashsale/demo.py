@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from flashsale import input_audit
+from flashsale import input_audit, sale_audit
 from flashsale.audit import DecisionAudit
 from flashsale.settings import Settings
 from flashsale.topics import TopicNames
@@ -145,6 +145,7 @@ def _sale(
     ]  # fmt: skip
     orders = _wait_orders(stack.endpoints().dsn, sale_id, report.accepted, 60.0)
     inputs = input_audit.account(bootstrap, names, sale_id)
+    verdict = sale_audit.audit_sale(bootstrap, names, sale_id)  # what `flashsale audit sale` says
     return {
         "sale_id": sale_id,
         "intents": len(plan.intents),
@@ -173,8 +174,15 @@ def _sale(
         "decide_seconds": round(decided_s, 2),
         "via": "direct" if edge is None else f"http {edge.url}",
         **edge_figures,
+        "audit": "pass" if verdict.passed else "fail",
+        "audit_violations": [f"{v.kind}: {v.detail}" for v in verdict.violations],
+        "audit_records_per_s": verdict.as_json()["records_per_s"],
         "invariants_hold": bool(
-            report.invariants_hold and inputs.holds and not missing and orders == report.accepted
+            report.invariants_hold
+            and inputs.holds
+            and not missing
+            and orders == report.accepted
+            and verdict.passed
         ),
     }
 
@@ -254,6 +262,8 @@ def _print(s: dict[str, Any]) -> None:
         ("decision latency p50 (ms)", s["latency_ms_p50"]),
         ("decision latency p99 (ms)", s["latency_ms_p99"]),
         ("intents/s (end to end)", s["intents_per_s"]),
+        (f"audit ({s['audit_records_per_s']} records/s)", s["audit"].upper()),
+        *(("  violation", v) for v in s["audit_violations"][:10]),
     ]
     width = max(len(r[0]) for r in rows) + 2
     print()

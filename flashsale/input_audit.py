@@ -33,6 +33,7 @@ class InputAccount:
     unaccounted: list[tuple[int, int]] = field(default_factory=list)  # (partition, offset)
     extra_decisions: list[str] = field(default_factory=list)  # intent ids with > 1 decision
     orphan_decisions: list[str] = field(default_factory=list)  # decisions nobody asked for
+    undecided: dict[str, tuple[int, int]] = field(default_factory=dict)  # intent -> its offset
 
     @property
     def holds(self) -> bool:
@@ -44,7 +45,8 @@ class IncompleteRead(RuntimeError):
     """A topic could not be read to the end offsets seen when the read began."""
 
 
-def _read(bootstrap: str, topic: str, committed_only: bool, timeout: float) -> list:
+def read_topic(bootstrap: str, topic: str, committed_only: bool, timeout: float) -> list:
+    """Every record of ``topic`` up to the end offsets seen now (raises IncompleteRead)."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"audit-{uuid.uuid4().hex}",
                          "enable.auto.commit": False, "log_level": 3,
                          "isolation.level": "read_committed" if committed_only
@@ -83,9 +85,20 @@ def account(
     bootstrap: str, names: TopicNames, sale_id: str | None = None, timeout: float = 60.0
 ) -> InputAccount:
     """Account for every command-topic offset against the decisions and dead letters."""
+    decisions = read_topic(bootstrap, names.decisions, True, timeout)
+    dead = read_topic(bootstrap, names.dead_letters, True, timeout)
+    commands = read_topic(bootstrap, names.sku_commands, False, timeout)
+    return account_records(names, commands, decisions, dead, sale_id)
+
+
+def account_records(
+    names: TopicNames, commands: list, decision_msgs: list, dead_msgs: list,
+    sale_id: str | None = None,
+) -> InputAccount:  # fmt: skip
+    """``account`` over records already read (command, decision and dead-letter topics)."""
     registry = SchemaRegistry.load_default()
     decisions: Counter[str] = Counter()
-    for msg in _read(bootstrap, names.decisions, True, timeout):
+    for msg in decision_msgs:
         try:
             _, record = registry.decode(msg.value() or b"")
         except UndecodableRecord:
@@ -93,13 +106,13 @@ def account(
         if sale_id is None or record.get("sale_id") == sale_id:
             decisions[record["intent_id"]] += 1
     dead = set()
-    for msg in _read(bootstrap, names.dead_letters, True, timeout):
+    for msg in dead_msgs:
         h = dict(msg.headers() or [])
         if h.get("dlq.source.topic", b"").decode() == names.sku_commands:
             dead.add((int(h["dlq.source.partition"]), int(h["dlq.source.offset"])))
     acc = InputAccount()
     asked: set[str] = set()
-    for msg in _read(bootstrap, names.sku_commands, False, timeout):
+    for msg in commands:
         where = (msg.partition() or 0, msg.offset() or 0)
         try:
             name, record = registry.decode(msg.value() or b"")
@@ -116,6 +129,7 @@ def account(
                 acc.decided += 1
             else:
                 acc.unaccounted.append(where)
+                acc.undecided[intent] = where
             asked.add(intent)
         elif name in ("SaleOpened", "SaleClosed", "SaleSettled"):
             acc.sale_commands += 1

@@ -51,6 +51,8 @@ def test_demo_runs_a_small_sale_over_http_and_its_audit_holds(
     assert summary["oversold"] == 0 and summary["missing_decisions"] == 0
     assert summary["repeated_decisions"] == 0 and summary["input_offsets_unaccounted"] == 0
     assert summary["accepted"] > 0 and summary["orders_in_postgres"] == summary["accepted"]
+    assert summary["audit"] == "pass" and summary["audit_violations"] == []
+    assert "audit (" in done.stdout and "PASS" in done.stdout
 
 
 def test_bench_smoke_prints_and_writes_every_writer_figure(

@@ -1,0 +1,212 @@
+"""`flashsale audit sale <sale>`: what the log alone proves about a sale.
+
+Reads the command, decision (read_committed) and dead-letter topics from offset 0 to the end
+offsets seen at the start, with consumers of its own: no PostgreSQL, no writer state. Every
+invariant the log can prove today is checked; each failure is a ``Violation`` naming its kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from flashsale import input_audit
+from flashsale.settings import Settings
+from flashsale.topics import TopicNames
+from schemas.codec import SchemaRegistry, UndecodableRecord
+
+DECISIONS = ("IntentAccepted", "IntentRejected")
+SHOWN = 5  # examples listed per kind of violation in the human report
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken invariant: its kind and where."""
+
+    kind: str  # oversell, user-limit, second-decision, conflicting-decision, undecided-intent,
+    # unaccounted-offset, orphan-decision, sequence-gap, remaining-mismatch, no-terms
+    detail: str
+
+
+@dataclass
+class SkuFigures:
+    """One SKU of the sale, as its decisions say."""
+
+    allocation: int
+    accepted: int = 0
+    rejected: int = 0
+    units_sold: int = 0
+    remaining: int | None = None  # as the last decision says
+
+
+@dataclass
+class SaleAudit:
+    """The verdict on one sale and what it was computed from."""
+
+    sale_id: str
+    skus: dict[str, SkuFigures] = field(default_factory=dict)
+    decisions: int = 0
+    input_offsets: int = 0
+    repeats: int = 0
+    dead_lettered: int = 0
+    violations: list[Violation] = field(default_factory=list)
+    records_read: int = 0
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        """No invariant broken."""
+        return not self.violations
+
+    def as_json(self) -> dict[str, Any]:
+        """The audit as plain data (``--json``)."""
+        out = asdict(self)
+        out["verdict"] = "pass" if self.passed else "fail"
+        out["records_per_s"] = round(self.records_read / self.seconds) if self.seconds else None
+        return out
+
+
+def audit_sale(
+    bootstrap: str, names: TopicNames, sale_id: str, timeout: float = 120.0
+) -> SaleAudit:
+    """Read the topics and check every invariant for ``sale_id``."""
+    began = time.monotonic()
+    registry = SchemaRegistry.load_default()
+    commands = input_audit.read_topic(bootstrap, names.sku_commands, False, timeout)
+    decided = input_audit.read_topic(bootstrap, names.decisions, True, timeout)
+    dead = input_audit.read_topic(bootstrap, names.dead_letters, True, timeout)
+    out = SaleAudit(sale_id, records_read=len(commands) + len(decided) + len(dead))
+
+    terms: dict[str, dict[str, Any]] = {}
+    for msg in commands:
+        name, rec = _decode(registry, msg.value())
+        if name == "SaleOpened" and rec["sale_id"] == sale_id:
+            terms.setdefault(rec["sku"], rec)
+    if not terms:
+        out.violations.append(Violation("no-terms", f"no SaleOpened for sale {sale_id!r}"))
+    out.skus = {sku: SkuFigures(t["allocation"]) for sku, t in terms.items()}
+
+    first: dict[str, tuple[bytes, str, dict[str, Any]]] = {}  # intent id -> its decision
+    for msg in decided:
+        value = msg.value() or b""
+        name, rec = _decode(registry, value)
+        if name not in DECISIONS or rec.get("sale_id") != sale_id:
+            continue
+        intent = rec["intent_id"]
+        if intent in first:
+            kind = "second-decision" if first[intent][0] == value else "conflicting-decision"
+            out.violations.append(Violation(kind, f"intent {intent}"))
+            continue
+        first[intent] = (value, name, rec)
+    out.decisions = len(first)
+    _check_decisions(out, terms, [(n, r) for _, n, r in first.values()])
+
+    account = input_audit.account_records(names, commands, decided, dead, sale_id)
+    out.input_offsets, out.repeats = account.inputs, account.repeats
+    out.dead_lettered = account.dead_lettered
+    undecided = set(account.undecided.values())
+    for partition, offset in account.unaccounted:
+        if (partition, offset) not in undecided:
+            out.violations.append(Violation("unaccounted-offset", f"{partition}:{offset}"))
+    for intent, (partition, offset) in sorted(account.undecided.items()):
+        out.violations.append(Violation("undecided-intent", f"{intent} at {partition}:{offset}"))
+    for intent in account.orphan_decisions:
+        out.violations.append(Violation("orphan-decision", f"intent {intent}"))
+    out.seconds = time.monotonic() - began
+    return out
+
+
+def _check_decisions(
+    out: SaleAudit, terms: dict[str, dict[str, Any]], decisions: list[tuple[str, dict[str, Any]]]
+) -> None:
+    """Oversell, per-user limits, gap-free sequence and remaining stock, per SKU."""
+    bought: Counter[tuple[str, str]] = Counter()
+    by_sku: dict[str, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
+    for name, rec in decisions:
+        by_sku[rec["sku"]].append((name, rec))
+    for sku, items in sorted(by_sku.items()):
+        items.sort(key=lambda item: item[1]["sequence"])
+        fig = out.skus.setdefault(sku, SkuFigures(0))
+        t = terms.get(sku)
+        remaining = t["allocation"] if t else None
+        seqs = [rec["sequence"] for _, rec in items]
+        if seqs != list(range(1, len(seqs) + 1)):
+            missing = sorted(set(range(1, max(seqs) + 1)) - set(seqs))
+            out.violations.append(Violation("sequence-gap", f"{sku}: missing {missing[:SHOWN]}"))
+        for name, rec in items:
+            if name == "IntentAccepted":
+                fig.accepted += 1
+                fig.units_sold += rec["quantity"]
+                bought[(sku, rec["user_id"])] += rec["quantity"]
+                if remaining is not None:
+                    remaining -= rec["quantity"]
+            else:
+                fig.rejected += 1
+            if remaining is not None and rec["remaining"] != remaining:
+                out.violations.append(Violation(
+                    "remaining-mismatch", f"{sku} #{rec['sequence']}: says {rec['remaining']}, "
+                    f"the decisions before it leave {remaining}"))  # fmt: skip
+                remaining = rec["remaining"]  # report each break once, not every later event
+            fig.remaining = rec["remaining"]
+        if t is not None and fig.units_sold > t["allocation"]:
+            sold = f"{sku}: {fig.units_sold} units sold of {t['allocation']}"
+            out.violations.append(Violation("oversell", sold))
+    for (sku, user), units in sorted(bought.items()):
+        limit = terms.get(sku, {}).get("per_user_limit")
+        if limit is not None and units > limit:
+            out.violations.append(Violation("user-limit", f"{sku}: {user} got {units} > {limit}"))
+
+
+def _decode(registry: SchemaRegistry, value: bytes | None) -> tuple[str, dict[str, Any]]:
+    try:
+        return registry.decode(value or b"")
+    except UndecodableRecord:
+        return "", {}
+
+
+def render(audit: SaleAudit) -> str:
+    """The human report."""
+    lines = [f"sale {audit.sale_id}: {'PASS' if audit.passed else 'FAIL'}"]
+    for sku, f in sorted(audit.skus.items()):
+        counts = f"{f.accepted} accepted, {f.rejected} rejected"
+        lines.append(f"  {sku}: allocation {f.allocation}, sold {f.units_sold} ({counts}), "
+                     f"remaining {f.remaining}")  # fmt: skip
+    lines.append(f"  {audit.decisions} decisions; {audit.input_offsets} input offsets "
+                 f"({audit.repeats} repeats, {audit.dead_lettered} dead-lettered)")  # fmt: skip
+    kinds = Counter(v.kind for v in audit.violations)
+    for kind, n in sorted(kinds.items()):
+        shown = [v.detail for v in audit.violations if v.kind == kind][:SHOWN]
+        lines.append(f"  VIOLATION {kind} x{n}: " + "; ".join(shown))
+    rate = f"{audit.records_read / audit.seconds:,.0f}" if audit.seconds else "-"
+    lines.append(f"  read {audit.records_read} records in {audit.seconds:.2f} s ({rate}/s)")
+    return "\n".join(lines)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `flashsale audit sale <sale>`."""
+    p = sub.add_parser("audit", help="check a sale's invariants from the topics alone")
+    what = p.add_subparsers(dest="what", required=True)
+    s = what.add_parser("sale", help="one sale: exit 0 when every invariant holds, 1 when not")
+    s.add_argument("sale_id")
+    s.add_argument("--json", action="store_true", help="print the audit as JSON")
+    s.add_argument("--timeout", type=float, default=120.0, help="seconds to read each topic")
+    s.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Audit one sale; print the report; 0 pass, 1 fail."""
+    from infra.stack import Stack
+
+    bootstrap = Stack(settings).endpoints().bootstrap
+    try:
+        audit = audit_sale(bootstrap, TopicNames.of(settings), args.sale_id, args.timeout)
+    except input_audit.IncompleteRead as exc:
+        print(f"flashsale: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(audit.as_json(), indent=2) if args.json else render(audit))
+    return 0 if audit.passed else 1
