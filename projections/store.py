@@ -72,7 +72,9 @@ FROM ins
 
 _ORDERS_SQL = """
 INSERT INTO orders (order_id, intent_id, sale_id, sku, user_id, quantity, decided_at, sequence)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING
+SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::int[],
+                     %s::timestamptz[], %s::bigint[])
+ON CONFLICT DO NOTHING
 """
 
 _SALES_SQL = """
@@ -131,8 +133,8 @@ def write_batch(
             row = cur.execute(_OUTCOMES_SQL, columns).fetchone()
             inserted = row[0] if row else 0
             orders = rows.orders()
-            if orders:
-                cur.executemany(_ORDERS_SQL, orders)
+            if orders:  # one statement over column arrays, like the outcomes
+                cur.execute(_ORDERS_SQL, [list(c) for c in zip(*orders, strict=True)])
         cur.executemany(_OFFSETS_SQL, [(projection, t, p, o) for (t, p), o in next_offsets.items()])
     return inserted
 
