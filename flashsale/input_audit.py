@@ -81,43 +81,55 @@ def read_topic(bootstrap: str, topic: str, committed_only: bool, timeout: float)
         consumer.close()
 
 
-def account(
-    bootstrap: str, names: TopicNames, sale_id: str | None = None, timeout: float = 60.0
-) -> InputAccount:
-    """Account for every command-topic offset against the decisions and dead letters."""
-    decisions = read_topic(bootstrap, names.decisions, True, timeout)
-    dead = read_topic(bootstrap, names.dead_letters, True, timeout)
-    commands = read_topic(bootstrap, names.sku_commands, False, timeout)
-    return account_records(names, commands, decisions, dead, sale_id)
+Decoded = tuple[int, int, str, dict]  # (partition, offset, record name or "", record)
 
 
-def account_records(
-    names: TopicNames, commands: list, decision_msgs: list, dead_msgs: list,
-    sale_id: str | None = None,
-) -> InputAccount:  # fmt: skip
-    """``account`` over records already read (command, decision and dead-letter topics)."""
-    registry = SchemaRegistry.load_default()
-    decisions: Counter[str] = Counter()
-    for msg in decision_msgs:
-        try:
-            _, record = registry.decode(msg.value() or b"")
-        except UndecodableRecord:
-            continue
-        if sale_id is None or record.get("sale_id") == sale_id:
-            decisions[record["intent_id"]] += 1
-    dead = set()
-    for msg in dead_msgs:
-        h = dict(msg.headers() or [])
-        if h.get("dlq.source.topic", b"").decode() == names.sku_commands:
-            dead.add((int(h["dlq.source.partition"]), int(h["dlq.source.offset"])))
-    acc = InputAccount()
-    asked: set[str] = set()
-    for msg in commands:
-        where = (msg.partition() or 0, msg.offset() or 0)
+def decode_all(registry: SchemaRegistry, msgs: list) -> list[Decoded]:
+    """Each message decoded once; an undecodable one as name "" and an empty record."""
+    out: list[Decoded] = []
+    for msg in msgs:
         try:
             name, record = registry.decode(msg.value() or b"")
         except UndecodableRecord:
             name, record = "", {}
+        out.append((msg.partition() or 0, msg.offset() or 0, name, record))
+    return out
+
+
+def dead_letter_sources(names: TopicNames, msgs: list) -> set[tuple[int, int]]:
+    """(partition, offset) of every command-topic record in the dead-letter topic."""
+    dead = set()
+    for msg in msgs:
+        h = dict(msg.headers() or [])
+        if h.get("dlq.source.topic", b"").decode() == names.sku_commands:
+            dead.add((int(h["dlq.source.partition"]), int(h["dlq.source.offset"])))
+    return dead
+
+
+def account(
+    bootstrap: str, names: TopicNames, sale_id: str | None = None, timeout: float = 60.0
+) -> InputAccount:
+    """Account for every command-topic offset against the decisions and dead letters."""
+    registry = SchemaRegistry.load_default()
+    decisions = decode_all(registry, read_topic(bootstrap, names.decisions, True, timeout))
+    dead = dead_letter_sources(names, read_topic(bootstrap, names.dead_letters, True, timeout))
+    commands = decode_all(registry, read_topic(bootstrap, names.sku_commands, False, timeout))
+    return account_records(commands, decisions, dead, sale_id)
+
+
+def account_records(
+    commands: list[Decoded], decided: list[Decoded], dead: set[tuple[int, int]],
+    sale_id: str | None = None,
+) -> InputAccount:  # fmt: skip
+    """``account`` over decoded command and decision records and the dead-letter sources."""
+    decisions: Counter[str] = Counter()
+    for _, _, name, record in decided:
+        if name and (sale_id is None or record.get("sale_id") == sale_id):
+            decisions[record["intent_id"]] += 1
+    acc = InputAccount()
+    asked: set[str] = set()
+    for partition, offset, name, record in commands:
+        where = (partition, offset)
         if name and sale_id is not None and record.get("sale_id") != sale_id:
             continue
         acc.inputs += 1

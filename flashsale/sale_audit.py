@@ -18,7 +18,7 @@ from typing import Any
 from flashsale import input_audit
 from flashsale.settings import Settings
 from flashsale.topics import TopicNames
-from schemas.codec import SchemaRegistry, UndecodableRecord
+from schemas.codec import SchemaRegistry
 
 DECISIONS = ("IntentAccepted", "IntentRejected")
 SHOWN = 5  # examples listed per kind of violation in the human report
@@ -77,14 +77,16 @@ def audit_sale(
     """Read the topics and check every invariant for ``sale_id``."""
     began = time.monotonic()
     registry = SchemaRegistry.load_default()
-    commands = input_audit.read_topic(bootstrap, names.sku_commands, False, timeout)
-    decided = input_audit.read_topic(bootstrap, names.decisions, True, timeout)
-    dead = input_audit.read_topic(bootstrap, names.dead_letters, True, timeout)
-    out = SaleAudit(sale_id, records_read=len(commands) + len(decided) + len(dead))
+    read = input_audit.read_topic
+    commands_msgs = read(bootstrap, names.sku_commands, False, timeout)
+    decided_msgs = read(bootstrap, names.decisions, True, timeout)
+    dead_msgs = read(bootstrap, names.dead_letters, True, timeout)
+    out = SaleAudit(sale_id, records_read=len(commands_msgs) + len(decided_msgs) + len(dead_msgs))
+    commands = input_audit.decode_all(registry, commands_msgs)
+    decided = input_audit.decode_all(registry, decided_msgs)
 
     terms: dict[str, dict[str, Any]] = {}
-    for msg in commands:
-        name, rec = _decode(registry, msg.value())
+    for _, _, name, rec in commands:
         if name == "SaleOpened" and rec["sale_id"] == sale_id:
             terms.setdefault(rec["sku"], rec)
     if not terms:
@@ -92,11 +94,10 @@ def audit_sale(
     out.skus = {sku: SkuFigures(t["allocation"]) for sku, t in terms.items()}
 
     first: dict[str, tuple[bytes, str, dict[str, Any]]] = {}  # intent id -> its decision
-    for msg in decided:
-        value = msg.value() or b""
-        name, rec = _decode(registry, value)
+    for msg, (_, _, name, rec) in zip(decided_msgs, decided, strict=True):
         if name not in DECISIONS or rec.get("sale_id") != sale_id:
             continue
+        value = msg.value() or b""
         intent = rec["intent_id"]
         if intent in first:
             kind = "second-decision" if first[intent][0] == value else "conflicting-decision"
@@ -106,7 +107,8 @@ def audit_sale(
     out.decisions = len(first)
     _check_decisions(out, terms, [(n, r) for _, n, r in first.values()])
 
-    account = input_audit.account_records(names, commands, decided, dead, sale_id)
+    dead = input_audit.dead_letter_sources(names, dead_msgs)
+    account = input_audit.account_records(commands, decided, dead, sale_id)
     out.input_offsets, out.repeats = account.inputs, account.repeats
     out.dead_lettered = account.dead_lettered
     undecided = set(account.undecided.values())
@@ -160,13 +162,6 @@ def _check_decisions(
         limit = terms.get(sku, {}).get("per_user_limit")
         if limit is not None and units > limit:
             out.violations.append(Violation("user-limit", f"{sku}: {user} got {units} > {limit}"))
-
-
-def _decode(registry: SchemaRegistry, value: bytes | None) -> tuple[str, dict[str, Any]]:
-    try:
-        return registry.decode(value or b"")
-    except UndecodableRecord:
-        return "", {}
 
 
 def render(audit: SaleAudit) -> str:

@@ -156,7 +156,9 @@ class LocalKafka:
         return True
 
     def _format(self, props: Path) -> None:
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = "-"
+        while cluster_id.startswith("-"):  # 1 in 64 would read as an option to StorageTool
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         cmd = [self._java(), "-cp", self._classpath(), *self._log_opts()]
         cmd += ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)]
         result = subprocess.run(cmd, capture_output=True, text=True)
