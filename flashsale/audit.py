@@ -15,6 +15,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from flashsale.input_audit import read_topic
 from flashsale.topics import TopicNames
 from schemas.codec import SchemaRegistry, UndecodableRecord
 
@@ -112,29 +113,14 @@ class DecisionAudit:
 
     def sale_terms(self, timeout: float = 10.0) -> dict[str, dict[str, Any]]:
         """The sale's SaleOpened records per SKU, read from the command topic."""
-        consumer = _consumer(self._bootstrap)
-        topic = self._names.sku_commands
-        md = consumer.list_topics(topic, timeout=10)
-        parts = list(md.topics[topic].partitions)
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p))[1] for p in parts}
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
         terms: dict[str, dict[str, Any]] = {}
-        done: set[int] = {p for p, end in ends.items() if end == 0}
-        deadline = time.monotonic() + timeout
-        while len(done) < len(parts) and time.monotonic() < deadline:
-            for msg in consumer.consume(5000, 0.5):
-                if msg.error():
-                    continue
-                partition, offset = msg.partition() or 0, msg.offset() or 0
-                if offset + 1 >= ends[partition]:
-                    done.add(partition)
-                try:
-                    name, record = self._registry.decode(msg.value() or b"")
-                except UndecodableRecord:
-                    continue
-                if name == "SaleOpened" and record["sale_id"] == self.sale_id:
-                    terms.setdefault(record["sku"], record)
-        consumer.close()
+        for msg in read_topic(self._bootstrap, self._names.sku_commands, False, timeout):
+            try:
+                name, record = self._registry.decode(msg.value() or b"")
+            except UndecodableRecord:
+                continue
+            if name == "SaleOpened" and record["sale_id"] == self.sale_id:
+                terms.setdefault(record["sku"], record)
         return terms
 
     def report(self) -> AuditReport:

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from flashsale import input_audit, sale_audit
+from flashsale import sale_audit
 from flashsale.audit import DecisionAudit
 from flashsale.settings import Settings
 from flashsale.topics import TopicNames
@@ -144,8 +144,8 @@ def _sale(
         for i in expected if i in audit.decisions
     ]  # fmt: skip
     orders = _wait_orders(stack.endpoints().dsn, sale_id, report.accepted, 60.0)
-    inputs = input_audit.account(bootstrap, names, sale_id)
     verdict = sale_audit.audit_sale(bootstrap, names, sale_id)  # what `flashsale audit sale` says
+    inputs = verdict.inputs
     return {
         "sale_id": sale_id,
         "intents": len(plan.intents),

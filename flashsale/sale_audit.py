@@ -51,12 +51,20 @@ class SaleAudit:
     sale_id: str
     skus: dict[str, SkuFigures] = field(default_factory=dict)
     decisions: int = 0
-    input_offsets: int = 0
-    repeats: int = 0
-    dead_lettered: int = 0
+    inputs: input_audit.InputAccount = field(default_factory=input_audit.InputAccount)
     violations: list[Violation] = field(default_factory=list)
     records_read: int = 0
     seconds: float = 0.0
+
+    @property
+    def input_offsets(self) -> int:
+        """Command-topic records of the sale."""
+        return self.inputs.inputs
+
+    @property
+    def repeats(self) -> int:
+        """Intents sent again after their decision (no decision of their own)."""
+        return self.inputs.repeats
 
     @property
     def passed(self) -> bool:
@@ -108,9 +116,7 @@ def audit_sale(
     _check_decisions(out, terms, [(n, r) for _, n, r in first.values()])
 
     dead = input_audit.dead_letter_sources(names, dead_msgs)
-    account = input_audit.account_records(commands, decided, dead, sale_id)
-    out.input_offsets, out.repeats = account.inputs, account.repeats
-    out.dead_lettered = account.dead_lettered
+    out.inputs = account = input_audit.account_records(commands, decided, dead, sale_id)
     undecided = set(account.undecided.values())
     for partition, offset in account.unaccounted:
         if (partition, offset) not in undecided:
@@ -171,8 +177,9 @@ def render(audit: SaleAudit) -> str:
         counts = f"{f.accepted} accepted, {f.rejected} rejected"
         lines.append(f"  {sku}: allocation {f.allocation}, sold {f.units_sold} ({counts}), "
                      f"remaining {f.remaining}")  # fmt: skip
-    lines.append(f"  {audit.decisions} decisions; {audit.input_offsets} input offsets "
-                 f"({audit.repeats} repeats, {audit.dead_lettered} dead-lettered)")  # fmt: skip
+    inputs = audit.inputs
+    lines.append(f"  {audit.decisions} decisions; {inputs.inputs} input offsets "
+                 f"({inputs.repeats} repeats, {inputs.dead_lettered} dead-lettered)")  # fmt: skip
     kinds = Counter(v.kind for v in audit.violations)
     for kind, n in sorted(kinds.items()):
         shown = [v.detail for v in audit.violations if v.kind == kind][:SHOWN]

@@ -182,8 +182,8 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
     async def emit(partition: int, records: list[Any], batch: BatchResult) -> None:
         """Hand a decided batch's output to its transaction, mark it processed (under the gate).
 
-        Decisions are held and sent as one producer batch per partition right before the
-        commit (or once many are held): they are only visible after the commit anyway, and
+        Decisions and changelog records are held and sent as producer batches per partition
+        right before the commit (or once many are held): they count only after the commit, and
         aiokafka sends one request per broker at a time, so sending each small batch on its
         own cost a produce round trip per batch (~1,000 batches/s at 4,000 intents/s).
         """
@@ -201,14 +201,14 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
             else:
                 db.put(key, value)
         changes += batch.writes
-        producer = runtime_mod.transactional_producer(app, names.sku_commands, partition)
         if batch.dead_letters:
             await send_pending(partition)  # the dead letters after what came before them
+            producer = runtime_mod.transactional_producer(app, names.sku_commands, partition)
             runtime.inflight += await _send_dead_letters(producer, names, partition,
                                                          batch.dead_letters)  # fmt: skip
         if runtime.fault is not None:  # tests: send, make it visible, maybe fault
             await send_pending(partition)
-            await producer.flush()
+            await runtime_mod.transactional_producer(app, names.sku_commands, partition).flush()
             runtime.maybe_fault("mid-batch", partition, records[0].offset, records[-1].offset)
         elif len(decisions) + len(changes) >= HOLD_MAX:
             await send_pending(partition)

@@ -33,7 +33,7 @@ The commit protocol (``GatedTransactionManager.commit``), in steps:
    waiting; a batch finished meanwhile is in the transaction and its offset must be too).
 2. If a batch was abandoned half-way (the agent was cancelled mid-batch), exit without
    committing.
-3. Send the decisions the agent holds for the commit, then wait for every record sent in
+3. Send the decisions and changelog records the agent holds, then wait for every record sent in
    this transaction (decisions, dead letters, changelog records) to be acknowledged: aiokafka
    would commit a transaction whose produce request failed.
 4. For every partition's transactional producer at once: send the processed offsets, commit
