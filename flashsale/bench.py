@@ -88,7 +88,8 @@ def _flat(figures: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def core(args: argparse.Namespace, settings: Settings, stack: Stack) -> None:
-    """One inventory worker: in-process cost, backlogs, latency at half the maximum, restart."""
+    """One worker: in-process cost, backlogs, latency at half the max, projection, restart."""
+    from flashsale import projection_bench
     from flashsale import writer_bench as wb
 
     settings = dataclasses.replace(settings, kafka_bootstrap=stack.endpoints().bootstrap)
@@ -115,6 +116,8 @@ def core(args: argparse.Namespace, settings: Settings, stack: Stack) -> None:
     results["latency_at_half_max"] = wb.latency(settings, broker, rate, args.seconds)
     _show(f"latency at {rate} intents/s offered (half the 1,000-SKU maximum)",
           results["latency_at_half_max"])  # fmt: skip
+    results["projection"] = projection_bench.projection(settings, stack.endpoints().dsn, broker, n)
+    _show(f"projection and audit of a {n}-intent sale from offset 0", results["projection"])
     results["restart"] = wb.restart(settings, broker, args.restart_intents)
     _show(f"restart with {args.restart_intents} decided intents in state", results["restart"])
     out = Path(args.out)

@@ -15,7 +15,7 @@ FAULT_EXIT_AT_START = "FLASHSALE_FAULT_EXIT_AT_START"
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the `projector` command to the CLI."""
     p = sub.add_parser("projector", help="project decisions into PostgreSQL until stopped")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=2000)
     p.set_defaults(run=run)
 
 

@@ -1,12 +1,14 @@
 """Pure mapping from decoded records to the projection's rows (no Kafka, no Postgres).
 
-Rows are tuples in the column order of the INSERTs in ``projections.store``; timestamps are
-converted from epoch milliseconds to timezone-aware UTC datetimes.
+Rows are tuples in the column order of the statements in ``projections.store``; the sales'
+timestamps become timezone-aware UTC datetimes, outcomes and orders keep epoch milliseconds
+until ``copy_text`` writes them as ``COPY`` text.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import re
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -19,12 +21,12 @@ SaleRow = tuple[str, str, int, int, int, datetime, datetime, str]
 ClosureRow = tuple[str, str]
 """sale_id, sku."""
 
-OutcomeRow = tuple[str, str, str, str, int, str, str | None, str, str | None, int, int, datetime]
+OutcomeRow = tuple[str, str, str, str, int, str, str | None, str, str | None, int, int, int]
 """intent_id, sale_id, sku, user_id, quantity, outcome, reason, detail, order_id, remaining,
-sequence, decided_at."""
+sequence, decided_at (epoch ms: turned into timestamptz text by ``copy_text``)."""
 
-OrderRow = tuple[str, str, str, str, str, int, datetime, int]
-"""order_id, intent_id, sale_id, sku, user_id, quantity, decided_at, sequence."""
+OrderRow = tuple[str, str, str, str, str, int, int, int]
+"""order_id, intent_id, sale_id, sku, user_id, quantity, decided_at (epoch ms), sequence."""
 
 
 def utc(millis: int) -> datetime:
@@ -68,7 +70,7 @@ def outcome_row(name: str, record: dict[str, Any]) -> OutcomeRow:
         order_id,
         r["remaining"],
         r["sequence"],
-        utc(r["decided_at"]),
+        r["decided_at"],
     )
 
 
@@ -113,3 +115,88 @@ class BatchRows:
 
     def __len__(self) -> int:
         return len(self.sales) + len(self.closures) + len(self.outcomes)
+
+
+CounterRow = tuple[str, str, int, int, int, dict[str, int], int, int]
+"""sale_id, sku, accepted_intents, accepted_units, rejected_intents, rejected_by_reason,
+remaining, last_sequence: what one batch adds to a (sale, SKU)'s ``sale_counters`` row."""
+
+
+def counter_rows(outcomes: Iterable[OutcomeRow]) -> list[CounterRow]:
+    """Per (sale, SKU): the counts of ``outcomes`` and the remaining of the latest sequence."""
+    acc: dict[tuple[str, str], list[Any]] = {}
+    for _, sale_id, sku, _, quantity, outcome, reason, _, _, remaining, sequence, _ in outcomes:
+        c = acc.get((sale_id, sku))
+        if c is None:
+            c = acc[(sale_id, sku)] = [0, 0, 0, {}, remaining, sequence]
+        if outcome == "accepted":
+            c[0] += 1
+            c[1] += quantity
+        else:
+            c[2] += 1
+            c[3][reason] = c[3].get(reason, 0) + 1
+        if sequence > c[5]:
+            c[4], c[5] = remaining, sequence
+    return [(s, k, *c) for (s, k), c in acc.items()]
+
+
+def notify_payloads(outcomes: Iterable[OutcomeRow], limit: int = 7_900) -> list[str]:
+    """``<user_id>:<intent_id>`` lines, several per payload (PostgreSQL caps one at 8,000 B)."""
+    payloads: list[str] = []
+    lines: list[str] = []
+    size = 0
+    for o in outcomes:
+        line = f"{o[3]}:{o[0]}"
+        if lines and size + len(line) + 1 > limit:
+            payloads.append("\n".join(lines))
+            lines, size = [], 0
+        lines.append(line)
+        size += len(line) + 1
+    if lines:
+        payloads.append("\n".join(lines))
+    return payloads
+
+
+_SPECIAL = re.compile(r"[\\\t\n\r]")
+_ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_seconds: dict[int, str] = {}
+
+
+def _timestamp(millis: int) -> str:
+    """``YYYY-MM-DD HH:MM:SS.mmm+00`` (the date part cached per second: decisions bunch up)."""
+    second, ms = divmod(millis, 1000)
+    text = _seconds.get(second)
+    if text is None:
+        if len(_seconds) > 100_000:
+            _seconds.clear()
+        text = _seconds[second] = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return f"{text}.{ms:03d}+00"
+
+
+def _text(value: str | None) -> str:
+    if value is None:
+        return "\\N"
+    # translate() looks up every character: search first, escape the rare value that needs it.
+    return value.translate(_ESCAPE) if _SPECIAL.search(value) else value
+
+
+def outcomes_copy(rows: Iterable[OutcomeRow]) -> str:
+    """Outcome rows as ``COPY intent_outcomes (<OutcomeRow columns>) FROM STDIN`` text.
+
+    Text columns are escaped (backslash, tab, newline, CR), NULL is ``\\N``, the decision
+    time is written from its epoch milliseconds.
+    """
+    t, ts = _text, _timestamp
+    return "".join(
+        f"{t(i)}\t{t(s)}\t{t(k)}\t{t(u)}\t{q}\t{o}\t{t(r)}\t{t(d)}\t{t(oid)}\t{rem}\t{seq}\t{ts(at)}\n"
+        for i, s, k, u, q, o, r, d, oid, rem, seq, at in rows
+    )
+
+
+def orders_copy(rows: Iterable[OrderRow]) -> str:
+    """Order rows as ``COPY orders (<OrderRow columns>) FROM STDIN`` text."""
+    t, ts = _text, _timestamp
+    return "".join(
+        f"{t(o)}\t{t(i)}\t{t(s)}\t{t(k)}\t{t(u)}\t{q}\t{ts(at)}\t{seq}\n"
+        for o, i, s, k, u, q, at, seq in rows
+    )

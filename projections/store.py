@@ -1,80 +1,91 @@
-"""The projection's Postgres side: rows and tracking offsets written in one transaction."""
+"""The outcomes projection's PostgreSQL side: sales, outcomes, orders and counters.
+
+``write`` runs inside the projection runner's transaction (which also moves the tracking
+offsets), so a batch's rows land all together or not at all.
+
+Fast path: outcomes and orders go in with ``COPY``, ~3x the rows/s of an
+``INSERT ... ON CONFLICT`` over the same rows here. The runner only hands over records past
+the tracked offsets, so on a log with one decision per intent id (what the writer
+guarantees) nothing conflicts. A log that repeats a decision in a later batch, or a second
+projection writing the same tables, makes ``COPY`` hit a unique key: the batch then rolls back
+to a savepoint and goes in with ``ON CONFLICT DO NOTHING``, and only the rows actually
+inserted (``RETURNING``) are counted and notified. Either way a decision counts once.
+
+Counters and notifications are computed from the inserted rows in Python
+(``rows.counter_rows``, ``rows.notify_payloads``): one upsert per (sale, SKU) and one
+``NOTIFY`` per ~170 outcomes instead of one per outcome. ``remaining``/``last_sequence``
+follow the greatest sequence, so counters do not depend on the order batches arrive in.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Sequence
 
+import msgspec
 import psycopg
+from psycopg import errors
 
-from projections.rows import BatchRows
+from projections.rows import (
+    BatchRows,
+    OutcomeRow,
+    counter_rows,
+    notify_payloads,
+    orders_copy,
+    outcomes_copy,
+)
 
 PROJECTION_TABLES = ("sales", "orders", "intent_outcomes", "sale_counters")
+CHANNEL = "intent_outcomes"
 
-# Outcomes go in as one statement over unnest()ed column arrays. Only the rows that
-# INSERT ... ON CONFLICT DO NOTHING actually inserted (the RETURNING set) feed the counters,
-# so a decision redelivered in a later batch, or replayed by a second projector racing this
-# one, is counted once. remaining/last_sequence follow the greatest sequence, which makes the
-# counters independent of the order batches arrive in (replays interleave topics differently).
-# NOTIFY payloads are queued per inserted row and delivered only if the transaction commits.
-_OUTCOMES_SQL = """
-WITH input AS (
-    SELECT * FROM unnest(
-        %s::text[], %s::text[], %s::text[], %s::text[], %s::int[], %s::text[], %s::text[],
-        %s::text[], %s::text[], %s::int[], %s::bigint[], %s::timestamptz[]
-    ) AS t(intent_id, sale_id, sku, user_id, quantity, outcome, reason, detail, order_id,
-           remaining, sequence, decided_at)
-), ins AS (
-    INSERT INTO intent_outcomes (intent_id, sale_id, sku, user_id, quantity, outcome, reason,
-                                 detail, order_id, remaining, sequence, decided_at)
-    SELECT * FROM input
-    ON CONFLICT (intent_id) DO NOTHING
-    RETURNING intent_id, sale_id, sku, user_id, quantity, outcome, reason, remaining, sequence
-), reasons AS (
-    SELECT sale_id, sku, jsonb_object_agg(reason, n) AS by_reason
-    FROM (SELECT sale_id, sku, reason, count(*) AS n FROM ins
-          WHERE outcome = 'rejected' GROUP BY sale_id, sku, reason) r
-    GROUP BY sale_id, sku
-), totals AS (
-    SELECT sale_id, sku,
-           count(*) FILTER (WHERE outcome = 'accepted') AS accepted_intents,
-           coalesce(sum(quantity) FILTER (WHERE outcome = 'accepted'), 0) AS accepted_units,
-           count(*) FILTER (WHERE outcome = 'rejected') AS rejected_intents,
-           (array_agg(remaining ORDER BY sequence DESC))[1] AS remaining,
-           max(sequence) AS last_sequence
-    FROM ins GROUP BY sale_id, sku
-), counted AS (
-    INSERT INTO sale_counters AS c (sale_id, sku, accepted_intents, accepted_units,
-                                    rejected_intents, rejected_by_reason, remaining,
-                                    last_sequence)
-    SELECT t.sale_id, t.sku, t.accepted_intents, t.accepted_units, t.rejected_intents,
-           coalesce(r.by_reason, '{}'::jsonb), t.remaining, t.last_sequence
-    FROM totals t LEFT JOIN reasons r USING (sale_id, sku)
-    ON CONFLICT (sale_id, sku) DO UPDATE SET
-        accepted_intents = c.accepted_intents + excluded.accepted_intents,
-        accepted_units = c.accepted_units + excluded.accepted_units,
-        rejected_intents = c.rejected_intents + excluded.rejected_intents,
-        rejected_by_reason = (
-            SELECT coalesce(jsonb_object_agg(key, total), '{}'::jsonb)
-            FROM (SELECT key, sum(value::bigint) AS total
-                  FROM (SELECT * FROM jsonb_each_text(c.rejected_by_reason)
-                        UNION ALL
-                        SELECT * FROM jsonb_each_text(excluded.rejected_by_reason)) kv
-                  GROUP BY key) s),
-        remaining = CASE WHEN excluded.last_sequence > c.last_sequence
-                         THEN excluded.remaining ELSE c.remaining END,
-        last_sequence = greatest(c.last_sequence, excluded.last_sequence)
-    RETURNING 1
+_OUTCOME_COLUMNS = (
+    "intent_id, sale_id, sku, user_id, quantity, outcome, reason, detail, order_id, remaining,"
+    " sequence, decided_at"
 )
-SELECT count(pg_notify('intent_outcomes', user_id || ':' || intent_id)::text),
-       (SELECT count(*) FROM counted)
-FROM ins
+_ORDER_COLUMNS = "order_id, intent_id, sale_id, sku, user_id, quantity, decided_at, sequence"
+
+# Epoch milliseconds <-> timestamptz, exactly (no float on the way).
+_MILLIS = "(timestamptz 'epoch' + {} * interval '1 millisecond')"
+_EPOCH_MS = "(extract(epoch FROM {}) * 1000)::bigint"
+
+_OUTCOMES_SLOW_SQL = f"""
+INSERT INTO intent_outcomes ({_OUTCOME_COLUMNS})
+SELECT i, s, k, u, q, o, r, d, oid, rem, seq, {_MILLIS.format("at")} FROM unnest(
+    %s::text[], %s::text[], %s::text[], %s::text[], %s::int[], %s::text[], %s::text[],
+    %s::text[], %s::text[], %s::int[], %s::bigint[], %s::bigint[])
+    AS t(i, s, k, u, q, o, r, d, oid, rem, seq, at)
+ON CONFLICT (intent_id) DO NOTHING
+RETURNING intent_id, sale_id, sku, user_id, quantity, outcome, reason, detail, order_id,
+          remaining, sequence, {_EPOCH_MS.format("decided_at")}
 """
 
-_ORDERS_SQL = """
-INSERT INTO orders (order_id, intent_id, sale_id, sku, user_id, quantity, decided_at, sequence)
-SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::int[],
-                     %s::timestamptz[], %s::bigint[])
+_ORDERS_SLOW_SQL = f"""
+INSERT INTO orders ({_ORDER_COLUMNS})
+SELECT o, i, s, k, u, q, {_MILLIS.format("at")}, seq
+FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::int[],
+            %s::bigint[], %s::bigint[]) AS t(o, i, s, k, u, q, at, seq)
 ON CONFLICT DO NOTHING
+"""
+
+_COUNTERS_SQL = """
+INSERT INTO sale_counters AS c (sale_id, sku, accepted_intents, accepted_units,
+                                rejected_intents, rejected_by_reason, remaining, last_sequence)
+SELECT s, k, a, u, r, b::jsonb, rem, last
+FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::text[],
+            %s::int[], %s::bigint[]) AS t(s, k, a, u, r, b, rem, last)
+ON CONFLICT (sale_id, sku) DO UPDATE SET
+    accepted_intents = c.accepted_intents + excluded.accepted_intents,
+    accepted_units = c.accepted_units + excluded.accepted_units,
+    rejected_intents = c.rejected_intents + excluded.rejected_intents,
+    rejected_by_reason = (
+        SELECT coalesce(jsonb_object_agg(key, total), '{}'::jsonb)
+        FROM (SELECT key, sum(value::bigint) AS total
+              FROM (SELECT * FROM jsonb_each_text(c.rejected_by_reason)
+                    UNION ALL
+                    SELECT * FROM jsonb_each_text(excluded.rejected_by_reason)) kv
+              GROUP BY key) s),
+    remaining = CASE WHEN excluded.last_sequence > c.last_sequence
+                     THEN excluded.remaining ELSE c.remaining END,
+    last_sequence = greatest(c.last_sequence, excluded.last_sequence)
 """
 
 _SALES_SQL = """
@@ -92,50 +103,53 @@ ON CONFLICT DO NOTHING
 
 _CLOSE_SQL = "UPDATE sales SET closed = true WHERE sale_id = %s AND sku = %s"
 
-# greatest(): a partition revoked mid-batch may be written by two instances; never go back.
-_OFFSETS_SQL = """
-INSERT INTO projection_offsets (projection, topic, partition, next_offset)
-VALUES (%s, %s, %s, %s)
-ON CONFLICT (projection, topic, partition) DO UPDATE SET
-    next_offset = greatest(projection_offsets.next_offset, excluded.next_offset),
-    updated_at = now()
-"""
+_NOTIFY_SQL = "SELECT count(pg_notify(%s, p)) FROM unnest(%s::text[]) AS p"
+
+_json = msgspec.json.Encoder()
 
 
-def read_offsets(
-    conn: psycopg.Connection, projection: str, topics: Collection[str]
-) -> dict[tuple[str, int], int]:
-    """Stored next offsets of ``projection`` for ``topics``, by (topic, partition)."""
-    rows = conn.execute(
-        "SELECT topic, partition, next_offset FROM projection_offsets"
-        " WHERE projection = %s AND topic = ANY(%s)",
-        (projection, list(topics)),
-    ).fetchall()
-    return {(t, p): o for t, p, o in rows}
-
-
-def write_batch(
-    conn: psycopg.Connection,
-    projection: str,
-    rows: BatchRows,
-    next_offsets: Mapping[tuple[str, int], int],
-) -> int:
-    """Write one batch's rows and offsets in one transaction; return outcomes inserted."""
-    inserted = 0
-    with conn.transaction(), conn.cursor() as cur:
+def write(conn: psycopg.Connection, rows: BatchRows, *, notify: bool = True) -> int:
+    """Write one batch's rows (inside the caller's transaction); return outcomes inserted."""
+    with conn.cursor() as cur:
         if rows.sales:
             cur.executemany(_SALES_SQL, rows.sales)
             cur.executemany(_SALE_COUNTERS_SQL, [(s[0], s[1], s[2]) for s in rows.sales])
         if rows.closures:
             cur.executemany(_CLOSE_SQL, rows.closures)
-        if rows.outcomes:
-            columns = [list(c) for c in zip(*rows.outcomes.values(), strict=True)]
-            row = cur.execute(_OUTCOMES_SQL, columns).fetchone()
-            inserted = row[0] if row else 0
-            orders = rows.orders()
-            if orders:  # one statement over column arrays, like the outcomes
-                cur.execute(_ORDERS_SQL, [list(c) for c in zip(*orders, strict=True)])
-        cur.executemany(_OFFSETS_SQL, [(projection, t, p, o) for (t, p), o in next_offsets.items()])
+        if not rows.outcomes:
+            return 0
+        inserted = _insert_outcomes(conn, cur, list(rows.outcomes.values()))
+        counters = counter_rows(inserted)
+        if counters:
+            columns = [list(c) for c in zip(*counters, strict=True)]
+            columns[5] = [_json.encode(by).decode() for by in columns[5]]
+            cur.execute(_COUNTERS_SQL, columns)
+        if notify and inserted:
+            cur.execute(_NOTIFY_SQL, (CHANNEL, notify_payloads(inserted)))
+        return len(inserted)
+
+
+def _insert_outcomes(
+    conn: psycopg.Connection, cur: psycopg.Cursor, outcomes: Sequence[OutcomeRow]
+) -> Sequence[OutcomeRow]:
+    """Insert outcomes and their orders; return the outcomes that were new."""
+    orders = [(o[8], o[0], o[1], o[2], o[3], o[4], o[11], o[10]) for o in outcomes if o[8]]
+    try:
+        with conn.transaction():  # a savepoint: a conflict undoes only this part
+            with cur.copy(f"COPY intent_outcomes ({_OUTCOME_COLUMNS}) FROM STDIN") as copy:
+                copy.write(outcomes_copy(outcomes))
+            if orders:
+                with cur.copy(f"COPY orders ({_ORDER_COLUMNS}) FROM STDIN") as copy:
+                    copy.write(orders_copy(orders))
+        return outcomes
+    except errors.UniqueViolation:
+        pass  # some were projected already (a repeated decision, a second projection)
+    cur.execute(_OUTCOMES_SLOW_SQL, [list(c) for c in zip(*outcomes, strict=True)])
+    inserted: list[OutcomeRow] = cur.fetchall()
+    fresh = {o[0] for o in inserted}
+    new = [o for o in orders if o[1] in fresh]
+    if new:
+        cur.execute(_ORDERS_SLOW_SQL, [list(c) for c in zip(*new, strict=True)])
     return inserted
 
 

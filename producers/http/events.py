@@ -1,10 +1,10 @@
 """Outcome notifications: one LISTEN connection per app server, fanned out per user.
 
-The projector NOTIFYs ``intent_outcomes`` with ``<user_id>:<intent_id>`` for every outcome it
-newly projects. This process listens on one connection and pushes the outcome's status to
-the queues of that user's subscribers (SSE streams) held by this process. Notifications
-that arrive while the connection is down are lost: a client that reconnects reads
-GET /v1/intents/{id} for what it missed.
+The projector NOTIFYs ``intent_outcomes`` with ``<user_id>:<intent_id>`` lines, one per
+outcome it newly projects and up to ~170 per notification. This process listens on one
+connection and pushes the outcome's status to the queues of that user's subscribers (SSE
+streams) held by this process. Notifications that arrive while the connection is down are
+lost: a client that reconnects reads GET /v1/intents/{id} for what it missed.
 """
 
 from __future__ import annotations
@@ -86,13 +86,14 @@ class OutcomeFeed:
             await asyncio.sleep(self._reconnect_s)
 
     async def _deliver(self, payload: str) -> None:
-        user_id, _, intent_id = payload.rpartition(":")
-        subs = self._subscribers.get(user_id)
-        if not subs:
-            return
-        status = await self._lookup(intent_id)
-        if status is None:
-            return
-        for queue in list(subs):
-            with contextlib.suppress(asyncio.QueueFull):  # a stalled client misses events
-                queue.put_nowait(status)
+        for line in payload.split("\n"):
+            user_id, _, intent_id = line.rpartition(":")
+            subs = self._subscribers.get(user_id)
+            if not subs:
+                continue
+            status = await self._lookup(intent_id)
+            if status is None:
+                continue
+            for queue in list(subs):
+                with contextlib.suppress(asyncio.QueueFull):  # a stalled client misses events
+                    queue.put_nowait(status)

@@ -13,6 +13,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from flashsale.settings import Settings
@@ -73,6 +74,14 @@ def test_bench_smoke_prints_and_writes_every_writer_figure(
         assert figures[name]["decisions"] == figures[name]["intents"], name
         assert f"{figures[name]['decisions_per_s']}" in done.stdout
     assert figures["latency_at_half_max"]["decided"] > 0
+    projection = figures["projection"]
+    assert projection["decisions"] == projection["intents"]
+    assert projection["audit"] == "pass"
+    assert f"{projection['projection_decisions_per_s']}" in done.stdout
+    with psycopg.connect(endpoints.dsn) as conn:  # its scratch schema was dropped
+        assert not conn.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'bench\\_%'"
+        ).fetchall()
     restart = figures["restart"]
     assert restart["restart_to_first_decision_s_keeping_rocksdb"] > 0
     assert restart["restart_to_first_decision_s_from_empty_disk"] > 0

@@ -6,7 +6,17 @@ from datetime import UTC, datetime
 
 import pytest
 
-from projections.rows import BatchRows, order_row, outcome_row, sale_row, utc
+from projections.rows import (
+    BatchRows,
+    counter_rows,
+    notify_payloads,
+    order_row,
+    orders_copy,
+    outcome_row,
+    outcomes_copy,
+    sale_row,
+    utc,
+)
 
 ENVELOPE = {"event_id": "e1", "correlation_id": None, "producer": "t", "occurred_at": 1}
 
@@ -42,9 +52,9 @@ def test_utc_keeps_milliseconds():
 def test_accepted_outcome_and_order():
     row = outcome_row("IntentAccepted", accepted("i1", 3))
     assert row == (
-        "i1", "s1", "k1", "u1", 2, "accepted", None, "", "o-i1", 8, 3, utc(1_700_000_000_123),
+        "i1", "s1", "k1", "u1", 2, "accepted", None, "", "o-i1", 8, 3, 1_700_000_000_123,
     )  # fmt: skip
-    assert order_row(row) == ("o-i1", "i1", "s1", "k1", "u1", 2, utc(1_700_000_000_123), 3)
+    assert order_row(row) == ("o-i1", "i1", "s1", "k1", "u1", 2, 1_700_000_000_123, 3)
 
 
 def test_rejected_outcome_has_reason_and_no_order():
@@ -91,3 +101,31 @@ def test_batch_filters_other_sales():
     assert not batch.add("IntentAccepted", accepted("i1", 1))
     assert batch.add("IntentAccepted", accepted("i2", 1, sale_id="s2"))
     assert list(batch.outcomes) == ["i2"] and batch.skipped == 1
+
+
+def test_copy_text_escapes_and_stamps_exactly():
+    row = outcome_row("IntentRejected", {**rejected("i\t3", 5), "user_id": "a\\b\nc"})
+    assert outcomes_copy([row]) == (
+        "i\\t3\ts1\tk1\ta\\\\b\\nc\t2\trejected\tUSER_LIMIT\tlimit 2\t\\N\t8\t5"
+        "\t2023-11-14 22:13:20.123+00\n"
+    )
+    order = order_row(outcome_row("IntentAccepted", accepted("i4", 6, decided_at=7)))
+    assert order is not None
+    assert orders_copy([order]) == "o-i4\ti4\ts1\tk1\tu1\t2\t1970-01-01 00:00:00.007+00\t6\n"
+
+
+def test_counters_follow_the_greatest_sequence_and_count_reasons():
+    rows = [
+        outcome_row("IntentAccepted", accepted("a", 2, remaining=5)),
+        outcome_row("IntentRejected", rejected("b", 3)),
+        outcome_row("IntentAccepted", accepted("c", 1, remaining=7)),
+    ]
+    assert counter_rows(rows) == [("s1", "k1", 2, 4, 1, {"USER_LIMIT": 1}, 8, 3)]
+
+
+def test_notify_payloads_split_below_the_limit():
+    rows = [outcome_row("IntentAccepted", accepted(f"i{n:03d}", n)) for n in range(100)]
+    payloads = notify_payloads(rows, limit=60)
+    assert all(len(p) <= 60 for p in payloads) and len(payloads) > 1
+    lines = [line for p in payloads for line in p.split("\n")]
+    assert lines == [f"u1:i{n:03d}" for n in range(100)]

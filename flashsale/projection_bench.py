@@ -1,0 +1,71 @@
+"""How fast the outcomes projection and the audit read a sale: a scenario of `make bench`.
+
+A sale of ``n`` intents over 1,000 SKUs is decided by one worker in a namespace of its own;
+then, with the worker stopped, the projection rebuilds it from offset 0 into a scratch
+PostgreSQL schema (dropped afterwards), and the audit reads it. Figures: decisions/s from
+start to caught up, and CPU µs per decision of the projector process and its PostgreSQL
+backend (read from /proc), so both sides of the write show.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from flashsale.sale_audit import audit_sale
+from flashsale.settings import Settings
+from flashsale.writer_bench import DecisionReader, Namespace, cpu_seconds
+from producers.commands import SkuAllocation
+from projections import schema
+from projections.postgres import PostgresProjector
+
+
+def projection(settings: Settings, dsn: str, broker_pid: int | None, n: int) -> dict[str, Any]:
+    """Decide an accept-heavy sale of n intents, then project it and audit it from offset 0."""
+    ns = Namespace(settings, "projection", broker_pid)
+    scratch = f"bench_{uuid.uuid4().hex[:8]}"
+    sale = "bench"
+    try:
+        skus = [f"sku-{i:04d}" for i in range(1000)]
+        now = int(time.time() * 1000)
+        allocations = [SkuAllocation(k, n // 1000 + 1, n, 1) for k in skus]
+        ns.producer.open_sale(sale, allocations, now - 1000, now + 3_600_000)
+        ns.intents(n, skus, max(1, n // 4))
+        reader = DecisionReader(ns.bootstrap, ns.names.decisions)
+        ns.start()
+        reader.wait(n, 1800)
+        reader.close()
+        ns.stop()
+        schema.create(dsn, scratch)
+        runner = PostgresProjector(
+            ns.bootstrap,
+            dsn,
+            name="bench",
+            group_id=f"{ns.settings.namespace}-projection",
+            topics=ns.names,
+            search_path=scratch,
+        )
+        try:
+            pg_pid = runner.backend_pid()
+            t0, cpu0, pg0 = time.monotonic(), time.process_time(), cpu_seconds(pg_pid)
+            runner.run_until_caught_up(timeout=1800)
+            seconds = time.monotonic() - t0
+            cpu, pg_cpu = time.process_time() - cpu0, cpu_seconds(pg_pid) - pg0
+        finally:
+            runner.close()
+        audit = audit_sale(ns.bootstrap, ns.names, sale, timeout=1200)
+        return {
+            "intents": n,
+            "decisions": reader.count,
+            "projection_seconds": round(seconds, 2),
+            "projection_decisions_per_s": round(reader.count / seconds),
+            "projector_cpu_us_per_decision": round(cpu / reader.count * 1e6, 1),
+            "postgres_cpu_us_per_decision": round(pg_cpu / reader.count * 1e6, 1),
+            "audit": "pass" if audit.passed else "fail",
+            "audit_records": audit.records_read,
+            "audit_records_per_s": round(audit.records_read / audit.seconds),
+        }
+    finally:
+        schema.drop(dsn, scratch)
+        ns.drop()

@@ -1,0 +1,332 @@
+"""The projection runner: every projection is a ``rows`` + ``write`` pair run by this loop.
+
+One loop for every read model (orders/outcomes/counters today, analytics next):
+
+1. consume a batch (read_committed) from the projection's topics;
+2. decode each record once; records whose schema the projection passes over are skipped by
+   fingerprint, undecodable ones are logged and skipped (the writer dead-letters them);
+3. in **one PostgreSQL transaction**: lock the projection's tracking rows
+   (``projection_offsets``, in sorted order), drop records below the tracked offsets (a
+   racing instance projected them already), ``projection.rows`` (pure) then
+   ``projection.write`` (the store), and move the tracking offsets forward;
+4. commit the consumer offsets asynchronously (for lag monitoring only: PostgreSQL holds the
+   position) and, on assignment, seek to the tracked offsets.
+
+A crash anywhere replays at most the uncommitted batch. ``stop`` returns after the current
+batch; ``run_until_caught_up`` projects to the end offsets seen at its start.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence, Sized
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import psycopg
+import structlog
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+
+from schemas.codec import SchemaRegistry, UndecodableRecord, default_registry
+
+log = structlog.get_logger(__name__)
+
+
+class ProjectionError(RuntimeError):
+    """The projection cannot go on (a fatal Kafka error, or not caught up in time)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """One decoded record and where it sits in the log."""
+
+    topic: str
+    partition: int
+    offset: int
+    name: str
+    record: dict[str, Any]
+
+
+class Projection(Protocol):
+    """A read model: which topics it reads, how records become rows, how rows are stored."""
+
+    name: str  # the tracking name its offsets are stored under
+    topics: tuple[str, ...]
+    passes_over: frozenset[bytes]  # schema fingerprints never decoded (nothing to project)
+
+    def rows(self, records: Sequence[Decoded]) -> Sized:
+        """The batch's rows (pure: no I/O)."""
+        ...
+
+    def write(self, conn: psycopg.Connection, rows: Any) -> int:
+        """Store ``rows`` inside the runner's transaction; return rows written."""
+        ...
+
+
+_ENSURE_SQL = """
+INSERT INTO projection_offsets (projection, topic, partition, next_offset)
+SELECT %s, t, p, 0 FROM unnest(%s::text[], %s::int[]) AS x(t, p)
+ON CONFLICT DO NOTHING
+"""
+_LOCK_SQL = """
+SELECT topic, partition, next_offset FROM projection_offsets
+WHERE projection = %s AND (topic, partition) IN (SELECT * FROM unnest(%s::text[], %s::int[]))
+ORDER BY topic, partition FOR UPDATE
+"""
+# greatest(): never go back, whichever instance committed last.
+_ADVANCE_SQL = """
+UPDATE projection_offsets o SET next_offset = greatest(o.next_offset, x.n), updated_at = now()
+FROM unnest(%s::text[], %s::int[], %s::bigint[]) AS x(t, p, n)
+WHERE o.projection = %s AND o.topic = x.t AND o.partition = x.p
+"""
+
+
+def read_offsets(
+    conn: psycopg.Connection, projection: str, topics: Sequence[str]
+) -> dict[tuple[str, int], int]:
+    """Tracked next offsets of ``projection`` for ``topics``, by (topic, partition)."""
+    rows = conn.execute(
+        "SELECT topic, partition, next_offset FROM projection_offsets"
+        " WHERE projection = %s AND topic = ANY(%s)",
+        (projection, list(topics)),
+    ).fetchall()
+    return {(t, p): o for t, p, o in rows}
+
+
+class ProjectionRunner:
+    """Runs one projection: Kafka in, PostgreSQL out, rows and offsets in one transaction."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        dsn: str,
+        projection: Projection,
+        *,
+        group_id: str,
+        batch_size: int = 2000,
+        poll_timeout: float = 0.5,
+        registry: SchemaRegistry | None = None,
+        search_path: str | None = None,
+    ) -> None:
+        self.projection = projection
+        self.name = projection.name
+        self.topics = projection.topics
+        self._dsn = dsn
+        self._search_path = search_path
+        self._batch_size = batch_size
+        self._poll_timeout = poll_timeout
+        self._registry = registry or default_registry()
+        self._stop = threading.Event()
+        self._conn: psycopg.Connection | None = None
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": group_id,
+                "isolation.level": "read_committed",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "log_level": 3,
+            }
+        )
+        self._next: dict[tuple[str, int], int] = {}  # next offset per assigned partition
+        self._subscribed = False
+        self.rows_written = 0
+        self.records_seen = 0
+        self.busy_seconds = 0.0  # time in batches that had records: rows / this = throughput
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect to PostgreSQL and subscribe; partitions arrive with the first consume."""
+        if self._conn is None:
+            self._conn = psycopg.connect(self._dsn, autocommit=True)
+            if self._search_path is not None:
+                self._conn.execute(
+                    "SELECT set_config('search_path', %s, false)", (self._search_path,)
+                )
+        if not self._subscribed:
+            self._consumer.subscribe(
+                list(self.topics), on_assign=self._on_assign, on_revoke=self._on_revoke
+            )
+            self._subscribed = True
+
+    def backend_pid(self) -> int:
+        """The pid of the PostgreSQL backend this runner writes through (CPU accounting)."""
+        self.start()
+        assert self._conn is not None
+        return self._conn.info.backend_pid
+
+    def stop(self) -> None:
+        """Ask ``run`` to return after the current batch."""
+        self._stop.set()
+
+    def close(self) -> None:
+        """Leave the group and close the PostgreSQL connection."""
+        self._consumer.close()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def run(self, stop_event: threading.Event | None = None) -> None:
+        """Project batches until ``stop_event`` (or ``stop()``) is set, then close."""
+        stop = stop_event or self._stop
+        self.start()
+        log.info("projection.started", projection=self.name, topics=list(self.topics))
+        try:
+            while not (stop.is_set() or self._stop.is_set()):
+                self.poll_batch()
+        finally:
+            self.close()
+            log.info("projection.stopped", projection=self.name, rows=self.rows_written)
+
+    def run_until_caught_up(self, timeout: float = 30.0) -> int:
+        """Project until every partition reaches its end offset as of this call.
+
+        Returns the rows written meanwhile. The consumer stays open (call ``close``).
+        """
+        self.start()
+        deadline = time.monotonic() + timeout
+        targets = self._high_watermarks(timeout)
+        before = self.rows_written
+        while not self._caught_up(targets):
+            if time.monotonic() > deadline:
+                raise ProjectionError(f"{self.name} not caught up after {timeout}s")
+            self.poll_batch()
+        return self.rows_written - before
+
+    # -- one batch ---------------------------------------------------------------------
+    def poll_batch(self) -> int:
+        """Consume and write one batch; return the rows in it."""
+        began = time.monotonic()
+        messages = self._consumer.consume(self._batch_size, self._poll_timeout)
+        if not messages:
+            return 0
+        decoded, offsets, undecodable = self._decode(messages)
+        if not offsets:
+            return 0
+        assert self._conn is not None
+        with self._conn.transaction():
+            tracked = self._lock(offsets)
+            fresh = [d for d in decoded if d.offset >= tracked.get((d.topic, d.partition), 0)]
+            rows = self.projection.rows(fresh)
+            written = self.projection.write(self._conn, rows) if len(rows) else 0
+            self._advance(offsets)
+        self._next.update(offsets)
+        self._consumer.commit(
+            offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+            asynchronous=True,
+        )
+        self.records_seen += len(messages)
+        self.rows_written += len(rows)
+        self.busy_seconds += time.monotonic() - began
+        log.info(
+            "projection.batch",
+            projection=self.name,
+            records=len(messages),
+            rows=len(rows),
+            written=written,
+            already_projected=len(decoded) - len(fresh),
+            undecodable=undecodable,
+            partitions=len(offsets),
+        )
+        return len(rows)
+
+    def _decode(
+        self, messages: list[Message]
+    ) -> tuple[list[Decoded], dict[tuple[str, int], int], int]:
+        decoded: list[Decoded] = []
+        offsets: dict[tuple[str, int], int] = {}
+        undecodable = 0
+        skipped = self.projection.passes_over
+        decode = self._registry.decode
+        for msg in messages:
+            if msg.error() is not None:
+                self._on_kafka_error(msg)
+                continue
+            topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+            assert topic is not None and partition is not None and offset is not None
+            offsets[(topic, partition)] = offset + 1
+            value = msg.value() or b""
+            if value[2:10] in skipped:
+                continue  # e.g. an intent on the command topic: not worth decoding
+            try:
+                name, record = decode(value)
+            except UndecodableRecord as exc:
+                undecodable += 1
+                log.warning(
+                    "projection.undecodable",
+                    topic=topic,
+                    partition=partition,
+                    offset=offset,
+                    reason=exc.reason,
+                )
+                continue
+            decoded.append(Decoded(topic, partition, offset, name, record))
+        return decoded, offsets, undecodable
+
+    def _lock(self, offsets: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:
+        assert self._conn is not None
+        keys = sorted(offsets)
+        columns = ([t for t, _ in keys], [p for _, p in keys])
+        self._conn.execute(_ENSURE_SQL, (self.name, *columns))
+        rows = self._conn.execute(_LOCK_SQL, (self.name, *columns)).fetchall()
+        return {(t, p): o for t, p, o in rows}
+
+    def _advance(self, offsets: dict[tuple[str, int], int]) -> None:
+        assert self._conn is not None
+        keys = sorted(offsets)
+        self._conn.execute(
+            _ADVANCE_SQL,
+            ([t for t, _ in keys], [p for _, p in keys], [offsets[k] for k in keys], self.name),
+        )
+
+    # -- Kafka callbacks and helpers ---------------------------------------------------
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        assert self._conn is not None
+        stored = read_offsets(self._conn, self.name, self.topics)
+        for tp in partitions:
+            tp.offset = stored.get((tp.topic, tp.partition), OFFSET_BEGINNING)
+            self._next[(tp.topic, tp.partition)] = max(tp.offset, 0)
+        consumer.assign(partitions)
+        log.info(
+            "projection.assigned",
+            projection=self.name,
+            partitions=[f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions],
+        )
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._next.pop((tp.topic, tp.partition), None)
+        consumer.unassign()
+
+    def _on_kafka_error(self, msg: Message) -> None:
+        err = msg.error()
+        if err is not None and err.fatal():
+            raise ProjectionError(f"fatal Kafka error: {err}")
+        if err is not None and err.code() != KafkaError._PARTITION_EOF:
+            log.warning("projection.kafka_error", error=str(err))
+
+    def _high_watermarks(self, timeout: float) -> dict[tuple[str, int], int]:
+        metadata = self._consumer.list_topics(timeout=timeout)
+        targets = {}
+        for topic in self.topics:
+            meta = metadata.topics.get(topic)
+            if meta is None or meta.error is not None:
+                raise ProjectionError(f"topic {topic} is not available")
+            for p in meta.partitions:
+                _, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(topic, p), timeout=timeout
+                )
+                targets[(topic, p)] = high
+        return targets
+
+    def _caught_up(self, targets: dict[tuple[str, int], int]) -> bool:
+        if set(targets) - set(self._next):
+            return False  # not (yet) assigned everything
+        behind = [tp for tp, high in targets.items() if self._next[tp] < high]
+        if not behind:
+            return True
+        # Transaction markers take offsets but are never delivered: trust the position too.
+        positions = self._consumer.position([TopicPartition(t, p) for t, p in behind])
+        return all(tp.offset >= targets[(tp.topic, tp.partition)] for tp in positions)
