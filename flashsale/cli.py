@@ -12,7 +12,7 @@ from flashsale.settings import SettingError, Settings
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser with every command group registered."""
-    from flashsale import bench, demo, sale_audit
+    from flashsale import bench, demo, replay, sale_audit
     from infra import commands as infra_commands
     from infra import supervise_command
     from processors import commands as processor_commands
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     http_server.register(sub)
     bench.register(sub)
     sale_audit.register(sub)
+    replay.register(sub)
     return parser
 
 

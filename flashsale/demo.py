@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -13,7 +14,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from flashsale import sale_audit
+from flashsale import replay, sale_audit
 from flashsale.audit import DecisionAudit
 from flashsale.settings import Settings
 from flashsale.topics import TopicNames
@@ -146,6 +147,12 @@ def _sale(
     orders = _wait_orders(stack.endpoints().dsn, sale_id, report.accepted, 60.0)
     verdict = sale_audit.audit_sale(bootstrap, names, sale_id)  # what `flashsale audit sale` says
     inputs = verdict.inputs
+    # What `flashsale replay` says: every projection rebuilt from offset 0 equals the live one.
+    replayed = replay.replay(
+        dataclasses.replace(settings, kafka_bootstrap=bootstrap),
+        stack.endpoints().dsn,
+        progress=False,
+    )
     return {
         "sale_id": sale_id,
         "intents": len(plan.intents),
@@ -177,12 +184,16 @@ def _sale(
         "audit": "pass" if verdict.passed else "fail",
         "audit_violations": [f"{v.kind}: {v.detail}" for v in verdict.violations],
         "audit_records_per_s": verdict.as_json()["records_per_s"],
+        "replay": "same" if replayed.same else "different",
+        "replay_tables_different": [t.table for t in replayed.tables if not t.same],
+        "replay_offsets_per_s": replayed.as_json()["offsets_per_s"],
         "invariants_hold": bool(
             report.invariants_hold
             and inputs.holds
             and not missing
             and orders == report.accepted
             and verdict.passed
+            and replayed.same
         ),
     }
 
@@ -264,6 +275,8 @@ def _print(s: dict[str, Any]) -> None:
         ("intents/s (end to end)", s["intents_per_s"]),
         (f"audit ({s['audit_records_per_s']} records/s)", s["audit"].upper()),
         *(("  violation", v) for v in s["audit_violations"][:10]),
+        (f"replay ({s['replay_offsets_per_s']} offsets/s)", s["replay"].upper()),
+        *(("  different", t) for t in s["replay_tables_different"]),
     ]
     width = max(len(r[0]) for r in rows) + 2
     print()

@@ -1,10 +1,11 @@
-"""How fast the outcomes projection and the audit read a sale: a scenario of `make bench`.
+"""How fast the projection, the audit and the replay read a sale: a `make bench` scenario.
 
 A sale of ``n`` intents over 1,000 SKUs is decided by one worker in a namespace of its own;
 then, with the worker stopped, the projection rebuilds it from offset 0 into a scratch
 PostgreSQL schema (dropped afterwards), and the audit reads it. Figures: decisions/s from
 start to caught up, and CPU µs per decision of the projector process and its PostgreSQL
-backend (read from /proc), so both sides of the write show.
+backend (read from /proc), so both sides of the write show; the audit's records/s; and a
+`flashsale replay` of the same sale compared with that projection, in offsets/s.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 import uuid
 from typing import Any
 
+from flashsale.replay import replay
 from flashsale.sale_audit import audit_sale
 from flashsale.settings import Settings
 from flashsale.writer_bench import DecisionReader, Namespace, cpu_seconds
@@ -55,6 +57,9 @@ def projection(settings: Settings, dsn: str, broker_pid: int | None, n: int) -> 
         finally:
             runner.close()
         audit = audit_sale(ns.bootstrap, ns.names, sale, timeout=1200)
+        # The projection above is the "live" one here: replay again and compare the two.
+        again = replay(ns.settings, dsn, live_schema=scratch, live_projection="bench",
+                       progress=False)  # fmt: skip
         return {
             "intents": n,
             "decisions": reader.count,
@@ -65,6 +70,8 @@ def projection(settings: Settings, dsn: str, broker_pid: int | None, n: int) -> 
             "audit": "pass" if audit.passed else "fail",
             "audit_records": audit.records_read,
             "audit_records_per_s": round(audit.records_read / audit.seconds),
+            "replay": "same" if again.same else "different",
+            "replay_offsets_per_s": again.as_json()["offsets_per_s"],
         }
     finally:
         schema.drop(dsn, scratch)

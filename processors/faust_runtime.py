@@ -357,6 +357,13 @@ class RocksStoreReader:
     def __init__(self, table: Any, partition: int) -> None:
         self._db = partition_db(table, partition)
 
+    @classmethod
+    def over(cls, db: Any) -> RocksStoreReader:
+        """A reader over an open rocksdict (the store contract tests use one of their own)."""
+        reader = cls.__new__(cls)
+        reader._db = db
+        return reader
+
     def get(self, key: bytes) -> bytes | None:
         """Value of ``key`` or None."""
         value = self._db.get(key)

@@ -12,6 +12,12 @@ from flashsale.settings import Settings, env_int
 FAULT_EXIT_AT_START = "FLASHSALE_FAULT_EXIT_AT_START"
 
 
+def live_name(settings: Settings) -> str:
+    """The tracking name of the namespace's running outcomes projection."""
+    ns = settings.namespace
+    return "postgres-projector" if ns == "flashsale" else f"{ns}-postgres"
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the `projector` command to the CLI."""
     p = sub.add_parser("projector", help="project decisions into PostgreSQL until stopped")
@@ -32,11 +38,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     ep = Stack(settings).endpoints()
     resolved = dataclasses.replace(settings, kafka_bootstrap=ep.bootstrap, database_url=ep.dsn)
-    ns = settings.namespace
     main(
         resolved,
-        name="postgres-projector" if ns == "flashsale" else f"{ns}-postgres",
-        group_id=f"{ns}-projector",
+        name=live_name(settings),
+        group_id=f"{settings.namespace}-projector",
         batch_size=args.batch_size,
     )
     return 0

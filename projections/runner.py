@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence, Sized
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -180,10 +180,13 @@ class ProjectionRunner:
             self.close()
             log.info("projection.stopped", projection=self.name, rows=self.rows_written)
 
-    def run_until_caught_up(self, timeout: float = 30.0) -> int:
+    def run_until_caught_up(
+        self, timeout: float = 30.0, on_batch: Callable[[int, int], None] | None = None
+    ) -> int:
         """Project until every partition reaches its end offset as of this call.
 
-        Returns the rows written meanwhile. The consumer stays open (call ``close``).
+        Returns the rows written meanwhile; ``on_batch(done, total)`` is called after each
+        batch with offsets projected and offsets to reach. The consumer stays open.
         """
         self.start()
         deadline = time.monotonic() + timeout
@@ -193,7 +196,14 @@ class ProjectionRunner:
             if time.monotonic() > deadline:
                 raise ProjectionError(f"{self.name} not caught up after {timeout}s")
             self.poll_batch()
+            if on_batch is not None:
+                done = sum(min(self._next.get(tp, 0), end) for tp, end in targets.items())
+                on_batch(done, sum(targets.values()))
         return self.rows_written - before
+
+    def positions(self) -> dict[tuple[str, int], int]:
+        """Next offset to project per assigned partition (what the tracking rows say too)."""
+        return dict(self._next)
 
     # -- one batch ---------------------------------------------------------------------
     def poll_batch(self) -> int:

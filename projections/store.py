@@ -20,6 +20,7 @@ follow the greatest sequence, so counters do not depend on the order batches arr
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
+from typing import Any
 
 import msgspec
 import psycopg
@@ -151,6 +152,21 @@ def _insert_outcomes(
     if new:
         cur.execute(_ORDERS_SLOW_SQL, [list(c) for c in zip(*new, strict=True)])
     return inserted
+
+
+_DUMPS = {
+    "sales": "SELECT sale_id, sku, allocation, per_user_limit, per_order_max, starts_at, ends_at,"
+    " closed, opened_event_id FROM sales",
+    "orders": f"SELECT {_ORDER_COLUMNS} FROM orders",
+    "intent_outcomes": f"SELECT {_OUTCOME_COLUMNS} FROM intent_outcomes",
+    "sale_counters": "SELECT sale_id, sku, accepted_intents, accepted_units, rejected_intents,"
+    " rejected_by_reason, remaining, last_sequence FROM sale_counters",
+}
+
+
+def dump(conn: psycopg.Connection) -> dict[str, list[tuple[Any, ...]]]:
+    """Every projection table as sorted tuples (in the connection's schema), for comparison."""
+    return {t: sorted(conn.execute(q).fetchall()) for t, q in _DUMPS.items()}
 
 
 def reset(dsn: str, projection: str, sale_ids: Collection[str] | None = None) -> None:

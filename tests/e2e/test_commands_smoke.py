@@ -43,7 +43,7 @@ def test_demo_runs_a_small_sale_over_http_and_its_audit_holds(
     argv = ["demo", "--intents", "3000", "--users", "800", "--allocation", "100"]
     done = subprocess.run(
         [sys.executable, "-m", "flashsale.cli", *argv, "--report", str(report)],
-        env=_env(settings, endpoints, f"t-demo-{uuid.uuid4().hex[:8]}"),
+        env=_env(settings, endpoints, namespace := f"t-demo-{uuid.uuid4().hex[:8]}"),
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -54,6 +54,20 @@ def test_demo_runs_a_small_sale_over_http_and_its_audit_holds(
     assert summary["accepted"] > 0 and summary["orders_in_postgres"] == summary["accepted"]
     assert summary["audit"] == "pass" and summary["audit_violations"] == []
     assert "audit (" in done.stdout and "PASS" in done.stdout
+    assert summary["replay"] == "same" and summary["replay_tables_different"] == []
+    # And `flashsale replay` after the demo, its services stopped: every table the same.
+    again = subprocess.run(
+        [sys.executable, "-m", "flashsale.cli", "replay", "--json"],
+        env=_env(settings, endpoints, namespace), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    result = json.loads(again.stdout)
+    assert result["verdict"] == "same" and result["sales"] == 1
+    rows = {t["table"]: t["live_rows"] for t in result["tables"]}
+    assert (
+        rows["orders"] == summary["accepted"]
+        and rows["intent_outcomes"] == summary["unique_intents"]
+    )
 
 
 def test_bench_smoke_prints_and_writes_every_writer_figure(
@@ -76,7 +90,7 @@ def test_bench_smoke_prints_and_writes_every_writer_figure(
     assert figures["latency_at_half_max"]["decided"] > 0
     projection = figures["projection"]
     assert projection["decisions"] == projection["intents"]
-    assert projection["audit"] == "pass"
+    assert projection["audit"] == "pass" and projection["replay"] == "same"
     assert f"{projection['projection_decisions_per_s']}" in done.stdout
     with psycopg.connect(endpoints.dsn) as conn:  # its scratch schema was dropped
         assert not conn.execute(

@@ -1,0 +1,58 @@
+"""The outcomes projection's store in memory: the same contract as ``projections.store``.
+
+For unit tests of projection logic without PostgreSQL, and as the executable statement of
+what the SQL must do (tests/integration/test_projection_store_contract.py runs the same cases
+on both): a decision counts once per intent id whatever batch it arrives in; counters add
+up and follow the greatest sequence; a sale's counters start at its allocation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from projections.rows import BatchRows, counter_rows, order_row, utc
+
+
+class MemoryOutcomeStore:
+    """Sales, orders, intent outcomes and sale counters as dicts."""
+
+    def __init__(self) -> None:
+        self.sales: dict[tuple[str, str], list[Any]] = {}
+        self.orders: dict[str, tuple[Any, ...]] = {}
+        self.outcomes: dict[str, tuple[Any, ...]] = {}
+        self.counters: dict[tuple[str, str], list[Any]] = {}
+
+    def write(self, rows: BatchRows) -> int:
+        """Apply one batch; return the outcomes that were new."""
+        for sale in rows.sales:
+            key = (sale[0], sale[1])
+            self.sales.setdefault(key, [*sale[:7], False, sale[7]])
+            self.counters.setdefault(key, [0, 0, 0, {}, sale[2], 0])
+        for sale_id, sku in rows.closures:
+            if (sale_id, sku) in self.sales:
+                self.sales[(sale_id, sku)][7] = True
+        inserted = [o for o in rows.outcomes.values() if o[0] not in self.outcomes]
+        for outcome in inserted:
+            self.outcomes[outcome[0]] = outcome
+            order = order_row(outcome)
+            if order is not None:
+                self.orders.setdefault(order[0], order)
+        for sale_id, sku, won, units, lost, by, remaining, last in counter_rows(inserted):
+            c = self.counters.get((sale_id, sku))
+            if c is None:
+                self.counters[(sale_id, sku)] = [won, units, lost, dict(by), remaining, last]
+                continue
+            c[0], c[1], c[2] = c[0] + won, c[1] + units, c[2] + lost
+            c[3] = {r: c[3].get(r, 0) + by.get(r, 0) for r in {*c[3], *by}}
+            if last > c[5]:
+                c[4], c[5] = remaining, last
+        return len(inserted)
+
+    def dump(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every table as sorted tuples, timestamps as UTC datetimes (like ``store.dump``)."""
+        return {
+            "sales": sorted(tuple(s) for s in self.sales.values()),
+            "orders": sorted((*o[:6], utc(o[6]), o[7]) for o in self.orders.values()),
+            "intent_outcomes": sorted((*o[:11], utc(o[11])) for o in self.outcomes.values()),
+            "sale_counters": sorted((*k, *c) for k, c in self.counters.items()),
+        }

@@ -1,0 +1,126 @@
+"""The outcomes projection's store contract: in memory and PostgreSQL pass the same cases.
+
+PostgreSQL runs in a scratch schema of its own (dropped afterwards). Each case states the
+tables it expects by hand, so both adapters are held to the same figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import pytest
+
+from infra.stack import Endpoints
+from projections import schema, store
+from projections.memory import MemoryOutcomeStore
+from projections.rows import BatchRows
+
+T = 1_760_000_000_000
+Dump = dict[str, list[tuple[Any, ...]]]
+
+
+class Adapter:
+    def __init__(self, write: Callable[[BatchRows], int], dump: Callable[[], Dump]) -> None:
+        self.write, self.dump = write, dump
+
+
+@pytest.fixture(params=["memory", "postgres"])
+def adapter(request: pytest.FixtureRequest, endpoints: Endpoints, uid: str) -> Iterator[Adapter]:
+    if request.param == "memory":
+        memory = MemoryOutcomeStore()
+        yield Adapter(memory.write, memory.dump)
+        return
+    scratch = f"contract_{uid}"
+    schema.create(endpoints.dsn, scratch)
+    try:
+        with psycopg.connect(endpoints.dsn, autocommit=True) as conn:
+            conn.execute("SELECT set_config('search_path', %s, false)", (scratch,))
+
+            def write(rows: BatchRows) -> int:
+                with conn.transaction():
+                    return store.write(conn, rows, notify=False)
+
+            yield Adapter(write, lambda: store.dump(conn))
+    finally:
+        schema.drop(endpoints.dsn, scratch)
+
+
+def at(millis: int) -> datetime:
+    return datetime.fromtimestamp(millis / 1000, UTC)
+
+
+def opened(sale: str, sku: str, allocation: int) -> dict:
+    return {"event_id": f"open-{sku}", "sale_id": sale, "sku": sku, "allocation": allocation,
+            "per_user_limit": 2, "per_order_max": 2, "starts_at": T,
+            "ends_at": T + 60_000}  # fmt: skip
+
+
+def decision(intent: str, seq: int, remaining: int, *, q: int = 1, reason: str | None = None,
+             user: str = "u1", sku: str = "A") -> tuple[str, dict]:  # fmt: skip
+    record = {"intent_id": intent, "sale_id": "s", "sku": sku, "user_id": user, "quantity": q,
+              "remaining": remaining, "sequence": seq, "decided_at": T + seq}  # fmt: skip
+    if reason is None:
+        return "IntentAccepted", {**record, "order_id": f"ord-{intent}"}
+    return "IntentRejected", {**record, "reason": reason, "detail": reason.lower()}
+
+
+def batch(*items: tuple[str, dict]) -> BatchRows:
+    rows = BatchRows()
+    for name, record in items:
+        rows.add(name, record)
+    return rows
+
+
+def test_a_batch_projects_outcomes_orders_and_counters_from_the_allocation(adapter: Adapter):
+    assert adapter.write(batch(("SaleOpened", opened("s", "A", 5)))) == 0
+    assert (
+        adapter.write(batch(decision("i1", 1, 3, q=2), decision("i2", 2, 3, reason="USER_LIMIT")))
+        == 2
+    )
+    got = adapter.dump()
+    assert got["sales"] == [("s", "A", 5, 2, 2, at(T), at(T + 60_000), False, "open-A")]
+    assert got["orders"] == [("ord-i1", "i1", "s", "A", "u1", 2, at(T + 1), 1)]
+    assert got["intent_outcomes"] == [
+        ("i1", "s", "A", "u1", 2, "accepted", None, "", "ord-i1", 3, 1, at(T + 1)),
+        ("i2", "s", "A", "u1", 1, "rejected", "USER_LIMIT", "user_limit", None, 3, 2, at(T + 2)),
+    ]
+    assert got["sale_counters"] == [("s", "A", 1, 2, 1, {"USER_LIMIT": 1}, 3, 2)]
+
+
+def test_a_decision_seen_again_in_a_later_batch_counts_once(adapter: Adapter):
+    adapter.write(batch(("SaleOpened", opened("s", "A", 5)), decision("i1", 1, 4)))
+    # i1 again (a redelivery) next to a new decision: only i2 is new.
+    assert adapter.write(batch(decision("i1", 1, 4), decision("i2", 2, 3))) == 1
+    assert adapter.write(batch(decision("i2", 2, 3))) == 0
+    got = adapter.dump()
+    assert [o[0] for o in got["orders"]] == ["ord-i1", "ord-i2"]
+    assert got["sale_counters"] == [("s", "A", 2, 2, 0, {}, 3, 2)]
+
+
+def test_counters_follow_the_greatest_sequence_whatever_the_batch_order(adapter: Adapter):
+    adapter.write(
+        batch(decision("i3", 3, 0, reason="SOLD_OUT"), decision("i4", 4, 0, reason="SOLD_OUT"))
+    )
+    adapter.write(batch(decision("i1", 1, 1), decision("i2", 2, 0, reason="USER_LIMIT")))
+    adapter.write(batch(("SaleOpened", opened("s", "A", 2))))  # the terms arrive last
+    got = adapter.dump()
+    assert got["sale_counters"] == [("s", "A", 1, 1, 3, {"SOLD_OUT": 2, "USER_LIMIT": 1}, 0, 4)]
+
+
+def test_closing_marks_the_sale_and_an_unknown_sale_is_left_alone(adapter: Adapter):
+    adapter.write(batch(("SaleOpened", opened("s", "A", 1)), ("SaleOpened", opened("s", "B", 1))))
+    rows = batch()
+    rows.closures += [("s", "A"), ("s", "nope")]
+    adapter.write(rows)
+    assert [(s[1], s[7]) for s in adapter.dump()["sales"]] == [("A", True), ("B", False)]
+
+
+def test_text_with_tabs_newlines_and_backslashes_round_trips(adapter: Adapter):
+    user = "a\tb\\c\nd\re"
+    adapter.write(batch(decision("i1", 1, 0, user=user, sku="K\t1")))
+    got = adapter.dump()
+    assert got["orders"][0][3:5] == ("K\t1", user)
+    assert got["intent_outcomes"][0][2:4] == ("K\t1", user)
