@@ -132,7 +132,7 @@ def audit_sale(
 def _check_decisions(
     out: SaleAudit, terms: dict[str, dict[str, Any]], decisions: list[tuple[str, dict[str, Any]]]
 ) -> None:
-    """Oversell, per-user limits, gap-free sequence and remaining stock, per SKU."""
+    """Oversell, per-user limits, gap-free sequence and remaining stock, per (sale, SKU)."""
     bought: Counter[tuple[str, str]] = Counter()
     by_sku: dict[str, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
     for name, rec in decisions:

@@ -185,6 +185,8 @@ class SaleBook:
     terms: SaleTerms
     remaining: int
     closed: bool = False
+    # Events of this (sale, SKU) so far: each event carries the next number, gap-free from 1.
+    sequence: int = 0
     bought: dict[str, int] = field(default_factory=dict)
     decided: set[str] = field(default_factory=set)
     returns: set[str] = field(default_factory=set)
@@ -199,10 +201,12 @@ class SkuLedger:
     """Everything the single writer of one SKU knows."""
 
     sku: str
-    sequence: int = 0
     sales: dict[str, SaleBook] = field(default_factory=dict)
     # Intent ids rejected as UNKNOWN_SALE: they belong to no SaleBook.
     orphans: set[str] = field(default_factory=set)
+    # Sequence per unknown sale id: its UNKNOWN_SALE rejections are numbered like any
+    # (sale, SKU)'s events, and a book opened later under that id continues the count.
+    orphan_sequences: dict[str, int] = field(default_factory=dict)
 
 
 class WrongLedger(ValueError):
@@ -260,9 +264,9 @@ def _place(ledger: SkuLedger, cmd: PlaceIntent, now: int) -> list[Event]:
         return []  # a repeat: its one decision is already in the log
     if book is not None and book.settled and intent_digest(cmd.intent_id) in book.settled_digests:
         return []  # decided before settlement: that decision stands, none is added
-    seq = ledger.sequence + 1
-    ledger.sequence = seq
     if book is None:
+        seq = ledger.orphan_sequences.get(cmd.sale_id, 0) + 1
+        ledger.orphan_sequences[cmd.sale_id] = seq
         orphan = IntentRejected(
             cmd.intent_id,
             cmd.sale_id,
@@ -277,6 +281,7 @@ def _place(ledger: SkuLedger, cmd: PlaceIntent, now: int) -> list[Event]:
         )
         ledger.orphans.add(cmd.intent_id)
         return [orphan]
+    seq = book.sequence = book.sequence + 1
     fault = _rule_fault(book, cmd, now)
     decision: Decision
     if fault is None:
@@ -319,9 +324,9 @@ def _return(ledger: SkuLedger, cmd: ReturnUnits, now: int) -> list[Event]:
     # Units out = allocation - remaining; never give back more than that.
     applied = min(cmd.quantity, book.terms.allocation - book.remaining)
     book.remaining += applied
-    ledger.sequence += 1
+    book.sequence += 1
     event = UnitsReturned(
-        cmd.sale_id, cmd.sku, cmd.ref, applied, book.remaining, ledger.sequence, now
+        cmd.sale_id, cmd.sku, cmd.ref, applied, book.remaining, book.sequence, now
     )
     book.returns.add(cmd.ref)
     return [event]
@@ -337,7 +342,7 @@ def _settle(ledger: SkuLedger, cmd: SettleSale, now: int) -> list[Event]:
     digests = frozenset(map(intent_digest, forgotten))
     book.settled_digests = digests
     book.decided, book.bought, book.closed, book.settled = set(), {}, True, True
-    return [SaleSettled(cmd.sale_id, cmd.sku, forgotten, digests, ledger.sequence, book.remaining)]
+    return [SaleSettled(cmd.sale_id, cmd.sku, forgotten, digests, book.sequence, book.remaining)]
 
 
 def _open(ledger: SkuLedger, cmd: OpenSale) -> list[Event]:
@@ -351,7 +356,8 @@ def _open(ledger: SkuLedger, cmd: OpenSale) -> list[Event]:
     problem = terms_problem(terms)
     if problem is not None:
         return [SaleRejected(terms.sale_id, terms.sku, problem)]
-    ledger.sales[terms.sale_id] = SaleBook(terms, terms.allocation)
+    sequence = ledger.orphan_sequences.get(terms.sale_id, 0)
+    ledger.sales[terms.sale_id] = SaleBook(terms, terms.allocation, sequence=sequence)
     return []
 
 

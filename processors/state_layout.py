@@ -44,7 +44,7 @@ import msgspec
 
 from processors.decision import SaleBook, SaleTerms, SkuLedger
 
-LAYOUT = b"flashsale-ledger-v2"
+LAYOUT = b"flashsale-ledger-v3"  # v3: sequence per (sale, SKU), not per SKU
 LAYOUT_KEY = b"L"
 CHUNK_BYTES = 900_000
 _SEP = "\x1f"
@@ -91,12 +91,22 @@ def settled_prefix(sku: str, sale_id: str) -> bytes:
 def ledger_ops(ledger: SkuLedger) -> list[list[Any]]:
     """Operations that rebuild ``ledger`` from nothing (a checkpoint's content)."""
     sku = ledger.sku
-    ops: list[list[Any]] = [[SEQ, sku, ledger.sequence]]
+    ops: list[list[Any]] = []
+    if ledger.orphan_sequences:
+        ops.append(seq_op(sku, ledger.orphan_sequences))
     if ledger.orphans:
         ops.append([ORPHANS, sku, sorted(ledger.orphans)])
     for sale_id, book in ledger.sales.items():
         ops += book_ops(sku, sale_id, book, terms=True, ids=book.decided, users=book.bought)
     return ops
+
+
+def seq_op(sku: str, sequences: dict[str, int]) -> list[Any]:
+    """The sequence reached by each unknown sale id, flat: ``[SEQ, sku, [sale, n, ...]]``."""
+    flat: list[Any] = []
+    for sale_id, n in sequences.items():
+        flat += (sale_id, n)
+    return [SEQ, sku, flat]
 
 
 def book_ops(
@@ -115,11 +125,11 @@ def book_ops(
         ops.append([TERMS, sku, sale_id, t.allocation, t.per_user_limit, t.per_order_max,
                     t.starts_at_ms, t.ends_at_ms])  # fmt: skip
     if book.settled:
-        ops.append([SETTLED, sku, sale_id, book.remaining])
+        ops.append([SETTLED, sku, sale_id, book.remaining, book.sequence])
         if ids:  # intents decided after settlement (SALE_ENDED) are remembered as ids
             ops.append([IDS, sku, sale_id, list(ids)])
         return ops
-    ops.append([BOOK, sku, sale_id, book.remaining, book.closed])
+    ops.append([BOOK, sku, sale_id, book.remaining, book.closed, book.sequence])
     if users:
         bought = book.bought
         flat: list[Any] = []
@@ -151,7 +161,7 @@ def chunk_ops(ops: list[list[Any]], limit: int = CHUNK_BYTES) -> list[bytes]:
     current: list[list[Any]] = []
     size = 5  # the chunk's own list header
     for op in ops:
-        split = op[0] in (ORPHANS, BOUGHT, IDS, RETURNS)
+        split = op[0] in (SEQ, ORPHANS, BOUGHT, IDS, RETURNS)
         head = op[:-1] if split else op
         head_size = 10 + sum(map(_size, head))  # with the op's list header (and its items')
         if not split:
@@ -162,7 +172,7 @@ def chunk_ops(ops: list[list[Any]], limit: int = CHUNK_BYTES) -> list[bytes]:
             size += head_size
             continue
         items = op[-1]
-        step = 2 if op[0] == BOUGHT else 1
+        step = 2 if op[0] in (BOUGHT, SEQ) else 1
         start = 0
         while start < len(items):
             room = limit - size - head_size
@@ -198,18 +208,19 @@ def fold(ledgers: dict[str, SkuLedger], value: bytes) -> None:
         if ledger is None:
             ledger = ledgers[sku] = SkuLedger(sku)
         if code == SEQ:
-            ledger.sequence = op[2]
+            flat = op[2]
+            ledger.orphan_sequences.update(zip(flat[::2], flat[1::2], strict=True))
         elif code == ORPHANS:
             ledger.orphans.update(op[2])
         elif code == TERMS:
             sale_id = op[2]
             terms = SaleTerms(sale_id, sku, *op[3:8])
             if sale_id not in ledger.sales:
-                ledger.sales[sale_id] = SaleBook(terms, terms.allocation)
+                ledger.sales[sale_id] = SaleBook(terms, terms.allocation)  # BOOK/SETTLED follow
         else:
             book = ledger.sales[op[2]]
             if code == BOOK:
-                book.remaining, book.closed = op[3], op[4]
+                book.remaining, book.closed, book.sequence = op[3], op[4], op[5]
             elif code == BOUGHT:
                 flat = op[3]
                 book.bought.update(zip(flat[::2], flat[1::2], strict=True))
@@ -218,7 +229,7 @@ def fold(ledgers: dict[str, SkuLedger], value: bytes) -> None:
             elif code == RETURNS:
                 book.returns.update(op[3])
             elif code == SETTLED:
-                book.remaining = op[3]
+                book.remaining, book.sequence = op[3], op[4]
                 if not book.settled:  # a delta after settlement keeps the ids decided since
                     book.decided, book.bought, book.closed, book.settled = set(), {}, True, True
 

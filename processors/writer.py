@@ -395,11 +395,12 @@ _BookChange = tuple[list[bool], list[str], set[str]]  # [is new], new intent ids
 class _Touched:
     """What one batch changed, to write as a delta."""
 
-    __slots__ = ("books", "orphans", "settled", "skus")
+    __slots__ = ("books", "orphan_sales", "orphans", "settled", "skus")
 
     def __init__(self) -> None:
         self.skus: set[str] = set()
         self.orphans: dict[str, list[str]] = {}
+        self.orphan_sales: dict[str, set[str]] = {}  # sku -> unknown sale ids numbered
         # (sku, sale) -> [is new, new intent ids, users whose bought count changed]
         self.books: dict[tuple[str, str], tuple[list[bool], list[str], set[str]]] = {}
         self.settled = False
@@ -417,6 +418,7 @@ class _Touched:
         if not in_book:
             self.skus.add(sku)
             self.orphans.setdefault(sku, []).append(event.intent_id)
+            self.orphan_sales.setdefault(sku, set()).add(event.sale_id)
             return
         _, ids, users = self.book(sku, event.sale_id)
         ids.append(event.intent_id)
@@ -424,7 +426,10 @@ class _Touched:
             users.add(event.user_id)
 
     def ops(self, ledgers: dict[str, SkuLedger]) -> list[list[Any]]:
-        ops: list[list[Any]] = [[layout.SEQ, sku, ledgers[sku].sequence] for sku in self.skus]
+        ops: list[list[Any]] = [
+            layout.seq_op(sku, {s: ledgers[sku].orphan_sequences[s] for s in sales})
+            for sku, sales in self.orphan_sales.items()
+        ]
         ops += [[layout.ORPHANS, sku, ids] for sku, ids in self.orphans.items()]
         for (sku, sale_id), (new, ids, users) in self.books.items():
             book = ledgers[sku].sales[sale_id]

@@ -255,9 +255,18 @@ def run_and_check(stream: list[tuple[int, Command]], seen: Counter[str]) -> SkuL
         else:
             model.close(cmd.sale_id)
 
-    # Sequence numbers of emitted events: gap-free 1..N, in emission order.
-    assert [d.sequence for d in emitted] == list(range(1, len(emitted) + 1))
-    assert ledger.sequence == len(emitted)
+    # Sequence numbers: gap-free 1..N per (sale, SKU), in emission order; the ledger (its book,
+    # or for a sale never opened its orphan count) knows N.
+    by_sale: dict[str, list[int]] = {}
+    for d in emitted:
+        by_sale.setdefault(d.sale_id, []).append(d.sequence)
+    for sale_id, numbers in by_sale.items():
+        assert numbers == list(range(1, len(numbers) + 1)), (sale_id, numbers)
+        book = ledger.sales.get(sale_id)
+        known = book.sequence if book is not None else ledger.orphan_sequences[sale_id]
+        assert known == len(numbers), sale_id
+        if any(n >= 2 for n in numbers) and len(by_sale) > 1:
+            seen["sequence-per-sale"] += 1
     # Invariants computed from the emitted events alone.
     for sale_id, book in ledger.sales.items():
         accepted = [d for d in decisions if isinstance(d, IntentAccepted) and d.sale_id == sale_id]
@@ -333,7 +342,9 @@ def check_many(with_returns: bool, examples: int) -> Counter[str]:
 
 def test_decisions_match_reference_model_and_hold_invariants() -> None:
     per_example = check_many(with_returns=False, examples=400)
-    # Guard against a vacuous pass: the stressors must actually have been exercised.
+    # Guard against a vacuous pass: the stressors must actually have been exercised. At least
+    # once, not 5 times: INSUFFICIENT_STOCK came up in 5 to 35 of 400 examples over three runs,
+    # so a guard of 5 failed now and then with nothing wrong (an unexplained CI failure).
     for label in (
         "repeat",
         "ACCEPTED",
@@ -346,8 +357,9 @@ def test_decisions_match_reference_model_and_hold_invariants() -> None:
         "user-at-limit",
         "sold-out-sale",
         "settled",
+        "sequence-per-sale",
     ):
-        assert per_example[label] >= 5, (label, per_example)
+        assert per_example[label] >= 1, (label, per_example)
 
 
 def test_returned_units_keep_accounting_coherent() -> None:

@@ -73,7 +73,7 @@ def test_a_repeated_intent_yields_no_event_and_changes_nothing() -> None:
     before = copy.deepcopy(ledger)
     assert decide(ledger, PlaceIntent("i1", "u1", "sale-1", SKU, 2), START + 5) == []
     assert ledger == before
-    assert ledger.sequence == 1 and ledger.sales["sale-1"].remaining == 3
+    assert ledger.sales["sale-1"].sequence == 1 and ledger.sales["sale-1"].remaining == 3
 
 
 def test_a_repeated_intent_id_with_another_payload_is_still_a_repeat() -> None:
@@ -96,7 +96,7 @@ def test_unknown_sale() -> None:
     assert reason(first) is RejectionReason.UNKNOWN_SALE
     assert ledger.orphans == {"i1"}
     assert decide(ledger, PlaceIntent("i1", "u1", "nope", SKU, 1), START) == []
-    assert ledger.sequence == 1
+    assert ledger.orphan_sequences == {"nope": 1} and ledger.sales["sale-1"].sequence == 0
 
 
 @pytest.mark.parametrize("qty", [0, -1])
@@ -143,10 +143,16 @@ def test_insufficient_stock() -> None:
     assert reason(place(ledger, "i3", user="c", qty=2)) is RejectionReason.INSUFFICIENT_STOCK
 
 
-def test_rejections_take_a_sequence_number_too() -> None:
+def test_rejections_take_a_sequence_number_too_counted_per_sale_and_sku() -> None:
     ledger = opened()
-    events = [place(ledger, "i1", qty=9), place(ledger, "i2"), place(ledger, "i3", sale="x")]
-    assert [e.sequence for e in events] == [1, 2, 3]
+    events = [place(ledger, "i1", qty=9), place(ledger, "i2"), place(ledger, "i3", sale="x"),
+              place(ledger, "i4"), place(ledger, "i5", sale="x")]  # fmt: skip
+    assert [(e.sale_id, e.sequence) for e in events] == [
+        ("sale-1", 1), ("sale-1", 2), ("x", 1), ("sale-1", 3), ("x", 2),
+    ]  # fmt: skip
+    # A sale opened under an id that already had UNKNOWN_SALE rejections continues their count.
+    decide(ledger, OpenSale(SaleTerms("x", SKU, 5, 3, 2, START, END)), START)
+    assert place(ledger, "i6", sale="x").sequence == 3
 
 
 def test_open_sale_replay_conflict_and_invalid_terms() -> None:

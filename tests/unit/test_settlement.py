@@ -59,7 +59,7 @@ def test_settled_sale_forgets_decisions_but_never_redecides_them() -> None:
     assert book.settled_digests == settled.digests
     # A repeat of a decided intent gets nothing new: its first decision stands.
     assert decide(ledger, PlaceIntent("i0", "u0", "s", "A", 1), T0 + 5) == []
-    assert ledger.sequence == 5
+    assert ledger.sales["s"].sequence == 5
     # A brand-new intent still gets exactly one decision, with the next sequence number.
     (new,) = decide(ledger, PlaceIntent("fresh", "u9", "s", "A", 1), T0 + 5)
     assert isinstance(new, IntentRejected) and new.reason is RejectionReason.SALE_ENDED

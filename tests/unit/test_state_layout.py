@@ -260,8 +260,11 @@ def test_a_layout_marker_left_by_a_batch_that_never_committed_is_not_state() -> 
 
 
 def test_a_big_ledger_is_chunked_under_the_record_limit_and_folds_back_whole() -> None:
-    ledger = SkuLedger("SKU-big", sequence=200_000, orphans={f"orphan-{i:06d}" for i in range(50)})
-    book = SaleBook(SaleTerms("sale-big", "SKU-big", 10**6, 5, 5, 0, 10**13), remaining=400_000)
+    unknown = {f"nope-{i:06d}": 1 + i % 7 for i in range(30_000)}  # its SEQ op alone is > 1 chunk
+    ledger = SkuLedger("SKU-big", orphans={f"orphan-{i:06d}" for i in range(50)},
+                       orphan_sequences=unknown)  # fmt: skip
+    book = SaleBook(SaleTerms("sale-big", "SKU-big", 10**6, 5, 5, 0, 10**13), remaining=400_000,
+                    sequence=200_000)  # fmt: skip
     book.decided = {f"{i:032x}" for i in range(200_000)}
     book.bought = {f"user-{i:08d}": 1 + i % 5 for i in range(100_000)}
     ledger.sales["sale-big"] = book
@@ -289,9 +292,11 @@ ids = st.text(min_size=1, max_size=128)
 def test_chunks_stay_under_any_limit_for_any_ids_and_fold_to_the_same_ledger(
     decided: set[str], bought: dict[str, int], orphans: set[str], sale_ids: list[str], limit: int
 ) -> None:
-    ledger = SkuLedger("S\u00e9-\U0001f600" * 20, sequence=len(decided), orphans=orphans)
+    ledger = SkuLedger("S\u00e9-\U0001f600" * 20, orphans=orphans,
+                       orphan_sequences={o: len(o) for o in orphans})  # fmt: skip
     for sale_id in sale_ids:
-        book = SaleBook(SaleTerms(sale_id, ledger.sku, 10, 3, 2, 0, 10), remaining=4)
+        book = SaleBook(SaleTerms(sale_id, ledger.sku, 10, 3, 2, 0, 10), remaining=4,
+                        sequence=len(decided))  # fmt: skip
         book.decided, book.bought = set(decided), dict(bought)
         ledger.sales[sale_id] = book
 
