@@ -28,7 +28,9 @@ def configure(
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # WriteLogger writes line and newline in one call; PrintLogger's print() makes two, and
+        # another thread's log line landed between them (a JSON line with Faust's text glued on).
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     # Libraries (aiokafka, faust, psycopg) log through stdlib: route them to the same stream.
