@@ -230,7 +230,7 @@ class ProjectionRunner:
         self.records_seen += len(messages)
         self.rows_written += len(rows)
         self.busy_seconds += time.monotonic() - began
-        log.info(
+        log.debug(  # ~10 a second while catching up: too many for info
             "projection.batch",
             projection=self.name,
             records=len(messages),
