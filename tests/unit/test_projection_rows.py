@@ -129,3 +129,11 @@ def test_notify_payloads_split_below_the_limit():
     assert all(len(p) <= 60 for p in payloads) and len(payloads) > 1
     lines = [line for p in payloads for line in p.split("\n")]
     assert lines == [f"u1:i{n:03d}" for n in range(100)]
+
+
+def test_notify_payloads_count_bytes_not_characters():
+    rows = [
+        outcome_row("IntentAccepted", accepted(f"i{n}", n, user_id="\u00e9" * 30)) for n in range(9)
+    ]
+    payloads = notify_payloads(rows, limit=200)
+    assert all(len(p.encode()) <= 200 for p in payloads) and len(payloads) > 1
