@@ -20,6 +20,7 @@ import uuid
 from typing import Any
 
 import psycopg
+from confluent_kafka import KafkaException
 from psycopg import sql
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
@@ -29,7 +30,7 @@ from flashsale.topics import TopicNames
 from projections import schema
 from projections.commands import live_name
 from projections.postgres import PostgresProjector
-from projections.runner import read_offsets
+from projections.runner import ProjectionError, read_offsets
 from projections.store import PROJECTION_TABLES
 
 # Columns that record when a row was written, not what the log says.
@@ -244,8 +245,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         ep = stack.endpoints()
         resolved = dataclasses.replace(settings, kafka_bootstrap=ep.bootstrap)
         result = replay(resolved, ep.dsn, wait_s=args.wait, keep=args.keep, progress=not args.json)
-    except ReplayError as exc:
-        print(f"flashsale: error: {exc}", file=sys.stderr)
+    except (ReplayError, ProjectionError, psycopg.Error, KafkaException) as exc:
+        # Exit 1 means "different": a replay that could not finish must not look like one.
+        print(f"flashsale: error: replay could not compare: {exc}", file=sys.stderr)
         return 2
     finally:
         if any(started.values()):

@@ -155,12 +155,16 @@ def _check_decisions(
                     remaining -= rec["quantity"]
             else:
                 fig.rejected += 1
-            if remaining is not None and rec["remaining"] != remaining:
+            # A rejection of the sale before it was opened (UNKNOWN_SALE) says 0 remaining:
+            # there was nothing to sell yet, not a wrong count.
+            unknown = rec.get("reason") == "UNKNOWN_SALE"
+            if remaining is not None and not unknown and rec["remaining"] != remaining:
                 out.violations.append(Violation(
                     "remaining-mismatch", f"{sku} #{rec['sequence']}: says {rec['remaining']}, "
                     f"the decisions before it leave {remaining}"))  # fmt: skip
                 remaining = rec["remaining"]  # report each break once, not every later event
-            fig.remaining = rec["remaining"]
+            if not unknown:
+                fig.remaining = rec["remaining"]
         if t is not None and fig.units_sold > t["allocation"]:
             sold = f"{sku}: {fig.units_sold} units sold of {t['allocation']}"
             out.violations.append(Violation("oversell", sold))

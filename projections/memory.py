@@ -27,7 +27,9 @@ class MemoryOutcomeStore:
         for sale in rows.sales:
             key = (sale[0], sale[1])
             self.sales.setdefault(key, [*sale[:7], False, sale[7]])
-            self.counters.setdefault(key, [0, 0, 0, {}, sale[2], 0])
+            counters = self.counters.setdefault(key, [0, 0, 0, {}, sale[2], 0])
+            if counters[5] == 0:  # only rejections of the sale before it opened so far
+                counters[4] = sale[2]
         for sale_id, sku in rows.closures:
             if (sale_id, sku) in self.sales:
                 self.sales[(sale_id, sku)][7] = True

@@ -123,19 +123,24 @@ remaining, last_sequence: what one batch adds to a (sale, SKU)'s ``sale_counters
 
 
 def counter_rows(outcomes: Iterable[OutcomeRow]) -> list[CounterRow]:
-    """Per (sale, SKU): the counts of ``outcomes`` and the remaining of the latest sequence."""
+    """Per (sale, SKU): the counts of ``outcomes`` and the remaining of the latest sequence.
+
+    Rejections of a sale not open yet (``UNKNOWN_SALE``) count as rejections but say nothing
+    about its stock: they leave ``remaining``/``last_sequence`` at 0 (unknown), so a sale
+    opened later starts from its allocation.
+    """
     acc: dict[tuple[str, str], list[Any]] = {}
     for _, sale_id, sku, _, quantity, outcome, reason, _, _, remaining, sequence, _ in outcomes:
         c = acc.get((sale_id, sku))
         if c is None:
-            c = acc[(sale_id, sku)] = [0, 0, 0, {}, remaining, sequence]
+            c = acc[(sale_id, sku)] = [0, 0, 0, {}, 0, 0]
         if outcome == "accepted":
             c[0] += 1
             c[1] += quantity
         else:
             c[2] += 1
             c[3][reason] = c[3].get(reason, 0) + 1
-        if sequence > c[5]:
+        if sequence > c[5] and reason != "UNKNOWN_SALE":
             c[4], c[5] = remaining, sequence
     return [(s, k, *c) for (s, k), c in acc.items()]
 

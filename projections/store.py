@@ -96,10 +96,12 @@ VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING
 """
 
 # A sale's counters exist from its opening, with the whole allocation remaining; decisions
-# (whichever arrives first on replay) then only add to them.
+# (whichever arrives first on replay) then only add to them. A row made earlier by rejections
+# of the sale before it opened (UNKNOWN_SALE: last_sequence still 0) gets the allocation.
 _SALE_COUNTERS_SQL = """
-INSERT INTO sale_counters (sale_id, sku, remaining) VALUES (%s, %s, %s)
-ON CONFLICT DO NOTHING
+INSERT INTO sale_counters AS c (sale_id, sku, remaining) VALUES (%s, %s, %s)
+ON CONFLICT (sale_id, sku) DO UPDATE SET remaining = excluded.remaining
+WHERE c.last_sequence = 0
 """
 
 _CLOSE_SQL = "UPDATE sales SET closed = true WHERE sale_id = %s AND sku = %s"

@@ -124,3 +124,19 @@ def test_text_with_tabs_newlines_and_backslashes_round_trips(adapter: Adapter):
     got = adapter.dump()
     assert got["orders"][0][3:5] == ("K\t1", user)
     assert got["intent_outcomes"][0][2:4] == ("K\t1", user)
+
+
+def test_rejections_before_the_sale_opened_leave_its_allocation(adapter: Adapter):
+    early = [decision(f"i{n}", n, 0, reason="UNKNOWN_SALE") for n in (1, 2)]
+    adapter.write(batch(*early))
+    adapter.write(batch(("SaleOpened", opened("s", "A", 5))))
+    assert adapter.dump()["sale_counters"] == [("s", "A", 0, 0, 2, {"UNKNOWN_SALE": 2}, 5, 0)]
+    adapter.write(batch(decision("i3", 3, 4)))
+    assert adapter.dump()["sale_counters"] == [("s", "A", 1, 1, 2, {"UNKNOWN_SALE": 2}, 4, 3)]
+
+
+def test_rejections_of_a_sale_not_yet_opened_after_its_terms_change_nothing_else(adapter: Adapter):
+    adapter.write(
+        batch(("SaleOpened", opened("s", "A", 5)), decision("i1", 1, 0, reason="UNKNOWN_SALE"))
+    )
+    assert adapter.dump()["sale_counters"] == [("s", "A", 0, 0, 1, {"UNKNOWN_SALE": 1}, 5, 0)]
