@@ -185,13 +185,17 @@ def test_worker_paused_past_its_transaction_is_fenced_exits_and_is_replaced(
         audit.close()
         paused = pipeline.processor.pid()
         assert paused is not None and 0 < decided_before < len(b.expected), "pause mid-backlog"
-        # A pause that catches an open transaction with records in it gets that transaction
-        # aborted; one that falls between a commit and the next batch's first send leaves
-        # nothing to abort, and the worker rightly goes on. Pause until one hits.
+        # A pause that catches work in flight (records held or an open transaction) ends in the
+        # watchdog or a fenced commit; one that falls on an idle worker leaves nothing to abort,
+        # and the worker rightly goes on. Pause until one hits. Fresh input is written while
+        # the worker is stopped, so it is surely busy with it half a second after it resumes (a
+        # fast worker used to finish input written while it ran before the pause came).
         for attempt in range(4):
-            if attempt:  # fresh input, so that the worker is busy again when paused
+            if attempt:
+                os.kill(paused, signal.SIGSTOP)
                 write_backlog(pipeline, f"{uid}r{attempt}", intents=20_000)
-                time.sleep(0.3)
+                os.kill(paused, signal.SIGCONT)
+                time.sleep(0.5)
             os.kill(paused, signal.SIGSTOP)
             time.sleep(8)  # past the transaction timeout and the broker's abort check
             os.kill(paused, signal.SIGCONT)
