@@ -1,8 +1,8 @@
 """An independent check of a sale from the topics alone: oversell, duplicates, losses.
 
-It shares no state with the processor: it reads the sale's terms from the command topic
-and every decision from the decision topic (read_committed) with its own consumer, and
-counts each intent id once.
+It shares no state with the processor: it reads the sale's terms (SaleOpened) and every
+decision from the decisions topic (read_committed) with its own consumer, and counts each
+intent id once.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from flashsale.input_audit import read_topic
 from flashsale.topics import TopicNames
 from schemas.codec import SchemaRegistry, UndecodableRecord
+
+DECISIONS = ("IntentAccepted", "IntentRejected")
 
 
 @dataclass
@@ -86,7 +88,7 @@ class DecisionAudit:
                 name, record = self._registry.decode(value)
             except UndecodableRecord:
                 continue
-            if record.get("sale_id") != self.sale_id:
+            if record.get("sale_id") != self.sale_id or name not in DECISIONS:
                 continue
             self._seen += 1
             intent = record["intent_id"]
@@ -111,28 +113,34 @@ class DecisionAudit:
             missing = intent_ids - self.decisions.keys()
         return missing
 
-    def sale_terms(self, timeout: float = 10.0) -> dict[str, dict[str, Any]]:
-        """The sale's SaleOpened records per SKU, read from the command topic."""
+    def sale_facts(self, timeout: float = 10.0) -> tuple[dict[str, dict[str, Any]], list[Any]]:
+        """The sale's SaleOpened records per SKU, and every other fact that is not a decision."""
         terms: dict[str, dict[str, Any]] = {}
-        for msg in read_topic(self._bootstrap, self._names.sku_commands, False, timeout):
+        facts: list[Any] = []
+        for msg in read_topic(self._bootstrap, self._names.decisions, True, timeout):
             try:
                 name, record = self._registry.decode(msg.value() or b"")
             except UndecodableRecord:
                 continue
-            if name == "SaleOpened" and record["sale_id"] == self.sale_id:
+            if record.get("sale_id") != self.sale_id or name in DECISIONS:
+                continue
+            facts.append(record)
+            if name == "SaleOpened":
                 terms.setdefault(record["sku"], record)
-        return terms
+        return terms, facts
 
     def report(self) -> AuditReport:
         """Invariants computed from the decisions collected so far."""
         rep = AuditReport(decisions_seen=self._seen, repeated_decisions=self._repeats)
         rep.conflicting = list(self._conflicts)
-        terms = self.sale_terms()
+        terms, facts = self.sale_facts()
         rep.allocation = {sku: t["allocation"] for sku, t in terms.items()}
         units: Counter[str] = Counter()
         per_user: Counter[tuple[str, str]] = Counter()
         reasons: Counter[str] = Counter()
         sequences: dict[str, list[int]] = defaultdict(list)
+        for r in facts:
+            sequences[r["sku"]].append(r["sequence"])
         for _, r in self.decisions.values():
             sequences[r["sku"]].append(r["sequence"])
             if r["_name"] == "IntentAccepted":
@@ -150,7 +158,7 @@ class DecisionAudit:
                 rep.user_limit_breaches += 1
         for sku, seqs in sequences.items():
             seqs.sort()
-            # The sale's SKUs are its own, so their sequences must run 1..N without gaps.
+            # Every event of (sale, SKU), facts and decisions, is numbered 1..N without gaps.
             if seqs != list(range(1, len(seqs) + 1)):
                 rep.sequence_gaps[sku] = len(set(range(1, max(seqs) + 1)) - set(seqs))
         return rep

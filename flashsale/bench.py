@@ -137,7 +137,7 @@ def in_process(n: int) -> dict[str, Any]:
     registry = SchemaRegistry.load_default()
     writer = PartitionWriter(registry, 0)
     now = int(time.time() * 1000)
-    opened = registry.encode("SaleOpened", {
+    opened = registry.encode("OpenSale", {
         "event_id": "e", "correlation_id": None, "producer": "bench", "occurred_at": now,
         "sale_id": "s", "sku": "hot", "allocation": n, "per_user_limit": n,
         "per_order_max": 2, "starts_at": now - 1000, "ends_at": now + 3_600_000})  # fmt: skip

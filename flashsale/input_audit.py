@@ -4,7 +4,7 @@ For each record of the command topic (up to the end offsets seen at the start): 
 intent whose id appears here for the first time must have exactly one decision in the
 committed decision log; a later record with the same intent id is a *repeat* and must add no
 decision; a record that cannot be decoded must be in the dead-letter topic under its source
-partition and offset; sale commands (open, close, settle) need no decision. Nothing here
+partition and offset; sale commands (open, close, settle, return) need no decision. Nothing here
 shares code or state with the processor.
 """
 
@@ -19,6 +19,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from flashsale.topics import TopicNames
 from schemas.codec import SchemaRegistry, UndecodableRecord
+
+DECISIONS = ("IntentAccepted", "IntentRejected")  # the other facts answer no intent
 
 
 @dataclass
@@ -124,7 +126,7 @@ def account_records(
     """``account`` over decoded command and decision records and the dead-letter sources."""
     decisions: Counter[str] = Counter()
     for _, _, name, record in decided:
-        if name and (sale_id is None or record.get("sale_id") == sale_id):
+        if name in DECISIONS and (sale_id is None or record.get("sale_id") == sale_id):
             decisions[record["intent_id"]] += 1
     acc = InputAccount()
     asked: set[str] = set()
@@ -143,7 +145,7 @@ def account_records(
                 acc.unaccounted.append(where)
                 acc.undecided[intent] = where
             asked.add(intent)
-        elif name in ("SaleOpened", "SaleClosed", "SaleSettled"):
+        elif name in ("OpenSale", "CloseSale", "SettleSale", "ReturnUnits"):
             acc.sale_commands += 1
         elif where in dead:
             acc.dead_lettered += 1

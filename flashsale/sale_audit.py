@@ -1,8 +1,11 @@
 """`flashsale audit sale <sale>`: what the log alone proves about a sale.
 
-Reads the command, decision (read_committed) and dead-letter topics from offset 0 to the end
-offsets seen at the start, with consumers of its own: no PostgreSQL, no writer state. Every
-invariant the log can prove today is checked; each failure is a ``Violation`` naming its kind.
+Reads the command, decisions (read_committed) and dead-letter topics from offset 0 to the end
+offsets seen at the start, with consumers of its own: no PostgreSQL, no writer state. The
+terms and every fact come from the decisions topic; the command topic is read only to account
+for every input offset. Every invariant the log can prove today is checked, and every event is
+decided again by the core under the rules version its sale opened with; each failure is a
+``Violation`` naming its kind.
 """
 
 from __future__ import annotations
@@ -18,6 +21,25 @@ from typing import Any
 from flashsale import input_audit
 from flashsale.settings import Settings
 from flashsale.topics import TopicNames
+from processors.core import (
+    CloseSale,
+    Command,
+    Event,
+    IntentAccepted,
+    IntentRejected,
+    OpenSale,
+    PlaceIntent,
+    ReturnUnits,
+    SaleClosed,
+    SaleOpened,
+    SaleSettled,
+    SettleSale,
+    SkuLedger,
+    UnitsReturned,
+    decide,
+    evolve,
+)
+from processors.records import event_from_record
 from schemas.codec import SchemaRegistry
 
 DECISIONS = ("IntentAccepted", "IntentRejected")
@@ -29,7 +51,8 @@ class Violation:
     """One broken invariant: its kind and where."""
 
     kind: str  # oversell, user-limit, second-decision, conflicting-decision, undecided-intent,
-    # unaccounted-offset, orphan-decision, sequence-gap, remaining-mismatch, no-terms
+    # unaccounted-offset, orphan-decision, sequence-gap, remaining-mismatch, no-terms,
+    # rules-mismatch (the sale's rules version would not decide so), unfoldable
     detail: str
 
 
@@ -38,10 +61,12 @@ class SkuFigures:
     """One SKU of the sale, as its decisions say."""
 
     allocation: int
+    rules_version: int | None = None  # of the intent rules the sale was decided under
     accepted: int = 0
     rejected: int = 0
     units_sold: int = 0
-    remaining: int | None = None  # as the last decision says
+    units_returned: int = 0
+    remaining: int | None = None  # as the last event says
 
 
 @dataclass
@@ -93,27 +118,25 @@ def audit_sale(
     commands = input_audit.decode_all(registry, commands_msgs)
     decided = input_audit.decode_all(registry, decided_msgs)
 
-    terms: dict[str, dict[str, Any]] = {}
-    for _, _, name, rec in commands:
-        if name == "SaleOpened" and rec["sale_id"] == sale_id:
-            terms.setdefault(rec["sku"], rec)
+    events: list[tuple[str, dict[str, Any]]] = []  # the sale's facts, each decision once
+    first: dict[str, bytes] = {}  # intent id -> its decision's bytes
+    for msg, (_, _, name, rec) in zip(decided_msgs, decided, strict=True):
+        if not name or rec.get("sale_id") != sale_id:
+            continue
+        if name in DECISIONS:
+            value, intent = msg.value() or b"", rec["intent_id"]
+            if intent in first:
+                kind = "second-decision" if first[intent] == value else "conflicting-decision"
+                out.violations.append(Violation(kind, f"intent {intent}"))
+                continue
+            first[intent] = value
+        events.append((name, rec))
+    out.decisions = len(first)
+    terms = {r["sku"]: r for n, r in events if n == "SaleOpened"}
     if not terms:
         out.violations.append(Violation("no-terms", f"no SaleOpened for sale {sale_id!r}"))
-    out.skus = {sku: SkuFigures(t["allocation"]) for sku, t in terms.items()}
-
-    first: dict[str, tuple[bytes, str, dict[str, Any]]] = {}  # intent id -> its decision
-    for msg, (_, _, name, rec) in zip(decided_msgs, decided, strict=True):
-        if name not in DECISIONS or rec.get("sale_id") != sale_id:
-            continue
-        value = msg.value() or b""
-        intent = rec["intent_id"]
-        if intent in first:
-            kind = "second-decision" if first[intent][0] == value else "conflicting-decision"
-            out.violations.append(Violation(kind, f"intent {intent}"))
-            continue
-        first[intent] = (value, name, rec)
-    out.decisions = len(first)
-    _check_decisions(out, terms, [(n, r) for _, n, r in first.values()])
+    out.skus = {sku: SkuFigures(t["allocation"], t["rules_version"]) for sku, t in terms.items()}
+    _check_events(out, terms, events)
 
     dead = input_audit.dead_letter_sources(names, dead_msgs)
     out.inputs = account = input_audit.account_records(commands, decided, dead, sale_id)
@@ -129,49 +152,101 @@ def audit_sale(
     return out
 
 
-def _check_decisions(
-    out: SaleAudit, terms: dict[str, dict[str, Any]], decisions: list[tuple[str, dict[str, Any]]]
+def _check_events(
+    out: SaleAudit, terms: dict[str, dict[str, Any]], events: list[tuple[str, dict[str, Any]]]
 ) -> None:
-    """Oversell, per-user limits, gap-free sequence and remaining stock, per (sale, SKU)."""
+    """Per (sale, SKU): gap-free sequence, remaining, oversell, per-user limits, the rules.
+
+    The rules check folds the core's ``evolve`` over the events in sequence order and asks
+    ``decide`` what each event's command (rebuilt from the event: an intent from its decision,
+    an opening from its terms, ...) yields at the event's log time under the sale's rules
+    version: a decision the rules would not have made is a ``rules-mismatch``.
+    """
     bought: Counter[tuple[str, str]] = Counter()
     by_sku: dict[str, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
-    for name, rec in decisions:
+    for name, rec in events:
         by_sku[rec["sku"]].append((name, rec))
     for sku, items in sorted(by_sku.items()):
         items.sort(key=lambda item: item[1]["sequence"])
         fig = out.skus.setdefault(sku, SkuFigures(0))
         t = terms.get(sku)
-        remaining = t["allocation"] if t else None
         seqs = [rec["sequence"] for _, rec in items]
         if seqs != list(range(1, len(seqs) + 1)):
             missing = sorted(set(range(1, max(seqs) + 1)) - set(seqs))
             out.violations.append(Violation("sequence-gap", f"{sku}: missing {missing[:SHOWN]}"))
+        remaining: int | None = None
         for name, rec in items:
-            if name == "IntentAccepted":
+            if name == "SaleOpened":
+                remaining = rec["allocation"]
+            elif name == "IntentAccepted":
                 fig.accepted += 1
                 fig.units_sold += rec["quantity"]
                 bought[(sku, rec["user_id"])] += rec["quantity"]
                 if remaining is not None:
                     remaining -= rec["quantity"]
-            else:
+            elif name == "IntentRejected":
                 fig.rejected += 1
-            # A rejection of the sale before it was opened (UNKNOWN_SALE) says 0 remaining:
-            # there was nothing to sell yet, not a wrong count.
-            unknown = rec.get("reason") == "UNKNOWN_SALE"
-            if remaining is not None and not unknown and rec["remaining"] != remaining:
+            elif name == "UnitsReturned":
+                fig.units_returned += rec["quantity"]
+                if remaining is not None:
+                    remaining += rec["quantity"]
+            if "remaining" not in rec or remaining is None:
+                continue  # no count yet: before SaleOpened there is nothing to sell
+            if rec["remaining"] != remaining:
                 out.violations.append(Violation(
                     "remaining-mismatch", f"{sku} #{rec['sequence']}: says {rec['remaining']}, "
-                    f"the decisions before it leave {remaining}"))  # fmt: skip
+                    f"the events before it leave {remaining}"))  # fmt: skip
                 remaining = rec["remaining"]  # report each break once, not every later event
-            if not unknown:
-                fig.remaining = rec["remaining"]
-        if t is not None and fig.units_sold > t["allocation"]:
+            fig.remaining = rec["remaining"]
+        if t is not None and fig.units_sold - fig.units_returned > t["allocation"]:
             sold = f"{sku}: {fig.units_sold} units sold of {t['allocation']}"
             out.violations.append(Violation("oversell", sold))
+        _check_rules(out, sku, items)
     for (sku, user), units in sorted(bought.items()):
         limit = terms.get(sku, {}).get("per_user_limit")
         if limit is not None and units > limit:
             out.violations.append(Violation("user-limit", f"{sku}: {user} got {units} > {limit}"))
+
+
+def _check_rules(out: SaleAudit, sku: str, items: list[tuple[str, dict[str, Any]]]) -> None:
+    """Re-decide every event of one (sale, SKU) from the state its predecessors fold to."""
+    ledger = SkuLedger(sku)
+    for name, rec in items:
+        event = event_from_record(name, rec)
+        command = command_for(event)
+        if command is not None:
+            again = decide(ledger, command, event.decided_at)
+            if again != [event]:
+                said = again[0] if again else "nothing"
+                out.violations.append(Violation(
+                    "rules-mismatch", f"{sku} #{rec['sequence']}: the log says {event}; "
+                    f"the rules (version {_version(ledger, event)}) say {said}"))  # fmt: skip
+        try:
+            evolve(ledger, event)
+        except (KeyError, ValueError) as exc:  # e.g. a decision for a sale never opened
+            where = f"{sku} #{rec['sequence']}"
+            out.violations.append(Violation("unfoldable", f"{where}: {name} fails: {exc!r}"))
+
+
+def _version(ledger: SkuLedger, event: Event) -> int | str:
+    book = ledger.sales.get(event.sale_id)
+    return book.terms.rules if book is not None else "-"
+
+
+def command_for(event: Event) -> Command | None:
+    """The command that yields ``event``, rebuilt from it (None for a refused command)."""
+    if isinstance(event, IntentAccepted | IntentRejected):
+        return PlaceIntent(event.intent_id, event.user_id, event.sale_id, event.sku,
+                           event.quantity)  # fmt: skip
+    if isinstance(event, SaleOpened):
+        return OpenSale(event.terms)
+    if isinstance(event, SaleClosed):
+        return CloseSale(event.sale_id, event.sku)
+    if isinstance(event, UnitsReturned):
+        return ReturnUnits(event.sale_id, event.sku, event.quantity, event.ref)
+    if isinstance(event, SaleSettled):
+        return SettleSale(event.sale_id, event.sku)
+    return None
 
 
 def render(audit: SaleAudit) -> str:
@@ -179,8 +254,9 @@ def render(audit: SaleAudit) -> str:
     lines = [f"sale {audit.sale_id}: {'PASS' if audit.passed else 'FAIL'}"]
     for sku, f in sorted(audit.skus.items()):
         counts = f"{f.accepted} accepted, {f.rejected} rejected"
-        lines.append(f"  {sku}: allocation {f.allocation}, sold {f.units_sold} ({counts}), "
-                     f"remaining {f.remaining}")  # fmt: skip
+        back = f", {f.units_returned} returned" if f.units_returned else ""
+        lines.append(f"  {sku}: allocation {f.allocation} (rules v{f.rules_version}), sold "
+                     f"{f.units_sold} ({counts}){back}, remaining {f.remaining}")  # fmt: skip
     inputs = audit.inputs
     lines.append(f"  {audit.decisions} decisions; {inputs.inputs} input offsets "
                  f"({inputs.repeats} repeats, {inputs.dead_lettered} dead-lettered)")  # fmt: skip

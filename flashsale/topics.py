@@ -76,7 +76,7 @@ def catalogue(settings: Settings) -> tuple[TopicSpec, ...]:
         TopicSpec(
             name=names.sku_commands,
             key="sku (UTF-8)",
-            value_schemas=("SaleOpened", "SaleClosed", "SaleSettled", "PurchaseIntent"),
+            value_schemas=("OpenSale", "CloseSale", "SettleSale", "ReturnUnits", "PurchaseIntent"),
             partitions=n,
             replication_factor=rf,
             cleanup_policy="delete",
@@ -89,14 +89,24 @@ def catalogue(settings: Settings) -> tuple[TopicSpec, ...]:
         TopicSpec(
             name=names.decisions,
             key="sku (UTF-8)",
-            value_schemas=("IntentAccepted", "IntentRejected"),
+            value_schemas=(
+                "SaleOpened",
+                "IntentAccepted",
+                "IntentRejected",
+                "SaleClosed",
+                "UnitsReturned",
+                "SaleSettled",
+                "SaleRefused",
+            ),
             partitions=n,
             replication_factor=rf,
             cleanup_policy="delete",
             retention_ms=RETAIN_FOREVER,
             timestamp_type="CreateTime",
             min_insync_replicas=isr,
-            description="Exactly one decision per intent id: a repeated intent gets none.",
+            description="Every fact of a (sale, SKU), numbered gap-free by sequence: the sale "
+            "opened (its terms and rules version), exactly one decision per intent id (a "
+            "repeated intent gets none), units returned, closed, settled, refused commands.",
         ),
         TopicSpec(
             name=names.dead_letters,

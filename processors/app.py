@@ -188,7 +188,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         own cost a produce round trip per batch (~1,000 batches/s at 4,000 intents/s).
         """
         decisions, changes = pending.setdefault(partition, ([], []))
-        decisions += batch.decisions
+        decisions += batch.events
         # State writes: the local RocksDB of the partition now, the changelog records with the
         # decisions, on the partition's transactional producer itself. (Through Faust's table
         # API the records go via its ProducerBuffer, whose flush gives up after 0.1 s per

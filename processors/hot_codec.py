@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from processors.decision import IntentAccepted, IntentRejected, RejectionReason
+from processors.core import IntentAccepted, IntentRejected, RejectionReason
 from producers.identity import decision_event_id
 from schemas.codec import SchemaRegistry
 

@@ -1,108 +1,126 @@
-"""Mapping between decision-core types and Avro record dicts (envelope excluded).
+"""Mapping between decision-core types and Avro record dicts.
 
-The shell adds the envelope (event_id, correlation_id, producer, occurred_at) itself.
-Timestamps are epoch milliseconds on both sides.
+``to_record`` gives an event's body fields (the shell adds the envelope: event_id,
+correlation_id, producer, occurred_at); ``event_from_record`` and ``command_from_record``
+read decoded records back (extra keys such as the envelope are ignored). Timestamps are
+epoch milliseconds on both sides.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from processors.decision import (
+from processors.core import (
+    CURRENT_RULES,
     CloseSale,
     Command,
-    Decision,
+    Event,
     IntentAccepted,
     IntentRejected,
     OpenSale,
     PlaceIntent,
     RejectionReason,
+    ReturnUnits,
+    SaleClosed,
+    SaleOpened,
+    SaleRefused,
+    SaleSettled,
     SaleTerms,
     SettleSale,
+    UnitsReturned,
 )
 
 ENVELOPE_FIELDS = ("event_id", "correlation_id", "producer", "occurred_at")
+COMMAND_RECORDS = frozenset({"OpenSale", "CloseSale", "SettleSale", "ReturnUnits",
+                             "PurchaseIntent"})  # fmt: skip
+"""Records of the SKU command topic."""
+DECISION_RECORDS = frozenset({"IntentAccepted", "IntentRejected"})
+EVENT_RECORDS = DECISION_RECORDS | {"SaleOpened", "SaleRefused", "SaleClosed", "UnitsReturned",
+                                    "SaleSettled"}  # fmt: skip
+"""Records of the decisions topic: every fact of a (sale, SKU)."""
 
 
-def record_name(event: Decision) -> str:
-    """Avro record name of a decision event."""
+def record_name(event: Event) -> str:
+    """Avro record name of an event."""
     return type(event).__name__
 
 
-def to_record(event: Decision) -> dict[str, Any]:
-    """Avro body fields of a decision event (no envelope)."""
-    record: dict[str, Any] = {
-        "intent_id": event.intent_id,
-        "sale_id": event.sale_id,
-        "sku": event.sku,
-        "user_id": event.user_id,
-        "quantity": event.quantity,
-    }
-    if isinstance(event, IntentAccepted):
-        record["order_id"] = event.order_id
-    else:
-        record["reason"] = event.reason.value
-        record["detail"] = event.detail
-    record["remaining"] = event.remaining
-    record["sequence"] = event.sequence
-    record["decided_at"] = event.decided_at
-    return record
-
-
-def from_record(name: str, record: dict[str, Any]) -> Decision:
-    """Decision event from a decoded Avro record (extra keys such as the envelope ignored)."""
-    r = record
-    if name == "IntentAccepted":
-        return IntentAccepted(
-            r["intent_id"],
-            r["sale_id"],
-            r["sku"],
-            r["user_id"],
-            r["quantity"],
-            r["order_id"],
-            r["remaining"],
-            r["sequence"],
-            r["decided_at"],
-        )
-    if name == "IntentRejected":
-        return IntentRejected(
-            r["intent_id"],
-            r["sale_id"],
-            r["sku"],
-            r["user_id"],
-            r["quantity"],
-            RejectionReason(r["reason"]),
-            r.get("detail", ""),
-            r["remaining"],
-            r["sequence"],
-            r["decided_at"],
-        )
-    raise ValueError(f"not a decision record: {name!r}")
+def to_record(event: Event) -> dict[str, Any]:
+    """Avro body fields of an event (no envelope)."""
+    if type(event) is SaleOpened:
+        t = event.terms
+        return {"sale_id": t.sale_id, "sku": t.sku, "allocation": t.allocation,
+                "per_user_limit": t.per_user_limit, "per_order_max": t.per_order_max,
+                "starts_at": t.starts_at_ms, "ends_at": t.ends_at_ms, "rules_version": t.rules,
+                "sequence": event.sequence, "decided_at": event.decided_at}  # fmt: skip
+    if isinstance(event, IntentAccepted | IntentRejected):
+        record: dict[str, Any] = {
+            "intent_id": event.intent_id,
+            "sale_id": event.sale_id,
+            "sku": event.sku,
+            "user_id": event.user_id,
+            "quantity": event.quantity,
+        }
+        if isinstance(event, IntentAccepted):
+            record["order_id"] = event.order_id
+        else:
+            record["reason"] = event.reason.value
+            record["detail"] = event.detail
+        record["remaining"] = event.remaining
+        record["sequence"] = event.sequence
+        record["decided_at"] = event.decided_at
+        return record
+    # The other facts are flat: their fields are the record's, in order.
+    return {name: getattr(event, name) for name in event.__slots__}
 
 
 def terms_from_record(record: dict[str, Any]) -> SaleTerms:
-    """Sale terms from a SaleOpened record."""
+    """Sale terms from an OpenSale or SaleOpened record."""
     r = record
-    return SaleTerms(
-        r["sale_id"],
-        r["sku"],
-        r["allocation"],
-        r["per_user_limit"],
-        r["per_order_max"],
-        r["starts_at"],
-        r["ends_at"],
-    )
+    rules = r.get("rules_version")
+    return SaleTerms(r["sale_id"], r["sku"], r["allocation"], r["per_user_limit"],
+                     r["per_order_max"], r["starts_at"], r["ends_at"],
+                     CURRENT_RULES if rules is None else rules)  # fmt: skip
+
+
+def event_from_record(name: str, record: dict[str, Any]) -> Event:
+    """Core event from a decoded decisions-topic record."""
+    r = record
+    if name == "IntentAccepted":
+        return IntentAccepted(r["intent_id"], r["sale_id"], r["sku"], r["user_id"],
+                              r["quantity"], r["order_id"], r["remaining"], r["sequence"],
+                              r["decided_at"])  # fmt: skip
+    if name == "IntentRejected":
+        return IntentRejected(r["intent_id"], r["sale_id"], r["sku"], r["user_id"],
+                              r["quantity"], RejectionReason(r["reason"]), r.get("detail", ""),
+                              r["remaining"], r["sequence"], r["decided_at"])  # fmt: skip
+    if name == "SaleOpened":
+        return SaleOpened(terms_from_record(r), r["sequence"], r["decided_at"])
+    flat = _FLAT.get(name)
+    if flat is None:
+        raise ValueError(f"not a decisions-topic record: {name!r}")
+    return flat(*(r[f] for f in flat.__slots__))
+
+
+_FLAT: dict[str, Any] = {
+    "SaleRefused": SaleRefused,
+    "SaleClosed": SaleClosed,
+    "UnitsReturned": UnitsReturned,
+    "SaleSettled": SaleSettled,
+}
 
 
 def command_from_record(name: str, record: dict[str, Any]) -> Command:
-    """Decision-core command from a decoded input-topic record."""
+    """Decision-core command from a decoded command-topic record."""
     r = record
     if name == "PurchaseIntent":
         return PlaceIntent(r["intent_id"], r["user_id"], r["sale_id"], r["sku"], r["quantity"])
-    if name == "SaleOpened":
+    if name == "OpenSale":
         return OpenSale(terms_from_record(r))
-    if name == "SaleClosed":
+    if name == "CloseSale":
         return CloseSale(r["sale_id"], r["sku"])
-    if name == "SaleSettled":
+    if name == "SettleSale":
         return SettleSale(r["sale_id"], r["sku"])
-    raise ValueError(f"not an input command record: {name!r}")
+    if name == "ReturnUnits":
+        return ReturnUnits(r["sale_id"], r["sku"], r["quantity"], r["ref"])
+    raise ValueError(f"not a command record: {name!r}")

@@ -42,9 +42,9 @@ from typing import Any, Protocol
 
 import msgspec
 
-from processors.decision import SaleBook, SaleTerms, SkuLedger
+from processors.core import SaleBook, SaleTerms, SkuLedger
 
-LAYOUT = b"flashsale-ledger-v3"  # v3: sequence per (sale, SKU), not per SKU
+LAYOUT = b"flashsale-ledger-v4"  # v4: terms carry their rules version; v3: sequence per sale
 LAYOUT_KEY = b"L"
 CHUNK_BYTES = 900_000
 _SEP = "\x1f"
@@ -97,7 +97,8 @@ def ledger_ops(ledger: SkuLedger) -> list[list[Any]]:
     if ledger.orphans:
         ops.append([ORPHANS, sku, sorted(ledger.orphans)])
     for sale_id, book in ledger.sales.items():
-        ops += book_ops(sku, sale_id, book, terms=True, ids=book.decided, users=book.bought)
+        ops += book_ops(sku, sale_id, book, terms=True, ids=book.decided, users=book.bought,
+                        returns=book.returns)  # fmt: skip
     return ops
 
 
@@ -117,13 +118,14 @@ def book_ops(
     terms: bool,
     ids: Any,
     users: Any,
+    returns: Any = (),
 ) -> list[list[Any]]:
-    """Operations recording ``book``: its terms (if asked), counters, given ids and users."""
+    """Operations recording ``book``: its terms (if asked), counters, given ids, users, refs."""
     ops: list[list[Any]] = []
     if terms:
         t = book.terms
         ops.append([TERMS, sku, sale_id, t.allocation, t.per_user_limit, t.per_order_max,
-                    t.starts_at_ms, t.ends_at_ms])  # fmt: skip
+                    t.starts_at_ms, t.ends_at_ms, t.rules])  # fmt: skip
     if book.settled:
         ops.append([SETTLED, sku, sale_id, book.remaining, book.sequence])
         if ids:  # intents decided after settlement (SALE_ENDED) are remembered as ids
@@ -138,8 +140,8 @@ def book_ops(
         ops.append([BOUGHT, sku, sale_id, flat])
     if ids:
         ops.append([IDS, sku, sale_id, list(ids)])
-    if book.returns and terms:
-        ops.append([RETURNS, sku, sale_id, sorted(book.returns)])
+    if returns:
+        ops.append([RETURNS, sku, sale_id, sorted(returns)])
     return ops
 
 
@@ -214,7 +216,7 @@ def fold(ledgers: dict[str, SkuLedger], value: bytes) -> None:
             ledger.orphans.update(op[2])
         elif code == TERMS:
             sale_id = op[2]
-            terms = SaleTerms(sale_id, sku, *op[3:8])
+            terms = SaleTerms(sale_id, sku, *op[3:9])
             if sale_id not in ledger.sales:
                 ledger.sales[sale_id] = SaleBook(terms, terms.allocation)  # BOOK/SETTLED follow
         else:
@@ -231,7 +233,8 @@ def fold(ledgers: dict[str, SkuLedger], value: bytes) -> None:
             elif code == SETTLED:
                 book.remaining, book.sequence = op[3], op[4]
                 if not book.settled:  # a delta after settlement keeps the ids decided since
-                    book.decided, book.bought, book.closed, book.settled = set(), {}, True, True
+                    book.decided, book.bought, book.returns = set(), {}, set()
+                    book.closed = book.settled = True
 
 
 class SettledDigests:

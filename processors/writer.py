@@ -13,27 +13,29 @@ from typing import Any, Protocol
 import structlog
 
 from processors import state_layout as layout
-from processors.decision import (
-    CloseSale,
+from processors.core import (
     Command,
     Decision,
+    Event,
     IntentAccepted,
     IntentRejected,
-    OpenSale,
     PlaceIntent,
-    SaleRejected,
+    SaleOpened,
+    SaleRefused,
     SaleSettled,
     SkuLedger,
+    UnitsReturned,
     decide,
+    evolve,
 )
 from processors.hot_codec import DecisionEncoder
-from processors.records import command_from_record
+from processors.records import COMMAND_RECORDS, command_from_record, record_name, to_record
+from producers.identity import fact_event_id
 from schemas.codec import SchemaRegistry, UndecodableRecord
 
 log = structlog.get_logger("processors.writer")
 
 PRODUCER = "flashsale-inventory"
-INPUT_RECORDS = frozenset({"SaleOpened", "SaleClosed", "SaleSettled", "PurchaseIntent"})
 # A checkpoint replaces the deltas once this many were written since the last one.
 CHECKPOINT_EVERY = 2_000
 
@@ -78,7 +80,8 @@ class DeadLetter:
 class BatchResult:
     """What handling one batch produced, in input order."""
 
-    decisions: list[tuple[bytes, bytes]] = field(default_factory=list)  # (SKU key, value)
+    # Every event (decisions and sale facts) as (SKU key, value), for the decisions topic.
+    events: list[tuple[bytes, bytes]] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     writes: list[tuple[bytes, bytes | None]] = field(default_factory=list)  # None deletes
     repeats: int = 0  # intents already decided earlier in the log: no second decision
@@ -333,7 +336,7 @@ class PartitionWriter:
             except UndecodableRecord as exc:
                 reason, detail = exc.reason, exc.message
             else:
-                if name in INPUT_RECORDS:
+                if name in COMMAND_RECORDS:
                     return command_from_record(name, rec)
                 reason, detail = "wrong-schema", f"{name} does not belong on this topic"
         if out is not None:
@@ -351,45 +354,61 @@ class PartitionWriter:
         ledger = self.ledgers.get(sku)
         if ledger is None:
             ledger = self.ledgers[sku] = SkuLedger(sku)
-        is_new_sale = type(command) is OpenSale and command.terms.sale_id not in ledger.sales
         events = decide(ledger, command, record.timestamp)
+        for event in events:
+            evolve(ledger, event)
         if touched is None or out is None:
             self._replayed_settlements += [
                 (e, record.offset) for e in events if type(e) is SaleSettled
             ]
             return
-        if type(command) is PlaceIntent and not events:
-            out.repeats += 1
+        if not events:
+            if type(command) is PlaceIntent:
+                out.repeats += 1
             return
-        if is_new_sale and command.terms.sale_id in ledger.sales:  # type: ignore[union-attr]
-            touched.book(sku, command.terms.sale_id, new=True)  # type: ignore[union-attr]
-        elif type(command) is CloseSale and command.sale_id in ledger.sales:
-            touched.book(sku, command.sale_id)
+        key = sku.encode()
         for event in events:
             if type(event) is IntentAccepted or type(event) is IntentRejected:
-                out.decisions.append((sku.encode(), self.encode_decision(event)))
+                out.events.append((key, self._encoder.encode(event)))
                 touched.decided(sku, event, event.sale_id in ledger.sales)
-            elif type(event) is SaleSettled:
+                continue
+            out.events.append((key, self.encode_fact(event)))
+            if type(event) is SaleSettled:
                 self._settle(event, record.offset, out)
                 touched.settled = True
-            elif type(event) is SaleRejected:
-                log.warning("sale.rejected", sale_id=event.sale_id, sku=event.sku,
-                            detail=event.detail)  # fmt: skip
+            elif event.sale_id not in ledger.sales:  # a refused OpenSale of no book
+                touched.orphan_sales.setdefault(sku, set()).add(event.sale_id)
+                touched.skus.add(sku)
+            else:
+                change = touched.book(sku, event.sale_id, new=type(event) is SaleOpened)
+                if type(event) is UnitsReturned:
+                    change[3].append(event.ref)
+            if type(event) is SaleRefused:
+                log.warning("sale.refused", sale_id=event.sale_id, sku=sku,
+                            command=event.command, detail=event.detail)  # fmt: skip
 
     def _settle(self, event: SaleSettled, offset: int, out: BatchResult) -> None:
+        book = self.ledgers[event.sku].sales[event.sale_id]
         prefix = layout.settled_prefix(event.sku, event.sale_id)
-        chunks = layout.pack_digests(event.digests)
+        chunks = layout.pack_digests(book.settled_digests)  # type: ignore[arg-type]
         out.writes += [(prefix + b"%04d" % n, c) for n, c in enumerate(chunks)]
         out.writes.append((prefix + b"h", layout.encode_header(offset, len(chunks))))
-        log.info("sale.settled", sale_id=event.sale_id, sku=event.sku,
-                 forgotten=len(event.forgotten))  # fmt: skip
+        log.info("sale.settled", sale_id=event.sale_id, sku=event.sku, forgotten=event.intents)
+
+    def encode_fact(self, event: Event) -> bytes:
+        """A sale fact with its envelope; deterministic like a decision (id from its sequence)."""
+        envelope = {"event_id": fact_event_id(event.sale_id, event.sku, event.sequence),
+                    "correlation_id": None, "producer": PRODUCER,
+                    "occurred_at": event.decided_at}  # fmt: skip
+        return self._registry.encode(record_name(event), {**envelope, **to_record(event)})
 
     def encode_decision(self, event: Decision) -> bytes:
         """Deterministic bytes: the same decision always encodes identically."""
         return self._encoder.encode(event)
 
 
-_BookChange = tuple[list[bool], list[str], set[str]]  # [is new], new intent ids, users
+# [is new], new intent ids, users whose bought count changed, new return refs
+_BookChange = tuple[list[bool], list[str], set[str], list[str]]
 
 
 class _Touched:
@@ -401,15 +420,14 @@ class _Touched:
         self.skus: set[str] = set()
         self.orphans: dict[str, list[str]] = {}
         self.orphan_sales: dict[str, set[str]] = {}  # sku -> unknown sale ids numbered
-        # (sku, sale) -> [is new, new intent ids, users whose bought count changed]
-        self.books: dict[tuple[str, str], tuple[list[bool], list[str], set[str]]] = {}
+        self.books: dict[tuple[str, str], _BookChange] = {}
         self.settled = False
 
     def book(self, sku: str, sale_id: str, new: bool = False) -> _BookChange:
         self.skus.add(sku)
         entry = self.books.get((sku, sale_id))
         if entry is None:
-            entry = self.books[sku, sale_id] = ([new], [], set())
+            entry = self.books[sku, sale_id] = ([new], [], set(), [])
         elif new:
             entry[0][0] = True
         return entry
@@ -420,7 +438,7 @@ class _Touched:
             self.orphans.setdefault(sku, []).append(event.intent_id)
             self.orphan_sales.setdefault(sku, set()).add(event.sale_id)
             return
-        _, ids, users = self.book(sku, event.sale_id)
+        _, ids, users, _ = self.book(sku, event.sale_id)
         ids.append(event.intent_id)
         if type(event) is IntentAccepted:
             users.add(event.user_id)
@@ -431,7 +449,8 @@ class _Touched:
             for sku, sales in self.orphan_sales.items()
         ]
         ops += [[layout.ORPHANS, sku, ids] for sku, ids in self.orphans.items()]
-        for (sku, sale_id), (new, ids, users) in self.books.items():
+        for (sku, sale_id), (new, ids, users, refs) in self.books.items():
             book = ledgers[sku].sales[sale_id]
-            ops += layout.book_ops(sku, sale_id, book, terms=new[0], ids=ids, users=users)
+            ops += layout.book_ops(sku, sale_id, book, terms=new[0], ids=ids, users=users,
+                                   returns=refs)  # fmt: skip
         return ops

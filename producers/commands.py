@@ -53,7 +53,7 @@ def _now_ms() -> int:
 
 
 class CommandProducer:
-    """Produces SaleOpened, SaleClosed and PurchaseIntent records keyed by SKU."""
+    """Produces the SKU commands (OpenSale, CloseSale, SettleSale, ReturnUnits, PurchaseIntent)."""
 
     def __init__(
         self,
@@ -161,9 +161,17 @@ class CommandProducer:
 
     # -- sales ----------------------------------------------------------------------------
     def open_sale(
-        self, sale_id: str, skus: Iterable[SkuAllocation], starts_at_ms: int, ends_at_ms: int
+        self,
+        sale_id: str,
+        skus: Iterable[SkuAllocation],
+        starts_at_ms: int,
+        ends_at_ms: int,
+        rules_version: int | None = None,
     ) -> None:
-        """Publish one SaleOpened per SKU (each to its own writer) and wait for all acks."""
+        """Publish one OpenSale per SKU (each to its own writer) and wait for all acks.
+
+        ``rules_version`` None lets the writer pick its current rules version.
+        """
         futures = []
         for item in skus:
             record = {
@@ -175,18 +183,19 @@ class CommandProducer:
                 "per_order_max": item.per_order_max,
                 "starts_at": starts_at_ms,
                 "ends_at": ends_at_ms,
+                "rules_version": rules_version,
             }
-            futures.append(self._ack_future(item.sku, "SaleOpened", record))
+            futures.append(self._ack_future(item.sku, "OpenSale", record))
         self.wait(futures)
 
     def close_sale(
         self, sale_id: str, skus: Iterable[str], reason: str = "closed by admin"
     ) -> None:
-        """Publish one SaleClosed per SKU and wait for all acks."""
+        """Publish one CloseSale per SKU and wait for all acks."""
         futures = [
             self._ack_future(
                 sku,
-                "SaleClosed",
+                "CloseSale",
                 {**self._envelope(None), "sale_id": sale_id, "sku": sku, "reason": reason},
             )
             for sku in skus
@@ -194,14 +203,20 @@ class CommandProducer:
         self.wait(futures)
 
     def settle_sale(self, sale_id: str, skus: Iterable[str]) -> None:
-        """Publish one SaleSettled per SKU (after close) and wait for all acks."""
+        """Publish one SettleSale per SKU (after close) and wait for all acks."""
         futures = [
             self._ack_future(
-                sku, "SaleSettled", {**self._envelope(None), "sale_id": sale_id, "sku": sku}
+                sku, "SettleSale", {**self._envelope(None), "sale_id": sale_id, "sku": sku}
             )
             for sku in skus
         ]
         self.wait(futures)
+
+    def return_units(self, sale_id: str, sku: str, quantity: int, ref: str) -> None:
+        """Publish one ReturnUnits (idempotent per ``ref``) and wait for its ack."""
+        record = {**self._envelope(None), "sale_id": sale_id, "sku": sku,
+                  "quantity": quantity, "ref": ref}  # fmt: skip
+        self.wait([self._ack_future(sku, "ReturnUnits", record)])
 
     def _ack_future(
         self, sku: str, name: str, record: dict[str, Any], what: str | None = None

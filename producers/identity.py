@@ -27,3 +27,8 @@ def decision_event_id(intent_id: str) -> str:
     x = hashlib.sha1(_NS + intent_id.encode()).hexdigest()
     # Version nibble (hex digit 12) is 5; the variant's top bits (digit 16) are 10.
     return f"{x[:8]}-{x[8:12]}-5{x[13:16]}-{_VARIANT[x[16]]}{x[17:20]}-{x[20:32]}"
+
+
+def fact_event_id(sale_id: str, sku: str, sequence: int) -> str:
+    """Event id of a sale fact (SaleOpened, SaleClosed, ...): unique per (sale, SKU, sequence)."""
+    return str(uuid.uuid5(DECISIONS_NAMESPACE, f"{sale_id}\x1f{sku}\x1f{sequence}"))

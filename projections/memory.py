@@ -27,9 +27,7 @@ class MemoryOutcomeStore:
         for sale in rows.sales:
             key = (sale[0], sale[1])
             self.sales.setdefault(key, [*sale[:7], False, sale[7]])
-            counters = self.counters.setdefault(key, [0, 0, 0, {}, sale[2], 0])
-            if counters[5] == 0:  # only rejections of the sale before it opened so far
-                counters[4] = sale[2]
+            self.counters.setdefault(key, [0, 0, 0, {}, sale[2], 0])
         for sale_id, sku in rows.closures:
             if (sale_id, sku) in self.sales:
                 self.sales[(sale_id, sku)][7] = True
@@ -39,7 +37,9 @@ class MemoryOutcomeStore:
             order = order_row(outcome)
             if order is not None:
                 self.orders.setdefault(order[0], order)
-        for sale_id, sku, won, units, lost, by, remaining, last in counter_rows(inserted):
+        for sale_id, sku, won, units, lost, by, remaining, last in counter_rows(
+            inserted, rows.marks
+        ):
             c = self.counters.get((sale_id, sku))
             if c is None:
                 self.counters[(sale_id, sku)] = [won, units, lost, dict(by), remaining, last]

@@ -1,4 +1,4 @@
-"""The outcomes projection: decisions and sale records from Kafka into PostgreSQL.
+"""The outcomes projection: the decisions topic's facts from Kafka into PostgreSQL.
 
 It runs on the shared ``ProjectionRunner`` (projections/runner.py): PostgreSQL, not Kafka,
 holds its position; each batch's rows and tracking offsets commit in one transaction.
@@ -49,9 +49,9 @@ class OutcomesProjection:
         notify: bool = True,
     ) -> None:
         self.name = name
-        self.topics: tuple[str, ...] = (names.decisions, names.sku_commands)
-        # Intents on the command topic carry nothing to project: passed over undecoded.
-        self.passes_over = frozenset({registry.fingerprint("PurchaseIntent")})
+        # Every fact is on the decisions topic: the command topic is not read at all.
+        self.topics: tuple[str, ...] = (names.decisions,)
+        self.passes_over: frozenset[bytes] = frozenset()
         self._only_sales = frozenset(only_sales) if only_sales is not None else None
         self._notify = notify
 

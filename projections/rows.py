@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 DECISION_RECORDS = ("IntentAccepted", "IntentRejected")
+MARKED_FACTS = ("SaleClosed", "UnitsReturned", "SaleSettled")  # they carry a remaining count
 
 SaleRow = tuple[str, str, int, int, int, datetime, datetime, str]
 """sale_id, sku, allocation, per_user_limit, per_order_max, starts_at, ends_at, event_id."""
@@ -82,6 +83,10 @@ def order_row(outcome: OutcomeRow) -> OrderRow | None:
     return (order_id, intent_id, sale_id, sku, user_id, quantity, decided_at, sequence)
 
 
+Mark = tuple[str, str, int, int]
+"""sale_id, sku, remaining, sequence: a sale fact's remaining count (for ``sale_counters``)."""
+
+
 @dataclass
 class BatchRows:
     """Rows of one consumed batch, in log order, each decision once per intent id."""
@@ -90,6 +95,8 @@ class BatchRows:
     sales: list[SaleRow] = field(default_factory=list)
     closures: list[ClosureRow] = field(default_factory=list)
     outcomes: dict[str, OutcomeRow] = field(default_factory=dict)
+    marks: list[Mark] = field(default_factory=list)
+    counts_only: int = 0  # facts projected only as a remaining count (returns, settlements)
     skipped: int = 0
 
     def add(self, name: str, record: dict[str, Any]) -> bool:
@@ -97,14 +104,21 @@ class BatchRows:
         if self.only_sales is not None and record.get("sale_id") not in self.only_sales:
             self.skipped += 1
             return False
+        r = record
         if name in DECISION_RECORDS:
             # A redelivered decision repeats the first one identically: keep the first.
-            self.outcomes.setdefault(record["intent_id"], outcome_row(name, record))
-        elif name == "SaleOpened":
-            self.sales.append(sale_row(record))
-        elif name == "SaleClosed":
-            self.closures.append((record["sale_id"], record["sku"]))
-        else:  # PurchaseIntent and anything else on the input topic: nothing to project
+            self.outcomes.setdefault(r["intent_id"], outcome_row(name, r))
+            return True
+        if name == "SaleOpened":
+            self.sales.append(sale_row(r))
+            self.marks.append((r["sale_id"], r["sku"], r["allocation"], r["sequence"]))
+        elif name in MARKED_FACTS:
+            if name == "SaleClosed":
+                self.closures.append((r["sale_id"], r["sku"]))
+            else:
+                self.counts_only += 1
+            self.marks.append((r["sale_id"], r["sku"], r["remaining"], r["sequence"]))
+        else:  # SaleRefused: nothing changed
             self.skipped += 1
             return False
         return True
@@ -114,7 +128,8 @@ class BatchRows:
         return [o for o in map(order_row, self.outcomes.values()) if o is not None]
 
     def __len__(self) -> int:
-        return len(self.sales) + len(self.closures) + len(self.outcomes)
+        """Records that carry projected state (a redelivered decision counted once)."""
+        return len(self.sales) + len(self.closures) + len(self.outcomes) + self.counts_only
 
 
 CounterRow = tuple[str, str, int, int, int, dict[str, int], int, int]
@@ -122,12 +137,13 @@ CounterRow = tuple[str, str, int, int, int, dict[str, int], int, int]
 remaining, last_sequence: what one batch adds to a (sale, SKU)'s ``sale_counters`` row."""
 
 
-def counter_rows(outcomes: Iterable[OutcomeRow]) -> list[CounterRow]:
-    """Per (sale, SKU): the counts of ``outcomes`` and the remaining of the latest sequence.
+def counter_rows(outcomes: Iterable[OutcomeRow], marks: Iterable[Mark] = ()) -> list[CounterRow]:
+    """Per (sale, SKU): the counts of ``outcomes``, and the remaining of the greatest sequence
+    among them and the sale facts' ``marks``.
 
-    Rejections of a sale not open yet (``UNKNOWN_SALE``) count as rejections but say nothing
-    about its stock: they leave ``remaining``/``last_sequence`` at 0 (unknown), so a sale
-    opened later starts from its allocation.
+    A rejection of a sale not open yet (``UNKNOWN_SALE``) says 0 remaining; its SaleOpened
+    comes later in the (sale, SKU)'s numbering and so sets the allocation whatever the order
+    the rows are written in.
     """
     acc: dict[tuple[str, str], list[Any]] = {}
     for _, sale_id, sku, _, quantity, outcome, reason, _, _, remaining, sequence, _ in outcomes:
@@ -140,7 +156,13 @@ def counter_rows(outcomes: Iterable[OutcomeRow]) -> list[CounterRow]:
         else:
             c[2] += 1
             c[3][reason] = c[3].get(reason, 0) + 1
-        if sequence > c[5] and reason != "UNKNOWN_SALE":
+        if sequence > c[5]:
+            c[4], c[5] = remaining, sequence
+    for sale_id, sku, remaining, sequence in marks:
+        c = acc.get((sale_id, sku))
+        if c is None:
+            c = acc[(sale_id, sku)] = [0, 0, 0, {}, 0, 0]
+        if sequence > c[5]:
             c[4], c[5] = remaining, sequence
     return [(s, k, *c) for (s, k), c in acc.items()]
 

@@ -14,7 +14,9 @@ inserted (``RETURNING``) are counted and notified. Either way a decision counts 
 Counters and notifications are computed from the inserted rows in Python
 (``rows.counter_rows``, ``rows.notify_payloads``): one upsert per (sale, SKU) and one
 ``NOTIFY`` per ~170 outcomes instead of one per outcome. ``remaining``/``last_sequence``
-follow the greatest sequence, so counters do not depend on the order batches arrive in.
+follow the greatest sequence among decisions and the sale facts that carry a remaining count
+(opened, closed, units returned, settled), so counters do not depend on the order batches
+arrive in.
 """
 
 from __future__ import annotations
@@ -95,13 +97,11 @@ INSERT INTO sales (sale_id, sku, allocation, per_user_limit, per_order_max, star
 VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING
 """
 
-# A sale's counters exist from its opening, with the whole allocation remaining; decisions
-# (whichever arrives first on replay) then only add to them. A row made earlier by rejections
-# of the sale before it opened (UNKNOWN_SALE: last_sequence still 0) gets the allocation.
+# A sale's counters row exists from its opening; its remaining is the allocation (the
+# SaleOpened mark, whose sequence is above any rejection of the sale before it opened).
 _SALE_COUNTERS_SQL = """
-INSERT INTO sale_counters AS c (sale_id, sku, remaining) VALUES (%s, %s, %s)
-ON CONFLICT (sale_id, sku) DO UPDATE SET remaining = excluded.remaining
-WHERE c.last_sequence = 0
+INSERT INTO sale_counters (sale_id, sku, remaining) VALUES (%s, %s, %s)
+ON CONFLICT (sale_id, sku) DO NOTHING
 """
 
 _CLOSE_SQL = "UPDATE sales SET closed = true WHERE sale_id = %s AND sku = %s"
@@ -119,10 +119,10 @@ def write(conn: psycopg.Connection, rows: BatchRows, *, notify: bool = True) -> 
             cur.executemany(_SALE_COUNTERS_SQL, [(s[0], s[1], s[2]) for s in rows.sales])
         if rows.closures:
             cur.executemany(_CLOSE_SQL, rows.closures)
-        if not rows.outcomes:
-            return 0
-        inserted = _insert_outcomes(conn, cur, list(rows.outcomes.values()))
-        counters = counter_rows(inserted)
+        inserted = (
+            _insert_outcomes(conn, cur, list(rows.outcomes.values())) if rows.outcomes else []
+        )
+        counters = counter_rows(inserted, rows.marks)
         if counters:
             columns = [list(c) for c in zip(*counters, strict=True)]
             columns[5] = [_json.encode(by).decode() for by in columns[5]]

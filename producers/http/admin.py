@@ -1,4 +1,4 @@
-"""Admin API: open and close sales (SaleOpened/SaleClosed records, acknowledged by Kafka)."""
+"""Admin API: open and close sales (OpenSale/CloseSale commands, acknowledged by Kafka)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ SaleId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9
     status_code=201,
     response_model=SaleOpenedReply,
     responses=error_responses(400, 401, 403, 409, 413, 422, 503),
-    summary="Open a sale (one SaleOpened per SKU)",
+    summary="Open a sale (one OpenSale command per SKU)",
 )
 async def open_sale(
     body: OpenSaleRequest,
@@ -68,7 +68,7 @@ async def close_sale(
     ctx: Ctx,
     body: Annotated[CloseSaleRequest | None, Body()] = None,
 ) -> SaleClosedReply:
-    """Publish one SaleClosed per SKU."""
+    """Publish one CloseSale per SKU."""
     request = body or CloseSaleRequest()
     known = await ctx.store.sale(sale_id, fresh=True)
     if not known:

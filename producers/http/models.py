@@ -105,7 +105,7 @@ class OpenSaleRequest(Strict):
 
 
 class SaleOpenedReply(Strict):
-    """Answer to opening a sale: the SaleOpened records are acknowledged by Kafka."""
+    """Answer to opening a sale: the OpenSale commands are acknowledged by Kafka."""
 
     sale_id: str
     skus: list[str]

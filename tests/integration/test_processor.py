@@ -91,7 +91,7 @@ def test_poison_records_go_to_dead_letters_and_the_partition_keeps_flowing(
     registry = SchemaRegistry.load_default()
     raw = Producer(producer_config(pipeline.endpoints.bootstrap))
     topic = pipeline.names.sku_commands
-    wrong_schema = registry.encode("SaleClosed", {
+    wrong_schema = registry.encode("CloseSale", {
         "event_id": "x", "correlation_id": None, "producer": "t", "occurred_at": 0,
         "sale_id": sale, "sku": sku, "reason": "r"})[:10] + b"\x00" * 3  # fmt: skip
     decision_on_input = registry.encode("IntentRejected", {

@@ -12,14 +12,18 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
 
+import psycopg
 import pytest
 
 from flashsale import input_audit
-from flashsale.settings import Settings
+from flashsale.sale_audit import audit_sale
+from flashsale.settings import REPO_ROOT, Settings
 from infra import processes
 from infra.services import SupervisorProcess
 from infra.stack import Endpoints
@@ -219,3 +223,56 @@ def test_worker_paused_past_its_transaction_is_fenced_exits_and_is_replaced(
     finally:
         supervisor.stop()
         pipeline.stop()
+
+
+def test_replay_and_audit_agree_with_live_after_a_writer_and_a_projector_sigkill(
+    settings: Settings, endpoints: Endpoints
+):
+    """A writer killed mid-batch and a projector SIGKILLed mid-backlog: the sale still audits
+    clean from the topics, and rebuilding every projection from offset 0 equals the live one."""
+    local_only(settings)
+    uid = uuid.uuid4().hex[:8]
+    pipeline = start_pipeline(settings, endpoints, uid, start_processor=False)
+    try:
+        b = write_backlog(pipeline, uid)
+        fault = f"kill:mid-batch:{b.partition}:{b.offsets[len(b.offsets) // 3]}"
+        pipeline.processor.start({**pipeline.env, "FLASHSALE_FAULT": fault})
+        pid = pipeline.processor.pid()
+        assert pid is not None and processes.wait_until(lambda: not processes.alive(pid), 60)
+        assert [e["point"] for e in log_events(pipeline, "fault.injected")] == ["mid-batch"]
+        pipeline.processor.start(pipeline.env)
+
+        # The projector dies by SIGKILL while decisions are still arriving, then restarts.
+        projector = pipeline.projector.pid()
+        assert projector is not None
+        assert processes.wait_until(lambda: _outcomes(endpoints.dsn, b.sale) > 0, 120)
+        os.kill(projector, signal.SIGKILL)
+        at_kill = _outcomes(endpoints.dsn, b.sale)
+        assert 0 < at_kill < len(b.expected), f"the projector kill must land mid-sale ({at_kill})"
+        assert processes.wait_until(lambda: not processes.alive(projector), 10)
+        pipeline.projector.start(pipeline.env)
+
+        assert_every_promise_kept(pipeline, b, redone=True)
+        verdict = audit_sale(endpoints.bootstrap, pipeline.names, b.sale)
+        assert verdict.passed, verdict.violations[:5]
+        assert verdict.decisions == len(b.expected)
+        env = {**os.environ, **pipeline.env, "FLASHSALE_NAMESPACE": pipeline.settings.namespace,
+               "FLASHSALE_STATE_DIR": str(pipeline.settings.state_dir)}  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "flashsale.cli", "replay", "--json", "--wait", "60"],
+            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        result = json.loads(done.stdout)
+        tables = {t["table"]: t for t in result["tables"]}
+        assert result["verdict"] == "same"
+        assert tables["intent_outcomes"]["live_rows"] >= len(b.expected)
+        assert tables["orders"]["replayed_rows"] >= ALLOCATION
+    finally:
+        pipeline.stop()
+
+
+def _outcomes(dsn: str, sale_id: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM intent_outcomes WHERE sale_id = %s", (sale_id,))
+        return int(row.fetchone()[0])  # type: ignore[index]

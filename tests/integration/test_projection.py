@@ -38,7 +38,7 @@ REASONS = ("USER_LIMIT", "ORDER_MAX_EXCEEDED", "SALE_ENDED")
 # Tests never write into the default namespace: this module's log has its own topics.
 NAMESPACE = "t-projection"
 NAMES = TopicNames.of(dataclasses.replace(Settings.from_env({}), namespace=NAMESPACE))
-SKU_COMMANDS, DECISIONS = NAMES.sku_commands, NAMES.decisions
+DECISIONS = NAMES.decisions
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -80,16 +80,19 @@ def sale_opened(sale_id: str, sku: str, allocation: int) -> bytes:
             "per_order_max": 3,
             "starts_at": T0,
             "ends_at": T0 + 3_600_000,
+            "rules_version": 1,
+            "sequence": 1,
+            "decided_at": T0,
         },
     )
 
 
 def decisions(sale_id: str, sku: str, n: int, allocation: int, seed: int) -> list[dict]:
-    """n decisions for one SKU, sequence 1..n, as a decision core would emit them."""
+    """n decisions for one SKU, sequence 2..n+1 (after SaleOpened), as the core would emit them."""
     rng = random.Random(seed)
     remaining = allocation
     out = []
-    for seq in range(1, n + 1):
+    for seq in range(2, n + 2):
         intent = f"i-{sku}-{seq}"
         q = rng.randint(1, 3)
         base = {
@@ -147,7 +150,7 @@ def build_log(sale_id: str, skus: list[str], per_sku: int, dup_every: int) -> tu
     unique: list[dict] = []
     for i, sku in enumerate(skus):
         allocation = per_sku  # about half the intents win
-        records.append((SKU_COMMANDS, sku, sale_opened(sale_id, sku, allocation)))
+        records.append((DECISIONS, sku, sale_opened(sale_id, sku, allocation)))
         for d in decisions(sale_id, sku, per_sku, allocation, seed=i):
             unique.append(d)
             value = encode(record_name(d), d)
@@ -158,7 +161,7 @@ def build_log(sale_id: str, skus: list[str], per_sku: int, dup_every: int) -> tu
 
 
 # -- offsets and rows ----------------------------------------------------------------------
-def log_ends(bootstrap: str, topics: tuple[str, ...] = (DECISIONS, SKU_COMMANDS)) -> dict:
+def log_ends(bootstrap: str, topics: tuple[str, ...] = (DECISIONS,)) -> dict:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "probe"})
     try:
         metadata = consumer.list_topics(timeout=10)
@@ -359,7 +362,7 @@ def test_projector_killed_mid_backlog_resumes_without_loss_or_double_count(
     )
 
 
-def test_undecodable_and_intent_records_are_skipped_but_advance_offsets(
+def test_undecodable_records_are_skipped_but_advance_offsets_and_commands_are_not_read(
     endpoints: Endpoints, uid: str
 ):
     names = TopicNames(f"tp-{uid}.sku-commands", f"tp-{uid}.decisions", DEAD_LETTERS)
@@ -382,7 +385,7 @@ def test_undecodable_and_intent_records_are_skipped_but_advance_offsets(
     produce(
         endpoints.bootstrap,
         [
-            (names.sku_commands, sku, sale_opened(sale_id, sku, 5)),
+            (names.decisions, sku, sale_opened(sale_id, sku, 5)),
             (names.sku_commands, sku, encode("PurchaseIntent", intent)),
             (names.decisions, sku, b"not avro at all"),
             (names.decisions, sku, encode("IntentAccepted", accepted)),
@@ -395,10 +398,7 @@ def test_undecodable_and_intent_records_are_skipped_but_advance_offsets(
         assert projector.run_until_caught_up(30) == 2  # the sale and the one decision
     finally:
         projector.close()
-    assert stored_offsets(endpoints.dsn, f"bad-{uid}") == {
-        (names.sku_commands, 0): 2,
-        (names.decisions, 0): 2,
-    }
+    assert stored_offsets(endpoints.dsn, f"bad-{uid}") == {(names.decisions, 0): 3}
     rows = dump(endpoints.dsn, sale_id)
     assert [r[1] for r in rows["orders"]] == [accepted["intent_id"]]
     admin.delete_topics([names.sku_commands, names.decisions])

@@ -52,10 +52,10 @@ def at(millis: int) -> datetime:
     return datetime.fromtimestamp(millis / 1000, UTC)
 
 
-def opened(sale: str, sku: str, allocation: int) -> dict:
+def opened(sale: str, sku: str, allocation: int, seq: int = 1) -> dict:
     return {"event_id": f"open-{sku}", "sale_id": sale, "sku": sku, "allocation": allocation,
-            "per_user_limit": 2, "per_order_max": 2, "starts_at": T,
-            "ends_at": T + 60_000}  # fmt: skip
+            "per_user_limit": 2, "per_order_max": 2, "starts_at": T, "ends_at": T + 60_000,
+            "rules_version": 1, "sequence": seq, "decided_at": T}  # fmt: skip
 
 
 def decision(intent: str, seq: int, remaining: int, *, q: int = 1, reason: str | None = None,
@@ -77,37 +77,50 @@ def batch(*items: tuple[str, dict]) -> BatchRows:
 def test_a_batch_projects_outcomes_orders_and_counters_from_the_allocation(adapter: Adapter):
     assert adapter.write(batch(("SaleOpened", opened("s", "A", 5)))) == 0
     assert (
-        adapter.write(batch(decision("i1", 1, 3, q=2), decision("i2", 2, 3, reason="USER_LIMIT")))
+        adapter.write(batch(decision("i1", 2, 3, q=2), decision("i2", 3, 3, reason="USER_LIMIT")))
         == 2
     )
     got = adapter.dump()
     assert got["sales"] == [("s", "A", 5, 2, 2, at(T), at(T + 60_000), False, "open-A")]
-    assert got["orders"] == [("ord-i1", "i1", "s", "A", "u1", 2, at(T + 1), 1)]
+    assert got["orders"] == [("ord-i1", "i1", "s", "A", "u1", 2, at(T + 2), 2)]
     assert got["intent_outcomes"] == [
-        ("i1", "s", "A", "u1", 2, "accepted", None, "", "ord-i1", 3, 1, at(T + 1)),
-        ("i2", "s", "A", "u1", 1, "rejected", "USER_LIMIT", "user_limit", None, 3, 2, at(T + 2)),
+        ("i1", "s", "A", "u1", 2, "accepted", None, "", "ord-i1", 3, 2, at(T + 2)),
+        ("i2", "s", "A", "u1", 1, "rejected", "USER_LIMIT", "user_limit", None, 3, 3, at(T + 3)),
     ]
-    assert got["sale_counters"] == [("s", "A", 1, 2, 1, {"USER_LIMIT": 1}, 3, 2)]
+    assert got["sale_counters"] == [("s", "A", 1, 2, 1, {"USER_LIMIT": 1}, 3, 3)]
 
 
 def test_a_decision_seen_again_in_a_later_batch_counts_once(adapter: Adapter):
-    adapter.write(batch(("SaleOpened", opened("s", "A", 5)), decision("i1", 1, 4)))
+    adapter.write(batch(("SaleOpened", opened("s", "A", 5)), decision("i1", 2, 4)))
     # i1 again (a redelivery) next to a new decision: only i2 is new.
-    assert adapter.write(batch(decision("i1", 1, 4), decision("i2", 2, 3))) == 1
-    assert adapter.write(batch(decision("i2", 2, 3))) == 0
+    assert adapter.write(batch(decision("i1", 2, 4), decision("i2", 3, 3))) == 1
+    assert adapter.write(batch(decision("i2", 3, 3))) == 0
     got = adapter.dump()
     assert [o[0] for o in got["orders"]] == ["ord-i1", "ord-i2"]
-    assert got["sale_counters"] == [("s", "A", 2, 2, 0, {}, 3, 2)]
+    assert got["sale_counters"] == [("s", "A", 2, 2, 0, {}, 3, 3)]
 
 
 def test_counters_follow_the_greatest_sequence_whatever_the_batch_order(adapter: Adapter):
     adapter.write(
-        batch(decision("i3", 3, 0, reason="SOLD_OUT"), decision("i4", 4, 0, reason="SOLD_OUT"))
+        batch(decision("i3", 4, 0, reason="SOLD_OUT"), decision("i4", 5, 0, reason="SOLD_OUT"))
     )
-    adapter.write(batch(decision("i1", 1, 1), decision("i2", 2, 0, reason="USER_LIMIT")))
+    adapter.write(batch(decision("i1", 2, 1), decision("i2", 3, 0, reason="USER_LIMIT")))
     adapter.write(batch(("SaleOpened", opened("s", "A", 2))))  # the terms arrive last
     got = adapter.dump()
-    assert got["sale_counters"] == [("s", "A", 1, 1, 3, {"SOLD_OUT": 2, "USER_LIMIT": 1}, 0, 4)]
+    assert got["sale_counters"] == [("s", "A", 1, 1, 3, {"SOLD_OUT": 2, "USER_LIMIT": 1}, 0, 5)]
+
+
+def test_returned_units_and_closing_carry_the_remaining_count(adapter: Adapter):
+    returned = {"sale_id": "s", "sku": "A", "ref": "hold-1", "quantity": 1, "remaining": 4,
+                "sequence": 4, "decided_at": T + 4}  # fmt: skip
+    closed = {"sale_id": "s", "sku": "A", "remaining": 4, "sequence": 5, "decided_at": T + 5}
+    adapter.write(batch(("SaleOpened", opened("s", "A", 5)), decision("i1", 2, 3, q=2)))
+    adapter.write(batch(("UnitsReturned", returned), decision("i2", 3, 3, reason="USER_LIMIT")))
+    assert adapter.dump()["sale_counters"] == [("s", "A", 1, 2, 1, {"USER_LIMIT": 1}, 4, 4)]
+    adapter.write(batch(("SaleClosed", closed)))
+    got = adapter.dump()
+    assert got["sale_counters"] == [("s", "A", 1, 2, 1, {"USER_LIMIT": 1}, 4, 5)]
+    assert [s[7] for s in got["sales"]] == [True]
 
 
 def test_closing_marks_the_sale_and_an_unknown_sale_is_left_alone(adapter: Adapter):
@@ -127,16 +140,19 @@ def test_text_with_tabs_newlines_and_backslashes_round_trips(adapter: Adapter):
 
 
 def test_rejections_before_the_sale_opened_leave_its_allocation(adapter: Adapter):
+    # UNKNOWN_SALE says remaining 0; the opening comes after them in the sale's numbering.
     early = [decision(f"i{n}", n, 0, reason="UNKNOWN_SALE") for n in (1, 2)]
     adapter.write(batch(*early))
-    adapter.write(batch(("SaleOpened", opened("s", "A", 5))))
-    assert adapter.dump()["sale_counters"] == [("s", "A", 0, 0, 2, {"UNKNOWN_SALE": 2}, 5, 0)]
-    adapter.write(batch(decision("i3", 3, 4)))
-    assert adapter.dump()["sale_counters"] == [("s", "A", 1, 1, 2, {"UNKNOWN_SALE": 2}, 4, 3)]
+    adapter.write(batch(("SaleOpened", opened("s", "A", 5, seq=3))))
+    assert adapter.dump()["sale_counters"] == [("s", "A", 0, 0, 2, {"UNKNOWN_SALE": 2}, 5, 3)]
+    adapter.write(batch(decision("i3", 4, 4)))
+    assert adapter.dump()["sale_counters"] == [("s", "A", 1, 1, 2, {"UNKNOWN_SALE": 2}, 4, 4)]
 
 
-def test_rejections_of_a_sale_not_yet_opened_after_its_terms_change_nothing_else(adapter: Adapter):
+def test_rejections_before_the_opening_in_the_same_batch_leave_its_allocation(adapter: Adapter):
     adapter.write(
-        batch(("SaleOpened", opened("s", "A", 5)), decision("i1", 1, 0, reason="UNKNOWN_SALE"))
+        batch(
+            ("SaleOpened", opened("s", "A", 5, seq=2)), decision("i1", 1, 0, reason="UNKNOWN_SALE")
+        )
     )
-    assert adapter.dump()["sale_counters"] == [("s", "A", 0, 0, 1, {"UNKNOWN_SALE": 1}, 5, 0)]
+    assert adapter.dump()["sale_counters"] == [("s", "A", 0, 0, 1, {"UNKNOWN_SALE": 1}, 5, 2)]

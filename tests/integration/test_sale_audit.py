@@ -27,6 +27,7 @@ from flashsale.settings import Settings
 from flashsale.topics import TopicNames, catalogue
 from infra import provision
 from infra.stack import Endpoints
+from processors.core import CURRENT_RULES, RULES
 from producers.commands import SkuAllocation
 from producers.identity import intent_id_for
 from schemas.codec import SchemaRegistry
@@ -35,7 +36,7 @@ from tests.integration.pipeline import Pipeline, start_pipeline
 
 pytestmark = pytest.mark.slow
 
-Decision = tuple[str, dict[str, Any]]  # (record name, record)
+Decision = tuple[str, dict[str, Any]]  # (record name, record): a decision or another fact
 Forge = Callable[[list[Decision]], list[Decision]]
 
 
@@ -66,6 +67,7 @@ def test_a_clean_sale_passes_with_its_figures(sale: tuple[Pipeline, str]):
     assert audit.passed, audit.violations
     [fig] = audit.skus.values()
     assert (fig.allocation, fig.units_sold, fig.accepted, fig.rejected) == (20, 20, 20, 40)
+    assert fig.rules_version == CURRENT_RULES
     assert fig.remaining == 0
     assert (audit.decisions, audit.input_offsets, audit.repeats) == (60, 67, 6)  # + SaleOpened
 
@@ -97,7 +99,7 @@ def _accept_past_allocation(ds: list[Decision]) -> list[Decision]:
 
 
 def _second_decision(ds: list[Decision]) -> list[Decision]:
-    return [*ds, ds[3]]
+    return [*ds, ds[_accepted(ds)[2]]]
 
 
 def _sequence_gap(ds: list[Decision]) -> list[Decision]:
@@ -113,7 +115,8 @@ def _user_over_limit(ds: list[Decision]) -> list[Decision]:
 
 
 def _dropped_decision(ds: list[Decision]) -> list[Decision]:
-    return ds[:5] + ds[6:]
+    i = _accepted(ds)[4]
+    return ds[:i] + ds[i + 1 :]
 
 
 @pytest.mark.parametrize(
@@ -150,6 +153,30 @@ def test_a_forged_copy_fails_naming_the_violation(
     assert audit.passed == (not kinds)
 
 
+def _opened_under(version: int) -> Forge:
+    def forge(ds: list[Decision]) -> list[Decision]:
+        return [(n, {**r, "rules_version": version} if n == "SaleOpened" else r) for n, r in ds]
+
+    return forge
+
+
+def test_each_sale_is_audited_under_the_rules_version_it_opened_with(
+    sale: tuple[Pipeline, str], monkeypatch: pytest.MonkeyPatch
+):
+    p, sale_id = sale
+    # A later rules version (here: accept whatever is asked) changes nothing for this sale...
+    monkeypatch.setitem(RULES, CURRENT_RULES + 1, lambda book, cmd, now: None)
+    assert audit_sale(p.endpoints.bootstrap, p.names, sale_id).passed
+    # ...but the same decisions claimed to be made under it are not what it would decide.
+    copy = _copy_topics(p, _opened_under(CURRENT_RULES + 1))
+    try:
+        audit = audit_sale(p.endpoints.bootstrap, copy, sale_id)
+    finally:
+        admin = AdminClient({"bootstrap.servers": p.endpoints.bootstrap, "log_level": 3})
+        admin.delete_topics([copy.sku_commands, copy.decisions, copy.dead_letters])
+    assert {v.kind for v in audit.violations} == {"rules-mismatch"}, audit.violations
+
+
 def _copy_topics(p: Pipeline, forge: Forge) -> TopicNames:
     """Copy the namespace's topics into a new one, forging the decisions on the way."""
     bootstrap = p.endpoints.bootstrap
@@ -166,10 +193,9 @@ def _copy_topics(p: Pipeline, forge: Forge) -> TopicNames:
             producer.produce(to, m.value(), m.key(), partition=m.partition(),
                              headers=m.headers())  # fmt: skip
     msgs = read(bootstrap, src.decisions, True, 30)
-    by_key = {registry.decode(m.value())[1]["intent_id"]: (m.key(), m.partition()) for m in msgs}
-    decisions = [registry.decode(m.value()) for m in msgs]
-    for name, rec in forge(decisions):
-        key, partition = by_key[rec["intent_id"]]
+    [(key, partition)] = {(m.key(), m.partition()) for m in msgs}  # the sale's one SKU
+    events = [registry.decode(m.value()) for m in msgs]
+    for name, rec in forge(events):
         producer.produce(dst.decisions, registry.encode(name, rec), key, partition=partition)
     assert producer.flush(30) == 0
     return dst

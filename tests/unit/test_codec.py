@@ -12,8 +12,19 @@ from fastavro.schema import to_parsing_canonical_form
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processors.decision import IntentAccepted, IntentRejected, RejectionReason
-from processors.records import from_record, to_record
+from processors.core import (
+    Event,
+    IntentAccepted,
+    IntentRejected,
+    RejectionReason,
+    SaleClosed,
+    SaleOpened,
+    SaleRefused,
+    SaleSettled,
+    SaleTerms,
+    UnitsReturned,
+)
+from processors.records import event_from_record, to_record
 from schemas import SCHEMA_DIR
 from schemas.codec import (
     MAGIC,
@@ -42,8 +53,16 @@ DECISIONS: list[IntentAccepted | IntentRejected] = [
         1_700_000_000_001,
     ),
 ]
+TERMS = SaleTerms("s-1", "SKU", 100, 2, 1, 1, 2**42, rules=1)
+FACTS: list[Event] = [
+    SaleOpened(TERMS, 1, 1_700_000_000_000),
+    SaleRefused("s-1", "SKU", "SettleSale", "sale still open", 9, 1_700_000_000_002),
+    SaleClosed("s-1", "SKU", 3, 10, 1_700_000_000_003),
+    UnitsReturned("s-1", "SKU", "hold-1", 1, 4, 11, 1_700_000_000_004),
+    SaleSettled("s-1", "SKU", 2, 4, 12, 1_700_000_000_005),
+]
 SAMPLES: dict[str, dict[str, Any]] = {
-    "SaleOpened": {
+    "OpenSale": {
         "sale_id": "s-1",
         "sku": "SKU",
         "allocation": 100,
@@ -51,9 +70,11 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "per_order_max": 1,
         "starts_at": 1,
         "ends_at": 2**42,
+        "rules_version": None,
     },
-    "SaleClosed": {"sale_id": "s-1", "sku": "SKU", "reason": "ops"},
-    "SaleSettled": {"sale_id": "s-1", "sku": "SKU"},
+    "CloseSale": {"sale_id": "s-1", "sku": "SKU", "reason": "ops"},
+    "SettleSale": {"sale_id": "s-1", "sku": "SKU"},
+    "ReturnUnits": {"sale_id": "s-1", "sku": "SKU", "quantity": 2, "ref": "hold-1"},
     "PurchaseIntent": {
         "intent_id": "i-1",
         "idempotency_key": "k",
@@ -64,6 +85,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     },
     "IntentAccepted": to_record(DECISIONS[0]),
     "IntentRejected": to_record(DECISIONS[1]),
+    **{type(e).__name__: to_record(e) for e in FACTS},
 }
 
 
@@ -102,10 +124,10 @@ def test_round_trip(name: str) -> None:
     assert decode(data) == (name, record)
 
 
-def test_decision_events_survive_records_and_codec() -> None:
-    for event in DECISIONS:
+def test_every_event_survives_records_and_codec() -> None:
+    for event in [*DECISIONS, *FACTS]:
         name, record = decode(encode(type(event).__name__, {**ENVELOPE, **to_record(event)}))
-        assert from_record(name, record) == event
+        assert event_from_record(name, record) == event
 
 
 def test_fingerprint_matches_the_spec_algorithm_little_endian() -> None:
@@ -215,4 +237,4 @@ def test_unknown_rejection_reason_reads_as_unspecified() -> None:
     )
     name, record = registry.decode(data)
     assert (name, record["reason"]) == ("IntentRejected", "UNSPECIFIED")
-    assert from_record(name, record).reason is RejectionReason.UNSPECIFIED  # type: ignore[union-attr]
+    assert event_from_record(name, record).reason is RejectionReason.UNSPECIFIED  # type: ignore[union-attr]

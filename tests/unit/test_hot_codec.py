@@ -9,9 +9,9 @@ import uuid
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processors.decision import IntentAccepted, IntentRejected, RejectionReason
+from processors.core import IntentAccepted, IntentRejected, RejectionReason
 from processors.hot_codec import DecisionEncoder
-from processors.records import from_record, record_name, to_record
+from processors.records import event_from_record, record_name, to_record
 from producers.identity import DECISIONS_NAMESPACE, decision_event_id
 from schemas.codec import SchemaRegistry
 
@@ -55,7 +55,7 @@ def test_hot_encoding_is_byte_identical_to_the_registry(
     assert SHARED.encode(event) == expected
     assert DecisionEncoder(REGISTRY, PRODUCER).encode(event) == expected
     name, record = REGISTRY.decode(expected)
-    assert from_record(name, record) == event
+    assert event_from_record(name, record) == event
 
 
 @settings(max_examples=100, deadline=None)

@@ -24,15 +24,17 @@ REASONS = ["SOLD_OUT", "USER_LIMIT", "INSUFFICIENT_STOCK"]
 
 @st.composite
 def sale_log(draw: st.DrawFn) -> list[tuple[str, dict]]:
-    """SaleOpened per SKU, then each SKU's decisions with sequence 1..n and a true remaining."""
+    """Per SKU: SaleOpened (sequence 1), decisions with a true remaining, maybe SaleClosed."""
     log: list[tuple[str, dict]] = []
     for sku in draw(st.sets(st.sampled_from("ABCD"), min_size=1)):
         remaining = allocation = draw(st.integers(0, 6))
         opened = {"event_id": f"o-{sku}", "sale_id": "s", "sku": sku, "allocation": allocation,
                   "per_user_limit": 3, "per_order_max": 3, "starts_at": T,
-                  "ends_at": T + 1}  # fmt: skip
+                  "ends_at": T + 1, "rules_version": 1, "sequence": 1,
+                  "decided_at": T}  # fmt: skip
         log.append(("SaleOpened", opened))
-        for seq in range(1, draw(st.integers(0, 12)) + 1):
+        seq = 1
+        for seq in range(2, draw(st.integers(1, 13)) + 1):
             q = draw(st.integers(1, 3))
             base = {"intent_id": f"{sku}{seq}", "sale_id": "s", "sku": sku, "quantity": q,
                     "user_id": f"u{draw(st.integers(0, 3))}", "sequence": seq,
@@ -45,6 +47,9 @@ def sale_log(draw: st.DrawFn) -> list[tuple[str, dict]]:
                 reason = draw(st.sampled_from(REASONS))
                 log.append(("IntentRejected", {**base, "reason": reason, "detail": "",
                                                "remaining": remaining}))  # fmt: skip
+        if draw(st.booleans()):
+            log.append(("SaleClosed", {"sale_id": "s", "sku": sku, "remaining": remaining,
+                                       "sequence": seq + 1, "decided_at": T + 99}))  # fmt: skip
     return log
 
 
@@ -64,8 +69,13 @@ def test_any_batching_order_and_repeats_give_the_same_tables(
     log: list[tuple[str, dict]], data: st.DataObject
 ) -> None:
     plain = project([log])
-    # Deliver: shuffled across SKUs (partitions interleave), some records repeated, cut anywhere.
-    delivery = data.draw(st.permutations(log))
+    # Deliver: SKUs (partitions) interleaved, each in its own order; some records repeated
+    # (redelivery after a crash); cut into batches anywhere.
+    skus = {r["sku"] for _, r in log}
+    in_order = {sku: iter([r for r in log if r[1]["sku"] == sku]) for sku in skus}
+    delivery = [
+        next(in_order[sku]) for sku in data.draw(st.permutations([r["sku"] for _, r in log]))
+    ]
     delivery += data.draw(st.lists(st.sampled_from(log), max_size=5)) if log else []
     cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(delivery) - 1)), max_size=6)))
     edges = [0, *cuts, len(delivery)]
@@ -80,4 +90,5 @@ def test_any_batching_order_and_repeats_give_the_same_tables(
         assert (won, units, lost) == (len(accepted), sum(d["quantity"] for d in accepted),
                                       len(mine) - len(accepted))  # fmt: skip
         assert by == dict(Counter(d["reason"] for d in mine if "reason" in d))
-        assert remaining == opened - units and last == len(mine)
+        events = [r["sequence"] for _, r in log if r["sku"] == sku]
+        assert remaining == opened - units and last == max(events) == len(events)

@@ -88,11 +88,12 @@ def test_batch_keeps_first_decision_per_intent_and_skips_intents():
     assert batch.add("IntentAccepted", accepted("i1", 1, event_id="e2"))  # redelivery
     assert batch.add("IntentRejected", rejected("i2", 2))
     assert not batch.add("PurchaseIntent", {"sale_id": "s1", "intent_id": "i3"})
-    assert batch.add("SaleClosed", {**ENVELOPE, "sale_id": "s1", "sku": "k1", "reason": "x"})
+    closed = {**ENVELOPE, "sale_id": "s1", "sku": "k1", "remaining": 4, "sequence": 9}
+    assert batch.add("SaleClosed", closed)
     assert list(batch.outcomes) == ["i1", "i2"]
     assert batch.outcomes["i1"] == outcome_row("IntentAccepted", accepted("i1", 1))
     assert [o[0] for o in batch.orders()] == ["o-i1"]
-    assert batch.closures == [("s1", "k1")]
+    assert batch.closures == [("s1", "k1")] and batch.marks == [("s1", "k1", 4, 9)]
     assert len(batch) == 3 and batch.skipped == 1
 
 

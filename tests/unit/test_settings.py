@@ -40,4 +40,4 @@ def test_catalogue_shapes_the_log():
     assert topics[SKU_COMMANDS].partitions == topics[DECISIONS].partitions
     assert topics[SKU_COMMANDS].retention_ms == -1 and topics[DECISIONS].retention_ms == -1
     assert "PurchaseIntent" in topics[SKU_COMMANDS].value_schemas
-    assert "SaleOpened" in topics[SKU_COMMANDS].value_schemas
+    assert "OpenSale" in topics[SKU_COMMANDS].value_schemas

@@ -8,21 +8,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from processors import state_layout as layout
-from processors.decision import (
+from processors.core import (
     CloseSale,
     IntentRejected,
     OpenSale,
     PlaceIntent,
     RejectionReason,
-    SaleRejected,
+    SaleRefused,
     SaleSettled,
     SaleTerms,
     SettleSale,
     SkuLedger,
-    decide,
     intent_digest,
 )
 from processors.writer import PartitionWriter
+from tests.unit.core_steps import step
 from tests.unit.writer_fakes import REGISTRY, InputLog, MemoryStore, loaded, persist
 
 T0 = 1_000
@@ -32,45 +32,45 @@ TERMS = SaleTerms("s", "A", allocation=3, per_user_limit=2, per_order_max=2,
 
 def sold(n: int) -> SkuLedger:
     ledger = SkuLedger("A")
-    decide(ledger, OpenSale(TERMS), T0)
+    step(ledger, OpenSale(TERMS), T0)
     for i in range(n):
-        decide(ledger, PlaceIntent(f"i{i}", f"u{i}", "s", "A", 1), T0 + 1)
+        step(ledger, PlaceIntent(f"i{i}", f"u{i}", "s", "A", 1), T0 + 1)
     return ledger
 
 
 def test_open_sale_cannot_be_settled() -> None:
     ledger = sold(2)
-    events = decide(ledger, SettleSale("s", "A"), T0 + 2)
-    assert isinstance(events[0], SaleRejected)
+    events = step(ledger, SettleSale("s", "A"), T0 + 2)
+    assert isinstance(events[0], SaleRefused)
     assert ledger.sales["s"].decided == {"i0", "i1"} and not ledger.sales["s"].settled
 
 
 def test_settled_sale_forgets_decisions_but_never_redecides_them() -> None:
     ledger = sold(5)  # 3 accepted, 2 sold out
-    decide(ledger, CloseSale("s", "A"), T0 + 3)
-    (settled,) = decide(ledger, SettleSale("s", "A"), T0 + 4)
+    step(ledger, CloseSale("s", "A"), T0 + 3)
+    (settled,) = step(ledger, SettleSale("s", "A"), T0 + 4)
     assert isinstance(settled, SaleSettled)
     ids = [f"i{i}" for i in range(5)]
-    assert sorted(settled.forgotten) == ids
-    assert settled.digests == frozenset(map(intent_digest, ids))
-    assert (settled.sequence, settled.remaining) == (5, 0)
+    assert settled.intents == 5
+    # Opened (1), five decisions (2-6), closed (7), settled (8).
+    assert (settled.sequence, settled.remaining) == (8, 0)
     book = ledger.sales["s"]
     assert book.decided == set() and book.bought == {} and book.settled and book.closed
-    assert book.settled_digests == settled.digests
+    assert book.settled_digests == frozenset(map(intent_digest, ids))
     # A repeat of a decided intent gets nothing new: its first decision stands.
-    assert decide(ledger, PlaceIntent("i0", "u0", "s", "A", 1), T0 + 5) == []
-    assert ledger.sales["s"].sequence == 5
+    assert step(ledger, PlaceIntent("i0", "u0", "s", "A", 1), T0 + 5) == []
+    assert ledger.sales["s"].sequence == 8
     # A brand-new intent still gets exactly one decision, with the next sequence number.
-    (new,) = decide(ledger, PlaceIntent("fresh", "u9", "s", "A", 1), T0 + 5)
+    (new,) = step(ledger, PlaceIntent("fresh", "u9", "s", "A", 1), T0 + 5)
     assert isinstance(new, IntentRejected) and new.reason is RejectionReason.SALE_ENDED
-    assert new.sequence == 6
-    assert decide(ledger, PlaceIntent("fresh", "u9", "s", "A", 1), T0 + 6) == []
-    assert decide(ledger, SettleSale("s", "A"), T0 + 6) == []  # idempotent
+    assert new.sequence == 9
+    assert step(ledger, PlaceIntent("fresh", "u9", "s", "A", 1), T0 + 6) == []
+    assert step(ledger, SettleSale("s", "A"), T0 + 6) == []  # idempotent
 
 
 def test_sale_past_its_window_can_be_settled_without_close() -> None:
     ledger = sold(1)
-    (settled,) = decide(ledger, SettleSale("s", "A"), TERMS.ends_at_ms)
+    (settled,) = step(ledger, SettleSale("s", "A"), TERMS.ends_at_ms)
     assert isinstance(settled, SaleSettled) and settled.remaining == 2
 
 
@@ -123,7 +123,8 @@ def test_writer_stores_a_settled_sales_digests_under_its_own_keys() -> None:
     chunk = store.get(prefix + b"0000")
     assert chunk is not None
     assert list(array("Q", chunk)) == sorted(intent_digest(f"i{i}") for i in range(4))
-    assert result.checkpoint and result.decisions == []
+    assert result.checkpoint
+    assert [REGISTRY.decode(v)[0] for _, v in result.events] == ["SaleClosed", "SaleSettled"]
 
     # Loaded before the settling batch committed, the sale is open again: the header is
     # a leftover of that batch and goes, the settlement will be redone identically.

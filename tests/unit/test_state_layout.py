@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from processors import state_layout as layout
 from processors import writer as writer_mod
-from processors.decision import (
+from processors.core import (
     CloseSale,
     OpenSale,
     PlaceIntent,
@@ -133,7 +133,7 @@ def test_state_loaded_after_a_crash_at_any_committed_offset_equals_the_live_stat
                 floor = max(floor, bounds[max(k - lag, 0)][0])
             result = persist(writer, store, log.between(first, end), None if lag is None else floor)
             states[end] = snapshot(writer.ledgers)
-            decisions[first] = result.decisions
+            decisions[first] = result.events
             assert_same_state(writer.ledgers, states[end])
             for cut in [f for f in states if floor <= f <= end]:
                 crashed = store.copy()
@@ -142,7 +142,7 @@ def test_state_loaded_after_a_crash_at_any_committed_offset_equals_the_live_stat
         # Resumed at any of those offsets, the writer re-decides byte-identically.
         cut = data.draw(st.sampled_from([f for f, _ in bounds if f >= floor] or [floor]))
         again = loaded(store.copy(), cut).handle_batch(log.between(cut, len(log.records)), None)
-        assert again.decisions == [d for f in sorted(decisions) if f >= cut for d in decisions[f]]
+        assert again.events == [d for f in sorted(decisions) if f >= cut for d in decisions[f]]
 
 
 def test_superseded_keys_are_deleted_once_a_newer_checkpoint_is_committed(
@@ -189,7 +189,7 @@ def test_writes_of_batches_at_or_after_the_committed_offset_are_discarded_on_loa
     assert offsets_in(store) == {0}, "leftovers of the uncommitted batches are gone"
     # The same records, batched differently this time, are decided as before.
     redo = persist(resumed, store, log.between(4, 10), committed=4)
-    assert [REGISTRY.decode(v)[1]["sequence"] for _, v in redo.decisions] == list(range(4, 10))
+    assert [REGISTRY.decode(v)[1]["sequence"] for _, v in redo.events] == list(range(5, 11))
     assert_same_state(loaded(store.copy(), 10).ledgers, writer.ledgers)
 
 
@@ -341,14 +341,14 @@ def test_a_settled_sale_leaves_the_checkpoint_and_is_recognised_by_digest_after_
     log.add(intents[2], 5)  # a repeat of a forgotten intent
     log.add(PlaceIntent("intent-late", "eve", "s", "A", 1), 5)
     after = persist(resumed, store, log.between(9, 11), committed=9)
-    assert after.repeats == 1 and len(after.decisions) == 1
-    name, record = REGISTRY.decode(after.decisions[0][1])
-    assert (name, record["reason"], record["sequence"]) == ("IntentRejected", "SALE_ENDED", 7)
+    assert after.repeats == 1 and len(after.events) == 1
+    name, record = REGISTRY.decode(after.events[0][1])
+    assert (name, record["reason"], record["sequence"]) == ("IntentRejected", "SALE_ENDED", 10)
 
     # The late intent is remembered too: a repeat after another restart stays silent.
     log.add(PlaceIntent("intent-late", "eve", "s", "A", 1), 6)
     again = persist(loaded(store, 11), store, log.between(11, 12), committed=11)
-    assert again.decisions == [] and again.repeats == 1
+    assert again.events == [] and again.repeats == 1
 
 
 def test_a_rebuild_by_replay_keeps_the_digests_of_sales_settled_in_the_replayed_log() -> None:
@@ -368,7 +368,7 @@ def test_a_rebuild_by_replay_keeps_the_digests_of_sales_settled_in_the_replayed_
     book = resumed.ledgers["A"].sales["s"]
     assert all(intent_digest(f"i{i}") in book.settled_digests for i in range(4))
     log.add(PlaceIntent("i1", "u1", "s", "A", 1), SALE.ends_at_ms + 2)
-    assert resumed.handle_batch(log.between(7, 8), 7).decisions == []
+    assert resumed.handle_batch(log.between(7, 8), 7).events == []
 
 
 # -- (f) dead letters -------------------------------------------------------------------
@@ -397,5 +397,5 @@ def test_undecodable_or_foreign_records_are_dead_letters_and_change_nothing() ->
         (4, "wrong-schema"),
     ]
     assert result.dead_letters[2].value == accepted and result.dead_letters[0].key == b"k"
-    assert result.decisions == [] and result.writes == [] and result.repeats == 0
+    assert result.events == [] and result.writes == [] and result.repeats == 0
     assert writer.ledgers == before and store.data == stored

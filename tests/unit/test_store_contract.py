@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from rocksdict import Rdict
 
-from processors.decision import CloseSale, OpenSale, PlaceIntent, SaleTerms, SettleSale
+from processors.core import CloseSale, OpenSale, PlaceIntent, SaleTerms, SettleSale
 from processors.faust_runtime import RocksStoreReader
 from processors.state_layout import StoreReader
 from processors.writer import PartitionWriter

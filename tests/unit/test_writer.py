@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from processors.decision import OpenSale, PlaceIntent, SaleTerms
+from processors.core import OpenSale, PlaceIntent, SaleTerms
 from processors.writer import PartitionWriter
 from producers.crowd import plan_crowd
 from tests.unit.writer_fakes import (
@@ -35,14 +35,15 @@ def test_a_redelivered_intent_gets_no_second_decision_and_is_counted_as_a_repeat
     first = writer.handle_batch(log.between(0, 2), None)
     again = writer.handle_batch(log.between(2, 3), 2)
 
-    assert len(first.decisions) == 1 and first.repeats == 0
-    assert again.decisions == [] and again.repeats == 1
+    assert len(first.events) == 2 and first.repeats == 0  # SaleOpened, the decision
+    assert again.events == [] and again.repeats == 1
     assert again.writes == [], "a repeat changes no state"
 
 
 def test_decisions_are_keyed_by_sku_and_encoded_as_the_registry_would() -> None:
     writer = PartitionWriter(REGISTRY, 0)
-    [(key, value)] = writer.handle_batch(sale_log(1).records, None).decisions
+    [(_, opened), (key, value)] = writer.handle_batch(sale_log(1).records, None).events
+    assert REGISTRY.decode(opened)[0] == "SaleOpened"
     name, record = REGISTRY.decode(value)
     assert key == b"A" and name == "IntentAccepted"
     assert (record["intent_id"], record["order_id"], record["remaining"]) == ("i0", "ord-i0", 1)
@@ -61,7 +62,7 @@ def test_a_batch_decided_in_chunks_is_the_same_as_one_handle_batch() -> None:
     for start in range(0, 7, 2):
         writer.decide(batch, log.between(start, start + 2))
     writer.close_batch(batch, 0, None)
-    assert (batch.decisions, batch.writes) == (whole.decisions, whole.writes)
+    assert (batch.events, batch.writes) == (whole.events, whole.writes)
 
 
 def test_decisions_after_a_load_continue_byte_identically() -> None:
@@ -75,7 +76,7 @@ def test_decisions_after_a_load_continue_byte_identically() -> None:
     resumed = loaded(store, 4)
     assert_same_state(resumed.ledgers, writer.ledgers)
     tail = log.between(4, 6)
-    assert resumed.handle_batch(tail, 4).decisions == writer.handle_batch(tail, 4).decisions
+    assert resumed.handle_batch(tail, 4).events == writer.handle_batch(tail, 4).events
 
 
 def test_a_rebuild_by_replay_gives_the_live_state_and_persists_it_whole() -> None:
@@ -89,7 +90,7 @@ def test_a_rebuild_by_replay_gives_the_live_state_and_persists_it_whole() -> Non
     result = persist(rebuilt, store, log.between(4, 6), committed=4)
 
     assert result.checkpoint, "the replayed state is written whole"
-    assert result.decisions == expected.decisions
+    assert result.events == expected.events
     assert_same_state(rebuilt.ledgers, live.ledgers)
     assert_same_state(loaded(store, 6).ledgers, live.ledgers)
 
@@ -98,7 +99,7 @@ def test_negative_quantity_is_a_rule_fault_not_a_dead_letter() -> None:
     writer = PartitionWriter(REGISTRY, 0)
     result = writer.handle_batch(sale_log(1, quantity=-2).records, None)
     assert result.dead_letters == []
-    name, record = REGISTRY.decode(result.decisions[0][1])
+    name, record = REGISTRY.decode(result.events[1][1])
     assert name == "IntentRejected" and record["reason"] == "INVALID_QUANTITY"
 
 

@@ -8,11 +8,12 @@ import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from processors.decision import (
+from processors.core import (
     CloseSale,
     Command,
     OpenSale,
     PlaceIntent,
+    ReturnUnits,
     SaleBook,
     SettleSale,
     SkuLedger,
@@ -72,14 +73,19 @@ def command_value(command: Command, n: int = 0) -> bytes:
         t = command.terms
         body = {"sale_id": t.sale_id, "sku": t.sku, "allocation": t.allocation,
                 "per_user_limit": t.per_user_limit, "per_order_max": t.per_order_max,
-                "starts_at": t.starts_at_ms, "ends_at": t.ends_at_ms}  # fmt: skip
-        return REGISTRY.encode("SaleOpened", {**envelope, **body})
+                "starts_at": t.starts_at_ms, "ends_at": t.ends_at_ms,
+                "rules_version": t.rules}  # fmt: skip
+        return REGISTRY.encode("OpenSale", {**envelope, **body})
     if isinstance(command, CloseSale):
         body = {"sale_id": command.sale_id, "sku": command.sku, "reason": "test"}
-        return REGISTRY.encode("SaleClosed", {**envelope, **body})
+        return REGISTRY.encode("CloseSale", {**envelope, **body})
     if isinstance(command, SettleSale):
         body = {"sale_id": command.sale_id, "sku": command.sku}
-        return REGISTRY.encode("SaleSettled", {**envelope, **body})
+        return REGISTRY.encode("SettleSale", {**envelope, **body})
+    if isinstance(command, ReturnUnits):
+        body = {"sale_id": command.sale_id, "sku": command.sku, "quantity": command.quantity,
+                "ref": command.ref}  # fmt: skip
+        return REGISTRY.encode("ReturnUnits", {**envelope, **body})
     raise TypeError(f"no input record for {command!r}")
 
 

@@ -1,0 +1,111 @@
+"""The intent rule family: ``PlaceIntent`` in, one ``IntentAccepted``/``IntentRejected`` out.
+
+Rules are versioned: a sale names its version in its terms (``SaleTerms.rules``) and every
+intent of it is judged by ``RULES[version]``, so replaying or auditing an old sale applies the
+rules it was decided under even after the current ones change. A rule version is a pure
+function ``(book, command, log_time) -> (reason, detail) | None``; add a version, never edit one.
+
+An intent id decided once is remembered (as a member of a set, not its decision): a repeat
+of it, whether a client retry or a producer retry, yields no event at all, so the committed
+decision log holds exactly one decision per intent id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+from processors.core.model import (
+    Decision,
+    IntentAccepted,
+    IntentRejected,
+    PlaceIntent,
+    RejectionReason,
+    SaleBook,
+    SkuLedger,
+    order_id_for,
+)
+
+Fault = tuple[RejectionReason, str] | None
+Rules = Callable[[SaleBook, PlaceIntent, int], Fault]
+
+
+def rules_v1(book: SaleBook, cmd: PlaceIntent, now: int) -> Fault:
+    """Quantity, order max, window, closure, stock, per-user limit, in this order."""
+    terms = book.terms
+    q = cmd.quantity
+    if q <= 0:
+        return RejectionReason.INVALID_QUANTITY, f"quantity {q} must be >= 1"
+    if q > terms.per_order_max:
+        return RejectionReason.ORDER_MAX_EXCEEDED, f"quantity {q} > {terms.per_order_max}"
+    if now < terms.starts_at_ms:
+        return RejectionReason.SALE_NOT_OPEN, f"sale opens at {terms.starts_at_ms}"
+    if book.closed or now >= terms.ends_at_ms:
+        return RejectionReason.SALE_ENDED, "sale closed" if book.closed else "sale ended"
+    if book.remaining == 0:
+        return RejectionReason.SOLD_OUT, "no units left"
+    had = book.bought.get(cmd.user_id, 0)
+    if had + q > terms.per_user_limit:
+        return RejectionReason.USER_LIMIT, f"{had} + {q} > limit {terms.per_user_limit}"
+    if q > book.remaining:
+        return RejectionReason.INSUFFICIENT_STOCK, f"{q} > {book.remaining} left"
+    return None
+
+
+RULES: dict[int, Rules] = {1: rules_v1}
+"""Every rules version a sale may be decided under."""
+
+
+def intent_digest(intent_id: str) -> int:
+    """64-bit digest of an intent id, kept for settled sales."""
+    return int.from_bytes(hashlib.blake2b(intent_id.encode(), digest_size=8).digest(), "big")
+
+
+def _known(ledger: SkuLedger, book: SaleBook | None, intent_id: str) -> bool:
+    if intent_id in ledger.orphans or (book is not None and intent_id in book.decided):
+        return True
+    if book is not None and book.settled and intent_digest(intent_id) in book.settled_digests:
+        return True  # decided before settlement: that decision stands, none is added
+    # Intent ids embed the sale, so only a forged or corrupted record reaches this loop with
+    # a known id; treating it as a repeat keeps "one decision per intent id".
+    return any(intent_id in other.decided for other in ledger.sales.values())
+
+
+def decide_place(ledger: SkuLedger, cmd: PlaceIntent, now: int) -> list[Decision]:
+    """The intent's one decision, or nothing for an intent id already decided."""
+    book = ledger.sales.get(cmd.sale_id)
+    if _known(ledger, book, cmd.intent_id):
+        return []  # a repeat: its one decision is already in the log
+    if book is None:
+        seq = ledger.orphan_sequences.get(cmd.sale_id, 0) + 1
+        return [IntentRejected(cmd.intent_id, cmd.sale_id, cmd.sku, cmd.user_id, cmd.quantity,
+                               RejectionReason.UNKNOWN_SALE, "no such sale for this SKU", 0,
+                               seq, now)]  # fmt: skip
+    seq = book.sequence + 1
+    fault = RULES[book.terms.rules](book, cmd, now)
+    if fault is None:
+        return [IntentAccepted(cmd.intent_id, cmd.sale_id, cmd.sku, cmd.user_id, cmd.quantity,
+                               order_id_for(cmd.intent_id), book.remaining - cmd.quantity, seq,
+                               now)]  # fmt: skip
+    return [IntentRejected(cmd.intent_id, cmd.sale_id, cmd.sku, cmd.user_id, cmd.quantity,
+                           fault[0], fault[1], book.remaining, seq, now)]  # fmt: skip
+
+
+def evolve_accepted(ledger: SkuLedger, event: IntentAccepted) -> None:
+    """The units left the sale and count against the user's limit."""
+    book = ledger.sales[event.sale_id]
+    book.remaining = event.remaining
+    book.sequence = event.sequence
+    book.bought[event.user_id] = book.bought.get(event.user_id, 0) + event.quantity
+    book.decided.add(event.intent_id)
+
+
+def evolve_rejected(ledger: SkuLedger, event: IntentRejected) -> None:
+    """The intent is decided; a rejection for a sale without a book is an orphan."""
+    book = ledger.sales.get(event.sale_id)
+    if book is None:
+        ledger.orphan_sequences[event.sale_id] = event.sequence
+        ledger.orphans.add(event.intent_id)
+        return
+    book.sequence = event.sequence
+    book.decided.add(event.intent_id)

@@ -1,0 +1,257 @@
+"""The decision core's vocabulary: sale terms, commands, fact events and the writer's state.
+
+Commands are imperative (``OpenSale``, ``PlaceIntent``) and arrive on the SKU command topic;
+events are past-tense facts (``SaleOpened``, ``IntentAccepted``) and go to the decisions
+topic. No record type is both. Every event carries the gap-free ``sequence`` of its
+(sale, SKU) and the broker log time of the command that caused it (``decided_at``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+CURRENT_RULES = 1
+"""The rules version a sale opens under unless its OpenSale names another."""
+
+
+class RejectionReason(StrEnum):
+    """Why an intent was rejected (same symbols as the Avro enum)."""
+
+    UNKNOWN_SALE = "UNKNOWN_SALE"
+    INVALID_QUANTITY = "INVALID_QUANTITY"
+    ORDER_MAX_EXCEEDED = "ORDER_MAX_EXCEEDED"
+    SALE_NOT_OPEN = "SALE_NOT_OPEN"
+    SALE_ENDED = "SALE_ENDED"
+    SOLD_OUT = "SOLD_OUT"
+    INSUFFICIENT_STOCK = "INSUFFICIENT_STOCK"
+    USER_LIMIT = "USER_LIMIT"
+    UNSPECIFIED = "UNSPECIFIED"
+
+
+@dataclass(slots=True, frozen=True)
+class SaleTerms:
+    """Terms of one sale for one SKU; the window is [starts_at_ms, ends_at_ms).
+
+    ``rules`` is the version of the intent rules the sale is decided under, kept with the
+    terms so a later rule change never rewrites how an earlier sale is judged or replayed.
+    """
+
+    sale_id: str
+    sku: str
+    allocation: int
+    per_user_limit: int
+    per_order_max: int
+    starts_at_ms: int
+    ends_at_ms: int
+    rules: int = CURRENT_RULES
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class OpenSale:
+    """Open a sale for one SKU."""
+
+    terms: SaleTerms
+
+    @property
+    def sku(self) -> str:
+        """SKU the sale is for."""
+        return self.terms.sku
+
+
+@dataclass(slots=True, frozen=True)
+class CloseSale:
+    """Close a sale for one SKU before its end."""
+
+    sale_id: str
+    sku: str
+
+
+@dataclass(slots=True, frozen=True)
+class PlaceIntent:
+    """Ask for ``quantity`` units of ``sku`` in ``sale_id`` on behalf of ``user_id``."""
+
+    intent_id: str
+    user_id: str
+    sale_id: str
+    sku: str
+    quantity: int
+
+
+@dataclass(slots=True, frozen=True)
+class ReturnUnits:
+    """Give units back to a sale (e.g. an expired hold); ``ref`` makes it idempotent."""
+
+    sale_id: str
+    sku: str
+    quantity: int
+    ref: str
+
+
+@dataclass(slots=True, frozen=True)
+class SettleSale:
+    """Forget a closed sale's per-intent state, keeping a digest of each decided intent id."""
+
+    sale_id: str
+    sku: str
+
+
+Command = OpenSale | CloseSale | PlaceIntent | ReturnUnits | SettleSale
+
+# -- events -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class SaleOpened:
+    """A sale of one SKU opened with ``terms`` (its rules version included)."""
+
+    terms: SaleTerms
+    sequence: int
+    decided_at: int
+
+    @property
+    def sale_id(self) -> str:
+        """Sale the event belongs to."""
+        return self.terms.sale_id
+
+    @property
+    def sku(self) -> str:
+        """SKU the event belongs to."""
+        return self.terms.sku
+
+
+@dataclass(slots=True, frozen=True)
+class SaleRefused:
+    """A sale command (``command``: OpenSale or SettleSale) was refused and changed nothing."""
+
+    sale_id: str
+    sku: str
+    command: str
+    detail: str
+    sequence: int
+    decided_at: int
+
+
+@dataclass(slots=True, frozen=True)
+class SaleClosed:
+    """A sale of one SKU was closed before its end; no intent is accepted after it."""
+
+    sale_id: str
+    sku: str
+    remaining: int
+    sequence: int
+    decided_at: int
+
+
+@dataclass(slots=True, frozen=True)
+class UnitsReturned:
+    """Units came back to a sale; ``quantity`` is what was actually applied."""
+
+    sale_id: str
+    sku: str
+    ref: str
+    quantity: int
+    remaining: int
+    sequence: int
+    decided_at: int
+
+
+@dataclass(slots=True, frozen=True)
+class SaleSettled:
+    """A closed sale was settled: its ``intents`` decided intent ids are kept as digests only."""
+
+    sale_id: str
+    sku: str
+    intents: int
+    remaining: int
+    sequence: int
+    decided_at: int
+
+
+@dataclass(slots=True, frozen=True)
+class IntentAccepted:
+    """An intent won ``quantity`` units; it becomes order ``order_id``."""
+
+    intent_id: str
+    sale_id: str
+    sku: str
+    user_id: str
+    quantity: int
+    order_id: str
+    remaining: int
+    sequence: int
+    decided_at: int
+
+
+@dataclass(slots=True, frozen=True)
+class IntentRejected:
+    """An intent was refused for ``reason``."""
+
+    intent_id: str
+    sale_id: str
+    sku: str
+    user_id: str
+    quantity: int
+    reason: RejectionReason
+    detail: str
+    remaining: int
+    sequence: int
+    decided_at: int
+
+
+Decision = IntentAccepted | IntentRejected
+"""The final accept or reject of an intent: exactly one per intent id."""
+Event = SaleOpened | SaleRefused | SaleClosed | UnitsReturned | SaleSettled | Decision
+
+# -- state ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class SaleBook:
+    """State of one sale of the ledger's SKU."""
+
+    terms: SaleTerms
+    remaining: int
+    closed: bool = False
+    # Events of this (sale, SKU) so far: each event carries the next number, gap-free from 1.
+    sequence: int = 0
+    bought: dict[str, int] = field(default_factory=dict)
+    decided: set[str] = field(default_factory=set)
+    returns: set[str] = field(default_factory=set)
+    # After settlement only digests of decided intent ids remain, kept by the writer on disk
+    # (``settled_digests`` answers ``in`` from there): enough to recognise a repeat.
+    settled: bool = False
+    settled_digests: Container[int] = frozenset()
+
+
+@dataclass(slots=True)
+class SkuLedger:
+    """Everything the single writer of one SKU knows."""
+
+    sku: str
+    sales: dict[str, SaleBook] = field(default_factory=dict)
+    # Intent ids rejected as UNKNOWN_SALE: they belong to no SaleBook.
+    orphans: set[str] = field(default_factory=set)
+    # Sequence per sale id without a book (its UNKNOWN_SALE rejections and refused opens
+    # are numbered like any (sale, SKU)'s events; a book opened later continues the count).
+    orphan_sequences: dict[str, int] = field(default_factory=dict)
+
+    def next_sequence(self, sale_id: str) -> int:
+        """The sequence the next event of (``sale_id``, this SKU) carries."""
+        book = self.sales.get(sale_id)
+        if book is not None:
+            return book.sequence + 1
+        return self.orphan_sequences.get(sale_id, 0) + 1
+
+
+class WrongLedger(ValueError):
+    """A command or event for another SKU reached this ledger (a routing bug, not bad input)."""
+
+
+def order_id_for(intent_id: str) -> str:
+    """Deterministic order id of an accepted intent."""
+    return "ord-" + intent_id
