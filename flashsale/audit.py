@@ -28,6 +28,7 @@ class AuditReport:
 
     allocation: dict[str, int] = field(default_factory=dict)
     accepted_units: dict[str, int] = field(default_factory=dict)
+    returned_units: dict[str, int] = field(default_factory=dict)  # given back (UnitsReturned)
     accepted: int = 0
     rejected: int = 0
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
@@ -41,7 +42,7 @@ class AuditReport:
     def oversold(self) -> int:
         """Units accepted beyond the allocation, over all SKUs."""
         return sum(
-            max(0, self.accepted_units.get(sku, 0) - alloc)
+            max(0, self.accepted_units.get(sku, 0) - self.returned_units.get(sku, 0) - alloc)
             for sku, alloc in self.allocation.items()
         )
 
@@ -134,13 +135,15 @@ class DecisionAudit:
         rep = AuditReport(decisions_seen=self._seen, repeated_decisions=self._repeats)
         rep.conflicting = list(self._conflicts)
         terms, facts = self.sale_facts()
+        returned: Counter[str] = Counter()
+        for r in facts:
+            if "requested" in r:  # UnitsReturned
+                returned[r["sku"]] += r["quantity"]
         rep.allocation = {sku: t["allocation"] for sku, t in terms.items()}
         units: Counter[str] = Counter()
         per_user: Counter[tuple[str, str]] = Counter()
         reasons: Counter[str] = Counter()
         sequences: dict[str, list[int]] = defaultdict(list)
-        for r in facts:
-            sequences[r["sku"]].append(r["sequence"])
         for _, r in self.decisions.values():
             sequences[r["sku"]].append(r["sequence"])
             if r["_name"] == "IntentAccepted":
@@ -151,11 +154,18 @@ class DecisionAudit:
                 rep.rejected += 1
                 reasons[r["reason"]] += 1
         rep.accepted_units = dict(units)
+        rep.returned_units = dict(returned)
         rep.rejected_by_reason = dict(reasons)
         for (sku, _user), bought in per_user.items():
             limit = terms.get(sku, {}).get("per_user_limit")
             if limit is not None and bought > limit:
                 rep.user_limit_breaches += 1
+        # Facts are read to the end of the topic, decisions only as far as polled so far: a fact
+        # numbered after the last decision polled is not yet comparable.
+        for r in facts:
+            polled = sequences.get(r["sku"])
+            if polled and r["sequence"] < max(polled):
+                polled.append(r["sequence"])
         for sku, seqs in sequences.items():
             seqs.sort()
             # Every event of (sale, SKU), facts and decisions, is numbered 1..N without gaps.

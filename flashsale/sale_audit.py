@@ -215,7 +215,10 @@ def _check_rules(out: SaleAudit, sku: str, items: list[tuple[str, dict[str, Any]
         event = event_from_record(name, rec)
         command = command_for(event)
         if command is not None:
-            again = decide(ledger, command, event.decided_at)
+            try:
+                again = decide(ledger, command, event.decided_at)
+            except (KeyError, ValueError) as exc:  # e.g. a rules version this build lacks
+                again = [f"an error: {exc!r}"]  # type: ignore[list-item]
             if again != [event]:
                 said = again[0] if again else "nothing"
                 out.violations.append(Violation(
@@ -243,7 +246,7 @@ def command_for(event: Event) -> Command | None:
     if isinstance(event, SaleClosed):
         return CloseSale(event.sale_id, event.sku)
     if isinstance(event, UnitsReturned):
-        return ReturnUnits(event.sale_id, event.sku, event.quantity, event.ref)
+        return ReturnUnits(event.sale_id, event.sku, event.requested, event.ref)
     if isinstance(event, SaleSettled):
         return SettleSale(event.sale_id, event.sku)
     return None

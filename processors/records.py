@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 from processors.core import (
-    CURRENT_RULES,
     CloseSale,
     Command,
     Event,
@@ -30,6 +29,7 @@ from processors.core import (
     UnitsReturned,
 )
 
+FIRST_RULES = 1
 ENVELOPE_FIELDS = ("event_id", "correlation_id", "producer", "occurred_at")
 COMMAND_RECORDS = frozenset({"OpenSale", "CloseSale", "SettleSale", "ReturnUnits",
                              "PurchaseIntent"})  # fmt: skip
@@ -78,9 +78,11 @@ def terms_from_record(record: dict[str, Any]) -> SaleTerms:
     """Sale terms from an OpenSale or SaleOpened record."""
     r = record
     rules = r.get("rules_version")
+    # A record without a version is version 1, always: never "whatever is current when it is
+    # read", or a rebuild after a rules change would judge an old sale by the new rules.
     return SaleTerms(r["sale_id"], r["sku"], r["allocation"], r["per_user_limit"],
                      r["per_order_max"], r["starts_at"], r["ends_at"],
-                     CURRENT_RULES if rules is None else rules)  # fmt: skip
+                     FIRST_RULES if rules is None else rules)  # fmt: skip
 
 
 def event_from_record(name: str, record: dict[str, Any]) -> Event:

@@ -13,6 +13,7 @@ from typing import Any
 from confluent_kafka import KafkaError, Producer
 
 from flashsale.topics import SKU_COMMANDS
+from processors.core.model import CURRENT_RULES
 from producers.identity import intent_id_for
 from schemas.codec import SchemaRegistry
 
@@ -166,11 +167,12 @@ class CommandProducer:
         skus: Iterable[SkuAllocation],
         starts_at_ms: int,
         ends_at_ms: int,
-        rules_version: int | None = None,
+        rules_version: int = CURRENT_RULES,
     ) -> None:
         """Publish one OpenSale per SKU (each to its own writer) and wait for all acks.
 
-        ``rules_version`` None lets the writer pick its current rules version.
+        The sale is decided under ``rules_version`` (this build's current one unless told):
+        the command names it, so a rebuild after a rules change still applies it.
         """
         futures = []
         for item in skus:

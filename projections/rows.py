@@ -113,7 +113,7 @@ class BatchRows:
             self.sales.append(sale_row(r))
             self.marks.append((r["sale_id"], r["sku"], r["allocation"], r["sequence"]))
         elif name in MARKED_FACTS:
-            if name == "SaleClosed":
+            if name != "UnitsReturned":  # closed, or settled (after its end: closed too)
                 self.closures.append((r["sale_id"], r["sku"]))
             else:
                 self.counts_only += 1

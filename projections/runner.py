@@ -259,7 +259,7 @@ class ProjectionRunner:
             offsets[(topic, partition)] = offset + 1
             value = msg.value() or b""
             if value[2:10] in skipped:
-                continue  # e.g. an intent on the command topic: not worth decoding
+                continue  # e.g. a record the projection passes over: not worth decoding
             try:
                 name, record = decode(value)
             except UndecodableRecord as exc:

@@ -149,11 +149,12 @@ class SaleClosed:
 
 @dataclass(slots=True, frozen=True)
 class UnitsReturned:
-    """Units came back to a sale; ``quantity`` is what was actually applied."""
+    """Units came back to a sale; ``quantity`` is what was applied of ``requested``."""
 
     sale_id: str
     sku: str
     ref: str
+    requested: int
     quantity: int
     remaining: int
     sequence: int

@@ -69,7 +69,8 @@ def decide_return(ledger: SkuLedger, cmd: ReturnUnits, now: int) -> list[Event]:
     if book is None or book.settled or cmd.quantity <= 0 or cmd.ref in book.returns:
         return []
     applied = min(cmd.quantity, book.terms.allocation - book.remaining)
-    return [UnitsReturned(cmd.sale_id, cmd.sku, cmd.ref, applied, book.remaining + applied,
+    return [UnitsReturned(cmd.sale_id, cmd.sku, cmd.ref, cmd.quantity, applied,
+                          book.remaining + applied,
                           book.sequence + 1, now)]  # fmt: skip
 
 

@@ -111,8 +111,8 @@ def test_counters_follow_the_greatest_sequence_whatever_the_batch_order(adapter:
 
 
 def test_returned_units_and_closing_carry_the_remaining_count(adapter: Adapter):
-    returned = {"sale_id": "s", "sku": "A", "ref": "hold-1", "quantity": 1, "remaining": 4,
-                "sequence": 4, "decided_at": T + 4}  # fmt: skip
+    returned = {"sale_id": "s", "sku": "A", "ref": "hold-1", "requested": 1, "quantity": 1,
+                "remaining": 4, "sequence": 4, "decided_at": T + 4}  # fmt: skip
     closed = {"sale_id": "s", "sku": "A", "remaining": 4, "sequence": 5, "decided_at": T + 5}
     adapter.write(batch(("SaleOpened", opened("s", "A", 5)), decision("i1", 2, 3, q=2)))
     adapter.write(batch(("UnitsReturned", returned), decision("i2", 3, 3, reason="USER_LIMIT")))

@@ -58,7 +58,7 @@ FACTS: list[Event] = [
     SaleOpened(TERMS, 1, 1_700_000_000_000),
     SaleRefused("s-1", "SKU", "SettleSale", "sale still open", 9, 1_700_000_000_002),
     SaleClosed("s-1", "SKU", 3, 10, 1_700_000_000_003),
-    UnitsReturned("s-1", "SKU", "hold-1", 1, 4, 11, 1_700_000_000_004),
+    UnitsReturned("s-1", "SKU", "hold-1", 3, 1, 4, 11, 1_700_000_000_004),
     SaleSettled("s-1", "SKU", 2, 4, 12, 1_700_000_000_005),
 ]
 SAMPLES: dict[str, dict[str, Any]] = {

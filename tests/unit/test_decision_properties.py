@@ -15,6 +15,7 @@ from unittest import mock
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from flashsale.sale_audit import command_for
 from processors import writer as writer_mod
 from processors.core import (
     CloseSale,
@@ -31,6 +32,8 @@ from processors.core import (
     SettleSale,
     SkuLedger,
     UnitsReturned,
+    decide,
+    evolve,
     fold,
     intent_digest,
 )
@@ -272,6 +275,14 @@ def run_and_check(stream: list[tuple[int, Command]], seen: Counter[str]) -> SkuL
     # The state is a function of the log: evolve folded over every emitted event, from
     # nothing, gives the ledger the writer holds (decide never changed it: see ``step``).
     assert fold(SkuLedger(SKU), emitted) == ledger
+    # The audit's check: each event is what decide yields for the command rebuilt from it,
+    # on the state its predecessors fold to (a zero-unit return included).
+    audited = SkuLedger(SKU)
+    for e in emitted:
+        command = command_for(e)
+        if command is not None:
+            assert decide(audited, command, e.decided_at) == [e], e
+        evolve(audited, e)
     # Invariants computed from the emitted events alone.
     for sale_id, book in ledger.sales.items():
         accepted = [d for d in decisions if isinstance(d, IntentAccepted) and d.sale_id == sale_id]

@@ -191,7 +191,7 @@ def test_return_units_is_idempotent_and_capped_at_units_out() -> None:
     ledger = opened()
     place(ledger, "i1", qty=2)
     [back] = step(ledger, ReturnUnits("sale-1", SKU, 5, "hold-1"), START + 1)
-    assert back == UnitsReturned("sale-1", SKU, "hold-1", 2, 5, 3, START + 1)
+    assert back == UnitsReturned("sale-1", SKU, "hold-1", 5, 2, 5, 3, START + 1)
     before = copy.deepcopy(ledger)
     assert step(ledger, ReturnUnits("sale-1", SKU, 5, "hold-1"), START + 2) == []
     assert ledger == before
