@@ -17,9 +17,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from flashsale.input_audit import read_topic
 from flashsale.topics import TopicNames
+from processors.records import DECISION_RECORDS
 from schemas.codec import SchemaRegistry, UndecodableRecord
-
-DECISIONS = ("IntentAccepted", "IntentRejected")
 
 
 @dataclass
@@ -89,7 +88,7 @@ class DecisionAudit:
                 name, record = self._registry.decode(value)
             except UndecodableRecord:
                 continue
-            if record.get("sale_id") != self.sale_id or name not in DECISIONS:
+            if record.get("sale_id") != self.sale_id or name not in DECISION_RECORDS:
                 continue
             self._seen += 1
             intent = record["intent_id"]
@@ -123,7 +122,7 @@ class DecisionAudit:
                 name, record = self._registry.decode(msg.value() or b"")
             except UndecodableRecord:
                 continue
-            if record.get("sale_id") != self.sale_id or name in DECISIONS:
+            if record.get("sale_id") != self.sale_id or name in DECISION_RECORDS:
                 continue
             facts.append(record)
             if name == "SaleOpened":

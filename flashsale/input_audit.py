@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from flashsale.topics import TopicNames
+from processors.records import DECISION_RECORDS  # the other facts answer no intent
 from schemas.codec import SchemaRegistry, UndecodableRecord
-
-DECISIONS = ("IntentAccepted", "IntentRejected")  # the other facts answer no intent
 
 
 @dataclass
@@ -126,7 +125,7 @@ def account_records(
     """``account`` over decoded command and decision records and the dead-letter sources."""
     decisions: Counter[str] = Counter()
     for _, _, name, record in decided:
-        if name in DECISIONS and (sale_id is None or record.get("sale_id") == sale_id):
+        if name in DECISION_RECORDS and (sale_id is None or record.get("sale_id") == sale_id):
             decisions[record["intent_id"]] += 1
     acc = InputAccount()
     asked: set[str] = set()

@@ -39,10 +39,9 @@ from processors.core import (
     decide,
     evolve,
 )
-from processors.records import event_from_record
+from processors.records import DECISION_RECORDS, event_from_record
 from schemas.codec import SchemaRegistry
 
-DECISIONS = ("IntentAccepted", "IntentRejected")
 SHOWN = 5  # examples listed per kind of violation in the human report
 
 
@@ -123,7 +122,7 @@ def audit_sale(
     for msg, (_, _, name, rec) in zip(decided_msgs, decided, strict=True):
         if not name or rec.get("sale_id") != sale_id:
             continue
-        if name in DECISIONS:
+        if name in DECISION_RECORDS:
             value, intent = msg.value() or b"", rec["intent_id"]
             if intent in first:
                 kind = "second-decision" if first[intent] == value else "conflicting-decision"
@@ -217,10 +216,10 @@ def _check_rules(out: SaleAudit, sku: str, items: list[tuple[str, dict[str, Any]
         if command is not None:
             try:
                 again = decide(ledger, command, event.decided_at)
+                said = str(again[0]) if again else "nothing"
             except (KeyError, ValueError) as exc:  # e.g. a rules version this build lacks
-                again = [f"an error: {exc!r}"]  # type: ignore[list-item]
+                again, said = [], f"an error: {exc!r}"
             if again != [event]:
-                said = again[0] if again else "nothing"
                 out.violations.append(Violation(
                     "rules-mismatch", f"{sku} #{rec['sequence']}: the log says {event}; "
                     f"the rules (version {_version(ledger, event)}) say {said}"))  # fmt: skip

@@ -161,7 +161,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         writer.close_batch(batch, first, runtime_mod.committed_offset(app, tp))
         return batch
 
-    # Output not yet sent, per partition: decisions and changelog records (key, value).
+    # Output not yet sent, per partition: events and changelog records (key, value).
     pending: dict[int, tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes | None]]]] = {}
 
     async def send_pending(partition: int | None = None) -> None:
@@ -170,10 +170,10 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
             held = pending.pop(p, None)
             if held is None:
                 continue
-            decisions, changes = held
+            events, changes = held
             producer = runtime_mod.transactional_producer(app, names.sku_commands, p)
-            if decisions:
-                runtime.inflight += await _send(producer, names.decisions, p, decisions)
+            if events:
+                runtime.inflight += await _send(producer, names.decisions, p, events)
             if changes:
                 runtime.inflight += await _send(producer, changelog, p, changes)
 
@@ -187,8 +187,8 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         aiokafka sends one request per broker at a time, so sending each small batch on its
         own cost a produce round trip per batch (~1,000 batches/s at 4,000 intents/s).
         """
-        decisions, changes = pending.setdefault(partition, ([], []))
-        decisions += batch.events
+        events, changes = pending.setdefault(partition, ([], []))
+        events += batch.events
         # State writes: the local RocksDB of the partition now, the changelog records with the
         # decisions, on the partition's transactional producer itself. (Through Faust's table
         # API the records go via its ProducerBuffer, whose flush gives up after 0.1 s per
@@ -210,7 +210,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
             await send_pending(partition)
             await runtime_mod.transactional_producer(app, names.sku_commands, partition).flush()
             runtime.maybe_fault("mid-batch", partition, records[0].offset, records[-1].offset)
-        elif len(decisions) + len(changes) >= HOLD_MAX:
+        elif len(events) + len(changes) >= HOLD_MAX:
             await send_pending(partition)
         tp = TP(names.sku_commands, partition)
         runtime.processed[tp] = records[-1].offset + 1

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-DECISION_RECORDS = ("IntentAccepted", "IntentRejected")
+from processors.records import DECISION_RECORDS
+
 MARKED_FACTS = ("SaleClosed", "UnitsReturned", "SaleSettled")  # they carry a remaining count
 
 SaleRow = tuple[str, str, int, int, int, datetime, datetime, str]
