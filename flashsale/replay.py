@@ -31,7 +31,7 @@ from projections import schema
 from projections.commands import live_name
 from projections.postgres import PostgresProjector
 from projections.runner import ProjectionError, read_offsets
-from projections.store import PROJECTION_TABLES
+from projections.store import READ_MODELS
 
 # Columns that record when a row was written, not what the log says.
 VOLATILE_COLUMNS = frozenset({"projected_at"})
@@ -117,7 +117,7 @@ def compare(dsn: str, live: str, replayed: str) -> tuple[list[str], list[TableDi
             ).fetchall()
         )
         diffs = []
-        for table in PROJECTION_TABLES:
+        for table in READ_MODELS:
             live_rows, live_sum = _digest(conn, live, table, sales)
             replayed_rows, replayed_sum = _digest(conn, replayed, table, sales)
             diffs.append(TableDiff(table, live_rows, replayed_rows, live_sum, replayed_sum))

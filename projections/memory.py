@@ -10,15 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from projections.rows import BatchRows, counter_rows, order_row, utc
+from projections.rows import BatchRows, counter_rows, utc
 
 
 class MemoryOutcomeStore:
-    """Sales, orders, intent outcomes and sale counters as dicts."""
+    """Sales, intent outcomes and sale counters as dicts (orders: the accepted outcomes)."""
 
     def __init__(self) -> None:
         self.sales: dict[tuple[str, str], list[Any]] = {}
-        self.orders: dict[str, tuple[Any, ...]] = {}
         self.outcomes: dict[str, tuple[Any, ...]] = {}
         self.counters: dict[tuple[str, str], list[Any]] = {}
 
@@ -34,9 +33,6 @@ class MemoryOutcomeStore:
         inserted = [o for o in rows.outcomes.values() if o[0] not in self.outcomes]
         for outcome in inserted:
             self.outcomes[outcome[0]] = outcome
-            order = order_row(outcome)
-            if order is not None:
-                self.orders.setdefault(order[0], order)
         for sale_id, sku, won, units, lost, by, remaining, last in counter_rows(
             inserted, rows.marks
         ):
@@ -54,7 +50,9 @@ class MemoryOutcomeStore:
         """Every table as sorted tuples, timestamps as UTC datetimes (like ``store.dump``)."""
         return {
             "sales": sorted(tuple(s) for s in self.sales.values()),
-            "orders": sorted((*o[:6], utc(o[6]), o[7]) for o in self.orders.values()),
+            "orders": sorted(  # a view over the accepted outcomes, as in PostgreSQL
+                (o[8], *o[:5], utc(o[11]), o[10]) for o in self.outcomes.values() if o[8]
+            ),
             "intent_outcomes": sorted((*o[:11], utc(o[11])) for o in self.outcomes.values()),
             "sale_counters": sorted((*k, *c) for k, c in self.counters.items()),
         }

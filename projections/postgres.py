@@ -60,6 +60,7 @@ class OutcomesProjection:
         rows = BatchRows(self._only_sales)
         for r in records:
             rows.add(r.name, r.record)
+        rows.prepared()  # here, not in the runner's writer thread (see ``Prepared``)
         return rows
 
     def write(self, conn: psycopg.Connection, rows: BatchRows) -> int:

@@ -1,8 +1,9 @@
 """Pure mapping from decoded records to the projection's rows (no Kafka, no Postgres).
 
 Rows are tuples in the column order of the statements in ``projections.store``; the sales'
-timestamps become timezone-aware UTC datetimes, outcomes and orders keep epoch milliseconds
-until ``copy_text`` writes them as ``COPY`` text.
+timestamps become timezone-aware UTC datetimes, outcomes keep epoch milliseconds until
+``outcomes_copy`` writes them as ``COPY`` text. Orders are a view over accepted outcomes
+(migration 0005), so they have no rows of their own here.
 """
 
 from __future__ import annotations
@@ -26,9 +27,6 @@ ClosureRow = tuple[str, str]
 OutcomeRow = tuple[str, str, str, str, int, str, str | None, str, str | None, int, int, int]
 """intent_id, sale_id, sku, user_id, quantity, outcome, reason, detail, order_id, remaining,
 sequence, decided_at (epoch ms: turned into timestamptz text by ``copy_text``)."""
-
-OrderRow = tuple[str, str, str, str, str, int, int, int]
-"""order_id, intent_id, sale_id, sku, user_id, quantity, decided_at (epoch ms), sequence."""
 
 
 def utc(millis: int) -> datetime:
@@ -76,16 +74,23 @@ def outcome_row(name: str, record: dict[str, Any]) -> OutcomeRow:
     )
 
 
-def order_row(outcome: OutcomeRow) -> OrderRow | None:
-    """``orders`` row for an accepted outcome; None for a rejected one."""
-    intent_id, sale_id, sku, user_id, quantity, _, _, _, order_id, _, sequence, decided_at = outcome
-    if order_id is None:
-        return None
-    return (order_id, intent_id, sale_id, sku, user_id, quantity, decided_at, sequence)
-
-
 Mark = tuple[str, str, int, int]
 """sale_id, sku, remaining, sequence: a sale fact's remaining count (for ``sale_counters``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """The store's input when every outcome of a batch is new (the normal case): ``COPY``
+    text and counters.
+
+    The outcomes projection makes it in ``rows``, on the runner's main thread, so the
+    pipelined writer thread has little Python left to run while it holds the GIL against the
+    next batch's decoding. After a unique-key conflict the store makes them again from the
+    rows actually inserted.
+    """
+
+    outcomes_text: str
+    counters: list[CounterRow]
 
 
 @dataclass
@@ -99,6 +104,7 @@ class BatchRows:
     marks: list[Mark] = field(default_factory=list)
     counts_only: int = 0  # facts projected only as a remaining count (returns, settlements)
     skipped: int = 0
+    _prepared: Prepared | None = field(default=None, repr=False, compare=False)
 
     def add(self, name: str, record: dict[str, Any]) -> bool:
         """Add one decoded record; False when it carries no projected state (or is filtered)."""
@@ -124,9 +130,12 @@ class BatchRows:
             return False
         return True
 
-    def orders(self) -> list[OrderRow]:
-        """``orders`` rows for the accepted outcomes."""
-        return [o for o in map(order_row, self.outcomes.values()) if o is not None]
+    def prepared(self) -> Prepared:
+        """What the store sends if every outcome is new (made once; see ``Prepared``)."""
+        if self._prepared is None:
+            outcomes = self.outcomes.values()
+            self._prepared = Prepared(outcomes_copy(outcomes), counter_rows(outcomes, self.marks))
+        return self._prepared
 
     def __len__(self) -> int:
         """Records that carry projected state (a redelivered decision counted once)."""
@@ -222,13 +231,4 @@ def outcomes_copy(rows: Iterable[OutcomeRow]) -> str:
     return "".join(
         f"{t(i)}\t{t(s)}\t{t(k)}\t{t(u)}\t{q}\t{o}\t{t(r)}\t{t(d)}\t{t(oid)}\t{rem}\t{seq}\t{ts(at)}\n"
         for i, s, k, u, q, o, r, d, oid, rem, seq, at in rows
-    )
-
-
-def orders_copy(rows: Iterable[OrderRow]) -> str:
-    """Order rows as ``COPY orders (<OrderRow columns>) FROM STDIN`` text."""
-    t, ts = _text, _timestamp
-    return "".join(
-        f"{t(o)}\t{t(i)}\t{t(s)}\t{t(k)}\t{t(u)}\t{q}\t{ts(at)}\t{seq}\n"
-        for o, i, s, k, u, q, at, seq in rows
     )

@@ -402,3 +402,77 @@ def test_undecodable_records_are_skipped_but_advance_offsets_and_commands_are_no
     rows = dump(endpoints.dsn, sale_id)
     assert [r[1] for r in rows["orders"]] == [accepted["intent_id"]]
     admin.delete_topics([names.sku_commands, names.decisions])
+
+
+class _FailingWrite(Exception):
+    pass
+
+
+def test_an_error_in_the_writer_thread_surfaces_and_only_finished_batches_are_tracked(
+    endpoints: Endpoints, uid: str
+):
+    """The runner writes on a thread while it decodes the next batch: a write that fails
+    must fail the caller, leave its batch untracked, and lose nothing on the next run."""
+    sale_id, name = f"s-pipe-{uid}", f"test-pipe-{uid}"
+    skus = [f"kp-{uid}-{i}" for i in range(2)]
+    records, unique = build_log(sale_id, skus, per_sku=600, dup_every=1000)
+    start = log_ends(endpoints.bootstrap)
+    seed_offsets(endpoints.dsn, name, start)
+    produce(endpoints.bootstrap, records)
+
+    projector = PostgresProjector(
+        endpoints.bootstrap,
+        endpoints.dsn,
+        name=name,
+        group_id=f"{name}-{uuid.uuid4().hex[:6]}",
+        topics=NAMES,
+        only_sales={sale_id},
+        batch_size=100,
+    )
+    real_write = projector.projection.write
+    calls: list[int] = []  # outcomes each write inserted
+
+    def write(conn: psycopg.Connection, rows: Any) -> int:
+        if len(calls) == 2:
+            calls.append(-1)
+            raise _FailingWrite("third batch")
+        calls.append(real_write(conn, rows))
+        return calls[-1]
+
+    projector.projection.write = write  # type: ignore[method-assign]
+    try:
+        with pytest.raises(_FailingWrite):
+            projector.run_until_caught_up(60)
+        finished = projector.positions()  # what the runner accounts as written
+    finally:
+        projector.close()
+    assert len(calls) == 3
+    # Exactly the first two batches are in PostgreSQL, rows and tracked offsets alike.
+    assert stored_offsets(endpoints.dsn, name) == {**start, **finished}
+    assert outcome_count(endpoints.dsn, sale_id) == sum(calls[:2])
+    assert 0 < sum(calls[:2]) < len(unique)
+
+    # A fresh run projects the rest, and run_until_caught_up returns only once it is all
+    # written (not just consumed): checked before close(), which would finish it anyway.
+    again = PostgresProjector(
+        endpoints.bootstrap,
+        endpoints.dsn,
+        name=name,
+        group_id=f"{name}-{uuid.uuid4().hex[:6]}",
+        topics=NAMES,
+        only_sales={sale_id},
+        batch_size=400,
+    )
+    slow_write = again.projection.write
+
+    def slow(conn: psycopg.Connection, rows: Any) -> int:
+        time.sleep(0.5)  # the batch stays in flight well past its consume
+        return slow_write(conn, rows)
+
+    again.projection.write = slow  # type: ignore[method-assign]
+    try:
+        again.run_until_caught_up(60)
+        assert_matches_log(dump(endpoints.dsn, sale_id), unique, skus)
+        assert stored_offsets(endpoints.dsn, name) == log_ends(endpoints.bootstrap)
+    finally:
+        again.close()

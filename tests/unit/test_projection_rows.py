@@ -10,8 +10,6 @@ from projections.rows import (
     BatchRows,
     counter_rows,
     notify_payloads,
-    order_row,
-    orders_copy,
     outcome_row,
     outcomes_copy,
     sale_row,
@@ -49,18 +47,16 @@ def test_utc_keeps_milliseconds():
     assert utc(0) == datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def test_accepted_outcome_and_order():
+def test_accepted_outcome_carries_its_order():
     row = outcome_row("IntentAccepted", accepted("i1", 3))
     assert row == (
         "i1", "s1", "k1", "u1", 2, "accepted", None, "", "o-i1", 8, 3, 1_700_000_000_123,
     )  # fmt: skip
-    assert order_row(row) == ("o-i1", "i1", "s1", "k1", "u1", 2, 1_700_000_000_123, 3)
 
 
 def test_rejected_outcome_has_reason_and_no_order():
     row = outcome_row("IntentRejected", rejected("i2", 4))
     assert row[5:9] == ("rejected", "USER_LIMIT", "limit 2", None)
-    assert order_row(row) is None
 
 
 def test_non_decision_is_refused():
@@ -92,7 +88,6 @@ def test_batch_keeps_first_decision_per_intent_and_skips_intents():
     assert batch.add("SaleClosed", closed)
     assert list(batch.outcomes) == ["i1", "i2"]
     assert batch.outcomes["i1"] == outcome_row("IntentAccepted", accepted("i1", 1))
-    assert [o[0] for o in batch.orders()] == ["o-i1"]
     assert batch.closures == [("s1", "k1")] and batch.marks == [("s1", "k1", 4, 9)]
     assert len(batch) == 3 and batch.skipped == 1
 
@@ -110,9 +105,24 @@ def test_copy_text_escapes_and_stamps_exactly():
         "i\\t3\ts1\tk1\ta\\\\b\\nc\t2\trejected\tUSER_LIMIT\tlimit 2\t\\N\t8\t5"
         "\t2023-11-14 22:13:20.123+00\n"
     )
-    order = order_row(outcome_row("IntentAccepted", accepted("i4", 6, decided_at=7)))
-    assert order is not None
-    assert orders_copy([order]) == "o-i4\ti4\ts1\tk1\tu1\t2\t1970-01-01 00:00:00.007+00\t6\n"
+    row = outcome_row("IntentAccepted", accepted("i4", 6, decided_at=7))
+    assert outcomes_copy([row]) == (
+        "i4\ts1\tk1\tu1\t2\taccepted\t\\N\t\to-i4\t8\t6\t1970-01-01 00:00:00.007+00\n"
+    )
+
+
+def test_prepared_is_made_once_from_every_outcome_and_mark():
+    batch = BatchRows()
+    batch.add("IntentAccepted", accepted("i1", 1))
+    batch.add("IntentRejected", rejected("i2", 2))
+    batch.add(
+        "SaleClosed", {**ENVELOPE, "sale_id": "s1", "sku": "k1", "remaining": 4, "sequence": 9}
+    )
+    prepared = batch.prepared()
+    assert prepared is batch.prepared()
+    assert prepared.outcomes_text == outcomes_copy(batch.outcomes.values())
+    assert prepared.counters == counter_rows(batch.outcomes.values(), batch.marks)
+    assert prepared.counters == [("s1", "k1", 1, 2, 1, {"USER_LIMIT": 1}, 4, 9)]
 
 
 def test_counters_follow_the_greatest_sequence_and_count_reasons():
