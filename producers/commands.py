@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -53,6 +54,17 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _settle(acks: list[tuple[asyncio.Future[int], KafkaError | None, int, str]]) -> None:
+    """On the event loop: resolve one poll's acknowledgements (skipping abandoned waits)."""
+    for fut, err, offset, intent_id in acks:
+        if fut.done():
+            continue  # its request timed out and gave up waiting
+        if err is not None:
+            fut.set_exception(NotAcknowledged(f"intent {intent_id} not acknowledged: {err}"))
+        else:
+            fut.set_result(offset)
+
+
 class CommandProducer:
     """Produces the SKU commands (OpenSale, CloseSale, SettleSale, ReturnUnits, PurchaseIntent)."""
 
@@ -71,10 +83,18 @@ class CommandProducer:
         self.topic = topic
         self._poller: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._acks: list[tuple[asyncio.Future[int], KafkaError | None, int, str]] = []
+        self._acks_lock = threading.Lock()
 
     # -- low level ------------------------------------------------------------------------
     def _produce(
-        self, sku: str, record_name: str, record: dict[str, Any], done: Callable[[Any, Any], None]
+        self,
+        sku: str,
+        record_name: str,
+        record: dict[str, Any],
+        done: Callable[[Any, Any], None],
+        serve: bool = True,
     ) -> None:
         value = self._registry.encode(record_name, record)
         while True:
@@ -82,8 +102,9 @@ class CommandProducer:
                 self._producer.produce(self.topic, value, key=sku.encode(), on_delivery=done)
                 break
             except BufferError:  # local queue full: let deliveries drain
-                self._producer.poll(0.05)
-        self._producer.poll(0)
+                self._producer.poll(0.05) if serve else time.sleep(0.005)
+        if serve:
+            self._producer.poll(0)
 
     def _envelope(self, correlation_id: str | None) -> dict[str, Any]:
         return {
@@ -93,8 +114,13 @@ class CommandProducer:
             "occurred_at": _now_ms(),
         }
 
-    def start_polling(self) -> None:
-        """Serve delivery callbacks from a background thread (for servers)."""
+    def start_polling(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Serve delivery callbacks from a background thread (for servers).
+
+        With ``loop``, ``submit_intent_async`` can be used from that event loop: the
+        acknowledgements of one ``poll`` are settled on the loop in one hop.
+        """
+        self._loop = loop
         if self._poller is None:
             self._poller = threading.Thread(target=self._poll_loop, daemon=True, name="kafka-poll")
             self._poller.start()
@@ -102,6 +128,11 @@ class CommandProducer:
     def _poll_loop(self) -> None:
         while not self._stopping.is_set():
             self._producer.poll(0.1)
+            if self._acks:
+                with self._acks_lock:
+                    acks, self._acks = self._acks, []
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(_settle, acks)
 
     # -- intents --------------------------------------------------------------------------
     def submit_intent(
@@ -125,6 +156,30 @@ class CommandProducer:
             "quantity": quantity,
         }
         return intent_id, self._ack_future(sku, "PurchaseIntent", record, intent_id)
+
+    def submit_intent_async(
+        self, sale_id: str, sku: str, user_id: str, quantity: int, idempotency_key: str
+    ) -> tuple[str, asyncio.Future[int]]:
+        """Like ``submit_intent``, for the event loop given to ``start_polling``.
+
+        One ``call_soon_threadsafe`` per ``poll`` settles every acknowledgement it served,
+        instead of a thread future, ``wrap_future`` and a loop wake-up per intent.
+        """
+        if self._loop is None or self._poller is None:
+            raise RuntimeError("start_polling(loop) first")
+        intent_id = intent_id_for(user_id, sale_id, idempotency_key)
+        record = {**self._envelope(intent_id), "intent_id": intent_id,
+                  "idempotency_key": idempotency_key, "user_id": user_id, "sale_id": sale_id,
+                  "sku": sku, "quantity": quantity}  # fmt: skip
+        fut: asyncio.Future[int] = self._loop.create_future()
+
+        def done(err: KafkaError | None, msg: Any) -> None:  # on the poll thread
+            with self._acks_lock:
+                self._acks.append((fut, err, -1 if err else msg.offset(), intent_id))
+
+        # Only the poll thread serves callbacks, so the acks list has one consumer.
+        self._produce(sku, "PurchaseIntent", record, done, serve=False)
+        return intent_id, fut
 
     def encode_intent(
         self, sale_id: str, sku: str, user_id: str, quantity: int, idempotency_key: str

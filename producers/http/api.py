@@ -79,11 +79,11 @@ async def _produce_acknowledged(ctx: EdgeContext, intent: StoredIntent, key: str
     """Write the intent (acks=all) and wait for Kafka's ack, bounded; 503 when unknown."""
     timeout = ctx.config.ack_timeout_ms / 1000
     try:
-        produced_id, fut = ctx.producer.submit_intent(
+        produced_id, fut = ctx.producer.submit_intent_async(
             intent.sale_id, intent.sku, intent.user_id, intent.quantity, key
         )
         assert produced_id == intent.intent_id
-        await asyncio.wait_for(asyncio.wrap_future(fut), timeout + 1.0)
+        await asyncio.wait_for(fut, timeout + 1.0)
     except (NotAcknowledged, TimeoutError, KafkaException):
         ctx.metrics.unavailable.inc()
         raise unavailable(

@@ -52,7 +52,7 @@ def build_app(
             timeout_ms=cfg.ack_timeout_ms,
             topic=TopicNames.of(settings).sku_commands,
         )
-        producer.start_polling()
+        producer.start_polling(asyncio.get_running_loop())
         pool = AsyncConnectionPool(
             endpoints.dsn, min_size=2, max_size=cfg.pool_size, open=False, timeout=5.0
         )
