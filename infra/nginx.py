@@ -140,6 +140,13 @@ http {{
             proxy_read_timeout 1h;
         }}
 
+        # Operational endpoints (readiness details, metrics) are for operators, on each app
+        # server's own port: never served to the public through the load balancer.
+        location ~ ^/(metrics|readyz)(/.*)?$ {{
+            default_type application/json;
+            return 404 '{{"error": {{"code": "not_found", "message": "no such endpoint"}}}}';
+        }}
+
 {error_pages}
     }}
 }}

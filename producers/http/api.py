@@ -14,7 +14,7 @@ from fastapi import APIRouter, Header, Path, Request, Response
 from fastapi.responses import StreamingResponse
 
 from producers.commands import NotAcknowledged
-from producers.http.context import Caller, Ctx, EdgeContext, RateLimitedCaller
+from producers.http.context import Caller, Ctx, EdgeContext, RateLimitedShopper, Shopper
 from producers.http.errors import ApiError, unavailable
 from producers.http.models import (
     IDEMPOTENCY_KEY,
@@ -42,7 +42,7 @@ async def post_intent(
     response: Response,
     body: IntentRequest,
     sale_id: Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")],
-    who: RateLimitedCaller,
+    who: RateLimitedShopper,
     ctx: Ctx,
     idempotency_key: Annotated[
         str | None, Header(alias="Idempotency-Key", pattern=IDEMPOTENCY_KEY)
@@ -150,12 +150,12 @@ async def get_sale(
     "/me/events",
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"},
-        **error_responses(401),
+        **error_responses(401, 403),
     },
     response_class=StreamingResponse,
     summary="Server-Sent Events: the caller's intents as they are decided",
 )
-async def my_events(request: Request, who: Caller, ctx: Ctx) -> StreamingResponse:
+async def my_events(request: Request, who: Shopper, ctx: Ctx) -> StreamingResponse:
     """One `event: intent` per decided intent; a comment line as heartbeat every 15 s."""
     return StreamingResponse(
         _stream(ctx, who.user_id, request),

@@ -55,10 +55,18 @@ async def caller(
         raise unauthenticated(str(exc)) from None
 
 
-async def rate_limited_caller(
-    request: Request, who: Annotated[Principal, Depends(caller)]
+async def shopper(who: Annotated[Principal, Depends(caller)]) -> Principal:
+    """The caller if they hold the shopper role; 403 otherwise (roles are separate: an admin
+    token runs sales, it does not buy or follow intents)."""
+    if who.role != "shopper":
+        raise ApiError(403, "forbidden", "this needs the shopper role")
+    return who
+
+
+async def rate_limited_shopper(
+    request: Request, who: Annotated[Principal, Depends(shopper)]
 ) -> Principal:
-    """The caller, if their token bucket has a token; 429 with Retry-After otherwise."""
+    """The shopper, if their token bucket has a token; 429 with Retry-After otherwise."""
     ctx: EdgeContext = request.app.state.edge
     wait = ctx.limiter.check(who.user_id)
     if wait:
@@ -81,5 +89,6 @@ async def admin(who: Annotated[Principal, Depends(caller)]) -> Principal:
 
 Ctx = Annotated[EdgeContext, Depends(context)]
 Caller = Annotated[Principal, Depends(caller)]
-RateLimitedCaller = Annotated[Principal, Depends(rate_limited_caller)]
+Shopper = Annotated[Principal, Depends(shopper)]
+RateLimitedShopper = Annotated[Principal, Depends(rate_limited_shopper)]
 Admin = Annotated[Principal, Depends(admin)]

@@ -124,6 +124,20 @@ def test_auth_and_role_matrix(edge: EdgeUnderTest, client, uid):
     resp = client.post(f"{edge.url}/v1/admin/sales/x-{uid}/close", headers=edge.auth("a", "admin"))
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "unknown_sale"
 
+    # Roles are separate: an admin token neither buys nor follows intents, and writes nothing.
+    sale = f"roles-{uid}"
+    edge.open_sale(client, sale, [sku("k1")])
+    admin = {**edge.auth(f"a-{uid}", "admin"), "Idempotency-Key": f"adm-{uid}"}
+    resp = client.post(f"{edge.url}/v1/sales/{sale}/intents", json=body, headers=admin)
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "forbidden", resp.text
+    resp = client.get(f"{edge.url}/v1/me/events", headers=admin)
+    assert resp.status_code == 403 and resp.json()["error"]["code"] == "forbidden", resp.text
+    resp = client.post(f"{edge.url}/v1/sales/{sale}/intents", json=body, headers=shopper)
+    assert resp.status_code == 202, resp.text  # the same body from a shopper is taken
+    in_topic = purchase_intents(edge.pipeline.endpoints.bootstrap,
+                                edge.pipeline.names.sku_commands, sale)  # fmt: skip
+    assert [r["user_id"] for r in in_topic] == [f"s-{uid}"]
+
 
 def test_rate_limit_holds_across_two_servers(edge: EdgeUnderTest, client, uid):
     sale = f"rate-{uid}"
@@ -210,9 +224,16 @@ def test_bad_input_gets_a_json_4xx_and_writes_nothing(edge: EdgeUnderTest, clien
 
 def test_health_readiness_and_metrics(edge: EdgeUnderTest, client):
     assert client.get(edge.url + "/healthz").json() == {"status": "ok"}
-    ready = client.get(edge.url + "/readyz")
-    assert ready.status_code == 200 and ready.json()["checks"] == {"kafka": True, "postgres": True}
+    # Operational details are not served to the public through the load balancer ...
+    for path in ("/readyz", "/metrics", "/metrics/"):
+        hidden = client.get(edge.url + path)
+        assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "not_found", path
+        assert "flashsale_" not in hidden.text and "checks" not in hidden.text
+    # ... but on each app server's own port, for operators.
     for server in edge.edge.servers:
+        ready = client.get(server.url + "/readyz")
+        assert ready.status_code == 200
+        assert ready.json()["checks"] == {"kafka": True, "postgres": True}
         text = client.get(server.url + "/metrics").text
         assert "flashsale_http_requests_total" in text
         assert "flashsale_http_request_duration_seconds_bucket" in text
