@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -176,7 +175,8 @@ async def _stream(ctx: EdgeContext, user_id: str, request: Request) -> AsyncIter
                     return
                 yield b": heartbeat\n\n"
                 continue
-            data = json.dumps(status, default=str)
+            # The same model as GET /v1/intents/{id}: one format (decided_at ends in Z).
+            data = IntentStatus.model_validate(status).model_dump_json()
             yield f"id: {status['intent_id']}\nevent: intent\ndata: {data}\n\n".encode()
     finally:
         ctx.feed.unsubscribe(user_id, queue)

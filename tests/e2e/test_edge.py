@@ -61,6 +61,8 @@ def test_intent_is_acknowledged_queued_then_decided_and_pushed(edge: EdgeUnderTe
     assert pushed["status"] == "accepted" and pushed["order_id"]
     final = client.get(edge.url + body["status_url"], headers=me).json()
     assert final["status"] == "accepted" and final["order_id"] == pushed["order_id"]
+    # One format on the stream and in the API (it was "...+00:00" on the stream, "...Z" here).
+    assert pushed["decided_at"] == final["decided_at"] and final["decided_at"].endswith("Z")
 
     other = client.get(edge.url + body["status_url"], headers=edge.auth(f"other-{uid}"))
     assert other.status_code == 403 and other.json()["error"]["code"] == "forbidden"
