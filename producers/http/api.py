@@ -95,7 +95,7 @@ async def _produce_acknowledged(ctx: EdgeContext, intent: StoredIntent, key: str
     "/intents/{intent_id}",
     response_model=IntentStatus,
     response_model_exclude_none=False,
-    responses=error_responses(401, 403, 404, 503),
+    responses=error_responses(401, 403, 404, 422, 503),
     summary="Status of one of the caller's intents",
 )
 async def get_intent(
@@ -115,7 +115,7 @@ async def get_intent(
 @router.get(
     "/sales/{sale_id}",
     response_model=SaleState,
-    responses=error_responses(404, 503),
+    responses=error_responses(404, 422, 503),
     summary="Public state of a sale per SKU (remaining may lag the log)",
 )
 async def get_sale(

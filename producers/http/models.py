@@ -76,7 +76,9 @@ class SkuSpec(Strict):
     per_order_max: Annotated[StrictInt, Field(ge=1, le=2**31 - 1)]
 
 
-Seconds = Annotated[StrictInt | StrictFloat, Field(ge=-86_400, le=366 * 86_400)]
+# StrictFloat takes ints too (never bools or strings); a constraint on a union would reach
+# the OpenAPI document as pydantic's ge/le instead of JSON Schema's minimum/maximum.
+Seconds = Annotated[StrictFloat, Field(ge=-86_400, le=366 * 86_400)]
 
 
 class OpenSaleRequest(Strict):
@@ -87,7 +89,7 @@ class OpenSaleRequest(Strict):
     starts_at: datetime | None = None
     starts_in_s: Seconds | None = None
     ends_at: datetime | None = None
-    duration_s: Annotated[StrictInt | StrictFloat, Field(gt=0, le=366 * 86_400)] | None = None
+    duration_s: Annotated[StrictFloat, Field(gt=0, le=366 * 86_400)] | None = None
 
     @model_validator(mode="after")
     def _one_of_each(self) -> OpenSaleRequest:

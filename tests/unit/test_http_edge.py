@@ -231,3 +231,31 @@ def test_certain_rejections(skus, sku, qty, status, code):
 def test_not_open_yet_and_low_stock_are_the_writers_call():
     check_intent("s", {"k": terms(starts_at=NOW + timedelta(hours=1))}, "k", 2, NOW)
     check_intent("s", {"k": terms(remaining=1)}, "k", 2, NOW)
+
+
+# -- the OpenAPI document -------------------------------------------------------------------
+def _keys(node: object) -> set[str]:
+    if isinstance(node, dict):
+        return set(node) | {k for v in node.values() for k in _keys(v)}
+    if isinstance(node, list):
+        return {k for v in node for k in _keys(v)}
+    return set()
+
+
+def test_openapi_declares_the_error_shape_the_api_answers_with_and_json_schema_bounds():
+    app = build_app(Settings.from_env({}), Endpoints("127.0.0.1:1", "postgresql://x@127.0.0.1:1/x"))
+    doc = app.openapi()
+    public = {p: ops for p, ops in doc["paths"].items() if p.startswith("/v1/")}
+    assert len(public) >= 5
+    for path, operations in public.items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                if status.startswith(("4", "5")):
+                    schema = response["content"]["application/json"]["schema"]
+                    assert schema == {"$ref": "#/components/schemas/ErrorReply"}, (
+                        method, path, status)  # fmt: skip
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+    # pydantic's own names for bounds are not JSON Schema: a client generator ignores them.
+    assert not _keys(doc["components"]["schemas"]) & {"ge", "le", "gt", "lt"}
+    bounds = doc["components"]["schemas"]["OpenSaleRequest"]["properties"]["duration_s"]
+    assert {"exclusiveMinimum": 0, "maximum": 366 * 86_400}.items() <= bounds["anyOf"][0].items()
