@@ -55,6 +55,9 @@ def _percentile(values: list[float], q: int) -> float:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Start what is missing, run the sale, print the summary, stop what was started."""
+    from projections.runner import use_short_switch_interval
+
+    use_short_switch_interval()  # the demo ends with a replay on the pipelined runner
     stack = Stack(settings)
     started_servers = stack.up()
     services = all_services(settings)

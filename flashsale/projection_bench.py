@@ -21,10 +21,12 @@ from flashsale.writer_bench import DecisionReader, Namespace, cpu_seconds
 from producers.commands import SkuAllocation
 from projections import schema
 from projections.postgres import PostgresProjector
+from projections.runner import use_short_switch_interval
 
 
 def projection(settings: Settings, dsn: str, broker_pid: int | None, n: int) -> dict[str, Any]:
     """Decide an accept-heavy sale of n intents, then project it and audit it from offset 0."""
+    use_short_switch_interval()  # as the projector's and the replay's composition roots do
     ns = Namespace(settings, "projection", broker_pid)
     scratch = f"bench_{uuid.uuid4().hex[:8]}"
     sale = "bench"

@@ -238,6 +238,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Replay and compare; 0 same, 1 different, 2 cannot compare."""
     from infra.stack import Stack
+    from projections.runner import use_short_switch_interval
+
+    use_short_switch_interval()  # the replay runs the pipelined projection runner
 
     stack = Stack(settings)
     started = stack.up()  # after `make demo` the servers are down; leave them as found

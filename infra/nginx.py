@@ -42,6 +42,7 @@ function sub(r) {
 export default {sub};
 """
 
+_NOT_FOUND = json.dumps({"error": {"code": "not_found", "message": "no such endpoint"}})
 _ERRORS = {
     413: ("body_too_large", "the request body is larger than 4 KiB"),
     429: ("rate_limited", "too many requests"),
@@ -144,7 +145,7 @@ http {{
         # server's own port: never served to the public through the load balancer.
         location ~ ^/(metrics|readyz)(/.*)?$ {{
             default_type application/json;
-            return 404 '{{"error": {{"code": "not_found", "message": "no such endpoint"}}}}';
+            return 404 '{_NOT_FOUND}';
         }}
 
 {error_pages}

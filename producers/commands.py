@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
@@ -54,7 +55,11 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _settle(acks: list[tuple[asyncio.Future[int], KafkaError | None, int, str]]) -> None:
+_Ack = tuple["asyncio.Future[int]", KafkaError | None, int, str]
+"""An intent's future, the delivery error (or None), its offset (-1 on error), its id."""
+
+
+def _settle(acks: list[_Ack]) -> None:
     """On the event loop: resolve one poll's acknowledgements (skipping abandoned waits)."""
     for fut, err, offset, intent_id in acks:
         if fut.done():
@@ -84,7 +89,7 @@ class CommandProducer:
         self._poller: threading.Thread | None = None
         self._stopping = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._acks: list[tuple[asyncio.Future[int], KafkaError | None, int, str]] = []
+        self._acks: list[_Ack] = []
         self._acks_lock = threading.Lock()
 
     # -- low level ------------------------------------------------------------------------
@@ -101,8 +106,10 @@ class CommandProducer:
             try:
                 self._producer.produce(self.topic, value, key=sku.encode(), on_delivery=done)
                 break
-            except BufferError:  # local queue full: let deliveries drain
-                self._producer.poll(0.05) if serve else time.sleep(0.005)
+            except BufferError:  # local queue full
+                if not serve:  # on an event loop: never block it, the caller answers 503
+                    raise NotAcknowledged("the producer's local queue is full") from None
+                self._producer.poll(0.05)  # let deliveries drain
         if serve:
             self._producer.poll(0)
 
@@ -120,7 +127,8 @@ class CommandProducer:
         With ``loop``, ``submit_intent_async`` can be used from that event loop: the
         acknowledgements of one ``poll`` are settled on the loop in one hop.
         """
-        self._loop = loop
+        if loop is not None:
+            self._loop = loop
         if self._poller is None:
             self._poller = threading.Thread(target=self._poll_loop, daemon=True, name="kafka-poll")
             self._poller.start()
@@ -128,11 +136,17 @@ class CommandProducer:
     def _poll_loop(self) -> None:
         while not self._stopping.is_set():
             self._producer.poll(0.1)
-            if self._acks:
-                with self._acks_lock:
-                    acks, self._acks = self._acks, []
-                assert self._loop is not None
-                self._loop.call_soon_threadsafe(_settle, acks)
+            self._hand_over_acks()
+        self._hand_over_acks()  # acks served by close()'s flush after the last turn
+
+    def _hand_over_acks(self) -> None:
+        """Settle the acknowledgements collected so far on the loop, in one hop."""
+        if not self._acks or self._loop is None:
+            return
+        with self._acks_lock:
+            acks, self._acks = self._acks, []
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits for these
+            self._loop.call_soon_threadsafe(_settle, acks)
 
     # -- intents --------------------------------------------------------------------------
     def submit_intent(
@@ -173,11 +187,11 @@ class CommandProducer:
                   "sku": sku, "quantity": quantity}  # fmt: skip
         fut: asyncio.Future[int] = self._loop.create_future()
 
-        def done(err: KafkaError | None, msg: Any) -> None:  # on the poll thread
+        def done(err: KafkaError | None, msg: Any) -> None:  # on whichever thread polls
             with self._acks_lock:
                 self._acks.append((fut, err, -1 if err else msg.offset(), intent_id))
 
-        # Only the poll thread serves callbacks, so the acks list has one consumer.
+        # Not polled here: the poll thread serves callbacks (and hands the acks over).
         self._produce(sku, "PurchaseIntent", record, done, serve=False)
         return intent_id, fut
 

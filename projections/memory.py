@@ -51,7 +51,9 @@ class MemoryOutcomeStore:
         return {
             "sales": sorted(tuple(s) for s in self.sales.values()),
             "orders": sorted(  # a view over the accepted outcomes, as in PostgreSQL
-                (o[8], *o[:5], utc(o[11]), o[10]) for o in self.outcomes.values() if o[8]
+                (o[8], *o[:5], utc(o[11]), o[10])
+                for o in self.outcomes.values()
+                if o[5] == "accepted"
             ),
             "intent_outcomes": sorted((*o[:11], utc(o[11])) for o in self.outcomes.values()),
             "sale_counters": sorted((*k, *c) for k, c in self.counters.items()),

@@ -24,7 +24,12 @@ from flashsale.settings import Settings
 from flashsale.topics import DEAD_LETTERS, DECISIONS, SKU_COMMANDS, TopicNames
 from projections import store
 from projections.rows import BatchRows
-from projections.runner import Decoded, ProjectionError, ProjectionRunner
+from projections.runner import (
+    Decoded,
+    ProjectionError,
+    ProjectionRunner,
+    use_short_switch_interval,
+)
 from projections.store import reset
 from schemas.codec import SchemaRegistry, default_registry
 
@@ -37,7 +42,7 @@ DEFAULT_GROUP = "flashsale-projector"
 
 
 class OutcomesProjection:
-    """Sales, intent outcomes, orders and counters: the rows + store pair of the runner."""
+    """Sales, intent outcomes (and so the orders view) and counters: a rows + store pair."""
 
     def __init__(
         self,
@@ -111,6 +116,7 @@ def main(
 ) -> None:
     """Composition root: build the projector from settings, run until SIGTERM/SIGINT."""
     logs.configure(service="projector")
+    use_short_switch_interval()
     projector = PostgresProjector(
         settings.kafka_bootstrap,
         settings.database_url,

@@ -26,7 +26,7 @@ ClosureRow = tuple[str, str]
 
 OutcomeRow = tuple[str, str, str, str, int, str, str | None, str, str | None, int, int, int]
 """intent_id, sale_id, sku, user_id, quantity, outcome, reason, detail, order_id, remaining,
-sequence, decided_at (epoch ms: turned into timestamptz text by ``copy_text``)."""
+sequence, decided_at (epoch ms: turned into timestamptz text by ``outcomes_copy``)."""
 
 
 def utc(millis: int) -> datetime:
@@ -104,7 +104,7 @@ class BatchRows:
     marks: list[Mark] = field(default_factory=list)
     counts_only: int = 0  # facts projected only as a remaining count (returns, settlements)
     skipped: int = 0
-    _prepared: Prepared | None = field(default=None, repr=False, compare=False)
+    _prepared: Prepared | None = field(default=None, init=False, repr=False, compare=False)
 
     def add(self, name: str, record: dict[str, Any]) -> bool:
         """Add one decoded record; False when it carries no projected state (or is filtered)."""
@@ -112,6 +112,7 @@ class BatchRows:
             self.skipped += 1
             return False
         r = record
+        self._prepared = None  # made again from every row when next asked for
         if name in DECISION_RECORDS:
             # A redelivered decision repeats the first one identically: keep the first.
             self.outcomes.setdefault(r["intent_id"], outcome_row(name, r))

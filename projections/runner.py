@@ -17,10 +17,14 @@ One loop for every read model (orders/outcomes/counters today, analytics next):
 next batch: decoding is Python, the write is mostly waiting for PostgreSQL, so on two cores
 the two overlap (one after the other, the projector was ~12,000 decisions/s here; see the
 README's figures). At most one batch is in flight, and batches are written in the order they
-were consumed. Before a rebalance callback touches offsets, ``stop`` returns, or a
-caught-up check trusts ``positions``, the batch in flight is finished; an error in the
-writer is raised in the main thread at the next step, so the process fails as it would
-have without the thread.
+were consumed. Before a rebalance callback touches offsets, ``close`` leaves the group, or a
+caught-up check or ``positions`` answers, the batch in flight is finished. An error in the
+writer is raised in the main thread at its next step, and the runner is then spent (every
+later ``poll_batch`` raises): the batch decoded meanwhile is past the consumer's position, so
+going on would skip it. The process fails as it would have without the thread.
+
+The pipeline needs a short GIL switch interval (``SWITCH_INTERVAL_S``); it is a setting of
+the whole process, so the composition roots set it (``use_short_switch_interval``).
 
 A crash anywhere replays at most the uncommitted batches. ``stop`` returns after the current
 batch; ``run_until_caught_up`` projects to the end offsets seen at its start.
@@ -52,6 +56,12 @@ log = structlog.get_logger(__name__)
 SWITCH_INTERVAL_S = 0.0002
 
 
+def use_short_switch_interval() -> None:
+    """Set this process's GIL switch interval for the pipelined runner (composition roots)."""
+    if sys.getswitchinterval() > SWITCH_INTERVAL_S:
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+
+
 class ProjectionError(RuntimeError):
     """The projection cannot go on (a fatal Kafka error, or not caught up in time)."""
 
@@ -65,7 +75,6 @@ class _Batch:
     rows: Sized  # the rows of every decoded record (remade if some were projected already)
     records: int  # messages consumed
     undecodable: int
-    began: float  # monotonic time its consume returned
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,16 +173,15 @@ class ProjectionRunner:
         self._next: dict[tuple[str, int], int] = {}  # next offset per assigned partition
         self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"projection-{self.name}")
         self._in_flight: tuple[_Batch, Future[int]] | None = None
+        self._failed: BaseException | None = None  # a write failed: this runner is spent
         self._subscribed = False
         self.rows_written = 0
         self.records_seen = 0
-        self.busy_seconds = 0.0  # time in batches that had records: rows / this = throughput
+        self.busy_seconds = 0.0  # polls with work, minus idle consume waits: rows / this = rate
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
         """Connect to PostgreSQL and subscribe; partitions arrive with the first consume."""
-        if sys.getswitchinterval() > SWITCH_INTERVAL_S:
-            sys.setswitchinterval(SWITCH_INTERVAL_S)  # for this process: see the constant
         if self._conn is None:
             self._conn = psycopg.connect(self._dsn, autocommit=True)
             if self._search_path is not None:
@@ -201,8 +209,8 @@ class ProjectionRunner:
         try:
             self._finish()
         finally:
+            self._writer.shutdown()  # nothing is written after this instance leaves the group
             self._consumer.close()
-            self._writer.shutdown()
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
@@ -241,7 +249,9 @@ class ProjectionRunner:
         return self.rows_written - before
 
     def positions(self) -> dict[tuple[str, int], int]:
-        """Next offset to project per assigned partition (what the tracking rows say too)."""
+        """Next offset to project per assigned partition (what the tracking rows say too).
+
+        Finishes the batch in flight first: call it from the thread that polls."""
         self._finish()
         return dict(self._next)
 
@@ -252,21 +262,26 @@ class ProjectionRunner:
         Returns the rows of the batches finished meanwhile (the previous one, or this one's
         predecessor when nothing new came in: an empty poll drains the pipeline).
         """
-        before = self.rows_written
+        if self._failed is not None:
+            raise ProjectionError(f"{self.name}: a write failed; restart") from self._failed
+        before, began = self.rows_written, time.monotonic()
         messages = self._consumer.consume(self._batch_size, self._poll_timeout)
+        consumed = time.monotonic()
         batch = self._prepare(messages) if messages else None
+        had_work = batch is not None or self._in_flight is not None
         self._finish()
         if batch is not None:
             self._in_flight = (batch, self._writer.submit(self._write, batch))
+        if had_work:  # an empty consume's wait is idle time, not work
+            self.busy_seconds += time.monotonic() - (began if messages else consumed)
         return self.rows_written - before
 
     def _prepare(self, messages: list[Message]) -> _Batch | None:
-        began = time.monotonic()
         decoded, offsets, undecodable = self._decode(messages)
         if not offsets:
             return None
         rows = self.projection.rows(decoded)
-        return _Batch(decoded, offsets, rows, len(messages), undecodable, began)
+        return _Batch(decoded, offsets, rows, len(messages), undecodable)
 
     def _write(self, batch: _Batch) -> int:
         """Steps 3 of the module docstring, on the writer thread; return rows written."""
@@ -296,7 +311,11 @@ class ProjectionRunner:
             return
         batch, future = self._in_flight
         self._in_flight = None
-        future.result()
+        try:
+            future.result()
+        except BaseException as exc:
+            self._failed = exc
+            raise
         self._next.update(batch.offsets)
         self._consumer.commit(
             offsets=[TopicPartition(t, p, o) for (t, p), o in batch.offsets.items()],
@@ -304,7 +323,6 @@ class ProjectionRunner:
         )
         self.records_seen += batch.records
         self.rows_written += len(batch.rows)
-        self.busy_seconds += time.monotonic() - batch.began
 
     def _decode(
         self, messages: list[Message]

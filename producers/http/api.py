@@ -13,7 +13,7 @@ from fastapi import APIRouter, Header, Path, Request, Response
 from fastapi.responses import StreamingResponse
 
 from producers.commands import NotAcknowledged
-from producers.http.context import Caller, Ctx, EdgeContext, RateLimitedShopper, Shopper
+from producers.http.context import Ctx, EdgeContext, RateLimitedShopper, Shopper
 from producers.http.errors import ApiError, unavailable
 from producers.http.models import (
     IDEMPOTENCY_KEY,
@@ -100,7 +100,7 @@ async def _produce_acknowledged(ctx: EdgeContext, intent: StoredIntent, key: str
 )
 async def get_intent(
     intent_id: Annotated[str, Path(min_length=1, max_length=128)],
-    who: Caller,
+    who: Shopper,
     ctx: Ctx,
 ) -> dict[str, Any]:
     """queued (position may be null), accepted (with order_id) or rejected (with reason)."""

@@ -148,3 +148,13 @@ def test_notify_payloads_count_bytes_not_characters():
     ]
     payloads = notify_payloads(rows, limit=200)
     assert all(len(p.encode()) <= 200 for p in payloads) and len(payloads) > 1
+
+
+def test_prepared_is_made_again_after_a_row_is_added():
+    batch = BatchRows()
+    batch.add("IntentAccepted", accepted("i1", 1))
+    first = batch.prepared()
+    batch.add("IntentAccepted", accepted("i2", 2))
+    assert batch.prepared() is not first
+    assert batch.prepared().outcomes_text == outcomes_copy(batch.outcomes.values())
+    assert batch.prepared().counters[0][2] == 2  # both accepted intents counted
