@@ -183,6 +183,14 @@ def seed_offsets(dsn: str, projection: str, offsets: dict) -> None:
         )
 
 
+def start_here(endpoints: Endpoints, name: str, records: list) -> dict:
+    """Seed ``name``'s offsets at the log's current ends, then produce ``records``."""
+    start = log_ends(endpoints.bootstrap)
+    seed_offsets(endpoints.dsn, name, start)
+    produce(endpoints.bootstrap, records)
+    return start
+
+
 def stored_offsets(dsn: str, projection: str) -> dict:
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(
@@ -237,16 +245,24 @@ def assert_matches_log(rows: dict[str, list[tuple]], unique: list[dict], skus: l
         )
 
 
-def project(endpoints: Endpoints, name: str, sale_id: str, timeout: float = 30) -> float:
-    """Project the sale until caught up; return the throughput in rows/s while busy."""
-    projector = PostgresProjector(
+def projector_for(
+    endpoints: Endpoints, name: str, sale_id: str, batch_size: int = 2000
+) -> PostgresProjector:
+    """A projector of this module's log, for one sale, in a consumer group of its own."""
+    return PostgresProjector(
         endpoints.bootstrap,
         endpoints.dsn,
         name=name,
         group_id=f"{name}-{uuid.uuid4().hex[:6]}",
         topics=NAMES,
         only_sales={sale_id},
+        batch_size=batch_size,
     )
+
+
+def project(endpoints: Endpoints, name: str, sale_id: str, timeout: float = 30) -> float:
+    """Project the sale until caught up; return the throughput in rows/s while busy."""
+    projector = projector_for(endpoints, name, sale_id)
     try:
         projector.run_until_caught_up(timeout)
         return projector.rows_written / max(projector.busy_seconds, 1e-9)
@@ -259,9 +275,7 @@ def test_projects_decisions_once_and_converges_on_replay(endpoints: Endpoints, u
     sale_id, name = f"s-{uid}", f"test-proj-{uid}"
     skus = [f"k-{uid}-{i}" for i in range(3)]
     records, unique = build_log(sale_id, skus, per_sku=100, dup_every=7)
-    start = log_ends(endpoints.bootstrap)
-    seed_offsets(endpoints.dsn, name, start)
-    produce(endpoints.bootstrap, records)
+    start = start_here(endpoints, name, records)
 
     with psycopg.connect(endpoints.dsn, autocommit=True) as listener:
         listener.execute("LISTEN intent_outcomes")
@@ -295,9 +309,7 @@ def test_projector_killed_mid_backlog_resumes_without_loss_or_double_count(
     sale_id, name = f"s-kill-{uid}", f"test-kill-{uid}"
     skus = [f"kk-{uid}-{i}" for i in range(4)]
     records, unique = build_log(sale_id, skus, per_sku=5000, dup_every=10)
-    start = log_ends(endpoints.bootstrap)
-    seed_offsets(endpoints.dsn, name, start)
-    produce(endpoints.bootstrap, records)
+    start = start_here(endpoints, name, records)
     end = log_ends(endpoints.bootstrap)
     total = len(unique)
 
@@ -416,19 +428,9 @@ def test_an_error_in_the_writer_thread_surfaces_and_only_finished_batches_are_tr
     sale_id, name = f"s-pipe-{uid}", f"test-pipe-{uid}"
     skus = [f"kp-{uid}-{i}" for i in range(2)]
     records, unique = build_log(sale_id, skus, per_sku=600, dup_every=1000)
-    start = log_ends(endpoints.bootstrap)
-    seed_offsets(endpoints.dsn, name, start)
-    produce(endpoints.bootstrap, records)
+    start = start_here(endpoints, name, records)
 
-    projector = PostgresProjector(
-        endpoints.bootstrap,
-        endpoints.dsn,
-        name=name,
-        group_id=f"{name}-{uuid.uuid4().hex[:6]}",
-        topics=NAMES,
-        only_sales={sale_id},
-        batch_size=100,
-    )
+    projector = projector_for(endpoints, name, sale_id, batch_size=100)
     real_write = projector.projection.write
     calls: list[int] = []  # outcomes each write inserted
 
@@ -457,15 +459,7 @@ def test_an_error_in_the_writer_thread_surfaces_and_only_finished_batches_are_tr
 
     # A fresh run projects the rest, and run_until_caught_up returns only once it is all
     # written (not just consumed): checked before close(), which would finish it anyway.
-    again = PostgresProjector(
-        endpoints.bootstrap,
-        endpoints.dsn,
-        name=name,
-        group_id=f"{name}-{uuid.uuid4().hex[:6]}",
-        topics=NAMES,
-        only_sales={sale_id},
-        batch_size=400,
-    )
+    again = projector_for(endpoints, name, sale_id, batch_size=400)
     slow_write = again.projection.write
 
     def slow(conn: psycopg.Connection, rows: Any) -> int:
