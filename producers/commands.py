@@ -149,6 +149,15 @@ class CommandProducer:
             self._loop.call_soon_threadsafe(_settle, acks)
 
     # -- intents --------------------------------------------------------------------------
+    def _intent(
+        self, sale_id: str, sku: str, user_id: str, quantity: int, idempotency_key: str
+    ) -> dict[str, Any]:
+        """The PurchaseIntent record; its id derives from (user, sale, key)."""
+        intent_id = intent_id_for(user_id, sale_id, idempotency_key)
+        return {**self._envelope(intent_id), "intent_id": intent_id,
+                "idempotency_key": idempotency_key, "user_id": user_id, "sale_id": sale_id,
+                "sku": sku, "quantity": quantity}  # fmt: skip
+
     def submit_intent(
         self,
         sale_id: str,
@@ -158,17 +167,8 @@ class CommandProducer:
         idempotency_key: str | None = None,
     ) -> tuple[str, Future[int]]:
         """Queue an intent; the future resolves (to its offset) once Kafka acknowledged it."""
-        key = idempotency_key or uuid.uuid4().hex
-        intent_id = intent_id_for(user_id, sale_id, key)
-        record = {
-            **self._envelope(intent_id),
-            "intent_id": intent_id,
-            "idempotency_key": key,
-            "user_id": user_id,
-            "sale_id": sale_id,
-            "sku": sku,
-            "quantity": quantity,
-        }
+        record = self._intent(sale_id, sku, user_id, quantity, idempotency_key or uuid.uuid4().hex)
+        intent_id = record["intent_id"]
         return intent_id, self._ack_future(sku, "PurchaseIntent", record, intent_id)
 
     def submit_intent_async(
@@ -181,10 +181,8 @@ class CommandProducer:
         """
         if self._loop is None or self._poller is None:
             raise RuntimeError("start_polling(loop) first")
-        intent_id = intent_id_for(user_id, sale_id, idempotency_key)
-        record = {**self._envelope(intent_id), "intent_id": intent_id,
-                  "idempotency_key": idempotency_key, "user_id": user_id, "sale_id": sale_id,
-                  "sku": sku, "quantity": quantity}  # fmt: skip
+        record = self._intent(sale_id, sku, user_id, quantity, idempotency_key)
+        intent_id = record["intent_id"]
         fut: asyncio.Future[int] = self._loop.create_future()
 
         def done(err: KafkaError | None, msg: Any) -> None:  # on whichever thread polls
@@ -199,10 +197,7 @@ class CommandProducer:
         self, sale_id: str, sku: str, user_id: str, quantity: int, idempotency_key: str
     ) -> bytes:
         """The PurchaseIntent record as it would be produced (for load generators)."""
-        intent_id = intent_id_for(user_id, sale_id, idempotency_key)
-        record = {**self._envelope(intent_id), "intent_id": intent_id,
-                  "idempotency_key": idempotency_key, "user_id": user_id, "sale_id": sale_id,
-                  "sku": sku, "quantity": quantity}  # fmt: skip
+        record = self._intent(sale_id, sku, user_id, quantity, idempotency_key)
         return self._registry.encode("PurchaseIntent", record)
 
     def post_intent(
