@@ -115,7 +115,9 @@ def _sale(
             if len(futures) % 2000 == 0:
                 audit.poll(0)
         producer.wait(futures)
-        expected = {intent_id_for(p.user_id, sale_id, p.idempotency_key) for p in plan.intents}
+        expected = {
+            intent_id_for(p.user_id, sale_id, p.sku, p.idempotency_key) for p in plan.intents
+        }
     else:
         users = {p.user_id for p in plan.intents}
         secret = load_secret(settings.state_dir, EdgeSettings.from_env().jwt_secret)

@@ -152,8 +152,8 @@ class CommandProducer:
     def _intent(
         self, sale_id: str, sku: str, user_id: str, quantity: int, idempotency_key: str
     ) -> dict[str, Any]:
-        """The PurchaseIntent record; its id derives from (user, sale, key)."""
-        intent_id = intent_id_for(user_id, sale_id, idempotency_key)
+        """The PurchaseIntent record; its id derives from (user, sale, SKU, key)."""
+        intent_id = intent_id_for(user_id, sale_id, sku, idempotency_key)
         return {**self._envelope(intent_id), "intent_id": intent_id,
                 "idempotency_key": idempotency_key, "user_id": user_id, "sale_id": sale_id,
                 "sku": sku, "quantity": quantity}  # fmt: skip

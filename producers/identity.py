@@ -1,4 +1,4 @@
-"""Deterministic identities: the same (user, sale, idempotency key) is the same intent anywhere."""
+"""Deterministic identities: the same (user, sale, SKU, key) is the same intent anywhere."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ _INTENTS = uuid.UUID("6f1b2f5e-3c9a-4d0e-9d1e-5a7f0c2b8e11")
 DECISIONS_NAMESPACE = uuid.UUID("0b9a4c7d-8e21-4f3a-b6d5-2c1e9f8a7d44")
 
 
-def intent_id_for(user_id: str, sale_id: str, idempotency_key: str) -> str:
-    """Intent id derived from who, which sale and the client's idempotency key."""
-    return uuid.uuid5(_INTENTS, f"{user_id}\x1f{sale_id}\x1f{idempotency_key}").hex
+def intent_id_for(user_id: str, sale_id: str, sku: str, idempotency_key: str) -> str:
+    """Intent id derived from who, which sale and SKU, and the client's idempotency key.
+
+    The SKU is part of it so that one intent id always has one writer: a key reused for
+    another SKU (another partition) is another intent, never a second copy of this one.
+    """
+    return uuid.uuid5(_INTENTS, f"{user_id}\x1f{sale_id}\x1f{sku}\x1f{idempotency_key}").hex
 
 
 _NS = DECISIONS_NAMESPACE.bytes

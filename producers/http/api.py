@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from confluent_kafka import KafkaException
-from fastapi import APIRouter, Header, Path, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from producers.commands import NotAcknowledged
 from producers.http.context import Ctx, EdgeContext, RateLimitedShopper, Shopper
-from producers.http.errors import ApiError, unavailable
+from producers.http.errors import ApiError, not_acknowledged, refusal
+from producers.http.intake import Unacknowledged
 from producers.http.models import (
     IDEMPOTENCY_KEY,
     IntentQueued,
@@ -23,11 +21,13 @@ from producers.http.models import (
     SaleState,
     error_responses,
 )
-from producers.http.rules import check_intent, state_of
-from producers.http.store import StoredIntent, status_of
-from producers.identity import intent_id_for
+from producers.http.rules import Refused, state_of
+from producers.http.store import status_of
 
 router = APIRouter(prefix="/v1")
+
+
+Ident = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
 
 
 @router.post(
@@ -40,55 +40,35 @@ router = APIRouter(prefix="/v1")
 async def post_intent(
     response: Response,
     body: IntentRequest,
-    sale_id: Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")],
+    sale_id: Ident,
     who: RateLimitedShopper,
     ctx: Ctx,
     idempotency_key: Annotated[
         str | None, Header(alias="Idempotency-Key", pattern=IDEMPOTENCY_KEY)
     ] = None,
 ) -> IntentQueued:
-    """Validate -> record the intent in PostgreSQL -> produce and await the ack -> 202."""
-    key = idempotency_key or uuid.uuid4().hex
-    intent = StoredIntent(
-        intent_id_for(who.user_id, sale_id, key), who.user_id, sale_id, body.sku, body.quantity
-    )
-    try:
-        check_intent(sale_id, await ctx.store.sale(sale_id), body.sku, body.quantity, _now())
-    except ApiError:
-        # A retry of an intent already answered 202 gets the same answer, whatever the sale
-        # looks like now (its decision is the writer's, and it is made once).
-        if idempotency_key is None or await ctx.store.find_intent(intent.intent_id) != intent:
-            raise
-    stored = await ctx.store.record_intent(intent, key)
-    if stored != intent:
-        raise ApiError(
-            409,
-            "idempotency_conflict",
-            "this Idempotency-Key was already used for a different intent "
-            f"(sku {stored.sku!r}, quantity {stored.quantity}); use a new key",
-        )
-    await _produce_acknowledged(ctx, intent, key)
-    ctx.metrics.intents_accepted.inc()
-    url = f"/v1/intents/{intent.intent_id}"
-    response.headers["Location"] = url
-    return IntentQueued(intent_id=intent.intent_id, status_url=url)
+    """Validate -> produce and await Kafka's ack -> 202. Nothing is written to PostgreSQL.
 
-
-async def _produce_acknowledged(ctx: EdgeContext, intent: StoredIntent, key: str) -> None:
-    """Write the intent (acks=all) and wait for Kafka's ack, bounded; 503 when unknown."""
-    timeout = ctx.config.ack_timeout_ms / 1000
+    Served by ``producers.http.fastpath`` unless ``FLASHSALE_HTTP_LEAN_INTENTS=0``: this
+    declaration is what /openapi.json describes, and both call the same service.
+    """
     try:
-        produced_id, fut = ctx.producer.submit_intent_async(
-            intent.sale_id, intent.sku, intent.user_id, intent.quantity, key
+        placed = await ctx.intake.place_intent(
+            who.user_id, sale_id, body.sku, body.quantity, idempotency_key
         )
-        assert produced_id == intent.intent_id
-        await asyncio.wait_for(fut, timeout + 1.0)
-    except (NotAcknowledged, TimeoutError, KafkaException):
+    except Refused as exc:
+        raise refusal(exc.code, exc.message) from None
+    except Unacknowledged:
         ctx.metrics.unavailable.inc()
-        raise unavailable(
-            "Kafka did not acknowledge the intent in time; its outcome is unknown. "
-            "Retry with the same Idempotency-Key."
-        ) from None
+        raise not_acknowledged() from None
+    ctx.metrics.intents_accepted.inc()
+    response.headers["Location"] = placed.status_url
+    return IntentQueued(intent_id=placed.intent_id, status_url=placed.status_url)
+
+
+ReceiptIdent = Annotated[
+    str | None, Query(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+]
 
 
 @router.get(
@@ -102,14 +82,32 @@ async def get_intent(
     intent_id: Annotated[str, Path(min_length=1, max_length=128)],
     who: Shopper,
     ctx: Ctx,
+    sale_id: ReceiptIdent = None,
+    sku: ReceiptIdent = None,
+    quantity: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
+    receipt: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
 ) -> dict[str, Any]:
-    """queued (position may be null), accepted (with order_id) or rejected (with reason)."""
+    """queued (position may be null), accepted (with order_id) or rejected (with reason).
+
+    Until the projection has the intent, the receipt in the 202's ``status_url`` (query
+    parameters sale_id, sku, quantity, receipt) makes the answer ``queued``.
+    """
     row = await ctx.store.intent_status(intent_id)
-    if row is None:
-        raise ApiError(404, "unknown_intent", f"no intent {intent_id!r}")
-    if row["user_id"] != who.user_id:
-        raise ApiError(403, "forbidden", "this intent belongs to another user")
-    return status_of(row)
+    if row is not None:
+        if row["user_id"] != who.user_id:
+            raise ApiError(403, "forbidden", "this intent belongs to another user")
+        return status_of(row)
+    if (
+        sale_id is not None
+        and sku is not None
+        and quantity is not None
+        and receipt is not None
+        and ctx.intake.receipts.valid(receipt, intent_id, who.user_id, sale_id, sku, quantity)
+    ):
+        return {"intent_id": intent_id, "sale_id": sale_id, "sku": sku, "quantity": quantity,
+                "status": "queued", "position": None, "order_id": None, "reason": None,
+                "detail": None, "decided_at": None}  # fmt: skip
+    raise ApiError(404, "unknown_intent", f"no intent {intent_id!r}")
 
 
 @router.get(

@@ -6,6 +6,7 @@ import argparse
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,11 @@ def token(user: str, role: str, ttl: float, secret: str, now: float | None = Non
 
 def verify(authorization: str | None, secret: str) -> Principal:
     """The caller of an ``Authorization: Bearer <jwt>`` header, or Unauthenticated."""
+    return _verified(authorization, secret)[0]
+
+
+def _verified(authorization: str | None, secret: str) -> tuple[Principal, int]:
+    """The caller and the token's ``exp``."""
     if not authorization:
         raise Unauthenticated("missing bearer token")
     scheme, _, raw = authorization.partition(" ")
@@ -91,7 +97,36 @@ def verify(authorization: str | None, secret: str) -> Principal:
     sub, role = claims.get("sub"), claims.get("role")
     if not isinstance(sub, str) or not sub or role not in ROLES:
         raise Unauthenticated("token has no valid sub/role")
-    return Principal(sub, str(role))
+    return Principal(sub, str(role)), int(claims["exp"])
+
+
+class TokenVerifier:
+    """``verify`` with a cache of verified headers (~0.1 µs a hit instead of ~30 µs).
+
+    A hit still honours ``exp``; failures are never cached (each costs a full check). The
+    cache is bounded: past ``capacity`` entries it starts again empty.
+    """
+
+    def __init__(
+        self, secret: str, capacity: int = 100_000, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.secret = secret
+        self.capacity = capacity
+        self._clock = clock
+        self._cache: dict[str, tuple[Principal, int]] = {}
+
+    def verify(self, authorization: str | None) -> Principal:
+        """The caller of an ``Authorization`` header, or Unauthenticated."""
+        hit = self._cache.get(authorization) if authorization else None
+        if hit is not None:
+            if self._clock() < hit[1]:
+                return hit[0]
+            del self._cache[authorization]  # type: ignore[arg-type]
+        principal, exp = _verified(authorization, self.secret)
+        if len(self._cache) >= self.capacity:
+            self._cache.clear()
+        self._cache[authorization] = (principal, exp)  # type: ignore[index]
+        return principal
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

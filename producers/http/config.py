@@ -19,6 +19,8 @@ class EdgeSettings:
     heartbeat_s: float = 15.0  # FLASHSALE_SSE_HEARTBEAT_S
     server_id: str = ""  # FLASHSALE_HTTP_SERVER_ID, sent as X-Served-By
     pool_size: int = 10  # FLASHSALE_PG_POOL_SIZE
+    lean_intents: bool = True  # FLASHSALE_HTTP_LEAN_INTENTS (0: the FastAPI route serves it)
+    recent_intents: int = 200_000  # FLASHSALE_RECENT_INTENTS: retries answered from memory
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> EdgeSettings:
@@ -32,4 +34,6 @@ class EdgeSettings:
             heartbeat_s=env_number(e, "FLASHSALE_SSE_HEARTBEAT_S", 15.0, 0.05, 3600),
             server_id=e.get("FLASHSALE_HTTP_SERVER_ID", ""),
             pool_size=env_int(e, "FLASHSALE_PG_POOL_SIZE", 10, 1, 200),
+            lean_intents=env_int(e, "FLASHSALE_HTTP_LEAN_INTENTS", 1, 0, 1) == 1,
+            recent_intents=env_int(e, "FLASHSALE_RECENT_INTENTS", 200_000, 1, 10_000_000),
         )

@@ -9,10 +9,11 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from producers.commands import CommandProducer
-from producers.http.auth import Principal, Unauthenticated, verify
+from producers.http.auth import Principal, TokenVerifier, Unauthenticated
 from producers.http.config import EdgeSettings
 from producers.http.errors import ApiError, unauthenticated
 from producers.http.events import OutcomeFeed
+from producers.http.intake import IntakeService
 from producers.http.metrics import EdgeMetrics
 from producers.http.ratelimit import RateLimiter
 from producers.http.store import EdgeStore
@@ -23,12 +24,13 @@ class EdgeContext:
     """The clients of one app server, built by the composition root at start-up."""
 
     config: EdgeSettings
-    secret: str
+    tokens: TokenVerifier
     producer: CommandProducer
     store: EdgeStore
     feed: OutcomeFeed
     limiter: RateLimiter
     metrics: EdgeMetrics
+    intake: IntakeService
 
 
 async def context(request: Request) -> EdgeContext:
@@ -50,7 +52,7 @@ async def caller(
 ) -> Principal:
     """The authenticated caller; 401 with WWW-Authenticate otherwise."""
     try:
-        return verify(request.headers.get("authorization"), request.app.state.edge.secret)
+        return request.app.state.edge.tokens.verify(request.headers.get("authorization"))
     except Unauthenticated as exc:
         raise unauthenticated(str(exc)) from None
 
@@ -67,8 +69,13 @@ async def rate_limited_shopper(
     request: Request, who: Annotated[Principal, Depends(shopper)]
 ) -> Principal:
     """The shopper, if their token bucket has a token; 429 with Retry-After otherwise."""
-    ctx: EdgeContext = request.app.state.edge
-    wait = ctx.limiter.check(who.user_id)
+    rate_limit(request.app.state.edge, who.user_id)
+    return who
+
+
+def rate_limit(ctx: EdgeContext, user_id: str) -> None:
+    """Take a token from the user's bucket; 429 with Retry-After when it is empty."""
+    wait = ctx.limiter.check(user_id)
     if wait:
         ctx.metrics.rate_limited.inc()
         raise ApiError(
@@ -77,7 +84,6 @@ async def rate_limited_shopper(
             f"too many requests: at most {ctx.limiter.rate:g}/s (burst {ctx.limiter.burst:g})",
             {"Retry-After": str(wait)},
         )
-    return who
 
 
 async def admin(who: Annotated[Principal, Depends(caller)]) -> Principal:

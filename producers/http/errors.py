@@ -29,6 +29,19 @@ _CODES = {
 }
 
 
+# The status of every domain refusal (producers.http.rules.Refused and the intake's).
+REFUSAL_STATUS = {
+    "unknown_sale": 404,
+    "unknown_sku": 404,
+    "order_max_exceeded": 422,
+    "sale_closed": 409,
+    "sale_ended": 409,
+    "sold_out": 409,
+    "idempotency_conflict": 409,
+    "sale_exists": 409,
+}
+
+
 class ApiError(Exception):
     """An error answer: status, machine-readable code, human message, extra headers."""
 
@@ -63,6 +76,11 @@ def error_response(
     return JSONResponse(error_body(code, message, details), status_code=status, headers=headers)
 
 
+def refusal(code: str, message: str) -> ApiError:
+    """The HTTP answer to a domain refusal."""
+    return ApiError(REFUSAL_STATUS[code], code, message)
+
+
 def unauthenticated(message: str) -> ApiError:
     """401 with the challenge RFC 6750 asks for."""
     return ApiError(
@@ -73,6 +91,14 @@ def unauthenticated(message: str) -> ApiError:
 def unavailable(message: str, retry_after: int = 1) -> ApiError:
     """503: a dependency did not answer in time; the outcome of a write is unknown."""
     return ApiError(503, "unavailable", message, {"Retry-After": str(retry_after)})
+
+
+def not_acknowledged() -> ApiError:
+    """503 for an intent Kafka did not acknowledge in time."""
+    return unavailable(
+        "Kafka did not acknowledge the intent in time; its outcome is unknown. "
+        "Retry with the same Idempotency-Key."
+    )
 
 
 def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:

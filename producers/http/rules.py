@@ -10,7 +10,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from producers.http.errors import ApiError
+
+class Refused(Exception):
+    """A domain rule refuses the request: ``code`` names the rule, ``message`` explains it.
+
+    The HTTP layer maps codes to statuses (``producers.http.errors.REFUSAL_STATUS``).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,22 +61,21 @@ def state_of(terms: SkuTerms, now: datetime) -> str:
 def check_intent(
     sale_id: str, skus: Mapping[str, SkuTerms] | None, sku: str, quantity: int, now: datetime
 ) -> SkuTerms:
-    """The SKU's terms when the intent may go to the writer; ApiError when it is surely lost."""
+    """The SKU's terms when the intent may go to the writer; Refused when it is surely lost."""
     if not skus:
-        raise ApiError(404, "unknown_sale", f"sale {sale_id!r} does not exist")
+        raise Refused("unknown_sale", f"sale {sale_id!r} does not exist")
     terms = skus.get(sku)
     if terms is None:
-        raise ApiError(404, "unknown_sku", f"sale {sale_id!r} has no SKU {sku!r}")
+        raise Refused("unknown_sku", f"sale {sale_id!r} has no SKU {sku!r}")
     if quantity > terms.per_order_max:
-        raise ApiError(
-            422,
+        raise Refused(
             "order_max_exceeded",
             f"quantity {quantity} is above this SKU's per-order maximum of {terms.per_order_max}",
         )
     if terms.closed:
-        raise ApiError(409, "sale_closed", f"sale {sale_id!r} is closed for {sku!r}")
+        raise Refused("sale_closed", f"sale {sale_id!r} is closed for {sku!r}")
     if now >= terms.ends_at:
-        raise ApiError(409, "sale_ended", f"sale {sale_id!r} ended at {terms.ends_at.isoformat()}")
+        raise Refused("sale_ended", f"sale {sale_id!r} ended at {terms.ends_at.isoformat()}")
     if hopeless(terms):
-        raise ApiError(409, "sold_out", f"{sku!r} is sold out in sale {sale_id!r}")
+        raise Refused("sold_out", f"{sku!r} is sold out in sale {sale_id!r}")
     return terms

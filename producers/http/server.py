@@ -30,10 +30,12 @@ def build_app(
     from flashsale.topics import TopicNames
     from producers.commands import CommandProducer
     from producers.http import admin, api, errors, ops
-    from producers.http.auth import load_secret
+    from producers.http.auth import TokenVerifier, load_secret
     from producers.http.config import EdgeSettings
     from producers.http.context import EdgeContext
     from producers.http.events import OutcomeFeed
+    from producers.http.fastpath import LeanIntents
+    from producers.http.intake import IntakeService, Receipts, RecentIntents
     from producers.http.metrics import EdgeMetrics
     from producers.http.middleware import EdgeMiddleware
     from producers.http.ratelimit import RateLimiter
@@ -66,7 +68,13 @@ def build_app(
         feed = OutcomeFeed(endpoints.dsn, lookup)
         feed.start()
         limiter = RateLimiter(cfg.rate_per_s, cfg.rate_burst)
-        app.state.edge = EdgeContext(cfg, secret, producer, store, feed, limiter, metrics)
+        intake = IntakeService(
+            store, producer, Receipts(secret), RecentIntents(cfg.recent_intents),
+            cfg.ack_timeout_ms / 1000,
+        )  # fmt: skip
+        app.state.edge = EdgeContext(
+            cfg, TokenVerifier(secret), producer, store, feed, limiter, metrics, intake
+        )
         try:
             yield
         finally:
@@ -84,6 +92,7 @@ def build_app(
     app.include_router(api.router)
     app.include_router(admin.router)
     app.include_router(ops.router)
+    app.add_middleware(LeanIntents)  # inside EdgeMiddleware: counted, tagged, size-limited
     app.add_middleware(EdgeMiddleware, metrics=metrics, server_id=ident)
     return app
 

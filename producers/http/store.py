@@ -1,9 +1,8 @@
-"""The edge's PostgreSQL side: the intents it received, and reads of the projections."""
+"""The edge's PostgreSQL side: reads of the projections (the edge writes nothing here)."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -19,34 +18,10 @@ FROM sales s LEFT JOIN sale_counters c USING (sale_id, sku)
 WHERE s.sale_id = %s
 """
 
-_INSERT_SQL = """
-INSERT INTO intents (intent_id, user_id, sale_id, sku, quantity, idempotency_key)
-VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (intent_id) DO NOTHING
-"""
-
-_INTENT_SQL = """
-SELECT i.intent_id, i.user_id, i.sale_id, i.sku, i.quantity,
-       o.outcome, o.reason, o.detail, o.order_id, o.decided_at
-FROM intents i LEFT JOIN intent_outcomes o USING (intent_id)
-WHERE i.intent_id = %s
-"""
-
-# Intents produced by other producers (the CLI, the crowd) have an outcome but no intents row.
 _OUTCOME_SQL = """
 SELECT intent_id, user_id, sale_id, sku, quantity, outcome, reason, detail, order_id, decided_at
 FROM intent_outcomes WHERE intent_id = %s
 """
-
-
-@dataclass(frozen=True)
-class StoredIntent:
-    """An intent as the edge recorded it."""
-
-    intent_id: str
-    user_id: str
-    sale_id: str
-    sku: str
-    quantity: int
 
 
 class EdgeStore:
@@ -77,38 +52,18 @@ class EdgeStore:
             self._sales[sale_id] = (now, skus)
         return skus
 
-    async def record_intent(self, intent: StoredIntent, idempotency_key: str) -> StoredIntent:
-        """Insert the intent unless its id exists; return the row stored under that id."""
+    async def projected_intent(self, intent_id: str) -> tuple[str, str, int] | None:
+        """(user_id, sku, quantity) of an intent the projection holds, else None."""
+        sql = "SELECT user_id, sku, quantity FROM intent_outcomes WHERE intent_id = %s"
         async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                _INSERT_SQL,
-                (intent.intent_id, intent.user_id, intent.sale_id, intent.sku,
-                 intent.quantity, idempotency_key),
-            )  # fmt: skip
-            if cur.rowcount == 1:
-                return intent
-            found = await self.find_intent(intent.intent_id, conn)
-        assert found is not None  # intents rows are never deleted
-        return found
-
-    async def find_intent(self, intent_id: str, conn: Any = None) -> StoredIntent | None:
-        """The intents row for an id, if the edge recorded one."""
-        sql = "SELECT intent_id, user_id, sale_id, sku, quantity FROM intents WHERE intent_id = %s"
-        if conn is None:
-            async with self.pool.connection() as c:
-                row = await (await c.execute(sql, (intent_id,))).fetchone()
-        else:
             row = await (await conn.execute(sql, (intent_id,))).fetchone()
-        return StoredIntent(*row) if row else None
+        return (row[0], row[1], row[2]) if row else None
 
     async def intent_status(self, intent_id: str) -> dict[str, Any] | None:
-        """The intent with its outcome columns (None while undecided), or None when unknown."""
+        """The decided intent with its outcome, or None until the projection has it."""
         async with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(_INTENT_SQL, (intent_id,))
+            await cur.execute(_OUTCOME_SQL, (intent_id,))
             row = await cur.fetchone()
-            if row is None:
-                await cur.execute(_OUTCOME_SQL, (intent_id,))
-                row = await cur.fetchone()
         return dict(row) if row else None
 
     async def ping(self) -> bool:

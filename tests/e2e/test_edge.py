@@ -47,7 +47,8 @@ def test_intent_is_acknowledged_queued_then_decided_and_pushed(edge: EdgeUnderTe
         assert resp.status_code == 202, resp.text
         body = resp.json()
         intent = body["intent_id"]
-        assert body["status"] == "queued" and body["status_url"] == f"/v1/intents/{intent}"
+        assert body["status"] == "queued" and resp.headers["location"] == body["status_url"]
+        assert body["status_url"].startswith(f"/v1/intents/{intent}?sale_id={sale}&sku=k1&")
         # The 202 came after the ack: the record is in the topic right now.
         in_topic = purchase_intents(edge.pipeline.endpoints.bootstrap,
                                     edge.pipeline.names.sku_commands, sale)  # fmt: skip
@@ -84,12 +85,8 @@ def test_retry_with_the_same_key_is_one_intent_one_decision_one_order(edge, clie
     assert conflict.json()["error"]["code"] == "idempotency_conflict"
 
     (intent,) = ids
-    decided = wait_for(
-        lambda: (
-            client.get(f"{edge.url}/v1/intents/{intent}", headers=me).json()["status"] != "queued"
-        ),
-        60,
-    )
+    status_url = edge.url + answers[0].json()["status_url"]
+    decided = wait_for(lambda: client.get(status_url, headers=me).json()["status"] != "queued", 60)
     assert decided
     audit = edge.pipeline.audit(sale)
     assert not audit.wait_for({intent}, 30)

@@ -56,7 +56,7 @@ def test_oversubscribed_sale_sells_exactly_the_allocation(pipeline: Pipeline, ui
     retries = [rng.choice(sends) for _ in range(300)]  # same user and key: the same intent
     futures = [producer.submit_intent(sale, sku, u, 1, k)[1] for u, k in sends + retries]
     producer.wait(futures)
-    expected = {intent_id_for(u, sale, k) for u, k in sends}
+    expected = {intent_id_for(u, sale, sku, k) for u, k in sends}
 
     audit = pipeline.audit(sale)
     missing = audit.wait_for(expected, timeout=120)

@@ -58,7 +58,7 @@ def write_backlog(pipeline: Pipeline, uid: str, intents: int = 5000) -> Backlog:
     futures = [producer.submit_intent(sale, sku, u, 1, k)[1] for u, k in sends + retries]
     producer.wait(futures)
     offsets = [f.result() for f in futures]
-    expected = {intent_id_for(u, sale, k) for u, k in sends}
+    expected = {intent_id_for(u, sale, sku, k) for u, k in sends}
     part = partition_of(sku, pipeline.settings.partitions)
     return Backlog(sale, sku, part, offsets, expected, len(retries))
 
@@ -71,7 +71,7 @@ def top_up(pipeline: Pipeline, b: Backlog, intents: int = 500) -> None:
     futures = [producer.submit_intent(b.sale, b.sku, u, 1, k)[1] for u, k in sends]
     producer.wait(futures)
     b.offsets.extend(f.result() for f in futures)
-    b.expected.update(intent_id_for(u, b.sale, k) for u, k in sends)
+    b.expected.update(intent_id_for(u, b.sale, b.sku, k) for u, k in sends)
 
 
 def log_events(pipeline: Pipeline, event: str) -> list[dict]:

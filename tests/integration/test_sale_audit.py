@@ -53,7 +53,7 @@ def sale(settings: Settings, endpoints: Endpoints) -> Iterator[tuple[Pipeline, s
         futures = [producer.submit_intent(sale_id, sku, u, 1, k)[1] for u, k in sends + sends[:6]]
         producer.wait(futures)
         audit = p.audit(sale_id)
-        missing = audit.wait_for({intent_id_for(u, sale_id, k) for u, k in sends}, 120)
+        missing = audit.wait_for({intent_id_for(u, sale_id, sku, k) for u, k in sends}, 120)
         audit.close()
         assert missing == set()
         yield p, sale_id

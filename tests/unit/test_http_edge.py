@@ -21,7 +21,7 @@ from producers.http import errors
 from producers.http.auth import Unauthenticated, load_secret, token, verify
 from producers.http.models import IntentRequest, OpenSaleRequest
 from producers.http.ratelimit import RateLimiter, TokenBucket
-from producers.http.rules import SkuTerms, check_intent, hopeless, state_of
+from producers.http.rules import Refused, SkuTerms, check_intent, hopeless, state_of
 from producers.http.server import build_app
 
 SECRET = "unit-test-secret-with-enough-bytes-for-hs256"
@@ -223,9 +223,10 @@ def test_states():
     ],
 )
 def test_certain_rejections(skus, sku, qty, status, code):
-    with pytest.raises(errors.ApiError) as err:
+    with pytest.raises(Refused) as err:
         check_intent("s", skus, sku, qty, NOW)
-    assert (err.value.status, err.value.code) == (status, code)
+    answer = errors.refusal(err.value.code, err.value.message)
+    assert (answer.status, answer.code) == (status, code)
 
 
 def test_not_open_yet_and_low_stock_are_the_writers_call():

@@ -1,0 +1,229 @@
+"""Placing an intent: the service behind ``POST /v1/sales/{sale_id}/intents``.
+
+No PostgreSQL write on this path. The intent is produced (acks=all) and answered from memory:
+
+- **Retries.** nginx pins each user to one app server, so a bounded per-process table of
+  recent intents (by user, sale and ``Idempotency-Key``) answers a retry with the same intent
+  without producing again, and refuses a different body under a used key
+  (``idempotency_conflict``). A retry while the first attempt is still waiting for its ack
+  waits for that same ack.
+- **Beyond the table** (an evicted entry, a server that died, a user moved by a rebalance of
+  the upstream hash): a retry with the same SKU derives the same intent id, so it reaches the
+  same writer, which decides the first copy and ignores the others (counted as repeats). A
+  retry with another SKU under the same key is another intent (the SKU is part of the id):
+  one intent id never has two writers. A retry refused by the sale's state (sold out by now)
+  is answered with the same 202 when the projection already holds its intent.
+- **Receipts.** The 202's ``status_url`` carries an HMAC over the intent's fields, so
+  ``GET /v1/intents/{id}`` answers ``queued`` for it, on any app server, until the projection
+  has the intent (see ``Receipts``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+from producers.http.rules import Refused, SkuTerms, check_intent
+from producers.identity import intent_id_for
+
+
+class Unacknowledged(Exception):
+    """Kafka did not acknowledge the intent in time: its outcome is unknown (retry, same key)."""
+
+
+class IntentLog(Protocol):
+    """Where intents are written: resolves once the log acknowledged the intent (acks=all)."""
+
+    def submit_intent_async(
+        self, sale_id: str, sku: str, user_id: str, quantity: int, idempotency_key: str
+    ) -> tuple[str, asyncio.Future[int]]: ...
+
+
+class SaleReader(Protocol):
+    """What the service reads: a sale's terms (briefly cached) and a projected intent."""
+
+    async def sale(self, sale_id: str) -> Mapping[str, SkuTerms]: ...
+
+    async def projected_intent(self, intent_id: str) -> tuple[str, str, int] | None:
+        """(user_id, sku, quantity) of an intent the projection holds, else None."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """A placed intent: in the log, to be decided once."""
+
+    intent_id: str
+    sale_id: str
+    sku: str
+    quantity: int
+    receipt: str
+
+    @property
+    def status_url(self) -> str:
+        # Identifiers are [A-Za-z0-9_.:-] (validated), all safe in a query string.
+        return (
+            f"/v1/intents/{self.intent_id}?sale_id={self.sale_id}&sku={self.sku}"
+            f"&quantity={self.quantity}&receipt={self.receipt}"
+        )
+
+
+class Receipts:
+    """HMAC receipts: proof that this edge acknowledged an intent with exactly these fields.
+
+    Keyed by a key derived from the edge's signing secret, so every app server checks what
+    any other signed. 16 bytes of HMAC-SHA256, base64url (22 characters).
+    """
+
+    def __init__(self, secret: str) -> None:
+        self._key = hmac.new(secret.encode(), b"flashsale intent receipts v1", "sha256").digest()
+
+    def sign(self, intent_id: str, user_id: str, sale_id: str, sku: str, quantity: int) -> str:
+        msg = f"{intent_id}\x1f{user_id}\x1f{sale_id}\x1f{sku}\x1f{quantity}".encode()
+        mac = hmac.new(self._key, msg, hashlib.sha256).digest()[:16]
+        return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+    def valid(
+        self, receipt: str, intent_id: str, user_id: str, sale_id: str, sku: str, quantity: int
+    ) -> bool:
+        expected = self.sign(intent_id, user_id, sale_id, sku, quantity)
+        return hmac.compare_digest(expected, receipt)
+
+
+@dataclass(slots=True)
+class _Recent:
+    sku: str
+    quantity: int
+    intent_id: str
+    ack: asyncio.Future[int]
+
+
+class RecentIntents:
+    """The last ``capacity`` intents placed with a client key, by (user, sale, key)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple[str, str, str], _Recent] = OrderedDict()
+
+    def get(self, key: tuple[str, str, str]) -> _Recent | None:
+        return self._entries.get(key)
+
+    def put(self, key: tuple[str, str, str], entry: _Recent) -> None:
+        self._entries[key] = entry
+        if len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def forget(self, key: tuple[str, str, str], entry: _Recent) -> None:
+        """Drop ``entry`` (its write failed) unless a newer attempt replaced it."""
+        if self._entries.get(key) is entry:
+            del self._entries[key]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class IntakeService:
+    """``place_intent``: validate against the sale, write to the log, wait for the ack."""
+
+    def __init__(
+        self,
+        sales: SaleReader,
+        log: IntentLog,
+        receipts: Receipts,
+        recent: RecentIntents,
+        ack_timeout_s: float,
+        clock: Callable[[], datetime] = _now,
+    ) -> None:
+        self.sales = sales
+        self.log = log
+        self.receipts = receipts
+        self.recent = recent
+        self.ack_timeout_s = ack_timeout_s
+        self.clock = clock
+
+    async def place_intent(
+        self, user_id: str, sale_id: str, sku: str, quantity: int, key: str | None
+    ) -> Placed:
+        """The placed intent once Kafka acknowledged it; Refused or Unacknowledged otherwise."""
+        if key is None:  # nobody can retry it: no entry in the table
+            await self._check(user_id, sale_id, sku, quantity, None)
+            intent_id, ack = self._submit(user_id, sale_id, sku, quantity, uuid.uuid4().hex)
+            await self._acknowledged(ack)
+            return self._placed(intent_id, user_id, sale_id, sku, quantity)
+        slot = (user_id, sale_id, key)
+        seen = self.recent.get(slot)
+        if seen is not None:
+            if (seen.sku, seen.quantity) != (sku, quantity):
+                raise Refused(
+                    "idempotency_conflict",
+                    "this Idempotency-Key was already used for a different intent "
+                    f"(sku {seen.sku!r}, quantity {seen.quantity}); use a new key",
+                )
+            await self._acknowledged(seen.ack)
+            return self._placed(seen.intent_id, user_id, sale_id, sku, quantity)
+        answered = await self._check(user_id, sale_id, sku, quantity, key)
+        if answered is not None:
+            return self._placed(answered, user_id, sale_id, sku, quantity)
+        intent_id, ack = self._submit(user_id, sale_id, sku, quantity, key)
+        entry = _Recent(sku, quantity, intent_id, ack)
+        self.recent.put(slot, entry)
+        ack.add_done_callback(lambda f: self._forget_failed(f, slot, entry))
+        await self._acknowledged(ack)
+        return self._placed(intent_id, user_id, sale_id, sku, quantity)
+
+    async def _check(
+        self, user_id: str, sale_id: str, sku: str, quantity: int, key: str | None
+    ) -> str | None:
+        """Refused when the intent is surely lost; None when it may go to the writer; or the
+        id of this very intent when an earlier attempt was answered 202 (the projection has
+        it): a retry gets the same answer whatever the sale looks like now (its decision is
+        the writer's, made once)."""
+        try:
+            check_intent(sale_id, await self.sales.sale(sale_id), sku, quantity, self.clock())
+        except Refused:
+            if key is None:
+                raise
+            intent_id = intent_id_for(user_id, sale_id, sku, key)
+            if await self.sales.projected_intent(intent_id) != (user_id, sku, quantity):
+                raise
+            return intent_id
+        return None
+
+    def _submit(
+        self, user_id: str, sale_id: str, sku: str, quantity: int, key: str
+    ) -> tuple[str, asyncio.Future[int]]:
+        try:
+            return self.log.submit_intent_async(sale_id, sku, user_id, quantity, key)
+        except Exception as exc:  # the producer's local queue is full, or the client failed
+            raise Unacknowledged(str(exc)) from None
+
+    def _forget_failed(
+        self, ack: asyncio.Future[int], slot: tuple[str, str, str], entry: _Recent
+    ) -> None:
+        if ack.cancelled() or ack.exception() is not None:
+            self.recent.forget(slot, entry)  # a retry writes it again
+
+    async def _acknowledged(self, ack: asyncio.Future[int]) -> None:
+        """Wait for the ack without cancelling it (a retry may wait for the same one)."""
+        if not ack.done():
+            await asyncio.wait((ack,), timeout=self.ack_timeout_s + 1.0)
+        if not ack.done():
+            raise Unacknowledged("no acknowledgement in time")
+        if ack.cancelled() or ack.exception() is not None:
+            raise Unacknowledged(str(ack.exception()) if not ack.cancelled() else "cancelled")
+
+    def _placed(self, intent_id: str, user_id: str, sale_id: str, sku: str, q: int) -> Placed:
+        receipt = self.receipts.sign(intent_id, user_id, sale_id, sku, q)
+        return Placed(intent_id, sale_id, sku, q, receipt)

@@ -1,0 +1,324 @@
+"""Placing an intent: the service with fakes, receipts, the token cache, and the lean route
+held to the FastAPI route's answers."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from flashsale.settings import Settings
+from infra.stack import Endpoints
+from producers.http.auth import TokenVerifier, Unauthenticated, token
+from producers.http.config import EdgeSettings
+from producers.http.context import EdgeContext
+from producers.http.intake import (
+    IntakeService,
+    Receipts,
+    RecentIntents,
+    Unacknowledged,
+)
+from producers.http.metrics import EdgeMetrics
+from producers.http.ratelimit import RateLimiter
+from producers.http.rules import Refused, SkuTerms
+from producers.http.server import build_app
+from producers.identity import intent_id_for
+
+SECRET = "unit-test-secret-with-enough-bytes-for-hs256"
+NOW = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def terms(sku: str = "k", **over: Any) -> SkuTerms:
+    base = dict(sale_id="s", sku=sku, allocation=10, per_user_limit=2, per_order_max=2,
+                starts_at=NOW - timedelta(minutes=1), ends_at=NOW + timedelta(hours=1),
+                closed=False, remaining=10)  # fmt: skip
+    return SkuTerms(**{**base, **over})  # type: ignore[arg-type]
+
+
+class FakeSales:
+    def __init__(self, skus: dict[str, SkuTerms]) -> None:
+        self.skus = skus
+        self.projected: dict[str, tuple[str, str, int]] = {}
+
+    async def sale(self, sale_id: str) -> Mapping[str, SkuTerms]:
+        return self.skus if sale_id == "s" else {}
+
+    async def projected_intent(self, intent_id: str) -> tuple[str, str, int] | None:
+        return self.projected.get(intent_id)
+
+    async def intent_status(self, intent_id: str) -> dict[str, Any] | None:
+        return None
+
+
+class FakeLog:
+    """Records every produced intent; acks at once unless told to hold or fail."""
+
+    def __init__(self) -> None:
+        self.produced: list[tuple[str, str, str, int, str]] = []
+        self.hold = False
+        self.fail = False
+        self.pending: list[asyncio.Future[int]] = []
+
+    def submit_intent_async(
+        self, sale_id: str, sku: str, user_id: str, quantity: int, idempotency_key: str
+    ) -> tuple[str, asyncio.Future[int]]:
+        self.produced.append((sale_id, sku, user_id, quantity, idempotency_key))
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if self.fail:
+            fut.set_exception(RuntimeError("broker down"))
+        elif self.hold:
+            self.pending.append(fut)
+        else:
+            fut.set_result(len(self.produced))
+        return intent_id_for(user_id, sale_id, sku, idempotency_key), fut
+
+
+def service(sales: FakeSales | None = None, log: FakeLog | None = None, capacity: int = 100):
+    return IntakeService(
+        sales or FakeSales({"k": terms(), "j": terms("j")}),
+        log or FakeLog(),
+        Receipts(SECRET),
+        RecentIntents(capacity),
+        ack_timeout_s=5,
+        clock=lambda: NOW,
+    )
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_a_retry_is_answered_from_memory_and_a_different_body_is_a_conflict():
+    log = FakeLog()
+    svc = service(log=log)
+
+    async def scenario() -> None:
+        first = await svc.place_intent("u", "s", "k", 1, "key")
+        again = await svc.place_intent("u", "s", "k", 1, "key")
+        assert again == first and len(log.produced) == 1
+        assert first.intent_id == intent_id_for("u", "s", "k", "key")
+        for sku, q in (("k", 2), ("j", 1)):  # another quantity, another SKU: same key
+            with pytest.raises(Refused) as refused:
+                await svc.place_intent("u", "s", sku, q, "key")
+            assert refused.value.code == "idempotency_conflict"
+        other_user = await svc.place_intent("v", "s", "k", 1, "key")
+        assert other_user.intent_id != first.intent_id
+        a, b = (
+            await svc.place_intent("u", "s", "k", 1, None),
+            await svc.place_intent("u", "s", "k", 1, None),
+        )
+        assert a.intent_id != b.intent_id  # no key, no retry: each is an intent
+
+    run(scenario())
+    assert len(log.produced) == 4
+
+
+def test_a_retry_while_the_first_waits_for_its_ack_waits_for_the_same_ack():
+    log = FakeLog()
+    log.hold = True
+    svc = service(log=log)
+
+    async def scenario() -> None:
+        first = asyncio.create_task(svc.place_intent("u", "s", "k", 1, "key"))
+        await asyncio.sleep(0)
+        second = asyncio.create_task(svc.place_intent("u", "s", "k", 1, "key"))
+        await asyncio.sleep(0.01)
+        assert not first.done() and not second.done()
+        log.pending[0].set_result(7)
+        assert (await first) == (await second)
+
+    run(scenario())
+    assert len(log.produced) == 1
+
+
+def test_an_unacknowledged_intent_is_503_and_its_retry_writes_it_again():
+    log = FakeLog()
+    log.fail = True
+    svc = service(log=log)
+
+    async def scenario() -> None:
+        with pytest.raises(Unacknowledged):
+            await svc.place_intent("u", "s", "k", 1, "key")
+        await asyncio.sleep(0)  # the done-callback forgets the failed entry
+        log.fail = False
+        placed = await svc.place_intent("u", "s", "k", 1, "key")
+        assert placed.intent_id == intent_id_for("u", "s", "k", "key")
+
+        # The failure arrives while the request waits for it.
+        log.hold = True
+        waiting = asyncio.create_task(svc.place_intent("u", "s", "k", 1, "key2"))
+        await asyncio.sleep(0.01)
+        log.pending[0].set_exception(RuntimeError("message timed out"))
+        with pytest.raises(Unacknowledged):
+            await waiting
+
+    run(scenario())
+    assert len(log.produced) == 3
+
+
+def test_certain_rejections_write_nothing_unless_the_retry_was_answered_202_before():
+    sales = FakeSales({"k": terms(remaining=0)})
+    log = FakeLog()
+    svc = service(sales, log)
+
+    async def scenario() -> None:
+        with pytest.raises(Refused) as refused:
+            await svc.place_intent("u", "s", "k", 1, "key")
+        assert refused.value.code == "sold_out"
+        with pytest.raises(Refused) as refused:
+            await svc.place_intent("u", "nosuch", "k", 1, "key")
+        assert refused.value.code == "unknown_sale"
+        # Answered 202 before (by a server that has since died): the same answer, no write.
+        sales.projected[intent_id_for("w", "s", "k", "old")] = ("w", "k", 1)
+        placed = await svc.place_intent("w", "s", "k", 1, "old")
+        assert placed.intent_id == intent_id_for("w", "s", "k", "old")
+        with pytest.raises(Refused):  # another body under that key is not that intent
+            await svc.place_intent("w", "s", "k", 2, "old")
+
+    run(scenario())
+    assert log.produced == []
+
+
+def test_the_table_of_recent_intents_is_bounded():
+    log = FakeLog()
+    svc = service(log=log, capacity=3)
+
+    async def scenario() -> None:
+        for i in range(5):
+            await svc.place_intent("u", "s", "k", 1, f"key{i}")
+        await svc.place_intent("u", "s", "k", 1, "key0")  # evicted: produced again
+        await svc.place_intent("u", "s", "k", 1, "key4")  # still there: not produced
+
+    run(scenario())
+    assert len(svc.recent) == 3 and len(log.produced) == 6
+
+
+def test_receipts_prove_exactly_the_fields_they_were_signed_for():
+    r = Receipts(SECRET)
+    sig = r.sign("i", "u", "s", "k", 2)
+    assert r.valid(sig, "i", "u", "s", "k", 2)
+    for fields in (("j", "u", "s", "k", 2), ("i", "v", "s", "k", 2), ("i", "u", "t", "k", 2),
+                   ("i", "u", "s", "j", 2), ("i", "u", "s", "k", 3)):  # fmt: skip
+        assert not r.valid(sig, *fields)
+    assert not Receipts("another-secret-" + "z" * 40).valid(sig, "i", "u", "s", "k", 2)
+
+
+def test_the_token_cache_still_honours_expiry_and_never_caches_a_failure():
+    tv = TokenVerifier(SECRET)
+    header = f"Bearer {token('u', 'shopper', 1, SECRET)}"
+    assert tv.verify(header).user_id == "u" and header in tv._cache
+    time.sleep(1.05)  # past exp: the cached entry is not used, and the full check fails
+    with pytest.raises(Unauthenticated):
+        tv.verify(header)
+    forged = f"Bearer {token('u', 'admin', 60, 'x' * 48)}"
+    for _ in range(2):
+        with pytest.raises(Unauthenticated):
+            tv.verify(forged)
+    assert forged not in tv._cache
+
+
+# -- the lean route answers as the FastAPI route does ---------------------------------------
+def _app(tmp_path: Path, lean: bool, sales: FakeSales, log: FakeLog) -> TestClient:
+    settings = Settings.from_env({"FLASHSALE_STATE_DIR": str(tmp_path)})
+    cfg = dataclasses.replace(EdgeSettings(), lean_intents=lean, rate_per_s=1000, rate_burst=1000)
+    app = build_app(settings, Endpoints("127.0.0.1:1", "postgresql://nowhere/x"), cfg, "t")
+    svc = service(sales, log)
+    app.state.edge = EdgeContext(
+        cfg, TokenVerifier(SECRET), None, sales, None, RateLimiter(1000, 1000),  # type: ignore[arg-type]
+        EdgeMetrics(), svc,
+    )  # fmt: skip
+    return TestClient(app)
+
+
+def _auth(user: str = "u", role: str = "shopper") -> dict[str, str]:
+    return {"Authorization": "Bearer " + token(user, role, 600, SECRET)}
+
+
+JSON = {"content-type": "application/json"}
+CASES: list[tuple[str, bytes, dict[str, str]]] = [
+    ("/v1/sales/s/intents", b'{"sku": "k", "quantity": 1}', {**JSON, **_auth()}),
+    ("/v1/sales/s/intents", b'{"sku": "k", "quantity": 1}',
+     {**JSON, **_auth(), "Idempotency-Key": "a1"}),
+    ("/v1/sales/s/intents", b'{"sku": "k", "quantity": 1}',
+     {**JSON, **_auth(), "Idempotency-Key": "a1"}),
+    ("/v1/sales/s/intents", b'{"sku": "k", "quantity": 2}',
+     {**JSON, **_auth(), "Idempotency-Key": "a1"}),
+    ("/v1/sales/s/intents", b'{"sku": "k", "quantity": 1}', JSON),
+    ("/v1/sales/s/intents", b'{"sku": "k", "quantity": 1}', {**JSON, **_auth("a", "admin")}),
+    ("/v1/sales/s/intents", b'{"sku": "k", "quantity": 1}',
+     {**JSON, "Authorization": "Bearer x.y.z"}),
+    ("/v1/sales/s/intents", b"{nope", {**JSON, **_auth()}),
+    ("/v1/sales/s/intents", b"", {**JSON, **_auth()}),
+    ("/v1/sales/s/intents", b"[]", {**JSON, **_auth()}),
+    ("/v1/sales/s/intents", b'{"sku": "k", "quantity": "1"}', {**JSON, **_auth()}),
+    ("/v1/sales/s/intents", b'{"sku": "k", "quantity": true}', {**JSON, **_auth()}),
+    ("/v1/sales/s/intents", b'{"sku": "k", "quantity": 1.0}', {**JSON, **_auth()}),
+    ("/v1/sales/s/intents", b'{"sku": "k", "quantity": 0}', {**JSON, **_auth()}),
+    ("/v1/sales/s/intents", b'{"sku": "k", "quantity": 1000001}', {**JSON, **_auth()}),
+    ("/v1/sales/s/intents", b'{"sku": "k"}', {**JSON, **_auth()}),
+    ("/v1/sales/s/intents", b'{"sku": "k", "quantity": 1, "x": 1}', {**JSON, **_auth()}),
+    ("/v1/sales/s/intents", b'{"sku": "k k", "quantity": 1}', {**JSON, **_auth()}),
+    ("/v1/sales/s/intents", b'{"sku": "k\\n", "quantity": 1}', {**JSON, **_auth()}),
+    ("/v1/sales/s/intents", b'{"sku": "", "quantity": 1}', {**JSON, **_auth()}),
+    ("/v1/sales/s/intents", b'{"sku": "k", "quantity": 3}', {**JSON, **_auth()}),
+    ("/v1/sales/s/intents", b'{"sku": "zz", "quantity": 1}', {**JSON, **_auth()}),
+    ("/v1/sales/s/intents", b'{"sku": "k", "quantity": 1}',
+     {"content-type": "text/plain", **_auth()}),
+    ("/v1/sales/s/intents", b'{"sku": "k", "quantity": 1}',
+     {**JSON, **_auth(), "Idempotency-Key": "bad key!"}),
+    ("/v1/sales/nosuch/intents", b'{"sku": "k", "quantity": 1}', {**JSON, **_auth()}),
+    ("/v1/sales/bad%20id/intents", b'{"sku": "k", "quantity": 1}', {**JSON, **_auth()}),
+    ("/v1/sales/gone/intents", b'{"sku": "k", "quantity": 1}', {**JSON, **_auth()}),
+]  # fmt: skip
+
+
+def _answers(client: TestClient) -> list[tuple[int, Any]]:
+    out = []
+    for path, body, headers in CASES:
+        resp = client.post(path, content=body, headers=headers)
+        data = resp.json()
+        assert resp.headers["content-type"].startswith("application/json")
+        if resp.status_code == 202:
+            assert resp.headers["location"] == data["status_url"]
+            out.append((202, (data["intent_id"] if "Idempotency-Key" in headers else None,
+                              data["status"])))  # fmt: skip
+        else:
+            assert set(data) == {"error"}, data
+            out.append((resp.status_code, data["error"]["code"]))
+    return out
+
+
+def test_the_lean_route_answers_every_case_as_the_fastapi_route_does(tmp_path: Path):
+    results = {}
+    for lean in (True, False):
+        sales, log = FakeSales({"k": terms()}), FakeLog()
+        results[lean] = (_answers(_app(tmp_path, lean, sales, log)), log.produced)
+    assert results[True][0] == results[False][0]
+    # Three 202s, two writes: the retry of "a1" was answered from memory.
+    assert [c for c, _ in results[True][0]].count(202) == 3
+    assert len(results[True][1]) == len(results[False][1]) == 2
+
+
+def test_a_receipt_answers_queued_until_the_projection_has_the_intent(tmp_path: Path):
+    client = _app(tmp_path, True, FakeSales({"k": terms()}), FakeLog())
+    url = client.post(
+        "/v1/sales/s/intents", json={"sku": "k", "quantity": 2}, headers=_auth()
+    ).json()["status_url"]
+    status = client.get(url, headers=_auth())
+    assert status.status_code == 200, status.text
+    assert status.json() | {"intent_id": None} == {
+        "intent_id": None, "sale_id": "s", "sku": "k", "quantity": 2, "status": "queued",
+        "position": None, "order_id": None, "reason": None, "detail": None, "decided_at": None,
+    }  # fmt: skip
+    forged = url.replace("quantity=2", "quantity=1")
+    bare = url.split("?")[0]
+    for target, who in ((forged, "u"), (bare, "u"), (url, "someone-else")):
+        resp = client.get(target, headers=_auth(who))
+        assert resp.status_code == 404 and resp.json()["error"]["code"] == "unknown_intent"
