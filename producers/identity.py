@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import uuid
 
-_INTENTS = uuid.UUID("6f1b2f5e-3c9a-4d0e-9d1e-5a7f0c2b8e11")
+INTENTS_NAMESPACE = uuid.UUID("6f1b2f5e-3c9a-4d0e-9d1e-5a7f0c2b8e11")
 DECISIONS_NAMESPACE = uuid.UUID("0b9a4c7d-8e21-4f3a-b6d5-2c1e9f8a7d44")
+_INTENTS_BYTES = INTENTS_NAMESPACE.bytes
 
 
 def intent_id_for(user_id: str, sale_id: str, sku: str, idempotency_key: str) -> str:
@@ -15,7 +16,12 @@ def intent_id_for(user_id: str, sale_id: str, sku: str, idempotency_key: str) ->
     The SKU is part of it so that one intent id always has one writer: a key reused for
     another SKU (another partition) is another intent, never a second copy of this one.
     """
-    return uuid.uuid5(_INTENTS, f"{user_id}\x1f{sale_id}\x1f{sku}\x1f{idempotency_key}").hex
+    name = f"{user_id}\x1f{sale_id}\x1f{sku}\x1f{idempotency_key}".encode()
+    # uuid.uuid5(INTENTS_NAMESPACE, name).hex without UUID objects (~1 µs instead of ~4 µs).
+    d = bytearray(hashlib.sha1(_INTENTS_BYTES + name).digest()[:16])
+    d[6] = (d[6] & 0x0F) | 0x50  # version 5
+    d[8] = (d[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return d.hex()
 
 
 _NS = DECISIONS_NAMESPACE.bytes

@@ -154,7 +154,7 @@ def _wrk_result(out: str, duration_s: float) -> dict[str, Any]:
     """wrk's summary; every 2xx of the intents route is a 202, so 202s = total - non-2xx."""
 
     def grab(pattern: str) -> str:
-        m = re.search(pattern, out)
+        m = re.search(pattern, out, re.MULTILINE)
         return m.group(1) if m else "0"
 
     total = int(grab(r"(\d+) requests in"))
@@ -164,8 +164,9 @@ def _wrk_result(out: str, duration_s: float) -> dict[str, Any]:
         "accepted_202": total - non_2xx,
         "accepted_202_per_s": round((total - non_2xx) / duration_s, 1),
         "non_2xx": non_2xx,
-        "p50_ms": _ms(grab(r"50%\s+(\S+)")),
-        "p99_ms": _ms(grab(r"99%\s+(\S+)")),
+        # Anchored: "Latency ... 72.50%" on the thread-stats line also ends in "50%".
+        "p50_ms": _ms(grab(r"^\s+50%\s+(\S+)")),
+        "p99_ms": _ms(grab(r"^\s+99%\s+(\S+)")),
     }
 
 

@@ -34,7 +34,6 @@ def build_app(
     from producers.http.config import EdgeSettings
     from producers.http.context import EdgeContext
     from producers.http.events import OutcomeFeed
-    from producers.http.fastpath import LeanIntents
     from producers.http.intake import IntakeService, Receipts, RecentIntents
     from producers.http.metrics import EdgeMetrics
     from producers.http.middleware import EdgeMiddleware
@@ -54,7 +53,7 @@ def build_app(
             timeout_ms=cfg.ack_timeout_ms,
             topic=TopicNames.of(settings).sku_commands,
         )
-        producer.start_polling(asyncio.get_running_loop())
+        producer.serve_acks_on(asyncio.get_running_loop())
         pool = AsyncConnectionPool(
             endpoints.dsn, min_size=2, max_size=cfg.pool_size, open=False, timeout=5.0
         )
@@ -92,8 +91,9 @@ def build_app(
     app.include_router(api.router)
     app.include_router(admin.router)
     app.include_router(ops.router)
-    app.add_middleware(LeanIntents)  # inside EdgeMiddleware: counted, tagged, size-limited
     app.add_middleware(EdgeMiddleware, metrics=metrics, server_id=ident)
+    app.state.metrics = metrics
+    app.state.server_id = ident
     return app
 
 
@@ -103,19 +103,22 @@ def serve(port: int, host: str = DEFAULT_HOST) -> int:
 
     from flashsale import logs
     from infra.stack import Stack
+    from producers.http.fastpath import LeanEdge
 
     logs.configure(service="flashsale-http")
     settings = Settings.from_env()
     app = build_app(settings, Stack(settings).endpoints(), server_id=f"{host}:{port}")
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     uvicorn.run(
-        app,
+        LeanEdge(app),  # the hot route before any middleware; the rest to FastAPI
         host=host,
         port=port,
         loop="uvloop",
         http="httptools",
         lifespan="on",
         access_log=False,
+        proxy_headers=False,  # nginx is the only client; nothing reads the client address
+        server_header=False,
         log_config=None,
         backlog=4096,
         timeout_graceful_shutdown=5,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import datetime
 from typing import Any
@@ -31,17 +32,32 @@ class EdgeStore:
         self.pool = pool
         self._ttl = sale_ttl_s
         self._sales: dict[str, tuple[float, dict[str, SkuTerms]]] = {}
+        self._refreshing: dict[str, asyncio.Future[dict[str, SkuTerms]]] = {}
 
     async def sale(self, sale_id: str, fresh: bool = False) -> dict[str, SkuTerms]:
         """Terms of a sale's SKUs by SKU (empty when unknown); may lag by the cache TTL.
 
         Only known sales are cached: a sale that was just opened is seen as soon as it is
-        projected, by every server.
+        projected, by every server. One query per sale at a time: when the entry is stale,
+        the first caller refreshes it and the others are answered from the stale entry
+        meanwhile (under a spike every request of a TTL's end would otherwise query).
         """
         now = time.monotonic()
         hit = self._sales.get(sale_id)
-        if hit is not None and not fresh and now - hit[0] < self._ttl:
-            return hit[1]
+        if hit is not None and not fresh:
+            if now - hit[0] < self._ttl:
+                return hit[1]
+            if sale_id in self._refreshing:
+                return hit[1]
+        pending = self._refreshing.get(sale_id)
+        if pending is not None and not fresh:
+            return await asyncio.shield(pending)
+        task = asyncio.ensure_future(self._load(sale_id))
+        self._refreshing[sale_id] = task
+        task.add_done_callback(lambda _: self._refreshing.pop(sale_id, None))
+        return await asyncio.shield(task)
+
+    async def _load(self, sale_id: str) -> dict[str, SkuTerms]:
         async with self.pool.connection() as conn:
             cur = await conn.execute(_SALE_SQL, (sale_id,))
             rows = await cur.fetchall()
@@ -49,7 +65,7 @@ class EdgeStore:
         if len(self._sales) > 10_000:
             self._sales.clear()
         if skus:
-            self._sales[sale_id] = (now, skus)
+            self._sales[sale_id] = (time.monotonic(), skus)
         return skus
 
     async def projected_intent(self, intent_id: str) -> tuple[str, str, int] | None:

@@ -47,12 +47,18 @@ def test_async_acks_resolve_to_the_offsets_kafka_gave(endpoints: Endpoints, uid:
 
     async def main() -> dict[str, int]:
         producer = CommandProducer(endpoints.bootstrap, "test-acks", topic=topic)
-        producer.start_polling(asyncio.get_running_loop())
+        producer.serve_acks_on(asyncio.get_running_loop())
         try:
             submitted = [
                 producer.submit_intent_async("s", f"k{i % 7}", f"u{i}", 1, f"key-{i}")
                 for i in range(500)
             ]
+            # Reports served by another thread (flush, as close() does) reach the loop too.
+            submitted += [
+                producer.submit_intent_async("s", f"k{i % 7}", f"u{i}", 1, f"key-{i}")
+                for i in range(500, 600)
+            ]
+            assert await asyncio.to_thread(producer.flush) == 0
             offsets = await asyncio.gather(*(f for _, f in submitted))
             return {intent: offset for (intent, _), offset in zip(submitted, offsets, strict=True)}
         finally:
@@ -60,7 +66,7 @@ def test_async_acks_resolve_to_the_offsets_kafka_gave(endpoints: Endpoints, uid:
 
     acked = asyncio.run(main())
     in_topic = _records(endpoints.bootstrap, topic)
-    assert len(acked) == 500 and set(acked) == set(in_topic)
+    assert len(acked) == 600 and set(acked) == set(in_topic)
     assert all(acked[i] == in_topic[i][1] for i in acked)
 
 
@@ -72,7 +78,7 @@ def test_an_intent_kafka_never_acknowledges_fails_and_an_abandoned_wait_is_skipp
         producer = CommandProducer(
             endpoints.bootstrap, "test-acks", timeout_ms=1500, topic=f"t-missing-{uid}"
         )
-        producer.start_polling(asyncio.get_running_loop())
+        producer.serve_acks_on(asyncio.get_running_loop())
         try:
             _, abandoned = producer.submit_intent_async("s", "k", "u1", 1, "key-1")
             _, waited = producer.submit_intent_async("s", "k", "u2", 1, "key-2")

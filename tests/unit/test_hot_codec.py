@@ -12,7 +12,12 @@ from hypothesis import strategies as st
 from processors.core import IntentAccepted, IntentRejected, RejectionReason
 from processors.hot_codec import DecisionEncoder
 from processors.records import event_from_record, record_name, to_record
-from producers.identity import DECISIONS_NAMESPACE, decision_event_id
+from producers.identity import (
+    DECISIONS_NAMESPACE,
+    INTENTS_NAMESPACE,
+    decision_event_id,
+    intent_id_for,
+)
 from schemas.codec import SchemaRegistry
 
 REGISTRY = SchemaRegistry.load_default()
@@ -87,3 +92,10 @@ def test_every_rejection_reason_follows_the_schemas_symbol_order() -> None:
 @given(TEXT)
 def test_event_id_is_the_uuid5_of_the_intent_id(intent_id: str) -> None:
     assert decision_event_id(intent_id) == str(uuid.uuid5(DECISIONS_NAMESPACE, intent_id))
+
+
+@settings(max_examples=300, deadline=None)
+@given(TEXT, TEXT, TEXT, TEXT)
+def test_intent_id_is_the_uuid5_of_user_sale_sku_and_key(u: str, s: str, k: str, key: str) -> None:
+    name = f"{u}\x1f{s}\x1f{k}\x1f{key}"
+    assert intent_id_for(u, s, k, key) == uuid.uuid5(INTENTS_NAMESPACE, name).hex

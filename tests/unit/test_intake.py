@@ -19,6 +19,7 @@ from infra.stack import Endpoints
 from producers.http.auth import TokenVerifier, Unauthenticated, token
 from producers.http.config import EdgeSettings
 from producers.http.context import EdgeContext
+from producers.http.fastpath import LeanEdge
 from producers.http.intake import (
     IntakeService,
     Receipts,
@@ -234,7 +235,7 @@ def _app(tmp_path: Path, lean: bool, sales: FakeSales, log: FakeLog) -> TestClie
         cfg, TokenVerifier(SECRET), None, sales, None, RateLimiter(1000, 1000),  # type: ignore[arg-type]
         EdgeMetrics(), svc,
     )  # fmt: skip
-    return TestClient(app)
+    return TestClient(LeanEdge(app))
 
 
 def _auth(user: str = "u", role: str = "shopper") -> dict[str, str]:
@@ -276,6 +277,9 @@ CASES: list[tuple[str, bytes, dict[str, str]]] = [
     ("/v1/sales/nosuch/intents", b'{"sku": "k", "quantity": 1}', {**JSON, **_auth()}),
     ("/v1/sales/bad%20id/intents", b'{"sku": "k", "quantity": 1}', {**JSON, **_auth()}),
     ("/v1/sales/gone/intents", b'{"sku": "k", "quantity": 1}', {**JSON, **_auth()}),
+    ("/v1/sales/s/intents", b'{"sku": "k", "quantity": 1, "p": "' + b"x" * 5000 + b'"}',
+     {**JSON, **_auth()}),
+    ("/v1/sales/s/intents", b'{"sku": "k", "quantity": 1, "p": "' + b"x" * 5000 + b'"}', JSON),
 ]  # fmt: skip
 
 
@@ -285,6 +289,7 @@ def _answers(client: TestClient) -> list[tuple[int, Any]]:
         resp = client.post(path, content=body, headers=headers)
         data = resp.json()
         assert resp.headers["content-type"].startswith("application/json")
+        assert resp.headers["x-served-by"] == "t"
         if resp.status_code == 202:
             assert resp.headers["location"] == data["status_url"]
             out.append((202, (data["intent_id"] if "Idempotency-Key" in headers else None,
