@@ -174,7 +174,6 @@ def replay(
             name="replay",
             group_id=f"{settings.namespace}-{scratch}",
             topics=TopicNames.of(settings),
-            notify=False,
             search_path=scratch,
         )
         began = time.monotonic()

@@ -51,14 +51,12 @@ class OutcomesProjection:
         registry: SchemaRegistry,
         *,
         only_sales: Collection[str] | None = None,
-        notify: bool = True,
     ) -> None:
         self.name = name
         # Every fact is on the decisions topic: the command topic is not read at all.
         self.topics: tuple[str, ...] = (names.decisions,)
         self.passes_over: frozenset[bytes] = frozenset()
         self._only_sales = frozenset(only_sales) if only_sales is not None else None
-        self._notify = notify
 
     def rows(self, records: Sequence[Decoded]) -> BatchRows:
         """The batch's rows: one outcome per intent id, sales, closures."""
@@ -69,8 +67,8 @@ class OutcomesProjection:
         return rows
 
     def write(self, conn: psycopg.Connection, rows: BatchRows) -> int:
-        """Store the rows; notify the edge of new outcomes unless replaying."""
-        return store.write(conn, rows, notify=self._notify)
+        """Store the rows."""
+        return store.write(conn, rows)
 
 
 class PostgresProjector(ProjectionRunner):
@@ -88,12 +86,11 @@ class PostgresProjector(ProjectionRunner):
         batch_size: int = 2000,
         poll_timeout: float = 0.5,
         registry: SchemaRegistry | None = None,
-        notify: bool = True,
         search_path: str | None = None,
     ) -> None:
         registry = registry or default_registry()
         names = topics or TopicNames(SKU_COMMANDS, DECISIONS, DEAD_LETTERS)
-        projection = OutcomesProjection(name, names, registry, only_sales=only_sales, notify=notify)
+        projection = OutcomesProjection(name, names, registry, only_sales=only_sales)
         super().__init__(
             bootstrap,
             dsn,

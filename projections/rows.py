@@ -178,27 +178,6 @@ def counter_rows(outcomes: Iterable[OutcomeRow], marks: Iterable[Mark] = ()) -> 
     return [(s, k, *c) for (s, k), c in acc.items()]
 
 
-def notify_payloads(outcomes: Iterable[OutcomeRow], limit: int = 7_900) -> list[str]:
-    """``<user_id>:<intent_id>`` lines, several per payload (PostgreSQL caps one at 8,000 B).
-
-    ``limit`` counts UTF-8 bytes: a user id with non-ASCII characters takes more than its length.
-    """
-    payloads: list[str] = []
-    lines: list[str] = []
-    size = 0
-    for o in outcomes:
-        line = f"{o[3]}:{o[0]}"
-        n = (len(line) if line.isascii() else len(line.encode())) + 1
-        if lines and size + n > limit:
-            payloads.append("\n".join(lines))
-            lines, size = [], 0
-        lines.append(line)
-        size += n
-    if lines:
-        payloads.append("\n".join(lines))
-    return payloads
-
-
 _SPECIAL = re.compile(r"[\\\t\n\r]")
 _ESCAPE = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 _seconds: dict[int, str] = {}

@@ -9,12 +9,12 @@ The runner only hands over records past the tracked offsets, so on a log with on
 per intent id (what the writer guarantees) nothing conflicts. A log that repeats a decision
 in a later batch, or a second projection writing the same tables, makes ``COPY`` hit a
 unique key: the batch then rolls back to a savepoint and goes in with ``ON CONFLICT DO
-NOTHING``, and only the rows actually inserted (``RETURNING``) are counted and notified.
-Either way a decision counts once.
+NOTHING``, and only the rows actually inserted (``RETURNING``) are counted. Either way a
+decision counts once.
 
-Counters and notifications are computed from the inserted rows in Python
-(``rows.counter_rows``, ``rows.notify_payloads``): one upsert per (sale, SKU) and one
-``NOTIFY`` per ~170 outcomes instead of one per outcome. ``remaining``/``last_sequence``
+Counters are computed from the inserted rows in Python (``rows.counter_rows``): one upsert
+per (sale, SKU) instead of one per outcome. Nothing is notified: the app servers read the
+decisions topic themselves (``producers.http.livefeed``). ``remaining``/``last_sequence``
 follow the greatest sequence among decisions and the sale facts that carry a remaining count
 (opened, closed, units returned, settled), so counters do not depend on the order batches
 arrive in.
@@ -29,13 +29,12 @@ import msgspec
 import psycopg
 from psycopg import errors
 
-from projections.rows import BatchRows, OutcomeRow, counter_rows, notify_payloads
+from projections.rows import BatchRows, OutcomeRow, counter_rows
 
 PROJECTION_TABLES = ("sales", "intent_outcomes", "sale_counters")
 """The tables the projection writes (and ``reset`` empties)."""
 READ_MODELS = ("sales", "orders", "intent_outcomes", "sale_counters")
 """What a replay compares: the tables and the ``orders`` view over accepted outcomes."""
-CHANNEL = "intent_outcomes"
 
 _OUTCOME_COLUMNS = (
     "intent_id, sale_id, sku, user_id, quantity, outcome, reason, detail, order_id, remaining,"
@@ -95,12 +94,10 @@ ON CONFLICT (sale_id, sku) DO NOTHING
 
 _CLOSE_SQL = "UPDATE sales SET closed = true WHERE sale_id = %s AND sku = %s"
 
-_NOTIFY_SQL = "SELECT count(pg_notify(%s, p)) FROM unnest(%s::text[]) AS p"
-
 _json = msgspec.json.Encoder()
 
 
-def write(conn: psycopg.Connection, rows: BatchRows, *, notify: bool = True) -> int:
+def write(conn: psycopg.Connection, rows: BatchRows) -> int:
     """Write one batch's rows (inside the caller's transaction); return outcomes inserted."""
     with conn.cursor() as cur:
         if rows.sales:
@@ -118,8 +115,6 @@ def write(conn: psycopg.Connection, rows: BatchRows, *, notify: bool = True) -> 
             columns = [list(c) for c in zip(*counters, strict=True)]
             columns[5] = [_json.encode(by).decode() for by in columns[5]]
             cur.execute(_COUNTERS_SQL, columns)
-        if notify and inserted:
-            cur.execute(_NOTIFY_SQL, (CHANNEL, notify_payloads(inserted)))
         return len(inserted)
 
 

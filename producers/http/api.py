@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -13,6 +14,7 @@ from fastapi.responses import StreamingResponse
 from producers.http.context import Ctx, EdgeContext, RateLimitedShopper, Shopper
 from producers.http.errors import ApiError, not_acknowledged, refusal
 from producers.http.intake import Unacknowledged
+from producers.http.livefeed import status_of_fact
 from producers.http.models import (
     IDEMPOTENCY_KEY,
     IntentQueued,
@@ -152,32 +154,95 @@ async def get_sale(
     response_class=StreamingResponse,
     summary="Server-Sent Events: the caller's intents as they are decided",
 )
-async def my_events(request: Request, who: Shopper, ctx: Ctx) -> StreamingResponse:
-    """One `event: intent` per decided intent; a comment line as heartbeat every 15 s."""
+async def my_events(
+    request: Request,
+    who: Shopper,
+    ctx: Ctx,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=2000)] = None,
+) -> StreamingResponse:
+    """One `event: intent` per decided intent, read from the decisions topic by this server.
+
+    Event ids are log positions: reconnect with `Last-Event-ID` (to any server) for exactly
+    the events after it; `event: reset` when it is older than the server's window. A comment
+    heartbeat every 15 s carries the current position as an `id:`.
+    """
     return StreamingResponse(
-        _stream(ctx, who.user_id, request),
+        _stream(ctx, who.user_id, request, last_event_id),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _stream(ctx: EdgeContext, user_id: str, request: Request) -> AsyncIterator[bytes]:
-    queue = ctx.feed.subscribe(user_id)
+async def _stream(
+    ctx: EdgeContext, user_id: str, request: Request, last_event_id: str | None
+) -> AsyncIterator[bytes]:
+    feed = ctx.feed
+    stream, gap = feed.subscribe(user_id, last_event_id)
     try:
         yield b": subscribed\n\n"
+        if gap:
+            reason = ('{"reason": "the position is older than this server\'s window; '
+                      'read GET /v1/intents/{id} for what was missed"}')  # fmt: skip
+            yield f"id: {feed.position_for(stream)}\nevent: reset\ndata: {reason}\n\n".encode()
         while True:
             try:
-                status = await asyncio.wait_for(queue.get(), ctx.config.heartbeat_s)
+                item = await asyncio.wait_for(stream.queue.get(), ctx.config.heartbeat_s)
             except TimeoutError:
                 if await request.is_disconnected():
                     return
-                yield b": heartbeat\n\n"
+                # The position only when nothing is queued: it must not pass an unsent event.
+                beat = f"id: {feed.position_for(stream)}\n" if stream.queue.empty() else ""
+                yield f": heartbeat\n{beat}\n".encode()
                 continue
+            if item is None:
+                return  # the client stalled: it resumes from its last event's id
+            position, fact = item
             # The same model as GET /v1/intents/{id}: one format (decided_at ends in Z).
-            data = IntentStatus.model_validate(status).model_dump_json()
-            yield f"id: {status['intent_id']}\nevent: intent\ndata: {data}\n\n".encode()
+            data = IntentStatus.model_validate(status_of_fact(fact)).model_dump_json()
+            yield f"id: {position}\nevent: intent\ndata: {data}\n\n".encode()
     finally:
-        ctx.feed.unsubscribe(user_id, queue)
+        feed.unsubscribe(stream)
+
+
+@router.get(
+    "/sales/{sale_id}/events",
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"},
+        **error_responses(422),
+    },
+    response_class=StreamingResponse,
+    summary="Server-Sent Events: a sale's units remaining per SKU, live from the log",
+)
+async def sale_events(request: Request, sale_id: Ident, ctx: Ctx) -> StreamingResponse:
+    """`event: sale` with the units remaining per SKU when they change (at most twice a
+    second), as of the decisions this server has read."""
+    return StreamingResponse(
+        _sale_stream(ctx, sale_id, request),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _sale_stream(ctx: EdgeContext, sale_id: str, request: Request) -> AsyncIterator[bytes]:
+    yield b": subscribed\n\n"
+    sent, idle = -1, 0.0
+    while True:
+        progress = ctx.feed.sale_progress(sale_id)
+        if progress is not None and progress.version != sent:
+            sent = progress.version
+            skus = [
+                {"sku": k, "remaining": max(0, v)} for k, v in sorted(progress.remaining.items())
+            ]
+            data = json.dumps({"sale_id": sale_id, "skus": skus})
+            yield f"event: sale\ndata: {data}\n\n".encode()
+            idle = 0.0
+        await asyncio.sleep(0.5)
+        idle += 0.5
+        if idle >= ctx.config.heartbeat_s:
+            if await request.is_disconnected():
+                return
+            yield b": heartbeat\n\n"
+            idle = 0.0
 
 
 def _now() -> datetime:

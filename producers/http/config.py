@@ -21,6 +21,7 @@ class EdgeSettings:
     pool_size: int = 10  # FLASHSALE_PG_POOL_SIZE
     lean_intents: bool = True  # FLASHSALE_HTTP_LEAN_INTENTS (0: the FastAPI route serves it)
     recent_intents: int = 200_000  # FLASHSALE_RECENT_INTENTS: retries answered from memory
+    feed_window: int = 20_000  # FLASHSALE_FEED_WINDOW: decisions kept per partition to resume
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> EdgeSettings:
@@ -36,4 +37,5 @@ class EdgeSettings:
             pool_size=env_int(e, "FLASHSALE_PG_POOL_SIZE", 10, 1, 200),
             lean_intents=env_int(e, "FLASHSALE_HTTP_LEAN_INTENTS", 1, 0, 1) == 1,
             recent_intents=env_int(e, "FLASHSALE_RECENT_INTENTS", 200_000, 1, 10_000_000),
+            feed_window=env_int(e, "FLASHSALE_FEED_WINDOW", 20_000, 1, 10_000_000),
         )

@@ -12,8 +12,8 @@ from producers.commands import CommandProducer
 from producers.http.auth import Principal, TokenVerifier, Unauthenticated
 from producers.http.config import EdgeSettings
 from producers.http.errors import ApiError, unauthenticated
-from producers.http.events import OutcomeFeed
 from producers.http.intake import IntakeService
+from producers.http.livefeed import DecisionFeed
 from producers.http.metrics import EdgeMetrics
 from producers.http.ratelimit import RateLimiter
 from producers.http.store import EdgeStore
@@ -27,7 +27,7 @@ class EdgeContext:
     tokens: TokenVerifier
     producer: CommandProducer
     store: EdgeStore
-    feed: OutcomeFeed
+    feed: DecisionFeed
     limiter: RateLimiter
     metrics: EdgeMetrics
     intake: IntakeService

@@ -24,7 +24,7 @@ SWITCH_INTERVAL_S = 0.0005
 def build_app(
     settings: Settings, endpoints: Endpoints, config: Any = None, server_id: str = ""
 ) -> FastAPI:
-    """The ASGI app; its Kafka producer, pool and LISTEN feed are created at start-up."""
+    """The ASGI app; its Kafka producer, pool and decision feed are created at start-up."""
     from psycopg_pool import AsyncConnectionPool
 
     from flashsale.topics import TopicNames
@@ -33,12 +33,13 @@ def build_app(
     from producers.http.auth import TokenVerifier, load_secret
     from producers.http.config import EdgeSettings
     from producers.http.context import EdgeContext
-    from producers.http.events import OutcomeFeed
     from producers.http.intake import IntakeService, Receipts, RecentIntents
+    from producers.http.livefeed import DecisionFeed
     from producers.http.metrics import EdgeMetrics
     from producers.http.middleware import EdgeMiddleware
     from producers.http.ratelimit import RateLimiter
-    from producers.http.store import EdgeStore, status_of
+    from producers.http.store import EdgeStore
+    from schemas.codec import SchemaRegistry
 
     cfg: EdgeSettings = config or EdgeSettings.from_env()
     ident = cfg.server_id or server_id or socket.gethostname()
@@ -46,12 +47,13 @@ def build_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        names = TopicNames.of(settings)
         secret = load_secret(settings.state_dir, cfg.jwt_secret)
         producer = CommandProducer(
             endpoints.bootstrap,
             producer_name=f"http-edge-{ident}",
             timeout_ms=cfg.ack_timeout_ms,
-            topic=TopicNames.of(settings).sku_commands,
+            topic=names.sku_commands,
         )
         producer.serve_acks_on(asyncio.get_running_loop())
         pool = AsyncConnectionPool(
@@ -59,13 +61,10 @@ def build_app(
         )
         await pool.open(wait=False)
         store = EdgeStore(pool)
-
-        async def lookup(intent_id: str) -> dict[str, Any] | None:
-            row = await store.intent_status(intent_id)
-            return status_of(row) if row else None
-
-        feed = OutcomeFeed(endpoints.dsn, lookup)
-        feed.start()
+        feed = DecisionFeed(
+            endpoints.bootstrap, names.decisions, SchemaRegistry.load_default(), cfg.feed_window
+        )
+        await feed.start()
         limiter = RateLimiter(cfg.rate_per_s, cfg.rate_burst)
         intake = IntakeService(
             store, producer, Receipts(secret), RecentIntents(cfg.recent_intents),

@@ -113,6 +113,13 @@ def sse_events(url: str, headers: dict[str, str]) -> Iterator[Queue[dict[str, An
     stop = threading.Event()
 
     def follow() -> None:
+        try:
+            read()
+        except httpx.HTTPError:
+            if not stop.is_set():  # the server went away during the test, not after it
+                raise
+
+    def read() -> None:
         with (
             httpx.Client(timeout=httpx.Timeout(5, read=60)) as client,
             client.stream("GET", url, headers=headers) as resp,
@@ -129,8 +136,11 @@ def sse_events(url: str, headers: dict[str, str]) -> Iterator[Queue[dict[str, An
                     event["data"] = line[6:]
                 elif line.startswith("event: "):
                     event["event"] = line[7:]
+                elif line.startswith("id: "):
+                    event["id"] = line[4:]
                 elif line == "" and "data" in event:
-                    events.put({"event": event.get("event"), **json.loads(event["data"])})
+                    events.put({"event": event.get("event"), "event_id": event.get("id"),
+                                **json.loads(event["data"])})  # fmt: skip
                     event = {}
 
     thread = threading.Thread(target=follow, daemon=True)

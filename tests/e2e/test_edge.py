@@ -71,6 +71,37 @@ def test_intent_is_acknowledged_queued_then_decided_and_pushed(edge: EdgeUnderTe
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_intent"
 
 
+def test_a_stream_resumes_on_the_other_server_with_exactly_the_missed_events(
+    edge: EdgeUnderTest, client, uid
+):
+    sale = f"resume-{uid}"
+    edge.open_sale(client, sale, [sku("k1"), sku("k2"), sku("k3")])
+    me = edge.auth(f"follower-{uid}")
+    first, second = edge.edge.servers[0].url, edge.edge.servers[1].url
+    posted = []
+    with sse_events(first + "/v1/me/events", me) as events:
+        for i, k in enumerate(("k1", "k2", "k3", "k1")):
+            r = client.post(f"{edge.url}/v1/sales/{sale}/intents",
+                            json={"sku": k, "quantity": 1}, headers=me)  # fmt: skip
+            assert r.status_code == 202, r.text
+            posted.append(r.json()["intent_id"])
+            if i == 0:  # the first one is seen on the stream before the others are sent
+                seen = next_event(events, timeout=60)
+                assert seen is not None and seen["intent_id"] == posted[0]
+    # The client's server "died" after the first event: it resumes on the other server.
+    with sse_events(second + "/v1/me/events", {**me, "Last-Event-ID": seen["event_id"]}) as again:
+        rest = [next_event(again, timeout=60) for _ in range(3)]
+        extra = next_event(again, timeout=2)
+    assert None not in rest, rest
+    assert sorted(e["intent_id"] for e in rest) == sorted(posted[1:])  # each once, none lost
+    assert extra is None, f"an event twice: {extra}"
+    assert all(e["event"] == "intent" and e["event_id"] for e in rest)
+    # A position from before any server's window is a reset, not a silent gap.
+    with sse_events(second + "/v1/me/events", {**me, "Last-Event-ID": "not-a-position"}) as reset:
+        event = next_event(reset, timeout=10)
+    assert event is not None and event["event"] == "reset"
+
+
 def test_retry_with_the_same_key_is_one_intent_one_decision_one_order(edge, client, uid):
     sale = f"idem-{uid}"
     edge.open_sale(client, sale, [sku("k1")])

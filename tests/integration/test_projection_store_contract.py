@@ -41,7 +41,7 @@ def adapter(request: pytest.FixtureRequest, endpoints: Endpoints, uid: str) -> I
 
             def write(rows: BatchRows) -> int:
                 with conn.transaction():
-                    return store.write(conn, rows, notify=False)
+                    return store.write(conn, rows)
 
             yield Adapter(write, lambda: store.dump(conn))
     finally:

@@ -9,7 +9,6 @@ import pytest
 from projections.rows import (
     BatchRows,
     counter_rows,
-    notify_payloads,
     outcome_row,
     outcomes_copy,
     sale_row,
@@ -132,22 +131,6 @@ def test_counters_follow_the_greatest_sequence_and_count_reasons():
         outcome_row("IntentAccepted", accepted("c", 1, remaining=7)),
     ]
     assert counter_rows(rows) == [("s1", "k1", 2, 4, 1, {"USER_LIMIT": 1}, 8, 3)]
-
-
-def test_notify_payloads_split_below_the_limit():
-    rows = [outcome_row("IntentAccepted", accepted(f"i{n:03d}", n)) for n in range(100)]
-    payloads = notify_payloads(rows, limit=60)
-    assert all(len(p) <= 60 for p in payloads) and len(payloads) > 1
-    lines = [line for p in payloads for line in p.split("\n")]
-    assert lines == [f"u1:i{n:03d}" for n in range(100)]
-
-
-def test_notify_payloads_count_bytes_not_characters():
-    rows = [
-        outcome_row("IntentAccepted", accepted(f"i{n}", n, user_id="\u00e9" * 30)) for n in range(9)
-    ]
-    payloads = notify_payloads(rows, limit=200)
-    assert all(len(p.encode()) <= 200 for p in payloads) and len(payloads) > 1
 
 
 def test_prepared_is_made_again_after_a_row_is_added():

@@ -1,0 +1,321 @@
+"""One live feed from the log: each app server reads the decisions topic itself.
+
+A thread consumes every partition of the decisions topic (read_committed, ``assign``: no
+consumer group, nothing committed) and hands each batch to the event loop, which keeps the
+last ``window`` facts of each partition and fans them out to this server's subscribers: SSE
+streams by user (``/v1/me/events``), streams by sale (``/v1/sales/{id}/events``) and callers
+waiting for a sale's facts (the admin API's open).
+
+**Event ids are log positions.** An event's id is a vector of offsets, one per partition
+(``"o0.o1.o2..."``): every decision before offset ``o_p`` of partition ``p`` that belongs to
+this user was sent on this stream. A client that reconnects with ``Last-Event-ID``, to this
+server or to any other (nginx moves a user whose server died), gets exactly the events after
+that vector from the server's window, then the live ones; nothing twice, nothing skipped. A
+vector older than the window gets an ``event: reset`` (read ``GET /v1/intents/{id}`` for
+what was missed). Heartbeats carry the current vector (an ``id:`` line without data: it moves
+the client's last event id without an event), so an idle stream resumes cheaply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import uuid
+from collections import defaultdict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from confluent_kafka import Consumer, TopicPartition
+
+from projections.rows import utc
+from schemas.codec import SchemaRegistry, UndecodableRecord
+
+log = structlog.get_logger(__name__)
+
+DECISIONS = frozenset({"IntentAccepted", "IntentRejected"})
+QUEUE_MAX = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Fact:
+    """One decoded record of the decisions topic at its log position."""
+
+    partition: int
+    offset: int
+    name: str
+    record: dict[str, Any]
+
+
+def format_position(offsets: Iterable[int]) -> str:
+    return ".".join(str(o) for o in offsets)
+
+
+def parse_position(text: str | None, partitions: int) -> list[int] | None:
+    """A position vector, or None when absent or not one of this topic's."""
+    if not text:
+        return None
+    parts = text.strip().split(".")
+    if len(parts) != partitions or not all(p.isdigit() for p in parts):
+        return None
+    return [int(p) for p in parts]
+
+
+@dataclass(eq=False)  # compared and hashed by identity: one per SSE connection
+class UserStream:
+    """One SSE stream's subscription: its queue and the position it has delivered through."""
+
+    user_id: str
+    floor: list[int]  # per partition: every event of this user below it was sent
+    queue: asyncio.Queue[tuple[str, Fact] | None] = field(
+        default_factory=lambda: asyncio.Queue(QUEUE_MAX)
+    )
+
+
+@dataclass
+class SaleProgress:
+    """A sale's units remaining per SKU, as of the last fact of each in the log."""
+
+    version: int = 0
+    remaining: dict[str, int] = field(default_factory=dict)
+
+
+class DecisionFeed:
+    """The decisions topic, read by this app server, fanned out on its event loop."""
+
+    def __init__(
+        self, bootstrap: str, topic: str, registry: SchemaRegistry, window: int = 20_000
+    ) -> None:
+        self.topic = topic
+        self.window = window
+        self._registry = registry
+        self._config = {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"flashsale-edge-feed-{uuid.uuid4().hex}",  # never joined: assign()
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": False,
+            "fetch.wait.max.ms": 50,
+            "log_level": 3,
+        }
+        self.partitions = 0
+        self._next: list[int] = []  # per partition: the next offset to be applied
+        self._start: list[int] = []  # per partition: the window holds every fact from here
+        self._facts: list[deque[Fact]] = []
+        self._users: dict[str, set[UserStream]] = defaultdict(set)
+        self._waiters: dict[tuple[str, str], list[asyncio.Future[Fact]]] = defaultdict(list)
+        self._sales: dict[str, SaleProgress] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.applied = 0
+
+    # -- life cycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Assign every partition, the last ``window`` records of each, and start reading."""
+        self._loop = asyncio.get_running_loop()
+        consumer = Consumer(self._config)
+        while True:  # the server is not ready before Kafka answers
+            try:
+                assignment = await asyncio.to_thread(self._assignment, consumer)
+                break
+            except Exception as exc:  # KafkaException, or the topic is not there yet
+                log.warning("feed.waiting", topic=self.topic, error=str(exc))
+                await asyncio.sleep(1.0)
+        self.begin_at([tp.offset for tp in assignment])
+        consumer.assign(assignment)
+        self._thread = threading.Thread(
+            target=self._read, args=(consumer,), daemon=True, name="decision-feed"
+        )
+        self._thread.start()
+
+    def begin_at(self, offsets: list[int]) -> None:
+        """Start the window at these offsets, one per partition (on the loop)."""
+        self._loop = asyncio.get_running_loop()
+        self.partitions = len(offsets)
+        self._start = list(offsets)
+        self._next = list(offsets)
+        self._facts = [deque() for _ in offsets]
+
+    def apply(self, batch: list[Fact]) -> None:
+        """Apply facts read from the log, in log order per partition (on the loop)."""
+        self._apply(batch)
+
+    def _assignment(self, consumer: Consumer) -> list[TopicPartition]:
+        meta = consumer.list_topics(self.topic, timeout=10)
+        topic = meta.topics.get(self.topic)
+        if topic is None or topic.error is not None or not topic.partitions:
+            raise RuntimeError(f"topic {self.topic} is missing: provision the topics first")
+        out = []
+        for p in sorted(topic.partitions):
+            low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, p), 10)
+            out.append(TopicPartition(self.topic, p, max(low, high - self.window)))
+        return out
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 5)
+            self._thread = None
+
+    def _read(self, consumer: Consumer) -> None:
+        """The reader thread: consume, decode, hand batches to the loop."""
+        loop = self._loop
+        assert loop is not None
+        try:
+            while not self._stopping.is_set():
+                messages = consumer.consume(1000, 0.1)
+                batch = []
+                for m in messages:
+                    if m.error() is not None:
+                        log.warning("feed.consume_error", error=str(m.error()))
+                        continue
+                    try:
+                        name, record = self._registry.decode(m.value() or b"")
+                    except UndecodableRecord:
+                        name, record = "", {}  # its position still counts
+                    batch.append(Fact(m.partition() or 0, m.offset() or 0, name, record))
+                if batch:
+                    try:
+                        loop.call_soon_threadsafe(self._apply, batch)
+                    except RuntimeError:  # the loop is closed
+                        return
+        finally:
+            consumer.close()
+
+    # -- on the loop ---------------------------------------------------------------------------
+    def _apply(self, batch: list[Fact]) -> None:
+        for fact in batch:
+            p = fact.partition
+            facts = self._facts[p]
+            if len(facts) >= self.window:
+                self._start[p] = facts.popleft().offset + 1
+            facts.append(fact)
+            self._next[p] = fact.offset + 1
+            self.applied += 1
+            record = fact.record
+            if fact.name in DECISIONS:
+                self._progress(fact)
+                streams = self._users.get(record["user_id"])
+                if streams:
+                    self._push(streams, fact)
+            elif "sku" in record and "sale_id" in record:
+                self._progress(fact)
+                waiting = self._waiters.pop((record["sale_id"], record["sku"]), None)
+                for fut in waiting or ():
+                    if not fut.done():
+                        fut.set_result(fact)
+
+    def _push(self, streams: set[UserStream], fact: Fact) -> None:
+        p = fact.partition
+        for stream in list(streams):
+            if fact.offset < stream.floor[p]:
+                continue  # sent before this stream resumed here
+            stream.floor[p] = fact.offset + 1
+            position = self.position_for(stream)
+            try:
+                stream.queue.put_nowait((position, fact))
+            except asyncio.QueueFull:
+                # A stalled client: end its stream; it resumes from its last event's id.
+                self.unsubscribe(stream)
+                with contextlib.suppress(asyncio.QueueFull):
+                    stream.queue.get_nowait()
+                    stream.queue.put_nowait(None)
+
+    def _progress(self, fact: Fact) -> None:
+        r = fact.record
+        progress = self._sales.get(r["sale_id"])
+        if progress is None:
+            if len(self._sales) > 10_000:
+                self._sales.clear()
+            progress = self._sales[r["sale_id"]] = SaleProgress()
+        if "remaining" in r:
+            progress.remaining[r["sku"]] = r["remaining"]
+        elif fact.name == "SaleOpened":
+            progress.remaining[r["sku"]] = r["allocation"]
+        else:
+            return
+        progress.version += 1
+
+    # -- subscribers ----------------------------------------------------------------------------
+    def position_for(self, stream: UserStream) -> str:
+        """What a stream has delivered through: the feed's position, or the stream's where
+        it resumed ahead of this server."""
+        return format_position(max(a, b) for a, b in zip(self._next, stream.floor, strict=True))
+
+    def subscribe(self, user_id: str, last_event_id: str | None) -> tuple[UserStream, bool]:
+        """A stream for ``user_id``, resumed after ``last_event_id`` when it is in the window.
+
+        Returns the stream (with the missed events already queued) and whether its position
+        was older than the window (the caller sends ``reset``).
+        """
+        resume = parse_position(last_event_id, self.partitions)
+        gap = bool(last_event_id) and (
+            resume is None or any(r < s for r, s in zip(resume, self._start, strict=True))
+        )
+        if resume is None or gap:
+            stream = UserStream(user_id, list(self._next))
+        else:
+            stream = UserStream(user_id, list(resume))
+            for p, facts in enumerate(self._facts):
+                for fact in facts:
+                    if (
+                        fact.offset >= resume[p]
+                        and fact.name in DECISIONS
+                        and fact.record["user_id"] == user_id
+                    ):
+                        stream.floor[p] = fact.offset + 1
+                        position = format_position(stream.floor)
+                        with contextlib.suppress(asyncio.QueueFull):
+                            stream.queue.put_nowait((position, fact))
+        self._users[user_id].add(stream)
+        return stream, gap
+
+    def unsubscribe(self, stream: UserStream) -> None:
+        streams = self._users.get(stream.user_id)
+        if streams is not None:
+            streams.discard(stream)
+            if not streams:
+                del self._users[stream.user_id]
+
+    @property
+    def subscribers(self) -> int:
+        return sum(len(s) for s in self._users.values())
+
+    def sale_progress(self, sale_id: str) -> SaleProgress | None:
+        return self._sales.get(sale_id)
+
+    def expect(self, sale_id: str, sku: str) -> asyncio.Future[Fact]:
+        """A future for the next fact of (sale, SKU) that is not a decision (SaleOpened,
+        SaleRefused, SaleClosed, ...); register it before writing the command."""
+        assert self._loop is not None
+        fut: asyncio.Future[Fact] = self._loop.create_future()
+        self._waiters[(sale_id, sku)].append(fut)
+        return fut
+
+    def forget(self, sale_id: str, sku: str, fut: asyncio.Future[Fact]) -> None:
+        waiting = self._waiters.get((sale_id, sku))
+        if waiting and fut in waiting:
+            waiting.remove(fut)
+            if not waiting:
+                del self._waiters[(sale_id, sku)]
+
+
+def status_of_fact(fact: Fact) -> dict[str, Any]:
+    """The public status of a decided intent, as ``GET /v1/intents/{id}`` answers it."""
+    r = fact.record
+    accepted = fact.name == "IntentAccepted"
+    return {
+        "intent_id": r["intent_id"],
+        "sale_id": r["sale_id"],
+        "sku": r["sku"],
+        "quantity": r["quantity"],
+        "status": "accepted" if accepted else "rejected",
+        "position": None,
+        "order_id": r["order_id"] if accepted else None,
+        "reason": None if accepted else r["reason"],
+        "detail": None if accepted else (r.get("detail") or None),
+        "decided_at": utc(r["decided_at"]),
+    }

@@ -1,0 +1,130 @@
+"""The live feed's positions: a stream resumes after its last event id on any server, exactly."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from producers.http.livefeed import DecisionFeed, Fact, parse_position, status_of_fact
+from schemas.codec import SchemaRegistry
+
+
+def decision(p: int, offset: int, user: str, intent: str, accepted: bool = True) -> Fact:
+    record: dict[str, Any] = {
+        "intent_id": intent, "sale_id": "s", "sku": f"k{p}", "user_id": user, "quantity": 1,
+        "remaining": 10 - offset, "sequence": offset, "decided_at": 1_800_000_000_123,
+    }  # fmt: skip
+    if accepted:
+        return Fact(p, offset, "IntentAccepted", {**record, "order_id": f"o-{intent}"})
+    return Fact(p, offset, "IntentRejected", {**record, "reason": "SOLD_OUT", "detail": ""})
+
+
+# The same log on two servers: u's intents a..e on partitions 0 and 1, others' in between.
+LOG = [
+    decision(0, 0, "u", "a"), decision(1, 0, "v", "x"), decision(1, 1, "u", "b"),
+    decision(0, 1, "v", "y"), decision(0, 2, "u", "c", accepted=False), decision(1, 2, "u", "d"),
+    decision(1, 3, "v", "z"), decision(0, 3, "u", "e"),
+]  # fmt: skip
+
+
+def feed(window: int = 100) -> DecisionFeed:
+    f = DecisionFeed("127.0.0.1:1", "t", SchemaRegistry.load_default(), window)
+    f.begin_at([0, 0])
+    return f
+
+
+def drain(stream: Any) -> list[tuple[str, str]]:
+    out = []
+    while not stream.queue.empty():
+        position, fact = stream.queue.get_nowait()
+        out.append((position, fact.record["intent_id"]))
+    return out
+
+
+def test_a_stream_resumed_on_another_server_gets_exactly_the_events_after_its_last_id():
+    async def scenario() -> None:
+        a, b = feed(), feed()
+        stream, gap = a.subscribe("u", None)
+        assert not gap
+        a.apply(LOG[:5])
+        seen = drain(stream)
+        assert [i for _, i in seen] == ["a", "b", "c"]
+        last_id = seen[1][0]  # the client saw a and b, then its server died
+        b.apply(LOG)  # the other server has read the whole log
+        resumed, gap = b.subscribe("u", last_id)
+        assert not gap
+        assert sorted(i for _, i in drain(resumed)) == ["c", "d", "e"]  # replayed by partition
+        # A server behind the client's position sends nothing twice as it catches up.
+        c = feed()
+        behind, gap = c.subscribe("u", seen[2][0])
+        c.apply(LOG)
+        assert sorted(i for _, i in drain(behind)) == ["d", "e"]
+
+    asyncio.run(scenario())
+
+
+def test_each_id_covers_what_was_sent_so_a_resume_from_any_id_repeats_nothing():
+    async def scenario() -> None:
+        a = feed()
+        stream, _ = a.subscribe("u", None)
+        a.apply(LOG)
+        sent = drain(stream)
+        for k, (position, _) in enumerate(sent):
+            b = feed()
+            b.apply(LOG)
+            again, _ = b.subscribe("u", position)
+            assert sorted(i for _, i in drain(again)) == sorted(i for _, i in sent[k + 1 :])
+            # The heartbeat's position after everything: nothing is left to resume.
+            assert drain(b.subscribe("u", b.position_for(again))[0]) == []
+
+    asyncio.run(scenario())
+
+
+def test_a_position_older_than_the_window_or_not_a_position_is_a_reset():
+    async def scenario() -> None:
+        small = feed(window=2)
+        small.apply(LOG)
+        for bad in ("0.0", "garbage", "1.2.3", ""):
+            stream, gap = small.subscribe("u", bad)
+            assert gap == (bad != "") and drain(stream) == []
+        assert parse_position("4.4", 2) == [4, 4] and parse_position("4", 2) is None
+
+    asyncio.run(scenario())
+
+
+def test_a_stalled_client_is_ended_so_it_resumes_instead_of_missing_events(monkeypatch):
+    monkeypatch.setattr("producers.http.livefeed.QUEUE_MAX", 2)
+
+    async def scenario() -> None:
+        a = feed()
+        stream, _ = a.subscribe("u", None)
+        a.apply(LOG)
+        items = [stream.queue.get_nowait() for _ in range(stream.queue.qsize())]
+        assert items[-1] is None and a.subscribers == 0
+
+    asyncio.run(scenario())
+
+
+def test_sale_progress_and_waiting_for_a_sale_fact():
+    async def scenario() -> None:
+        a = feed()
+        opened = a.expect("s", "k0")
+        a.apply(LOG[:1])
+        assert not opened.done()
+        fact = Fact(0, 4, "SaleOpened", {"sale_id": "s", "sku": "k0", "allocation": 7})
+        a.apply([fact])
+        assert opened.result() == fact
+        assert a.sale_progress("s").remaining == {"k0": 7}  # type: ignore[union-attr]
+        a.apply(LOG[1:3])
+        assert a.sale_progress("s").remaining == {"k0": 7, "k1": 9}  # type: ignore[union-attr]
+
+    asyncio.run(scenario())
+
+
+def test_a_pushed_status_is_the_api_status():
+    accepted, rejected = status_of_fact(LOG[0]), status_of_fact(LOG[4])
+    assert accepted["status"] == "accepted" and accepted["order_id"] == "o-a"
+    assert rejected["status"] == "rejected" and rejected["reason"] == "SOLD_OUT"
+    assert rejected["detail"] is None and accepted["decided_at"].isoformat().endswith(
+        ".123000+00:00"
+    )
