@@ -6,12 +6,19 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from producers.http.context import Ctx, EdgeContext, RateLimitedShopper, Shopper
+from producers.http.context import (
+    Ctx,
+    EdgeContext,
+    RateLimitedShopper,
+    ReadingShopper,
+    Shopper,
+    read_limit,
+)
 from producers.http.errors import ApiError, not_acknowledged, refusal
 from producers.http.intake import Unacknowledged
 from producers.http.livefeed import status_of_fact
@@ -23,8 +30,9 @@ from producers.http.models import (
     SaleState,
     error_responses,
 )
-from producers.http.rules import Refused, state_of
+from producers.http.rules import Refused
 from producers.http.store import status_of
+from producers.http.views import cached_json
 
 router = APIRouter(prefix="/v1")
 
@@ -77,18 +85,22 @@ ReceiptIdent = Annotated[
     "/intents/{intent_id}",
     response_model=IntentStatus,
     response_model_exclude_none=False,
-    responses=error_responses(401, 403, 404, 422, 503),
+    responses={
+        304: {"description": "Not Modified (If-None-Match)"},
+        **error_responses(401, 403, 404, 422, 429, 503),
+    },
     summary="Status of one of the caller's intents",
 )
 async def get_intent(
+    request: Request,
     intent_id: Annotated[str, Path(min_length=1, max_length=128)],
-    who: Shopper,
+    who: ReadingShopper,
     ctx: Ctx,
     sale_id: ReceiptIdent = None,
     sku: ReceiptIdent = None,
     quantity: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
     receipt: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
-) -> dict[str, Any]:
+) -> Response:
     """queued (position may be null), accepted (with order_id) or rejected (with reason).
 
     Until the projection has the intent, the receipt in the 202's ``status_url`` (query
@@ -98,7 +110,9 @@ async def get_intent(
     if row is not None:
         if row["user_id"] != who.user_id:
             raise ApiError(403, "forbidden", "this intent belongs to another user")
-        return status_of(row)
+        # A decision is final: the client may keep it (private: it is this user's).
+        return cached_json(request, IntentStatus.model_validate(status_of(row)),
+                           "private, max-age=86400, immutable")  # fmt: skip
     if (
         sale_id is not None
         and sku is not None
@@ -106,50 +120,43 @@ async def get_intent(
         and receipt is not None
         and ctx.intake.receipts.valid(receipt, intent_id, who.user_id, sale_id, sku, quantity)
     ):
-        return {"intent_id": intent_id, "sale_id": sale_id, "sku": sku, "quantity": quantity,
-                "status": "queued", "position": None, "order_id": None, "reason": None,
-                "detail": None, "decided_at": None}  # fmt: skip
+        queued = IntentStatus(intent_id=intent_id, sale_id=sale_id, sku=sku, quantity=quantity,
+                              status="queued")  # fmt: skip
+        return cached_json(request, queued, "private, no-cache")
     raise ApiError(404, "unknown_intent", f"no intent {intent_id!r}")
 
 
 @router.get(
     "/sales/{sale_id}",
     response_model=SaleState,
-    responses=error_responses(404, 422, 503),
+    responses={
+        304: {"description": "Not Modified (If-None-Match)"},
+        **error_responses(404, 422, 429, 503),
+    },
     summary="Public state of a sale per SKU (remaining may lag the log)",
 )
 async def get_sale(
+    request: Request,
     sale_id: Annotated[str, Path(min_length=1, max_length=128)],
     ctx: Ctx,
-) -> SaleState:
-    """open / not_open / ended / sold_out and remaining units per SKU."""
-    skus = await ctx.store.sale(sale_id)
-    if not skus:
+) -> Response:
+    """open / not_open / ended / sold_out and remaining units per SKU.
+
+    Rendered once per sale per half second for everyone (a spike of readers costs one
+    query and one rendering), with an ETag; cacheable for a second.
+    """
+    read_limit(ctx, request, None)
+    state = await ctx.sale_views.get(sale_id)
+    if state is None:
         raise ApiError(404, "unknown_sale", f"sale {sale_id!r} does not exist")
-    now = _now()
-    return SaleState(
-        sale_id=sale_id,
-        skus=[
-            {  # type: ignore[misc]
-                "sku": t.sku,
-                "state": state_of(t, now),
-                "allocation": t.allocation,
-                "remaining": max(0, t.remaining),
-                "per_user_limit": t.per_user_limit,
-                "per_order_max": t.per_order_max,
-                "starts_at": t.starts_at,
-                "ends_at": t.ends_at,
-            }
-            for t in sorted(skus.values(), key=lambda t: t.sku)
-        ],
-    )
+    return cached_json(request, state, "public, max-age=1")
 
 
 @router.get(
     "/me/events",
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"},
-        **error_responses(401, 403),
+        **error_responses(401, 403, 422),
     },
     response_class=StreamingResponse,
     summary="Server-Sent Events: the caller's intents as they are decided",

@@ -296,3 +296,48 @@ def run_http_bench(
         "app_server_rss_mb": rss,
         "cpu_note": "CPU share: 1.0 = one core fully busy (the box has 2 cores)",
     }
+
+
+def feed_catch_up(settings: Settings, facts: int = 200_000) -> dict[str, Any]:
+    """How fast one app server's live feed reads the decisions topic: the last ``facts``
+    records (spread over the partitions) applied from a cold start, with its CPU."""
+    from flashsale.topics import TopicNames
+    from producers.http.livefeed import DecisionFeed
+    from schemas.codec import SchemaRegistry
+
+    async def run() -> dict[str, Any]:
+        names = TopicNames.of(settings)
+        consumer_parts = await asyncio.to_thread(_partition_count, settings, names.decisions)
+        feed = DecisionFeed(
+            settings.kafka_bootstrap,
+            names.decisions,
+            SchemaRegistry.load_default(),
+            window=max(1, facts // max(1, consumer_parts)),
+        )
+        cpu0, t0 = time.process_time(), time.monotonic()
+        await feed.start()
+        seen, idle_since = -1, time.monotonic()
+        while time.monotonic() - idle_since < 1.0 and time.monotonic() - t0 < 120:
+            if feed.applied != seen:  # the backlog ends where nothing more arrives for 1 s
+                seen, idle_since, cpu = feed.applied, time.monotonic(), time.process_time()
+            await asyncio.sleep(0.02)
+        wall, cpu = idle_since - t0, cpu - cpu0
+        await feed.stop()
+        n = feed.applied
+        return {
+            "facts": n,
+            "facts_per_s": round(n / wall) if wall else None,
+            "cpu_us_per_fact": round(cpu / n * 1e6, 1) if n else None,
+        }
+
+    return asyncio.run(run())
+
+
+def _partition_count(settings: Settings, topic: str) -> int:
+    from confluent_kafka import Consumer
+
+    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "probe"})
+    try:
+        return len(c.list_topics(topic, timeout=10).topics[topic].partitions)
+    finally:
+        c.close()

@@ -15,6 +15,8 @@ class EdgeSettings:
     ack_timeout_ms: int = 5000  # FLASHSALE_KAFKA_ACK_TIMEOUT_MS
     rate_per_s: float = 5.0  # FLASHSALE_RATE_PER_S
     rate_burst: float = 10.0  # FLASHSALE_RATE_BURST
+    read_rate_per_s: float = 20.0  # FLASHSALE_READ_RATE_PER_S (GET status and sale reads)
+    read_rate_burst: float = 40.0  # FLASHSALE_READ_RATE_BURST
     jwt_secret: str | None = None  # FLASHSALE_JWT_SECRET (else <state_dir>/jwt-secret)
     heartbeat_s: float = 15.0  # FLASHSALE_SSE_HEARTBEAT_S
     server_id: str = ""  # FLASHSALE_HTTP_SERVER_ID, sent as X-Served-By
@@ -31,6 +33,8 @@ class EdgeSettings:
             ack_timeout_ms=env_int(e, "FLASHSALE_KAFKA_ACK_TIMEOUT_MS", 5000, 100, 300_000),
             rate_per_s=env_number(e, "FLASHSALE_RATE_PER_S", 5.0, 0.001, 1e9),
             rate_burst=env_number(e, "FLASHSALE_RATE_BURST", 10.0, 1, 1e9),
+            read_rate_per_s=env_number(e, "FLASHSALE_READ_RATE_PER_S", 20.0, 0.001, 1e9),
+            read_rate_burst=env_number(e, "FLASHSALE_READ_RATE_BURST", 40.0, 1, 1e9),
             jwt_secret=e.get("FLASHSALE_JWT_SECRET") or None,
             heartbeat_s=env_number(e, "FLASHSALE_SSE_HEARTBEAT_S", 15.0, 0.05, 3600),
             server_id=e.get("FLASHSALE_HTTP_SERVER_ID", ""),

@@ -17,6 +17,7 @@ from producers.http.livefeed import DecisionFeed
 from producers.http.metrics import EdgeMetrics
 from producers.http.ratelimit import RateLimiter
 from producers.http.store import EdgeStore
+from producers.http.views import SaleViews
 
 
 @dataclass
@@ -31,6 +32,8 @@ class EdgeContext:
     limiter: RateLimiter
     metrics: EdgeMetrics
     intake: IntakeService
+    readers: RateLimiter  # reads (GET status, GET sale): their own buckets
+    sale_views: SaleViews
 
 
 async def context(request: Request) -> EdgeContext:
@@ -73,17 +76,38 @@ async def rate_limited_shopper(
     return who
 
 
-def rate_limit(ctx: EdgeContext, user_id: str) -> None:
+def rate_limit(ctx: EdgeContext, user_id: str, limiter: RateLimiter | None = None) -> None:
     """Take a token from the user's bucket; 429 with Retry-After when it is empty."""
-    wait = ctx.limiter.check(user_id)
+    limiter = ctx.limiter if limiter is None else limiter  # (an empty one is falsy)
+    wait = limiter.check(user_id)
     if wait:
         ctx.metrics.rate_limited.inc()
         raise ApiError(
             429,
             "rate_limited",
-            f"too many requests: at most {ctx.limiter.rate:g}/s (burst {ctx.limiter.burst:g})",
+            f"too many requests: at most {limiter.rate:g}/s (burst {limiter.burst:g})",
             {"Retry-After": str(wait)},
         )
+
+
+def read_limit(ctx: EdgeContext, request: Request, user_id: str | None) -> None:
+    """The reads' own buckets: by user when authenticated, else by the client's address
+    (the last X-Forwarded-For hop is the one our nginx appended)."""
+    if user_id is None:
+        forwarded = request.headers.get("x-forwarded-for", "")
+        client = forwarded.rsplit(",", 1)[-1].strip() or (
+            request.client.host if request.client else "?"
+        )
+        user_id = "ip:" + client
+    rate_limit(ctx, user_id, ctx.readers)
+
+
+async def reading_shopper(
+    request: Request, who: Annotated[Principal, Depends(shopper)]
+) -> Principal:
+    """The shopper, if their reads' bucket has a token; 429 otherwise."""
+    read_limit(request.app.state.edge, request, who.user_id)
+    return who
 
 
 async def admin(who: Annotated[Principal, Depends(caller)]) -> Principal:
@@ -97,4 +121,5 @@ Ctx = Annotated[EdgeContext, Depends(context)]
 Caller = Annotated[Principal, Depends(caller)]
 Shopper = Annotated[Principal, Depends(shopper)]
 RateLimitedShopper = Annotated[Principal, Depends(rate_limited_shopper)]
+ReadingShopper = Annotated[Principal, Depends(reading_shopper)]
 Admin = Annotated[Principal, Depends(admin)]

@@ -39,6 +39,7 @@ def build_app(
     from producers.http.middleware import EdgeMiddleware
     from producers.http.ratelimit import RateLimiter
     from producers.http.store import EdgeStore
+    from producers.http.views import SaleViews
     from schemas.codec import SchemaRegistry
 
     cfg: EdgeSettings = config or EdgeSettings.from_env()
@@ -70,9 +71,11 @@ def build_app(
             store, producer, Receipts(secret), RecentIntents(cfg.recent_intents),
             cfg.ack_timeout_ms / 1000,
         )  # fmt: skip
+        readers = RateLimiter(cfg.read_rate_per_s, cfg.read_rate_burst)
         app.state.edge = EdgeContext(
-            cfg, TokenVerifier(secret), producer, store, feed, limiter, metrics, intake
-        )
+            cfg, TokenVerifier(secret), producer, store, feed, limiter, metrics, intake,
+            readers, SaleViews(store),
+        )  # fmt: skip
         try:
             yield
         finally:

@@ -30,6 +30,7 @@ from producers.http.metrics import EdgeMetrics
 from producers.http.ratelimit import RateLimiter
 from producers.http.rules import Refused, SkuTerms
 from producers.http.server import build_app
+from producers.http.views import SaleViews
 from producers.identity import intent_id_for
 
 SECRET = "unit-test-secret-with-enough-bytes-for-hs256"
@@ -233,7 +234,7 @@ def _app(tmp_path: Path, lean: bool, sales: FakeSales, log: FakeLog) -> TestClie
     svc = service(sales, log)
     app.state.edge = EdgeContext(
         cfg, TokenVerifier(SECRET), None, sales, None, RateLimiter(1000, 1000),  # type: ignore[arg-type]
-        EdgeMetrics(), svc,
+        EdgeMetrics(), svc, RateLimiter(1000, 1000), SaleViews(sales, clock=lambda: NOW),  # type: ignore[arg-type]
     )  # fmt: skip
     return TestClient(LeanEdge(app))
 
@@ -327,3 +328,20 @@ def test_a_receipt_answers_queued_until_the_projection_has_the_intent(tmp_path: 
     for target, who in ((forged, "u"), (bare, "u"), (url, "someone-else")):
         resp = client.get(target, headers=_auth(who))
         assert resp.status_code == 404 and resp.json()["error"]["code"] == "unknown_intent"
+
+
+def test_reads_are_rendered_once_validated_by_etag_and_limited_on_their_own(tmp_path: Path):
+    client = _app(tmp_path, True, FakeSales({"k": terms()}), FakeLog())
+    edge = client.app.state.edge  # type: ignore[attr-defined]
+    edge.readers = RateLimiter(0.01, 2)
+    first = client.get("/v1/sales/s")
+    assert first.status_code == 200 and first.json()["skus"][0]["state"] == "open"
+    assert first.headers["cache-control"] == "public, max-age=1"
+    again = client.get("/v1/sales/s", headers={"If-None-Match": first.headers["etag"]})
+    assert again.status_code == 304 and again.content == b""
+    assert edge.sale_views.rendered == 1  # the second read was not rendered again
+    limited = client.get("/v1/sales/s")
+    assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
+    # Posting intents has its own bucket: reads did not use it up.
+    posted = client.post("/v1/sales/s/intents", json={"sku": "k", "quantity": 1}, headers=_auth())
+    assert posted.status_code == 202
