@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import sys
 import time
 
 from flashsale.settings import Settings
 from producers.commands import CommandProducer, SkuAllocation
+from producers.sales import Opening
 
 
 def _sku_spec(text: str) -> SkuAllocation:
@@ -78,8 +81,13 @@ def run_sale(args: argparse.Namespace, settings: Settings) -> int:
     producer = _producer(settings, "flashsale-cli")
     if args.sale_cmd == "open":
         starts = int((time.time() + args.starts_in) * 1000)
-        producer.open_sale(args.sale, args.sku, starts, starts + args.duration * 1000)
-        print(f"opened sale {args.sale} for {', '.join(s.sku for s in args.sku)}")
+        opening = asyncio.run(
+            _open(settings, producer, args.sale, args.sku, starts, starts + args.duration * 1000)
+        )
+        if opening is None:
+            return 1
+        print(f"opened sale {args.sale} for {', '.join(sorted(opening.opened))}")
+        return 0
     elif args.sale_cmd == "close":
         producer.close_sale(args.sale, args.sku)
         print(f"closed sale {args.sale} for {', '.join(args.sku)}")
@@ -87,6 +95,44 @@ def run_sale(args: argparse.Namespace, settings: Settings) -> int:
         producer.settle_sale(args.sale, args.sku)
         print(f"settled sale {args.sale} for {', '.join(args.sku)}")
     return 0
+
+
+async def _open(
+    settings: Settings,
+    producer: CommandProducer,
+    sale_id: str,
+    skus: list[SkuAllocation],
+    starts_ms: int,
+    ends_ms: int,
+) -> Opening | None:
+    """The admin API's service: claim, write, wait for every SKU's fact (reported)."""
+    from psycopg_pool import AsyncConnectionPool
+
+    from flashsale.topics import TopicNames
+    from infra.stack import Stack
+    from producers.http.livefeed import DecisionFeed
+    from producers.http.rules import Refused
+    from producers.sales import PostgresClaims, SaleService
+    from schemas.codec import SchemaRegistry
+
+    endpoints = Stack(settings).endpoints()
+    names = TopicNames.of(settings)
+    feed = DecisionFeed(endpoints.bootstrap, names.decisions, SchemaRegistry.load_default(), 1)
+    await feed.start()
+    try:
+        async with AsyncConnectionPool(endpoints.dsn, min_size=1, max_size=1) as pool:
+            service = SaleService(PostgresClaims(pool), producer, feed)
+            opening = await service.open_sale(sale_id, skus, starts_ms, ends_ms, "cli")
+    except Refused as exc:
+        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+        return None
+    finally:
+        await feed.stop()
+    if not opening.complete:
+        for d in opening.details():
+            print(f"error: {d['sku']}: {d['outcome']} {d.get('reason', '')}", file=sys.stderr)
+        return None
+    return opening
 
 
 def run_intent(args: argparse.Namespace, settings: Settings) -> int:

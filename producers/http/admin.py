@@ -12,14 +12,18 @@ from fastapi import APIRouter, Body, Path
 
 from producers.commands import NotAcknowledged, SkuAllocation
 from producers.http.context import Admin, Ctx
-from producers.http.errors import ApiError, unavailable
+from producers.http.errors import ApiError, refusal, unavailable
 from producers.http.models import (
     CloseSaleRequest,
     OpenSaleRequest,
     SaleClosedReply,
     SaleOpenedReply,
+    SkuSpec,
     error_responses,
 )
+from producers.http.rules import Refused
+from producers.sales import Opening
+from projections.rows import utc
 
 router = APIRouter(prefix="/v1/admin")
 SaleId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
@@ -29,29 +33,62 @@ SaleId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9
     "/sales",
     status_code=201,
     response_model=SaleOpenedReply,
-    responses=error_responses(400, 401, 403, 409, 413, 422, 503),
-    summary="Open a sale (one OpenSale command per SKU)",
+    responses=error_responses(400, 401, 403, 409, 413, 422, 503, 504),
+    summary="Open a sale: 201 once every SKU's writer has opened it (SaleOpened in the log)",
 )
 async def open_sale(
     body: OpenSaleRequest,
-    _: Admin,
+    who: Admin,
     ctx: Ctx,
 ) -> SaleOpenedReply:
-    """Publish the sale's terms; its state shows in GET /v1/sales/{id} once projected."""
+    """Claim the sale id, write one OpenSale per SKU, wait for every SKU's fact.
+
+    409 `sale_exists`: the id was claimed with other terms. 409 `sale_refused`: a SKU's
+    writer refused (the details say which SKUs opened and why the others did not). 504
+    `open_unconfirmed`: a SKU's fact did not arrive in time (details as above).
+    """
     now = datetime.now(UTC)
     starts = body.starts_at or now + timedelta(seconds=float(body.starts_in_s or 0))
     ends = body.ends_at or starts + timedelta(seconds=float(body.duration_s or 0))
     if ends <= starts:
         raise ApiError(422, "invalid_window", "the sale must end after it starts")
-    if await ctx.store.sale(body.sale_id, fresh=True):
-        raise ApiError(409, "sale_exists", f"sale {body.sale_id!r} already exists")
     skus = [
         SkuAllocation(s.sku, s.allocation, s.per_user_limit, s.per_order_max) for s in body.skus
     ]
     starts_ms, ends_ms = int(starts.timestamp() * 1000), int(ends.timestamp() * 1000)
-    await _acknowledged(ctx.producer.open_sale, body.sale_id, skus, starts_ms, ends_ms)
+    try:
+        opening = await ctx.sales.open_sale(body.sale_id, skus, starts_ms, ends_ms, who.user_id)
+    except Refused as exc:
+        raise refusal(exc.code, exc.message) from None
+    except (NotAcknowledged, KafkaException):
+        raise unavailable("Kafka did not acknowledge in time; retry the same request") from None
+    return _opened_reply(opening)
+
+
+def _opened_reply(opening: Opening) -> SaleOpenedReply:
+    if opening.refused:
+        raise ApiError(409, "sale_refused",
+                       f"the writers refused {len(opening.refused)} of the sale's SKUs",
+                       None, opening.details())  # fmt: skip
+    if opening.pending:
+        message = (f"{len(opening.pending)} SKUs were not confirmed opened in time; "
+                   "GET /v1/sales/{id} shows what is open")  # fmt: skip
+        raise ApiError(504, "open_unconfirmed", message, None, opening.details())
+    facts = [opening.opened[k] for k in sorted(opening.opened)]
     return SaleOpenedReply(
-        sale_id=body.sale_id, skus=[s.sku for s in skus], starts_at=starts, ends_at=ends
+        sale_id=opening.sale_id,
+        skus=[f["sku"] for f in facts],
+        starts_at=utc(facts[0]["starts_at"]),
+        ends_at=utc(facts[0]["ends_at"]),
+        terms=[
+            SkuSpec(
+                sku=f["sku"],
+                allocation=f["allocation"],
+                per_user_limit=f["per_user_limit"],
+                per_order_max=f["per_order_max"],
+            )
+            for f in facts
+        ],
     )
 
 

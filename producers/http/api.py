@@ -99,7 +99,7 @@ async def get_intent(
     sale_id: ReceiptIdent = None,
     sku: ReceiptIdent = None,
     quantity: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
-    receipt: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
+    receipt: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_-]{22}$")] = None,
 ) -> Response:
     """queued (position may be null), accepted (with order_id) or rejected (with reason).
 

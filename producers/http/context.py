@@ -18,6 +18,7 @@ from producers.http.metrics import EdgeMetrics
 from producers.http.ratelimit import RateLimiter
 from producers.http.store import EdgeStore
 from producers.http.views import SaleViews
+from producers.sales import SaleService
 
 
 @dataclass
@@ -34,6 +35,7 @@ class EdgeContext:
     intake: IntakeService
     readers: RateLimiter  # reads (GET status, GET sale): their own buckets
     sale_views: SaleViews
+    sales: SaleService
 
 
 async def context(request: Request) -> EdgeContext:

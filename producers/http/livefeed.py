@@ -23,7 +23,7 @@ import contextlib
 import threading
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,7 @@ from schemas.codec import SchemaRegistry, UndecodableRecord
 log = structlog.get_logger(__name__)
 
 DECISIONS = frozenset({"IntentAccepted", "IntentRejected"})
+Accept = Callable[["Fact"], bool]
 QUEUE_MAX = 1000
 
 
@@ -105,7 +106,9 @@ class DecisionFeed:
         self._start: list[int] = []  # per partition: the window holds every fact from here
         self._facts: list[deque[Fact]] = []
         self._users: dict[str, set[UserStream]] = defaultdict(set)
-        self._waiters: dict[tuple[str, str], list[asyncio.Future[Fact]]] = defaultdict(list)
+        self._waiters: dict[tuple[str, str], list[tuple[Accept, asyncio.Future[Fact]]]] = (
+            defaultdict(list)
+        )
         self._sales: dict[str, SaleProgress] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = threading.Event()
@@ -203,10 +206,26 @@ class DecisionFeed:
                     self._push(streams, fact)
             elif "sku" in record and "sale_id" in record:
                 self._progress(fact)
-                waiting = self._waiters.pop((record["sale_id"], record["sku"]), None)
-                for fut in waiting or ():
-                    if not fut.done():
-                        fut.set_result(fact)
+                key = (record["sale_id"], record["sku"])
+                waiting = self._waiters.get(key)
+                if waiting:
+                    self._resolve(key, waiting, fact)
+
+    def _resolve(
+        self, key: tuple[str, str], waiting: list[tuple[Accept, asyncio.Future[Fact]]], fact: Fact
+    ) -> None:
+        keep = []
+        for accept, fut in waiting:
+            if fut.done():
+                continue
+            if accept(fact):
+                fut.set_result(fact)
+            else:
+                keep.append((accept, fut))
+        if keep:
+            self._waiters[key] = keep
+        else:
+            del self._waiters[key]
 
     def _push(self, streams: set[UserStream], fact: Fact) -> None:
         p = fact.partition
@@ -284,21 +303,27 @@ class DecisionFeed:
     def subscribers(self) -> int:
         return sum(len(s) for s in self._users.values())
 
+    def knows(self, sale_id: str, sku: str) -> bool:
+        """Whether this server has read a fact of (sale, SKU) (e.g. its SaleOpened)."""
+        progress = self._sales.get(sale_id)
+        return progress is not None and sku in progress.remaining
+
     def sale_progress(self, sale_id: str) -> SaleProgress | None:
         return self._sales.get(sale_id)
 
-    def expect(self, sale_id: str, sku: str) -> asyncio.Future[Fact]:
+    def expect(self, sale_id: str, sku: str, accept: Accept) -> asyncio.Future[Fact]:
         """A future for the next fact of (sale, SKU) that is not a decision (SaleOpened,
-        SaleRefused, SaleClosed, ...); register it before writing the command."""
+        SaleRefused, SaleClosed, ...) and that ``accept`` takes; register it before writing
+        the command it answers."""
         assert self._loop is not None
         fut: asyncio.Future[Fact] = self._loop.create_future()
-        self._waiters[(sale_id, sku)].append(fut)
+        self._waiters[(sale_id, sku)].append((accept, fut))
         return fut
 
     def forget(self, sale_id: str, sku: str, fut: asyncio.Future[Fact]) -> None:
         waiting = self._waiters.get((sale_id, sku))
-        if waiting and fut in waiting:
-            waiting.remove(fut)
+        if waiting:
+            waiting[:] = [(a, f) for a, f in waiting if f is not fut]
             if not waiting:
                 del self._waiters[(sale_id, sku)]
 

@@ -107,12 +107,13 @@ class OpenSaleRequest(Strict):
 
 
 class SaleOpenedReply(Strict):
-    """Answer to opening a sale: the OpenSale commands are acknowledged by Kafka."""
+    """Answer to opening a sale: every SKU's writer opened it; the terms in force."""
 
     sale_id: str
     skus: list[str]
     starts_at: datetime
     ends_at: datetime
+    terms: list[SkuSpec]
 
 
 class CloseSaleRequest(Strict):

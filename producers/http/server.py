@@ -40,6 +40,7 @@ def build_app(
     from producers.http.ratelimit import RateLimiter
     from producers.http.store import EdgeStore
     from producers.http.views import SaleViews
+    from producers.sales import PostgresClaims, SaleService
     from schemas.codec import SchemaRegistry
 
     cfg: EdgeSettings = config or EdgeSettings.from_env()
@@ -69,12 +70,12 @@ def build_app(
         limiter = RateLimiter(cfg.rate_per_s, cfg.rate_burst)
         intake = IntakeService(
             store, producer, Receipts(secret), RecentIntents(cfg.recent_intents),
-            cfg.ack_timeout_ms / 1000,
+            cfg.ack_timeout_ms / 1000, in_log=feed.knows,
         )  # fmt: skip
         readers = RateLimiter(cfg.read_rate_per_s, cfg.read_rate_burst)
         app.state.edge = EdgeContext(
             cfg, TokenVerifier(secret), producer, store, feed, limiter, metrics, intake,
-            readers, SaleViews(store),
+            readers, SaleViews(store), SaleService(PostgresClaims(pool), producer, feed),
         )  # fmt: skip
         try:
             yield

@@ -49,7 +49,13 @@ class EdgeUnderTest:
             self.url + "/v1/admin/sales", json=body, headers=self.auth("adm", "admin")
         )
         assert resp.status_code == 201, resp.text
-        wait_for(lambda: client.get(f"{self.url}/v1/sales/{sale}").status_code == 200, 30)
+        names = sorted(str(s["sku"]) for s in skus)
+
+        def projected() -> bool:
+            found = client.get(f"{self.url}/v1/sales/{sale}").json().get("skus", [])
+            return sorted(s["sku"] for s in found) == names
+
+        assert wait_for(projected, 30), f"sale {sale} was not projected in 30 s"
 
 
 def start_edge(pipeline: Pipeline, servers: int = 2, **env: str) -> EdgeUnderTest:

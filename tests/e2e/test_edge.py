@@ -12,6 +12,7 @@ import jwt
 import psycopg
 import pytest
 
+from producers.commands import SkuAllocation
 from producers.http.auth import token
 from tests.e2e.harness import (
     EdgeUnderTest,
@@ -83,7 +84,7 @@ def test_a_stream_resumes_on_the_other_server_with_exactly_the_missed_events(
         for i, k in enumerate(("k1", "k2", "k3", "k1")):
             r = client.post(f"{edge.url}/v1/sales/{sale}/intents",
                             json={"sku": k, "quantity": 1}, headers=me)  # fmt: skip
-            assert r.status_code == 202, r.text
+            assert r.status_code == 202, (i, r.text)
             posted.append(r.json()["intent_id"])
             if i == 0:  # the first one is seen on the stream before the others are sent
                 seen = next_event(events, timeout=60)
@@ -270,3 +271,41 @@ def test_health_readiness_and_metrics(edge: EdgeUnderTest, client):
         assert "flashsale_intents_accepted_total" in text
         assert "flashsale_http_rate_limited_total" in text
         assert "flashsale_http_unavailable_total" in text
+
+
+def test_a_sale_id_is_claimed_once_and_a_partial_open_is_reported(edge: EdgeUnderTest, client, uid):
+    admin = edge.auth("ops", "admin")
+    url = edge.url + "/v1/admin/sales"
+
+    def body(allocation: int, skus: tuple[str, ...] = ("k1",)) -> dict:
+        return {"sale_id": f"claim-{uid}", "skus": [sku(k, allocation) for k in skus],
+                "starts_in_s": -1, "duration_s": 600}  # fmt: skip
+
+    def post(b: dict) -> httpx.Response:
+        with httpx.Client(timeout=30) as c:
+            return c.post(url, json=b, headers=admin)
+
+    with ThreadPoolExecutor(2) as pool:  # two admins, one id, other terms, at once
+        answers = list(pool.map(post, [body(10), body(20)]))
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [201, 409], [a.text for a in answers]
+    won = next(a for a in answers if a.status_code == 201).json()
+    lost = next(a for a in answers if a.status_code == 409).json()
+    assert lost["error"]["code"] == "sale_exists"
+    # The 201 came once the SKU's writer opened it, and carries the terms in force.
+    assert won["terms"][0]["allocation"] in (10, 20) and won["skus"] == ["k1"]
+    in_force = won["terms"][0]["allocation"]
+    state = wait_for(lambda: client.get(f"{edge.url}/v1/sales/claim-{uid}").json().get("skus"), 30)
+    assert state[0]["allocation"] == in_force
+    # The same opening again (its answer was lost): the same 201, nothing new is written.
+    again = post(body(in_force))
+    assert again.status_code == 201 and again.json()["terms"] == won["terms"], again.text
+
+    # A SKU already open on its writer with other terms (the id was never claimed through the
+    # API): the other SKU opens, this one is refused, and the answer says so per SKU.
+    sale = f"partial-{uid}"
+    edge.pipeline.open_sale(sale, [SkuAllocation("k1", 5, 1, 1)])
+    resp = post({**body(7, ("k1", "k2")), "sale_id": sale})
+    assert resp.status_code == 409 and resp.json()["error"]["code"] == "sale_refused", resp.text
+    outcomes = {d["sku"]: d["outcome"] for d in resp.json()["error"]["details"]}
+    assert outcomes == {"k1": "refused", "k2": "opened"}

@@ -30,7 +30,7 @@ CHECKS = [
     content_type_conformance,
     response_schema_conformance,
 ]
-STREAMS = {"/v1/me/events"}
+STREAMS = {"/v1/me/events", "/v1/sales/{sale_id}/events"}
 
 
 @pytest.fixture(scope="module")

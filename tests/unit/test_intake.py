@@ -188,6 +188,20 @@ def test_certain_rejections_write_nothing_unless_the_retry_was_answered_202_befo
     assert log.produced == []
 
 
+def test_a_sku_the_log_has_opened_but_the_projection_not_yet_goes_to_the_writer():
+    log = FakeLog()
+    svc = service(FakeSales({"k": terms()}), log)
+    svc.in_log = lambda sale_id, sku: (sale_id, sku) == ("s", "new")
+
+    async def scenario() -> None:
+        await svc.place_intent("u", "s", "new", 1, "key")
+        with pytest.raises(Refused):
+            await svc.place_intent("u", "s", "other", 1, "key2")
+
+    run(scenario())
+    assert len(log.produced) == 1
+
+
 def test_the_table_of_recent_intents_is_bounded():
     log = FakeLog()
     svc = service(log=log, capacity=3)
@@ -210,6 +224,7 @@ def test_receipts_prove_exactly_the_fields_they_were_signed_for():
                    ("i", "u", "s", "j", 2), ("i", "u", "s", "k", 3)):  # fmt: skip
         assert not r.valid(sig, *fields)
     assert not Receipts("another-secret-" + "z" * 40).valid(sig, "i", "u", "s", "k", 2)
+    assert not r.valid("\u00e9" * 22, "i", "u", "s", "k", 2)  # no TypeError (fuzzer-found)
 
 
 def test_the_token_cache_still_honours_expiry_and_never_caches_a_failure():
@@ -235,6 +250,7 @@ def _app(tmp_path: Path, lean: bool, sales: FakeSales, log: FakeLog) -> TestClie
     app.state.edge = EdgeContext(
         cfg, TokenVerifier(SECRET), None, sales, None, RateLimiter(1000, 1000),  # type: ignore[arg-type]
         EdgeMetrics(), svc, RateLimiter(1000, 1000), SaleViews(sales, clock=lambda: NOW),  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
     )  # fmt: skip
     return TestClient(LeanEdge(app))
 

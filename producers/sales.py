@@ -1,0 +1,202 @@
+"""Opening a sale: the one service behind ``POST /v1/admin/sales`` and ``flashsale sale open``.
+
+1. **Claim the sale id** with a unique row in PostgreSQL (``sale_claims``; the admin path is
+   not hot). Another opening of the same id gets ``sale_exists``; the same opening again (a
+   retry after an unknown outcome) goes on.
+2. **Write one OpenSale per SKU** (acks=all). Each SKU has its own writer, so the sale is
+   open only once every SKU's writer said so in the log.
+3. **Wait for the facts**: the decisions topic carries a ``SaleOpened`` (with the terms in
+   force) or a ``SaleRefused`` (with the reason) per SKU. The answer reports every SKU: all
+   opened, or which were refused and which did not answer in time (a partial open is
+   reported, never hidden).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from producers.commands import SkuAllocation
+from producers.http.rules import Refused
+
+
+class FactSource(Protocol):
+    """The decisions topic as read by this process (``producers.http.livefeed``)."""
+
+    def expect(
+        self, sale_id: str, sku: str, accept: Callable[[Any], bool]
+    ) -> asyncio.Future[Any]: ...
+
+    def forget(self, sale_id: str, sku: str, fut: asyncio.Future[Any]) -> None: ...
+
+
+class SaleClaims(Protocol):
+    async def claim(self, sale_id: str, terms: str, by: str) -> str | None:
+        """None when the id is now ours, else the terms it was claimed with."""
+        ...
+
+    async def opened(self, sale_id: str) -> dict[str, dict[str, Any]]:
+        """The SKUs of the sale already projected as opened, with their terms."""
+        ...
+
+
+class SaleCommands(Protocol):
+    def open_sale(
+        self, sale_id: str, skus: Sequence[SkuAllocation], starts_at_ms: int, ends_at_ms: int
+    ) -> None: ...
+
+
+@dataclass
+class Opening:
+    """What happened to each SKU of a sale being opened."""
+
+    sale_id: str
+    opened: dict[str, dict[str, Any]] = field(default_factory=dict)  # SaleOpened records
+    refused: dict[str, str] = field(default_factory=dict)  # reasons
+    pending: list[str] = field(default_factory=list)  # no fact in time
+
+    @property
+    def complete(self) -> bool:
+        return not self.refused and not self.pending
+
+    def details(self) -> list[dict[str, object]]:
+        """One entry per SKU, for an error answer."""
+        out: list[dict[str, object]] = [{"sku": s, "outcome": "opened"} for s in self.opened]
+        out += [{"sku": s, "outcome": "refused", "reason": r} for s, r in self.refused.items()]
+        out += [{"sku": s, "outcome": "pending"} for s in self.pending]
+        return out
+
+
+class PostgresClaims:
+    """``sale_claims`` rows through a psycopg async pool (or one async connection)."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    async def claim(self, sale_id: str, terms: str, by: str) -> str | None:
+        sql = (
+            "INSERT INTO sale_claims (sale_id, terms, claimed_by) VALUES (%s, %s, %s) "
+            "ON CONFLICT (sale_id) DO NOTHING"
+        )
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(sql, (sale_id, terms, by))
+            if cur.rowcount == 1:
+                return None
+            row = await (
+                await conn.execute(
+                    "SELECT terms::text FROM sale_claims WHERE sale_id = %s", (sale_id,)
+                )
+            ).fetchone()
+        return str(row[0]) if row else ""
+
+    async def opened(self, sale_id: str) -> dict[str, dict[str, Any]]:
+        sql = (
+            "SELECT sku, allocation, per_user_limit, per_order_max, starts_at, ends_at "
+            "FROM sales WHERE sale_id = %s"
+        )
+        async with self.pool.connection() as conn:
+            rows = await (await conn.execute(sql, (sale_id,))).fetchall()
+        keys = ("allocation", "per_user_limit", "per_order_max")
+        return {
+            r[0]: {
+                **dict(zip(keys, r[1:4], strict=True)),
+                "sale_id": sale_id,
+                "sku": r[0],
+                "starts_at": int(r[4].timestamp() * 1000),
+                "ends_at": int(r[5].timestamp() * 1000),
+            }
+            for r in rows
+        }
+
+
+def _terms(skus: Sequence[SkuAllocation], starts_at_ms: int, ends_at_ms: int) -> str:
+    """The claimed terms, canonical JSON (PostgreSQL's jsonb text is compared)."""
+    body = {"skus": [asdict(s) for s in skus], "starts_at": starts_at_ms, "ends_at": ends_at_ms}
+    return json.dumps(body, sort_keys=True)
+
+
+def _answers(sku: SkuAllocation, starts_at_ms: int, ends_at_ms: int) -> Callable[[Any], bool]:
+    """Which fact answers this SKU's OpenSale: a SaleOpened with exactly these terms (another
+    one is someone else's opening), or a refusal of an OpenSale."""
+
+    def accept(fact: Any) -> bool:
+        r = fact.record
+        if fact.name == "SaleRefused":
+            return bool(r.get("command") == "OpenSale")
+        return fact.name == "SaleOpened" and (
+            r["allocation"],
+            r["per_user_limit"],
+            r["per_order_max"],
+            r["starts_at"],
+            r["ends_at"],
+        ) == (sku.allocation, sku.per_user_limit, sku.per_order_max, starts_at_ms, ends_at_ms)
+
+    return accept
+
+
+class SaleService:
+    """``open_sale``: claim, write, wait for every SKU's fact."""
+
+    def __init__(
+        self,
+        claims: SaleClaims,
+        commands: SaleCommands,
+        facts: FactSource,
+        wait_s: float = 20.0,
+    ) -> None:
+        self.claims = claims
+        self.commands = commands
+        self.facts = facts
+        self.wait_s = wait_s
+
+    async def open_sale(
+        self,
+        sale_id: str,
+        skus: Sequence[SkuAllocation],
+        starts_at_ms: int,
+        ends_at_ms: int,
+        by: str,
+    ) -> Opening:
+        """Every SKU's outcome; Refused("sale_exists") when the id is taken by other terms.
+
+        Raises what the producer raises when Kafka does not acknowledge (the claim stays:
+        a retry with the same terms goes on).
+        """
+        terms = _terms(skus, starts_at_ms, ends_at_ms)
+        held = await self.claims.claim(sale_id, terms, by)
+        opening = Opening(sale_id)
+        if held is not None:
+            # The same SKUs and numbers (a window given relative to "now" moves on a retry).
+            if json.loads(held)["skus"] != json.loads(terms)["skus"]:
+                raise Refused("sale_exists", f"sale {sale_id!r} already exists with other terms")
+            # The same opening again (its first answer was lost): what is open stays open,
+            # and a repeated OpenSale of it would get no new fact.
+            opening.opened = await self.claims.opened(sale_id)
+        todo = [s for s in skus if s.sku not in opening.opened]
+        if not todo:
+            return opening
+        waits = {
+            s.sku: self.facts.expect(sale_id, s.sku, _answers(s, starts_at_ms, ends_at_ms))
+            for s in todo
+        }
+        try:
+            await asyncio.to_thread(
+                self.commands.open_sale, sale_id, todo, starts_at_ms, ends_at_ms
+            )
+            await asyncio.wait(list(waits.values()), timeout=self.wait_s)
+        finally:
+            for sku, fut in waits.items():
+                self.facts.forget(sale_id, sku, fut)
+        for sku, fut in waits.items():
+            if not fut.done() or fut.cancelled():
+                opening.pending.append(sku)
+                continue
+            fact = fut.result()
+            if fact.name == "SaleOpened":
+                opening.opened[sku] = fact.record
+            else:
+                opening.refused[sku] = str(fact.record.get("detail") or fact.name)
+        return opening

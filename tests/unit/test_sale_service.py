@@ -1,0 +1,104 @@
+"""Opening a sale: claimed once, answered from every SKU's fact, a partial open reported."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from producers.commands import SkuAllocation
+from producers.http.livefeed import DecisionFeed, Fact
+from producers.http.rules import Refused
+from producers.sales import SaleService
+from schemas.codec import SchemaRegistry
+
+
+class FakeClaims:
+    def __init__(self) -> None:
+        self.rows: dict[str, str] = {}
+        self.projected: dict[str, dict[str, dict[str, Any]]] = {}
+
+    async def claim(self, sale_id: str, terms: str, by: str) -> str | None:
+        if sale_id in self.rows:
+            return self.rows[sale_id]
+        self.rows[sale_id] = terms
+        return None
+
+    async def opened(self, sale_id: str) -> dict[str, dict[str, Any]]:
+        return self.projected.get(sale_id, {})
+
+
+class FakeWriters:
+    """Writes OpenSale (in a thread, as the producer does); each SKU's writer answers in the
+    log unless it is told to refuse or stay silent."""
+
+    def __init__(self, feed: DecisionFeed, loop: asyncio.AbstractEventLoop) -> None:
+        self.feed, self.loop = feed, loop
+        self.written: list[tuple[str, str]] = []
+        self.refuse: set[str] = set()
+        self.silent: set[str] = set()
+        self.offset = 0
+
+    def open_sale(
+        self, sale_id: str, skus: Sequence[SkuAllocation], starts_at_ms: int, ends_at_ms: int
+    ) -> None:
+        facts = []
+        record: dict[str, Any]
+        for s in skus:
+            self.written.append((sale_id, s.sku))
+            self.offset += 1
+            if s.sku in self.silent:
+                continue
+            if s.sku in self.refuse:
+                record = {"sale_id": sale_id, "sku": s.sku, "command": "OpenSale",
+                          "detail": "sale already open with other terms"}  # fmt: skip
+                facts.append(Fact(0, self.offset, "SaleRefused", record))
+            else:
+                record = {"sale_id": sale_id, "sku": s.sku, "allocation": s.allocation,
+                          "per_user_limit": s.per_user_limit, "per_order_max": s.per_order_max,
+                          "starts_at": starts_at_ms, "ends_at": ends_at_ms}  # fmt: skip
+                facts.append(Fact(0, self.offset, "SaleOpened", record))
+        self.loop.call_soon_threadsafe(self.feed.apply, facts)
+
+
+def setup() -> tuple[SaleService, FakeClaims, FakeWriters]:
+    feed = DecisionFeed("127.0.0.1:1", "t", SchemaRegistry.load_default())
+    feed.begin_at([0])
+    claims, writers = FakeClaims(), FakeWriters(feed, asyncio.get_running_loop())
+    return SaleService(claims, writers, feed, wait_s=0.5), claims, writers
+
+
+SKUS = [SkuAllocation("a", 10, 1, 1), SkuAllocation("b", 5, 2, 1)]
+
+
+def test_a_sale_opens_once_every_sku_is_open_in_the_log_and_is_claimed_once():
+    async def scenario() -> None:
+        svc, claims, writers = setup()
+        opening = await svc.open_sale("s", SKUS, 1000, 2000, "ops")
+        assert opening.complete and sorted(opening.opened) == ["a", "b"]
+        assert opening.opened["b"]["allocation"] == 5
+        with pytest.raises(Refused) as refused:  # other numbers under the same id
+            await svc.open_sale("s", [SkuAllocation("a", 11, 1, 1)], 1000, 2000, "ops")
+        assert refused.value.code == "sale_exists"
+        # The same opening again, once projected: nothing is written again.
+        claims.projected["s"] = {s.sku: {"sku": s.sku} for s in SKUS}
+        again = await svc.open_sale("s", SKUS, 1500, 2500, "ops")
+        assert again.complete and len(writers.written) == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_partial_open_is_reported_sku_by_sku():
+    async def scenario() -> None:
+        svc, _, writers = setup()
+        writers.refuse, writers.silent = {"a"}, {"c"}
+        skus = [*SKUS, SkuAllocation("c", 1, 1, 1)]
+        opening = await svc.open_sale("p", skus, 1000, 2000, "ops")
+        assert not opening.complete
+        assert {d["sku"]: d["outcome"] for d in opening.details()} == {
+            "a": "refused", "b": "opened", "c": "pending"}  # fmt: skip
+        assert opening.refused["a"] == "sale already open with other terms"
+
+    asyncio.run(scenario())
