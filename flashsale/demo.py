@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import statistics
@@ -13,6 +14,7 @@ from typing import Any
 
 import httpx
 import psycopg
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from flashsale import replay, sale_audit
 from flashsale.audit import DecisionAudit
@@ -21,21 +23,23 @@ from flashsale.topics import TopicNames
 from infra.edge import Edge
 from infra.services import all_services
 from infra.stack import Stack
+from producers.cli import open_sale
 from producers.commands import CommandProducer, SkuAllocation
 from producers.crowd import plan_crowd
 from producers.http.auth import load_secret, token
 from producers.http.config import EdgeSettings
-from producers.http_crowd import drive_crowd
+from producers.http_crowd import CrowdResult, drive_crowd
 from producers.identity import intent_id_for
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the `demo` command."""
     p = sub.add_parser("demo", help="run a flash sale end to end and check its invariants")
-    p.add_argument("--intents", type=int, default=20_000)
-    p.add_argument("--users", type=int, default=5_000)
+    # A spike: 50,000 intents from 20,000 people for 6,000 units (thousands of winners).
+    p.add_argument("--intents", type=int, default=50_000)
+    p.add_argument("--users", type=int, default=20_000)
     p.add_argument("--skus", type=int, default=3)
-    p.add_argument("--allocation", type=int, default=300, help="units per SKU")
+    p.add_argument("--allocation", type=int, default=2_000, help="units per SKU")
     p.add_argument("--per-user-limit", type=int, default=2)
     p.add_argument("--report", help="also write the summary as JSON to this file")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for decisions")
@@ -91,9 +95,13 @@ def _sale(
     skus = [f"{sale_id}-sku-{chr(ord('A') + i)}" for i in range(args.skus)]
     allocations = [SkuAllocation(s, args.allocation, args.per_user_limit, 2) for s in skus]
     producer = CommandProducer(bootstrap, "flashsale-demo", topic=names.sku_commands)
-    if edge is None:
+    if edge is None:  # through the same service as the admin API (claim, write, facts)
         now = int(time.time() * 1000)
-        producer.open_sale(sale_id, allocations, now, now + 3_600_000)
+        if (
+            asyncio.run(open_sale(settings, producer, sale_id, allocations, now, now + 3_600_000))
+            is None
+        ):
+            raise RuntimeError(f"sale {sale_id} did not open")
     else:
         _open_over_http(edge.url, settings, sale_id, allocations)
     audit = DecisionAudit(bootstrap, names, sale_id)
@@ -127,14 +135,32 @@ def _sale(
         watcher = threading.Thread(target=_poll_until, args=(audit, stop), daemon=True)
         watcher.start()
         try:
-            crowd = drive_crowd(edge.url, sale_id, plan.intents, tokens)
+            with Progress(
+                TextColumn("[bold]crowd[/bold]"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), transient=False,
+            ) as bar:  # fmt: skip
+                task = bar.add_task("crowd", total=len(plan.intents), rate="")
+                began = time.monotonic()
+
+                def shown(r: CrowdResult) -> None:
+                    per_s = r.statuses.get(202, 0) / max(1e-9, time.monotonic() - began)
+                    bar.update(task, completed=r.answered, rate=f"{per_s:,.0f} 202/s")
+
+                crowd = drive_crowd(edge.url, sale_id, plan.intents, tokens, progress=shown)
+                shown(crowd)
         finally:
             stop.set()
             watcher.join()
         expected = set(crowd.queued.values())
+        post_ms = [x * 1000 for x in crowd.accept_seconds]
         edge_figures = {
             "http_202": crowd.statuses.get(202, 0),
-            "http_202_per_s": round(crowd.statuses.get(202, 0) / crowd.seconds, 1),
+            "http_202_per_s": round(crowd.statuses.get(202, 0) / crowd.selling_seconds, 1)
+            if crowd.selling_seconds
+            else 0.0,
+            "http_answers_per_s": round(crowd.answered / crowd.seconds, 1),
+            "http_202_ms_p50": round(_percentile(post_ms, 50), 1) if post_ms else None,
+            "http_202_ms_p99": round(_percentile(post_ms, 99), 1) if post_ms else None,
             "rejected_at_edge": dict(crowd.edge_rejections),
             "retried_after_429_or_503": crowd.retried_after_429_or_503,
         }
@@ -252,7 +278,10 @@ def _print(s: dict[str, Any]) -> None:
             [
                 ("via", s["via"]),
                 ("HTTP 202 (queued)", s["http_202"]),
-                ("HTTP 202/s", s["http_202_per_s"]),
+                ("HTTP answers/s (all statuses)", s["http_answers_per_s"]),
+                ("HTTP 202/s (until the last 202)", s["http_202_per_s"]),
+                ("HTTP POST to 202, p50 (ms)", s["http_202_ms_p50"]),
+                ("HTTP POST to 202, p99 (ms)", s["http_202_ms_p99"]),
             ]
             if "http_202" in s
             else []

@@ -82,7 +82,9 @@ def run_sale(args: argparse.Namespace, settings: Settings) -> int:
     if args.sale_cmd == "open":
         starts = int((time.time() + args.starts_in) * 1000)
         opening = asyncio.run(
-            _open(settings, producer, args.sale, args.sku, starts, starts + args.duration * 1000)
+            open_sale(
+                settings, producer, args.sale, args.sku, starts, starts + args.duration * 1000
+            )
         )
         if opening is None:
             return 1
@@ -97,7 +99,7 @@ def run_sale(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _open(
+async def open_sale(
     settings: Settings,
     producer: CommandProducer,
     sale_id: str,

@@ -1,15 +1,17 @@
-"""Drive a planned crowd through the HTTP edge (nginx) with real bearer tokens."""
+"""Drive a planned crowd through the HTTP edge (nginx) with real bearer tokens (a lean client:
+the crowd must not take the CPU of the system it loads)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import httpx
-
 from producers.crowd import PlannedIntent
+from producers.loadgen import RawClient
 
 
 @dataclass
@@ -21,6 +23,12 @@ class CrowdResult:
     edge_rejections: Counter[str] = field(default_factory=Counter)  # error code -> count
     retried_after_429_or_503: int = 0
     seconds: float = 0.0
+    accept_seconds: list[float] = field(default_factory=list)  # each 202's request time
+    selling_seconds: float = 0.0  # from the start to the last 202 (units were still left)
+
+    @property
+    def answered(self) -> int:
+        return sum(self.statuses.values())
 
 
 async def _post_all(
@@ -30,39 +38,53 @@ async def _post_all(
     tokens: dict[str, str],
     concurrency: int,
     result: CrowdResult,
+    progress: Callable[[CrowdResult], None] | None,
 ) -> None:
     queue: asyncio.Queue[PlannedIntent] = asyncio.Queue()
     for p in plan:
         queue.put_nowait(p)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+    client = RawClient(url, concurrency)
+    path = f"/v1/sales/{sale_id}/intents"
 
-        async def worker() -> None:
-            while not queue.empty():
-                p = queue.get_nowait()
-                headers = {
-                    "Authorization": "Bearer " + tokens[p.user_id],
-                    "Idempotency-Key": f"{p.user_id}-{p.idempotency_key}",
-                }
-                body = {"sku": p.sku, "quantity": p.quantity}
-                for _attempt in range(20):
-                    resp = await client.post(
-                        f"/v1/sales/{sale_id}/intents", json=body, headers=headers
-                    )
-                    if resp.status_code in (429, 503):
-                        # Same key again: the retry can never become a second intent.
-                        result.retried_after_429_or_503 += 1
-                        await asyncio.sleep(float(resp.headers.get("Retry-After", "1")))
-                        continue
-                    break
-                result.statuses[resp.status_code] += 1
-                if resp.status_code == 202:
-                    result.queued[headers["Idempotency-Key"]] = resp.json()["intent_id"]
-                else:
-                    code = resp.json().get("error", {}).get("code", str(resp.status_code))
-                    result.edge_rejections[code] += 1
+    async def worker() -> None:
+        while not queue.empty():
+            p = queue.get_nowait()
+            headers = {
+                "Authorization": "Bearer " + tokens[p.user_id],
+                "Idempotency-Key": f"{p.user_id}-{p.idempotency_key}",
+                "Content-Type": "application/json",
+            }
+            body = json.dumps({"sku": p.sku, "quantity": p.quantity}).encode()
+            for _attempt in range(20):
+                answer = await client.request("POST", path, headers, body)
+                if answer.status in (429, 503):
+                    # Same key again: the retry can never become a second intent.
+                    result.retried_after_429_or_503 += 1
+                    await asyncio.sleep(float(answer.headers.get("retry-after", "1")))
+                    continue
+                break
+            result.statuses[answer.status] += 1
+            if answer.status == 202:
+                result.queued[headers["Idempotency-Key"]] = json.loads(answer.body)["intent_id"]
+                result.accept_seconds.append(answer.seconds)
+                result.selling_seconds = time.monotonic() - began
+            else:
+                code = json.loads(answer.body).get("error", {}).get("code", str(answer.status))
+                result.edge_rejections[code] += 1
 
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            if progress is not None:
+                progress(result)
+
+    began = time.monotonic()
+    reporter = asyncio.create_task(report())
+    try:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
+    finally:
+        reporter.cancel()
+        await client.close()
 
 
 def drive_crowd(
@@ -71,10 +93,11 @@ def drive_crowd(
     plan: list[PlannedIntent],
     tokens: dict[str, str],
     concurrency: int = 64,
+    progress: Callable[[CrowdResult], None] | None = None,
 ) -> CrowdResult:
     """POST every planned intent through the edge; retries reuse their idempotency key."""
     result = CrowdResult()
     t0 = time.monotonic()
-    asyncio.run(_post_all(url, sale_id, plan, tokens, concurrency, result))
+    asyncio.run(_post_all(url, sale_id, plan, tokens, concurrency, result, progress))
     result.seconds = time.monotonic() - t0
     return result
