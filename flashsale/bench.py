@@ -60,11 +60,12 @@ def http(args: argparse.Namespace, settings: Settings) -> None:
     from infra.services import all_services
     from producers.http.bench import run_http_bench
 
-    started = [s for s in all_services(settings) if s.start()]
+    services = all_services(settings)
+    started = [s for s in services if s.start()]
     edge = Edge(settings)
     edge_started = any(edge.up().values())
     try:
-        figures = run_http_bench(settings, rate=2000, edge=edge)
+        figures = run_http_bench(settings, edge, services, rate=2000)
     finally:
         if edge_started:
             edge.down()

@@ -1,20 +1,35 @@
-"""Load through nginx: 202s/s at max load (wrk) and latency at a fixed offered rate.
+"""The edge under load, through nginx, side by side in one run (``flashsale bench --only http``).
 
-Needs the edge (nginx + app servers) and the processor/projector of settings' namespace
-running: the bench opens its own sale through the admin API and waits until it is projected.
-Each request carries a unique Idempotency-Key and a token drawn from a pool of users large
-enough that the per-user rate limit is not what is measured.
+1. max 202/s (wrk, closed loop) while the writer and the projector decide and project the
+   same intents (``busy``), and with them stopped (``writer_idle``);
+2. latency at an open-loop offered rate (2,000/s; a generator that does not wait for answers);
+3. GET /v1/intents/{id} requests/s (each user reading its own intent);
+4. the same max-load run against two other app-server builds behind the same nginx
+   configuration: the FastAPI route (``FLASHSALE_HTTP_LEAN_INTENTS=0``, what the edge was)
+   and an empty ASGI app (``FLASHSALE_HTTP_EMPTY=1``: the ceiling of nginx + uvicorn here);
+5. how fast one app server's live feed reads the decisions topic.
+
+CPU is read from /proc per process group (nginx, app servers, broker, writer, projector,
+PostgreSQL, load generator) and reported as µs per 202 (or per request). Each request
+carries a unique Idempotency-Key and a token drawn from a pool of users large enough that
+the per-user rate limit is not what is measured.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import os
 import re
+import shutil
+import socket
 import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +43,7 @@ from infra.processes import find_binary
 from infra.services import all_services
 from producers.http.auth import load_secret, token
 from producers.http.config import EdgeSettings
+from producers.loadgen import RawClient
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -47,6 +63,17 @@ function request()
     ["Idempotency-Key"] = id .. "-" .. counter,
   }
   return wrk.format(nil, "%(path)s", headers)
+end
+"""
+
+
+_WRK_GET_LUA = """
+local pairs_ = {%(pairs)s}
+local counter = 0
+function request()
+  counter = counter + 1
+  local p = pairs_[(counter %% #pairs_) + 1]
+  return wrk.format("GET", p[2], {["Authorization"] = "Bearer " .. p[1]})
 end
 """
 
@@ -75,15 +102,17 @@ def _rss_mb(pid: int) -> float:
 
 
 class _CpuMeter:
-    """CPU share (1.0 = one core) of named process groups between start() and stop()."""
+    """CPU share (1.0 = one core) of named process groups between start() and stop().
+
+    Counted per process present at both ends (a service stopped meanwhile counts 0)."""
 
     def __init__(self, groups: dict[str, list[int]]) -> None:
         self.groups = groups
-        self._start: dict[str, int] = {}
+        self._start: dict[int, int] = {}
         self._t0 = 0.0
 
-    def _ticks(self) -> dict[str, int]:
-        return {name: sum(_cpu_ticks(p) for p in pids) for name, pids in self.groups.items()}
+    def _ticks(self) -> dict[int, int]:
+        return {p: _cpu_ticks(p) for pids in self.groups.values() for p in pids}
 
     def start(self) -> None:
         self._t0, self._start = time.monotonic(), self._ticks()
@@ -91,9 +120,11 @@ class _CpuMeter:
     def stop(self) -> dict[str, float]:
         wall = time.monotonic() - self._t0
         end = self._ticks()
-        return {
-            n: round((end[n] - self._start[n]) / _TICK / wall, 3) for n in self.groups if wall > 0
-        }
+        out = {}
+        for name, pids in self.groups.items():
+            used = sum(end[p] - self._start[p] for p in pids if end.get(p) and self._start.get(p))
+            out[name] = round(used / _TICK / wall, 3) if wall > 0 else 0.0
+        return out
 
 
 def _open_sale(url: str, secret: str, sale: str) -> None:
@@ -115,13 +146,17 @@ def _open_sale(url: str, secret: str, sale: str) -> None:
             time.sleep(0.2)
 
 
-def _run_wrk(url: str, path: str, tokens: list[str], duration_s: int, conns: int) -> dict[str, Any]:
+def _post_script(tokens: list[str], path: str) -> str:
+    return _WRK_LUA % {"tokens": ",".join(f'"{t}"' for t in tokens), "sku": "b1", "path": path}
+
+
+def _get_script(pairs: list[tuple[str, str]]) -> str:
+    rows = ",".join(f'{{"{t}", "{p}"}}' for t, p in pairs)
+    return _WRK_GET_LUA % {"pairs": rows}
+
+
+def _run_wrk(url: str, script: str, duration_s: int, conns: int) -> dict[str, Any]:
     wrk = find_binary("wrk", "FLASHSALE_WRK", "apt-get install -y wrk")
-    script = _WRK_LUA % {
-        "tokens": ",".join(f'"{t}"' for t in tokens),
-        "sku": "b1",
-        "path": path,
-    }
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(script)
     proc = subprocess.Popen(
@@ -151,7 +186,7 @@ def _ms(text: str) -> float:
 
 
 def _wrk_result(out: str, duration_s: float) -> dict[str, Any]:
-    """wrk's summary; every 2xx of the intents route is a 202, so 202s = total - non-2xx."""
+    """wrk's summary; 2xx = total - non-2xx (every 2xx of the intents route is a 202)."""
 
     def grab(pattern: str) -> str:
         m = re.search(pattern, out, re.MULTILINE)
@@ -161,8 +196,8 @@ def _wrk_result(out: str, duration_s: float) -> dict[str, Any]:
     non_2xx = int(grab(r"Non-2xx or 3xx responses: (\d+)"))
     return {
         "requests_per_s": float(grab(r"Requests/sec:\s+([\d.]+)")),
-        "accepted_202": total - non_2xx,
-        "accepted_202_per_s": round((total - non_2xx) / duration_s, 1),
+        "accepted_2xx": total - non_2xx,
+        "accepted_2xx_per_s": round((total - non_2xx) / duration_s, 1),
         "non_2xx": non_2xx,
         # Anchored: "Latency ... 72.50%" on the thread-stats line also ends in "50%".
         "p50_ms": _ms(grab(r"^\s+50%\s+(\S+)")),
@@ -171,81 +206,142 @@ def _wrk_result(out: str, duration_s: float) -> dict[str, Any]:
 
 
 async def _paced(url: str, path: str, tokens: list[str], rate: int, seconds: float) -> dict:
-    """Open-loop load at ``rate``/s; latency measured from each request's scheduled time.
-
-    A small raw HTTP/1.1 keep-alive client: httpx costs too much CPU per request to offer
-    2,000 requests/s from the same 2 cores as the system under test.
-    """
-    host, port = url.removeprefix("http://").split(":")
-    queue: asyncio.Queue[tuple[int, float] | None] = asyncio.Queue()
+    """Open-loop load at ``rate``/s: each request is sent at its scheduled time whether or
+    not earlier ones were answered; latency counts from the scheduled time."""
+    client = RawClient(url, 512)
     latencies: list[float] = []
     codes: dict[int, int] = {}
     run = uuid.uuid4().hex[:8]
     body = b'{"sku": "b1", "quantity": 1}'
 
-    async def connection() -> None:
-        reader, writer = await asyncio.open_connection(host, int(port))
-        try:
-            while (item := await queue.get()) is not None:
-                i, scheduled = item
-                head = (
-                    f"POST {path} HTTP/1.1\r\nHost: {host}\r\n"
-                    f"Authorization: Bearer {tokens[i % len(tokens)]}\r\n"
-                    f"Idempotency-Key: {run}-{i}\r\nContent-Type: application/json\r\n"
-                    f"Content-Length: {len(body)}\r\n\r\n"
-                )
-                writer.write(head.encode() + body)
-                status_line = await reader.readline()
-                headers = await reader.readuntil(b"\r\n\r\n")
-                m = re.search(rb"(?i)content-length: (\d+)", headers)
-                await reader.readexactly(int(m.group(1)) if m else 0)
-                code = int(status_line.split()[1])
-                codes[code] = codes.get(code, 0) + 1
-                if code == 202:
-                    latencies.append(time.perf_counter() - scheduled)
-        finally:
-            writer.close()
+    async def one(i: int, scheduled: float) -> None:
+        headers = {"Authorization": f"Bearer {tokens[i % len(tokens)]}",
+                   "Idempotency-Key": f"{run}-{i}", "Content-Type": "application/json"}  # fmt: skip
+        answer = await client.request("POST", path, headers, body)
+        codes[answer.status] = codes.get(answer.status, 0) + 1
+        if answer.status == 202:
+            latencies.append(time.perf_counter() - scheduled)
 
-    workers = [asyncio.create_task(connection()) for _ in range(256)]
     start = time.perf_counter()
-    total = int(rate * seconds)
-    for i in range(total):
+    tasks = []
+    for i in range(int(rate * seconds)):
         scheduled = start + i / rate
         delay = scheduled - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        queue.put_nowait((i, scheduled))
-    for _ in workers:
-        queue.put_nowait(None)
-    await asyncio.gather(*workers, return_exceptions=True)
+        tasks.append(asyncio.create_task(one(i, scheduled)))
+    await asyncio.gather(*tasks, return_exceptions=True)
     elapsed = time.perf_counter() - start
-    latencies.sort()
-
-    def pct(p: float) -> float | None:
-        if not latencies:
-            return None
-        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000, 2)
-
+    await client.close()
     return {
         "offered_per_s": rate,
         "achieved_202_per_s": round(len(latencies) / elapsed, 1),
         "statuses": codes,
-        "p50_ms": pct(0.50),
-        "p99_ms": pct(0.99),
+        "p50_ms": _pct(latencies, 0.50),
+        "p99_ms": _pct(latencies, 0.99),
     }
+
+
+def _pct(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(p * len(values)))] * 1000, 2)
+
+
+def _groups(settings: Settings, edge: Edge) -> dict[str, list[int]]:
+    kafka = LocalKafka(settings.state_dir, settings.kafka_port, settings.kafka_controller_port)
+    postgres_pid = LocalPostgres(settings.state_dir, settings.pg_port).pid()
+    nginx_pid = edge.nginx.pid() or 0
+    return {
+        "nginx": [nginx_pid, *_children(nginx_pid)],
+        "app_servers": [p for p in (s.pid() for s in edge.servers) if p],
+        "broker": [p for p in [kafka.pid()] if p],
+        # The rest of the pipeline shares the same two cores while the edge is loaded.
+        **{s.name: [p for p in [s.pid()] if p] for s in all_services(settings)},
+        "postgres": [p for p in [postgres_pid] if p] + _children(postgres_pid or 0),
+    }
+
+
+def _per_unit(cpu: dict[str, float], units_per_s: float) -> dict[str, Any]:
+    """CPU shares (1.0 = one core) as µs per unit of work, and their total."""
+    if units_per_s <= 0:
+        return {}
+    out = {k: round(v / units_per_s * 1e6) for k, v in cpu.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def _max_load(
+    url: str, script: str, groups: dict[str, list[int]], duration_s: int, connections: int
+) -> dict[str, Any]:
+    """wrk for ``duration_s`` with ``script``; throughput, latency and CPU per 2xx."""
+    meter = _CpuMeter(groups)
+    meter.start()
+    started = _run_wrk(url, script, duration_s, connections)
+    proc = started["proc"]
+    out = proc.stdout.read() if proc.stdout else ""
+    # wrk is gone by the time we could read its /proc entry: take its rusage when reaping.
+    _, _, usage = os.wait4(proc.pid, 0)
+    proc.returncode = 0
+    cpu = meter.stop()
+    cpu["load_generator"] = round((usage.ru_utime + usage.ru_stime) / duration_s, 3)
+    os.unlink(started["script"])
+    figures = _wrk_result(out, duration_s)
+    return {**figures, "connections": connections, "cpu_share": cpu,
+            "cpu_us_per_2xx": _per_unit(cpu, figures["accepted_2xx_per_s"])}  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def _variant(settings: Settings, name: str, env: dict[str, str]) -> Iterator[Edge]:
+    """Another build of the app servers behind the same nginx configuration, on free ports."""
+    state = settings.state_dir / "bench" / name
+    shutil.rmtree(state, ignore_errors=True)
+    variant = Edge(
+        dataclasses.replace(settings, state_dir=state, http_port=_free_port()),
+        server_ports=[_free_port() for _ in range(2)],
+        env=env,
+    )
+    variant.up()
+    try:
+        yield variant
+    finally:
+        variant.down()
+
+
+async def _own_intents(url: str, sale: str, tokens: list[str]) -> list[tuple[str, str]]:
+    """One intent per user; (token, status_url) pairs for the reads."""
+    client = RawClient(url, 64)
+    body = b'{"sku": "b1", "quantity": 1}'
+
+    async def one(t: str) -> tuple[str, str]:
+        headers = {"Authorization": f"Bearer {t}", "Content-Type": "application/json"}
+        answer = await client.request("POST", f"/v1/sales/{sale}/intents", headers, body)
+        return t, json.loads(answer.body)["status_url"]
+
+    pairs = await asyncio.gather(*(one(t) for t in tokens))
+    await client.close()
+    return list(pairs)
 
 
 def run_http_bench(
     settings: Settings,
+    edge: Edge,
+    services: Sequence[Any] = (),
     duration_s: int = 10,
     connections: int = 64,
     rate: int = 2000,
     rate_duration_s: float = 10.0,
     users: int = 5000,
-    edge: Edge | None = None,
 ) -> dict[str, Any]:
-    """Drive intents through nginx; return throughput, latency, RSS and CPU shares."""
-    edge = edge or Edge(settings)
+    """Every figure of the module docstring; ``services`` (writer, projector) are stopped for
+    the writer-idle run and started again."""
     if edge.nginx.pid() is None:
         raise RuntimeError("the HTTP edge is not running (start it with the edge's up())")
     url = edge.url
@@ -253,49 +349,41 @@ def run_http_bench(
     sale = f"bench-{uuid.uuid4().hex[:8]}"
     _open_sale(url, secret, sale)
     tokens = [token(f"bench-{i}", "shopper", 3600, secret) for i in range(users)]
-    path = f"/v1/sales/{sale}/intents"
-    kafka = LocalKafka(settings.state_dir, settings.kafka_port, settings.kafka_controller_port)
-    postgres_pid = LocalPostgres(settings.state_dir, settings.pg_port).pid()
-    nginx_pid = edge.nginx.pid() or 0
-    app_pids = [p for p in (s.pid() for s in edge.servers) if p]
-    groups = {
-        "nginx": [nginx_pid, *_children(nginx_pid)],
-        "app_servers": app_pids,
-        "broker": [p for p in [kafka.pid()] if p],
-        # The rest of the pipeline shares the same two cores while the edge is loaded.
-        **{s.name: [p for p in [s.pid()] if p] for s in all_services(settings)},
-        "postgres": [p for p in [postgres_pid] if p] + _children(postgres_pid or 0),
-    }
+    post = _post_script(tokens, f"/v1/sales/{sale}/intents")
+    groups = _groups(settings, edge)
+    out: dict[str, Any] = {"sale_id": sale, "app_servers": len(edge.servers)}
 
-    # 1. Maximum load: wrk, closed loop.
-    meter = _CpuMeter(groups)
-    meter.start()
-    started = _run_wrk(url, path, tokens, duration_s, connections)
-    proc = started["proc"]
-    out = proc.stdout.read() if proc.stdout else ""
-    # wrk is gone by the time we could read its /proc entry: take its rusage when reaping.
-    _, _, usage = os.wait4(proc.pid, 0)
-    proc.returncode = 0
-    cpu_max = meter.stop()
-    cpu_max["load_generator"] = round((usage.ru_utime + usage.ru_stime) / duration_s, 3)
-    os.unlink(started["script"])
-    max_load = {**_wrk_result(out, duration_s), "connections": connections, "cpu": cpu_max}
-    rss = {f"app-{s.port}": round(_rss_mb(p), 1) for s in edge.servers if (p := s.pid())}
+    out["busy"] = _max_load(url, post, groups, duration_s, connections)
+    stopped = [s for s in services if s.stop()]
+    try:
+        out["writer_idle"] = _max_load(url, post, groups, duration_s, connections)
+    finally:
+        for s in stopped:
+            s.start()
+    out["app_server_rss_mb"] = {f"app-{s.port}": round(_rss_mb(p), 1)
+                                for s in edge.servers if (p := s.pid())}  # fmt: skip
 
-    # 2. Fixed offered rate: paced async client in this process (wrk2 is not packaged).
-    groups["load_generator"] = [os.getpid()]
-    meter = _CpuMeter(groups)
+    groups_paced = {**groups, "load_generator": [os.getpid()]}
+    meter = _CpuMeter(groups_paced)
     meter.start()
-    fixed = asyncio.run(_paced(url, path, tokens, rate, rate_duration_s))
-    fixed["cpu"] = meter.stop()
-    return {
-        "sale_id": sale,
-        "app_servers": len(edge.servers),
-        "max_load": max_load,
-        "fixed_rate": fixed,
-        "app_server_rss_mb": rss,
-        "cpu_note": "CPU share: 1.0 = one core fully busy (the box has 2 cores)",
-    }
+    fixed = asyncio.run(_paced(url, f"/v1/sales/{sale}/intents", tokens, rate, rate_duration_s))
+    fixed["cpu_share"] = meter.stop()
+    out["open_loop"] = fixed
+
+    readers = asyncio.run(_own_intents(url, sale, tokens[:2000]))
+    out["get_status"] = _max_load(url, _get_script(readers), groups, duration_s, connections)
+
+    variant_env = {"FLASHSALE_JWT_SECRET": secret}
+    for name, env in (("fastapi_route", {"FLASHSALE_HTTP_LEAN_INTENTS": "0"}),
+                      ("empty_asgi_app", {"FLASHSALE_HTTP_EMPTY": "1"})):  # fmt: skip
+        with _variant(settings, name, {**variant_env, **env}) as v:
+            out[name] = _max_load(v.url, post, _groups(settings, v), duration_s, connections)
+    ceiling = out["empty_asgi_app"]["accepted_2xx_per_s"] or 1
+    out["share_of_ceiling"] = {k: round(out[k]["accepted_2xx_per_s"] / ceiling, 3)
+                               for k in ("busy", "writer_idle", "fastapi_route")}  # fmt: skip
+    out["feed_catch_up"] = feed_catch_up(settings)
+    out["cpu_note"] = "cpu_share: 1.0 = one core fully busy (the box has 2 cores)"
+    return out
 
 
 def feed_catch_up(settings: Settings, facts: int = 200_000) -> dict[str, Any]:

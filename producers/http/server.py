@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -100,6 +101,27 @@ def build_app(
     return app
 
 
+async def empty_app(scope: Any, receive: Any, send: Any) -> None:
+    """The bench's ceiling: an ASGI app that answers every request without doing anything
+    (200 to a GET, 202 ``{}`` to anything else), served exactly like the real one."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            done = message["type"] + ".complete"  # lifespan.startup.complete, ...shutdown...
+            await send({"type": done})
+            if message["type"] == "lifespan.shutdown":
+                return
+    if scope["type"] != "http":
+        return
+    message = await receive()
+    while message.get("more_body", False):
+        message = await receive()
+    status = 200 if scope["method"] == "GET" else 202
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"2")]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"{}"})
+
+
 def serve(port: int, host: str = DEFAULT_HOST) -> int:
     """Run one app server on host:port until SIGTERM/SIGINT."""
     import uvicorn
@@ -111,9 +133,12 @@ def serve(port: int, host: str = DEFAULT_HOST) -> int:
     logs.configure(service="flashsale-http")
     settings = Settings.from_env()
     app = build_app(settings, Stack(settings).endpoints(), server_id=f"{host}:{port}")
+    served: Any = LeanEdge(app)  # the hot route before any middleware; the rest to FastAPI
+    if os.environ.get("FLASHSALE_HTTP_EMPTY") == "1":  # `flashsale bench --only http` only
+        served = empty_app
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     uvicorn.run(
-        LeanEdge(app),  # the hot route before any middleware; the rest to FastAPI
+        served,
         host=host,
         port=port,
         loop="uvloop",
