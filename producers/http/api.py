@@ -31,8 +31,7 @@ from producers.http.models import (
     error_responses,
 )
 from producers.http.rules import Refused
-from producers.http.store import status_of
-from producers.http.views import cached_json
+from producers.http.views import cached_json, respond
 
 router = APIRouter(prefix="/v1")
 
@@ -106,24 +105,9 @@ async def get_intent(
     Until the projection has the intent, the receipt in the 202's ``status_url`` (query
     parameters sale_id, sku, quantity, receipt) makes the answer ``queued``.
     """
-    row = await ctx.store.intent_status(intent_id)
-    if row is not None:
-        if row["user_id"] != who.user_id:
-            raise ApiError(403, "forbidden", "this intent belongs to another user")
-        # A decision is final: the client may keep it (private: it is this user's).
-        return cached_json(request, IntentStatus.model_validate(status_of(row)),
-                           "private, max-age=86400, immutable")  # fmt: skip
-    if (
-        sale_id is not None
-        and sku is not None
-        and quantity is not None
-        and receipt is not None
-        and ctx.intake.receipts.valid(receipt, intent_id, who.user_id, sale_id, sku, quantity)
-    ):
-        queued = IntentStatus(intent_id=intent_id, sale_id=sale_id, sku=sku, quantity=quantity,
-                              status="queued")  # fmt: skip
-        return cached_json(request, queued, "private, no-cache")
-    raise ApiError(404, "unknown_intent", f"no intent {intent_id!r}")
+    fields = (sale_id, sku, quantity, receipt)
+    proof = None if None in fields else (sale_id, sku, quantity, receipt)
+    return respond(request, await ctx.intent_views.get(who.user_id, intent_id, proof))  # type: ignore[arg-type]
 
 
 @router.get(

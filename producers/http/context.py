@@ -17,7 +17,7 @@ from producers.http.livefeed import DecisionFeed
 from producers.http.metrics import EdgeMetrics
 from producers.http.ratelimit import RateLimiter
 from producers.http.store import EdgeStore
-from producers.http.views import SaleViews
+from producers.http.views import IntentViews, SaleViews
 from producers.sales import SaleService
 
 
@@ -35,6 +35,7 @@ class EdgeContext:
     intake: IntakeService
     readers: RateLimiter  # reads (GET status, GET sale): their own buckets
     sale_views: SaleViews
+    intent_views: IntentViews
     sales: SaleService
 
 

@@ -1,16 +1,17 @@
-"""The hot route, ``POST /v1/sales/{sale_id}/intents``, as a raw ASGI handler.
+"""The hot routes as raw ASGI handlers: ``POST /v1/sales/{sale_id}/intents`` and
+``GET /v1/intents/{intent_id}``.
 
 FastAPI's dependency solving and route chain cost 230-400 µs of CPU per request here, more
-than everything else an intent needs. This handler does the same work directly: the cached
-token check, the role, the user's token bucket, validation (msgspec), then
-``IntakeService.place_intent``, answering in the API's one error shape. The route stays
-declared in FastAPI (``producers.http.api.post_intent``, the same service behind it): that
-declaration is what ``/openapi.json`` describes, and it serves the route when
-``FLASHSALE_HTTP_LEAN_INTENTS=0``. A unit test holds the two to the same answers.
+than everything else an intent needs. ``LeanEdge`` answers these two routes itself, before
+any middleware: the cached token check, the role, the user's token bucket, validation
+(msgspec for the body), then the same services the FastAPI routes call
+(``IntakeService.place_intent``, ``IntentViews.get``), in the API's one error shape. The
+routes stay declared in FastAPI (``producers.http.api``): those declarations are what
+``/openapi.json`` describes, and they serve the routes when ``FLASHSALE_HTTP_LEAN_INTENTS=0``.
+Unit tests hold the two to the same answers, case by case.
 
-Checks run in FastAPI's order for this route: the body limit (413), the token (401), the
-role (403), the rate limit (429), then the path, the ``Idempotency-Key`` and the body
-(400/422).
+Checks run in FastAPI's order: the body limit (413), the token (401), the role (403), the
+rate limit (429), then the path, the headers or query and the body (400/422).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import re
 import time
 from typing import Any
+from urllib.parse import parse_qsl
 
 import msgspec
 from fastapi import FastAPI
@@ -33,6 +35,9 @@ from producers.http.models import IDEMPOTENCY_KEY
 from producers.http.rules import Refused
 
 HOT_PATH = re.compile(r"/v1/sales/([^/]+)/intents")
+STATUS_PATH = re.compile(r"/v1/intents/([^/]+)")
+STATUS_ROUTE = "/v1/intents/{intent_id}"
+_RECEIPT = re.compile(r"[A-Za-z0-9_-]{22}")
 _IDENT = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _KEY = re.compile(IDEMPOTENCY_KEY.strip("^$"))
 MAX_QUANTITY = 1_000_000
@@ -128,17 +133,11 @@ async def _place(
     length = headers.get(b"content-length")
     if length is not None and length.isdigit() and int(length) > max_body:
         raise _too_large(max_body)  # before anything else, as EdgeMiddleware does
-    raw_auth = headers.get(b"authorization")
-    try:
-        who = ctx.tokens.verify(raw_auth.decode("latin-1") if raw_auth is not None else None)
-    except Unauthenticated as exc:
-        raise unauthenticated(str(exc)) from None
-    if who.role != "shopper":
-        raise ApiError(403, "forbidden", "this needs the shopper role")
-    rate_limit(ctx, who.user_id)
+    user_id = _shopper(ctx, headers)
+    rate_limit(ctx, user_id)
     intent, key = _validated(sale_id, headers, await _read_body(receive, max_body))
     try:
-        return await ctx.intake.place_intent(who.user_id, sale_id, intent.sku, intent.quantity, key)
+        return await ctx.intake.place_intent(user_id, sale_id, intent.sku, intent.quantity, key)
     except Refused as exc:
         raise refusal(exc.code, exc.message) from None
     except Unacknowledged:
@@ -158,41 +157,125 @@ class LeanEdge:
         self.max_body = max_body
         self.served_by = (b"x-served-by", app.state.server_id.encode())
         metrics: EdgeMetrics = app.state.metrics
-        self._latency = metrics.latency.labels(HotRoute.path)
-        self._counts: dict[int, Any] = {}
+        self._latency = {r: metrics.latency.labels(r) for r in (HotRoute.path, STATUS_ROUTE)}
+        self._counts: dict[tuple[str, int], Any] = {}
         self._requests = metrics.requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["method"] != "POST"
-            or (match := HOT_PATH.fullmatch(scope["path"])) is None
-            or (ctx := getattr(self.state, "edge", None)) is None
-            or not ctx.config.lean_intents
-        ):
+        ctx = getattr(self.state, "edge", None)
+        if scope["type"] != "http" or ctx is None or not ctx.config.lean_intents:
             await self.app(scope, receive, send)
             return
+        if scope["method"] == "POST" and (match := HOT_PATH.fullmatch(scope["path"])):
+            await self._post_intent(ctx, match.group(1), scope, receive, send)
+        elif scope["method"] == "GET" and (match := STATUS_PATH.fullmatch(scope["path"])):
+            await self._intent_status(ctx, match.group(1), scope, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _post_intent(
+        self, ctx: EdgeContext, sale_id: str, scope: Scope, receive: Receive, send: Send
+    ) -> None:
         started = time.perf_counter()
+        route = HotRoute.path
         try:
-            placed = await _place(ctx, match.group(1), scope, receive, self.max_body)
+            placed = await _place(ctx, sale_id, scope, receive, self.max_body)
         except ApiError as exc:
-            data = _encode(error_body(exc.code, exc.message, exc.details))
-            extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
-            await self._answer(send, exc.status, data, extra, started)
+            await self._error(send, exc, route, started)
             return
         ctx.metrics.intents_accepted.inc()
         url = placed.status_url
         data = _encode({"intent_id": placed.intent_id, "status": "queued", "status_url": url})
-        await self._answer(send, 202, data, [(b"location", url.encode())], started)
+        await self._answer(send, 202, data, [(b"location", url.encode())], route, started)
+
+    async def _intent_status(
+        self, ctx: EdgeContext, intent_id: str, scope: Scope, send: Send
+    ) -> None:
+        """``GET /v1/intents/{id}`` as ``producers.http.api.get_intent`` answers it."""
+        started = time.perf_counter()
+        headers = dict(scope["headers"])
+        try:
+            user_id = _shopper(ctx, headers)
+            rate_limit(ctx, user_id, ctx.readers)
+            proof = _status_query(intent_id, scope.get("query_string", b""))
+            rendered = await ctx.intent_views.get(user_id, intent_id, proof)
+        except ApiError as exc:
+            await self._error(send, exc, STATUS_ROUTE, started)
+            return
+        cache = [(b"etag", rendered.etag.encode()),
+                 (b"cache-control", rendered.cache_control.encode())]  # fmt: skip
+        inm = headers.get(b"if-none-match")
+        if rendered.not_modified(inm.decode("latin-1") if inm is not None else None):
+            await send({"type": "http.response.start", "status": 304,
+                        "headers": [self.served_by, *cache]})  # fmt: skip
+            await send({"type": "http.response.body", "body": b""})
+            self._count(STATUS_ROUTE, "GET", 304, started)
+            return
+        await self._answer(send, 200, rendered.body, cache, STATUS_ROUTE, started, "GET")
+
+    async def _error(self, send: Send, exc: ApiError, route: str, started: float) -> None:
+        data = _encode(error_body(exc.code, exc.message, exc.details))
+        extra = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+        method = "POST" if route == HotRoute.path else "GET"
+        await self._answer(send, exc.status, data, extra, route, started, method)
 
     async def _answer(
-        self, send: Send, status: int, data: bytes, extra: list[Any], started: float
+        self,
+        send: Send,
+        status: int,
+        data: bytes,
+        extra: list[Any],
+        route: str,
+        started: float,
+        method: str = "POST",
     ) -> None:
         headers = [_JSON, (b"content-length", str(len(data)).encode()), self.served_by, *extra]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": data})
-        count = self._counts.get(status)
+        self._count(route, method, status, started)
+
+    def _count(self, route: str, method: str, status: int, started: float) -> None:
+        count = self._counts.get((route, status))
         if count is None:
-            count = self._counts[status] = self._requests.labels(HotRoute.path, "POST", status)
+            count = self._counts[(route, status)] = self._requests.labels(route, method, status)
         count.inc()
-        self._latency.observe(time.perf_counter() - started)
+        self._latency[route].observe(time.perf_counter() - started)
+
+
+def _shopper(ctx: EdgeContext, headers: dict[bytes, bytes]) -> str:
+    """The caller's user id if they hold the shopper role (401/403 otherwise)."""
+    raw_auth = headers.get(b"authorization")
+    try:
+        who = ctx.tokens.verify(raw_auth.decode("latin-1") if raw_auth is not None else None)
+    except Unauthenticated as exc:
+        raise unauthenticated(str(exc)) from None
+    if who.role != "shopper":
+        raise ApiError(403, "forbidden", "this needs the shopper role")
+    return who.user_id
+
+
+def _status_query(intent_id: str, query_string: bytes) -> tuple[str, str, int, str] | None:
+    """The receipt fields of the status URL, validated as the FastAPI route declares them."""
+    if len(intent_id) > 128:
+        raise _invalid(["path", "intent_id"], "string_too_long", "at most 128 characters")
+    query = dict(parse_qsl(query_string.decode("latin-1"), keep_blank_values=True))
+    for name in ("sale_id", "sku"):
+        value = query.get(name)
+        if value is not None and not _IDENT.fullmatch(value):
+            raise _invalid(["query", name], "string_pattern_mismatch",
+                           "must be 1-128 characters of A-Z a-z 0-9 _ . : -")  # fmt: skip
+    raw_quantity = query.get("quantity")
+    quantity = None
+    if raw_quantity is not None:
+        if not raw_quantity.strip().lstrip("+-").isdigit():
+            raise _invalid(["query", "quantity"], "int_parsing", "must be an integer")
+        quantity = int(raw_quantity)
+        if not 1 <= quantity <= MAX_QUANTITY:
+            raise _invalid(["query", "quantity"], "range", f"must be 1 to {MAX_QUANTITY}")
+    receipt = query.get("receipt")
+    if receipt is not None and not _RECEIPT.fullmatch(receipt):
+        raise _invalid(["query", "receipt"], "string_pattern_mismatch", "not a receipt")
+    sale_id, sku = query.get("sale_id"), query.get("sku")
+    if sale_id is None or sku is None or quantity is None or receipt is None:
+        return None
+    return sale_id, sku, quantity, receipt

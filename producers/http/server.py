@@ -40,7 +40,7 @@ def build_app(
     from producers.http.middleware import EdgeMiddleware
     from producers.http.ratelimit import RateLimiter
     from producers.http.store import EdgeStore
-    from producers.http.views import SaleViews
+    from producers.http.views import IntentViews, SaleViews
     from producers.sales import PostgresClaims, SaleService
     from schemas.codec import SchemaRegistry
 
@@ -75,8 +75,10 @@ def build_app(
         )  # fmt: skip
         readers = RateLimiter(cfg.read_rate_per_s, cfg.read_rate_burst)
         app.state.edge = EdgeContext(
-            cfg, TokenVerifier(secret), producer, store, feed, limiter, metrics, intake,
-            readers, SaleViews(store), SaleService(PostgresClaims(pool), producer, feed),
+            config=cfg, tokens=TokenVerifier(secret), producer=producer, store=store, feed=feed,
+            limiter=limiter, metrics=metrics, intake=intake, readers=readers,
+            sale_views=SaleViews(store), intent_views=IntentViews(store, intake.receipts),
+            sales=SaleService(PostgresClaims(pool), producer, feed),
         )  # fmt: skip
         try:
             yield

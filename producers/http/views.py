@@ -4,33 +4,90 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from fastapi import Request, Response
 from pydantic import BaseModel
 
-from producers.http.models import SaleState
+from producers.http.errors import ApiError
+from producers.http.intake import Receipts
+from producers.http.models import IntentStatus, SaleState
 from producers.http.rules import state_of
-from producers.http.store import EdgeStore
+from producers.http.store import EdgeStore, status_of
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """A JSON answer, rendered once, with its strong ETag and caching rule."""
+
+    body: bytes
+    etag: str
+    cache_control: str
+
+    @classmethod
+    def of(cls, model: BaseModel, cache_control: str) -> Rendered:
+        body = model.model_dump_json().encode()
+        return cls(body, '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"',
+                   cache_control)  # fmt: skip
+
+    def not_modified(self, if_none_match: str | None) -> bool:
+        return bool(if_none_match) and self.etag in str(if_none_match)
+
+
 def cached_json(request: Request, model: BaseModel, cache_control: str) -> Response:
     """The model as JSON with a strong ETag; 304 when the client already holds it."""
-    body = model.model_dump_json().encode()
-    return etagged(request, body, cache_control)
+    return respond(request, Rendered.of(model, cache_control))
 
 
-def etagged(request: Request, body: bytes, cache_control: str) -> Response:
-    etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
-    headers = {"ETag": etag, "Cache-Control": cache_control}
-    if etag in request.headers.get("if-none-match", ""):
+def respond(request: Request, rendered: Rendered) -> Response:
+    headers = {"ETag": rendered.etag, "Cache-Control": rendered.cache_control}
+    if rendered.not_modified(request.headers.get("if-none-match")):
         return Response(status_code=304, headers=headers)
-    return Response(body, media_type="application/json", headers=headers)
+    return Response(rendered.body, media_type="application/json", headers=headers)
+
+
+class IntentViews:
+    """``GET /v1/intents/{id}``: a decided intent's answer is final, so it is rendered once
+    and kept (the last ``capacity`` of them); an undecided one is answered from its receipt."""
+
+    def __init__(self, store: Any, receipts: Receipts, capacity: int = 200_000) -> None:
+        self.store = store
+        self.receipts = receipts
+        self.capacity = capacity
+        self._final: OrderedDict[str, tuple[str, Rendered]] = OrderedDict()
+
+    async def get(
+        self, user_id: str, intent_id: str, receipt: tuple[str, str, int, str] | None
+    ) -> Rendered:
+        """The caller's intent; ApiError 403 (another user's) or 404 (unknown, no receipt)."""
+        hit = self._final.get(intent_id)
+        if hit is None:
+            row = await self.store.intent_status(intent_id)
+            if row is not None:
+                status = IntentStatus.model_validate(status_of(row))
+                hit = (row["user_id"], Rendered.of(status, "private, max-age=86400, immutable"))
+                self._final[intent_id] = hit
+                if len(self._final) > self.capacity:
+                    self._final.popitem(last=False)
+        if hit is not None:
+            if hit[0] != user_id:
+                raise ApiError(403, "forbidden", "this intent belongs to another user")
+            return hit[1]
+        if receipt is not None:
+            sale_id, sku, quantity, proof = receipt
+            if self.receipts.valid(proof, intent_id, user_id, sale_id, sku, quantity):
+                queued = IntentStatus(intent_id=intent_id, sale_id=sale_id, sku=sku,
+                                      quantity=quantity, status="queued")  # fmt: skip
+                return Rendered.of(queued, "private, no-cache")
+        raise ApiError(404, "unknown_intent", f"no intent {intent_id!r}")
 
 
 class SaleViews:

@@ -30,7 +30,7 @@ from producers.http.metrics import EdgeMetrics
 from producers.http.ratelimit import RateLimiter
 from producers.http.rules import Refused, SkuTerms
 from producers.http.server import build_app
-from producers.http.views import SaleViews
+from producers.http.views import IntentViews, SaleViews
 from producers.identity import intent_id_for
 
 SECRET = "unit-test-secret-with-enough-bytes-for-hs256"
@@ -48,6 +48,7 @@ class FakeSales:
     def __init__(self, skus: dict[str, SkuTerms]) -> None:
         self.skus = skus
         self.projected: dict[str, tuple[str, str, int]] = {}
+        self.rows: dict[str, dict[str, Any]] = {}  # intent_outcomes rows by intent id
 
     async def sale(self, sale_id: str) -> Mapping[str, SkuTerms]:
         return self.skus if sale_id == "s" else {}
@@ -56,7 +57,7 @@ class FakeSales:
         return self.projected.get(intent_id)
 
     async def intent_status(self, intent_id: str) -> dict[str, Any] | None:
-        return None
+        return self.rows.get(intent_id)
 
 
 class FakeLog:
@@ -248,9 +249,10 @@ def _app(tmp_path: Path, lean: bool, sales: FakeSales, log: FakeLog) -> TestClie
     app = build_app(settings, Endpoints("127.0.0.1:1", "postgresql://nowhere/x"), cfg, "t")
     svc = service(sales, log)
     app.state.edge = EdgeContext(
-        cfg, TokenVerifier(SECRET), None, sales, None, RateLimiter(1000, 1000),  # type: ignore[arg-type]
-        EdgeMetrics(), svc, RateLimiter(1000, 1000), SaleViews(sales, clock=lambda: NOW),  # type: ignore[arg-type]
-        None,  # type: ignore[arg-type]
+        config=cfg, tokens=TokenVerifier(SECRET), producer=None, store=sales, feed=None,  # type: ignore[arg-type]
+        limiter=RateLimiter(1000, 1000), metrics=EdgeMetrics(), intake=svc,
+        readers=RateLimiter(1000, 1000), sale_views=SaleViews(sales, clock=lambda: NOW),  # type: ignore[arg-type]
+        intent_views=IntentViews(sales, svc.receipts), sales=None,  # type: ignore[arg-type]
     )  # fmt: skip
     return TestClient(LeanEdge(app))
 
@@ -361,3 +363,44 @@ def test_reads_are_rendered_once_validated_by_etag_and_limited_on_their_own(tmp_
     # Posting intents has its own bucket: reads did not use it up.
     posted = client.post("/v1/sales/s/intents", json={"sku": "k", "quantity": 1}, headers=_auth())
     assert posted.status_code == 202
+
+
+def _reads(client: TestClient, sales: FakeSales) -> list[tuple[int, Any]]:
+    sales.rows["d1"] = {"intent_id": "d1", "user_id": "u", "sale_id": "s", "sku": "k",
+                        "quantity": 1, "outcome": "accepted", "reason": None, "detail": "",
+                        "order_id": "o1", "decided_at": NOW}  # fmt: skip
+    url = client.post(
+        "/v1/sales/s/intents", json={"sku": "k", "quantity": 2},
+        headers={**_auth(), "Idempotency-Key": "r1"},
+    ).json()["status_url"]  # fmt: skip
+    base, query = url.split("?")
+    cases = [
+        (url, _auth()), (base, _auth()), (url.replace("quantity=2", "quantity=1"), _auth()),
+        (url, _auth("other")), (url, {}), (url, _auth("a", "admin")),
+        ("/v1/intents/d1", _auth()), ("/v1/intents/d1", _auth("other")),
+        ("/v1/intents/nope", _auth()), ("/v1/intents/" + "x" * 129, _auth()),
+        (base + "?" + query.replace("quantity=2", "quantity=x"), _auth()),
+        (base + "?" + query.replace("quantity=2", "quantity=0"), _auth()),
+        (base + "?" + query.replace("sku=k", "sku=a%20b"), _auth()),
+        (base + "?sale_id=s&sku=k&quantity=2&receipt=short", _auth()),
+    ]  # fmt: skip
+    out: list[tuple[int, Any]] = []
+    for target, headers in cases:
+        resp = client.get(target, headers=headers)
+        if resp.status_code == 200:
+            out.append((200, (resp.json(), resp.headers["etag"], resp.headers["cache-control"])))
+            again = client.get(target, headers={**headers, "If-None-Match": resp.headers["etag"]})
+            out.append((again.status_code, again.headers["etag"]))
+        else:
+            out.append((resp.status_code, resp.json()["error"]["code"]))
+    return out
+
+
+def test_the_lean_status_route_answers_every_case_as_the_fastapi_route_does(tmp_path: Path):
+    results = {}
+    for lean in (True, False):
+        sales = FakeSales({"k": terms()})
+        results[lean] = _reads(_app(tmp_path, lean, sales, FakeLog()), sales)
+    assert results[True] == results[False]
+    codes = [c for c, _ in results[True]]
+    assert codes.count(200) == 2 and codes.count(304) == 2 and 422 in codes and 403 in codes
