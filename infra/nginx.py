@@ -75,8 +75,12 @@ def render_config(prefix: Path, port: int, upstreams: Sequence[int], module: Pat
         for code, (c, m) in _ERRORS.items()
     )
     pages = "\n".join(f"        error_page {code} /_err/{code};" for code in _ERRORS)
+    # proxy_set_header is not inherited by a level that sets any of its own: without
+    # Connection "" here nginx sent "Connection: close" and opened a connection to an app
+    # server per request (uvicorn's accept and protocol set-up cost more than the request).
     proxy = """\
             proxy_pass http://flashsale_app;
+            proxy_set_header Connection "";
             proxy_set_header Host $host;
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_set_header X-Request-ID $request_id;"""
@@ -120,7 +124,6 @@ http {{
         keepalive_requests 100000;
 
         proxy_http_version 1.1;
-        proxy_set_header Connection "";
         proxy_connect_timeout 2s;
         proxy_send_timeout 10s;
         proxy_read_timeout 15s;
@@ -135,6 +138,13 @@ http {{
         }}
 
         location = /v1/me/events {{
+{proxy}
+            proxy_buffering off;
+            proxy_cache off;
+            proxy_read_timeout 1h;
+        }}
+
+        location ~ ^/v1/sales/[^/]+/events$ {{
 {proxy}
             proxy_buffering off;
             proxy_cache off;

@@ -2,7 +2,8 @@
 
 1. max 202/s (wrk, closed loop) while the writer and the projector decide and project the
    same intents (``busy``), and with them stopped (``writer_idle``);
-2. latency at an open-loop offered rate (2,000/s; a generator that does not wait for answers);
+2. latency at an open-loop offered rate (2,000/s; a generator that does not wait for answers),
+   busy and with the writer idle;
 3. GET /v1/intents/{id} requests/s (each user reading its own intent);
 4. the same max-load run against two other app-server builds behind the same nginx
    configuration: the FastAPI route (``FLASHSALE_HTTP_LEAN_INTENTS=0``, what the edge was)
@@ -353,22 +354,24 @@ def run_http_bench(
     groups = _groups(settings, edge)
     out: dict[str, Any] = {"sale_id": sale, "app_servers": len(edge.servers)}
 
+    def open_loop() -> dict[str, Any]:
+        meter = _CpuMeter({**groups, "load_generator": [os.getpid()]})
+        meter.start()
+        fixed = asyncio.run(_paced(url, f"/v1/sales/{sale}/intents", tokens, rate, rate_duration_s))
+        fixed["cpu_share"] = meter.stop()
+        return fixed
+
     out["busy"] = _max_load(url, post, groups, duration_s, connections)
+    out["open_loop_busy"] = open_loop()
     stopped = [s for s in services if s.stop()]
     try:
         out["writer_idle"] = _max_load(url, post, groups, duration_s, connections)
+        out["open_loop_writer_idle"] = open_loop()
     finally:
         for s in stopped:
             s.start()
     out["app_server_rss_mb"] = {f"app-{s.port}": round(_rss_mb(p), 1)
                                 for s in edge.servers if (p := s.pid())}  # fmt: skip
-
-    groups_paced = {**groups, "load_generator": [os.getpid()]}
-    meter = _CpuMeter(groups_paced)
-    meter.start()
-    fixed = asyncio.run(_paced(url, f"/v1/sales/{sale}/intents", tokens, rate, rate_duration_s))
-    fixed["cpu_share"] = meter.stop()
-    out["open_loop"] = fixed
 
     readers = asyncio.run(_own_intents(url, sale, tokens[:2000]))
     out["get_status"] = _max_load(url, _get_script(readers), groups, duration_s, connections)
