@@ -58,20 +58,34 @@ class IntentViews:
     """``GET /v1/intents/{id}``: a decided intent's answer is final, so it is rendered once
     and kept (the last ``capacity`` of them); an undecided one is answered from its receipt."""
 
-    def __init__(self, store: Any, receipts: Receipts, capacity: int = 200_000) -> None:
+    def __init__(
+        self, store: Any, receipts: Receipts, capacity: int = 200_000, miss_ttl_s: float = 0.5
+    ) -> None:
         self.store = store
         self.receipts = receipts
         self.capacity = capacity
+        self.miss_ttl_s = miss_ttl_s
         self._final: OrderedDict[str, tuple[str, Rendered]] = OrderedDict()
+        # Not projected yet, as of this time: a client polling a queued intent queries
+        # PostgreSQL at most once per miss_ttl_s, not on every poll.
+        self._misses: dict[str, float] = {}
+        self.queries = 0
 
     async def get(
         self, user_id: str, intent_id: str, receipt: tuple[str, str, int, str] | None
     ) -> Rendered:
         """The caller's intent; ApiError 403 (another user's) or 404 (unknown, no receipt)."""
         hit = self._final.get(intent_id)
-        if hit is None:
+        now = time.monotonic()
+        if hit is None and now - self._misses.get(intent_id, -1e9) >= self.miss_ttl_s:
+            self.queries += 1
             row = await self.store.intent_status(intent_id)
-            if row is not None:
+            if row is None:
+                if len(self._misses) > self.capacity:
+                    self._misses.clear()
+                self._misses[intent_id] = now
+            else:
+                self._misses.pop(intent_id, None)
                 status = IntentStatus.model_validate(status_of(row))
                 hit = (row["user_id"], Rendered.of(status, "private, max-age=86400, immutable"))
                 self._final[intent_id] = hit

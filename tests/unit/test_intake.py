@@ -341,6 +341,10 @@ def test_a_receipt_answers_queued_until_the_projection_has_the_intent(tmp_path: 
         "intent_id": None, "sale_id": "s", "sku": "k", "quantity": 2, "status": "queued",
         "position": None, "order_id": None, "reason": None, "detail": None, "decided_at": None,
     }  # fmt: skip
+    views = client.app.state.edge.intent_views  # type: ignore[attr-defined]
+    before = views.queries
+    assert client.get(url, headers=_auth()).status_code == 200
+    assert views.queries == before  # polled again within the miss TTL: no query
     forged = url.replace("quantity=2", "quantity=1")
     bare = url.split("?")[0]
     for target, who in ((forged, "u"), (bare, "u"), (url, "someone-else")):
