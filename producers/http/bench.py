@@ -79,12 +79,13 @@ end
 """
 
 
-def _cpu_ticks(pid: int) -> int:
+def _cpu_ticks(pid: int) -> int | None:
+    """utime + stime of a process, None when it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])  # utime + stime
+        return int(fields[11]) + int(fields[12])
     except (FileNotFoundError, IndexError):
-        return 0
+        return None
 
 
 def _children(pid: int) -> list[int]:
@@ -109,10 +110,10 @@ class _CpuMeter:
 
     def __init__(self, groups: dict[str, list[int]]) -> None:
         self.groups = groups
-        self._start: dict[int, int] = {}
+        self._start: dict[int, int | None] = {}
         self._t0 = 0.0
 
-    def _ticks(self) -> dict[int, int]:
+    def _ticks(self) -> dict[int, int | None]:
         return {p: _cpu_ticks(p) for pids in self.groups.values() for p in pids}
 
     def start(self) -> None:
@@ -123,7 +124,11 @@ class _CpuMeter:
         end = self._ticks()
         out = {}
         for name, pids in self.groups.items():
-            used = sum(end[p] - self._start[p] for p in pids if end.get(p) and self._start.get(p))
+            used = 0
+            for p in pids:
+                a, b = self._start.get(p), end.get(p)
+                if a is not None and b is not None:  # present at both ends (0 ticks counts)
+                    used += b - a
             out[name] = round(used / _TICK / wall, 3) if wall > 0 else 0.0
         return out
 
