@@ -122,6 +122,8 @@ class CommandProducer:
         settles its future on the loop directly. (A poll thread handing acks to the loop cost
         ~25% more CPU per intent here: GIL hand-offs and a loop wake-up per poll.)
         """
+        if self._loop is not None:
+            raise RuntimeError("already serving acks on a loop")
         self._loop = loop
         self._loop_thread = threading.get_ident()
 

@@ -32,6 +32,10 @@ class FactSource(Protocol):
 
     def forget(self, sale_id: str, sku: str, fut: asyncio.Future[Any]) -> None: ...
 
+    def knows(self, sale_id: str, sku: str) -> bool:
+        """Whether a fact of (sale, SKU) was read (an opened SKU, maybe not projected yet)."""
+        ...
+
 
 class SaleClaims(Protocol):
     async def claim(self, sale_id: str, terms: str, by: str) -> str | None:
@@ -175,6 +179,10 @@ class SaleService:
             # The same opening again (its first answer was lost): what is open stays open,
             # and a repeated OpenSale of it would get no new fact.
             opening.opened = await self.claims.opened(sale_id)
+            for s in skus:
+                if s.sku not in opening.opened and self.facts.knows(sale_id, s.sku):
+                    window = {"starts_at": starts_at_ms, "ends_at": ends_at_ms}
+                    opening.opened[s.sku] = {**asdict(s), "sale_id": sale_id, **window}
         todo = [s for s in skus if s.sku not in opening.opened]
         if not todo:
             return opening

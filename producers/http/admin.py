@@ -14,6 +14,7 @@ from producers.commands import NotAcknowledged, SkuAllocation
 from producers.http.context import Admin, Ctx
 from producers.http.errors import ApiError, refusal, unavailable
 from producers.http.models import (
+    IDENT,
     CloseSaleRequest,
     OpenSaleRequest,
     SaleClosedReply,
@@ -26,7 +27,7 @@ from producers.sales import Opening
 from projections.rows import utc
 
 router = APIRouter(prefix="/v1/admin")
-SaleId = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+SaleId = Annotated[str, Path(min_length=1, max_length=128, pattern=IDENT)]
 
 
 @router.post(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
@@ -24,6 +23,8 @@ from producers.http.intake import Unacknowledged
 from producers.http.livefeed import status_of_fact
 from producers.http.models import (
     IDEMPOTENCY_KEY,
+    IDENT,
+    RECEIPT,
     IntentQueued,
     IntentRequest,
     IntentStatus,
@@ -36,7 +37,7 @@ from producers.http.views import cached_json, respond
 router = APIRouter(prefix="/v1")
 
 
-Ident = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+Ident = Annotated[str, Path(min_length=1, max_length=128, pattern=IDENT)]
 
 
 @router.post(
@@ -75,9 +76,7 @@ async def post_intent(
     return IntentQueued(intent_id=placed.intent_id, status_url=placed.status_url)
 
 
-ReceiptIdent = Annotated[
-    str | None, Query(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
-]
+ReceiptIdent = Annotated[str | None, Query(min_length=1, max_length=128, pattern=IDENT)]
 
 
 @router.get(
@@ -98,7 +97,7 @@ async def get_intent(
     sale_id: ReceiptIdent = None,
     sku: ReceiptIdent = None,
     quantity: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
-    receipt: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_-]{22}$")] = None,
+    receipt: Annotated[str | None, Query(pattern=RECEIPT)] = None,
 ) -> Response:
     """queued (position may be null), accepted (with order_id) or rejected (with reason).
 
@@ -126,8 +125,9 @@ async def get_sale(
 ) -> Response:
     """open / not_open / ended / sold_out and remaining units per SKU.
 
-    Rendered once per sale per half second for everyone (a spike of readers costs one
-    query and one rendering), with an ETag; cacheable for a second.
+    Rendered at most once per sale per half second while it is fresh, queried once at a time
+    (a spike of readers costs about one query per half second), with an ETag; cacheable for
+    a second.
     """
     read_limit(ctx, request, None)
     state = await ctx.sale_views.get(sale_id)
@@ -206,7 +206,9 @@ async def _stream(
 )
 async def sale_events(request: Request, sale_id: Ident, ctx: Ctx) -> StreamingResponse:
     """`event: sale` with the units remaining per SKU when they change (at most twice a
-    second), as of the decisions this server has read."""
+    second), as of the decisions this server has read. Opening one takes a token from the
+    reads' bucket of the client's address."""
+    read_limit(ctx, request, None)
     return StreamingResponse(
         _sale_stream(ctx, sale_id, request),
         media_type="text/event-stream",
@@ -234,7 +236,3 @@ async def _sale_stream(ctx: EdgeContext, sale_id: str, request: Request) -> Asyn
                 return
             yield b": heartbeat\n\n"
             idle = 0.0
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)

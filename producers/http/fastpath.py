@@ -8,10 +8,11 @@ any middleware: the cached token check, the role, the user's token bucket, valid
 (``IntakeService.place_intent``, ``IntentViews.get``), in the API's one error shape. The
 routes stay declared in FastAPI (``producers.http.api``): those declarations are what
 ``/openapi.json`` describes, and they serve the routes when ``FLASHSALE_HTTP_LEAN_INTENTS=0``.
-Unit tests hold the two to the same answers, case by case.
 
-Checks run in FastAPI's order: the body limit (413), the token (401), the role (403), the
-rate limit (429), then the path, the headers or query and the body (400/422).
+Checks run in FastAPI's order: the body (its limit, 413), the token (401), the role (403),
+the rate limit (429), then the path, the headers or query and the body's content (400/422).
+Unit tests compare status and error code case by case (the ``details`` of a 422 are
+worded by msgspec here, by pydantic there).
 """
 
 from __future__ import annotations
@@ -22,23 +23,34 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import msgspec
+import psycopg
+import structlog
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
 from producers.http.auth import Unauthenticated
 from producers.http.context import EdgeContext, rate_limit
-from producers.http.errors import ApiError, error_body, not_acknowledged, refusal, unauthenticated
+from producers.http.errors import (
+    ApiError,
+    error_body,
+    not_acknowledged,
+    refusal,
+    unauthenticated,
+    unavailable,
+)
 from producers.http.intake import Unacknowledged
 from producers.http.metrics import EdgeMetrics
 from producers.http.middleware import MAX_BODY
-from producers.http.models import IDEMPOTENCY_KEY
+from producers.http.models import IDEMPOTENCY_KEY, IDENT, IDENT_RULE, RECEIPT
 from producers.http.rules import Refused
+
+log = structlog.get_logger(__name__)
 
 HOT_PATH = re.compile(r"/v1/sales/([^/]+)/intents")
 STATUS_PATH = re.compile(r"/v1/intents/([^/]+)")
 STATUS_ROUTE = "/v1/intents/{intent_id}"
-_RECEIPT = re.compile(r"[A-Za-z0-9_-]{22}")
-_IDENT = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+_RECEIPT = re.compile(RECEIPT.strip("^$"))
+_IDENT = re.compile(IDENT.strip("^$").replace("+", "{1,128}"))
 _KEY = re.compile(IDEMPOTENCY_KEY.strip("^$"))
 MAX_QUANTITY = 1_000_000
 
@@ -81,12 +93,12 @@ def _validated(
 ) -> tuple[IntentBody, str | None]:
     if not _IDENT.fullmatch(sale_id):
         raise _invalid(["path", "sale_id"], "string_pattern_mismatch",
-                       "must be 1-128 characters of A-Z a-z 0-9 _ . : -")  # fmt: skip
+                       IDENT_RULE)  # fmt: skip
     raw_key = headers.get(b"idempotency-key")
     key = raw_key.decode("latin-1") if raw_key is not None else None
     if key is not None and not _KEY.fullmatch(key):
         raise _invalid(["header", "Idempotency-Key"], "string_pattern_mismatch",
-                       "must be 1-128 characters of A-Z a-z 0-9 _ . : -")  # fmt: skip
+                       IDENT_RULE)  # fmt: skip
     ctype = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
     if not body or not (ctype == b"application/json" or ctype.endswith(b"+json")):
         raise _invalid(["body"], "missing" if not body else "model_attributes_type",
@@ -99,7 +111,7 @@ def _validated(
         raise ApiError(400, "malformed_json", "the body is not valid JSON") from None
     if not _IDENT.fullmatch(intent.sku):
         raise _invalid(["body", "sku"], "string_pattern_mismatch",
-                       "must be 1-128 characters of A-Z a-z 0-9 _ . : -")  # fmt: skip
+                       IDENT_RULE)  # fmt: skip
     if not 1 <= intent.quantity <= MAX_QUANTITY:
         raise _invalid(["body", "quantity"], "range", f"must be 1 to {MAX_QUANTITY}")
     return intent, key
@@ -129,13 +141,14 @@ async def _read_body(receive: Receive, max_body: int) -> bytes:
 async def _place(
     ctx: EdgeContext, sale_id: str, scope: Scope, receive: Receive, max_body: int
 ) -> Any:
-    headers = dict(scope["headers"])
+    headers = _headers(scope)
     length = headers.get(b"content-length")
     if length is not None and length.isdigit() and int(length) > max_body:
         raise _too_large(max_body)  # before anything else, as EdgeMiddleware does
+    body = await _read_body(receive, max_body)  # 413 first, chunked bodies too (as FastAPI)
     user_id = _shopper(ctx, headers)
     rate_limit(ctx, user_id)
-    intent, key = _validated(sale_id, headers, await _read_body(receive, max_body))
+    intent, key = _validated(sale_id, headers, body)
     try:
         return await ctx.intake.place_intent(user_id, sale_id, intent.sku, intent.quantity, key)
     except Refused as exc:
@@ -180,8 +193,8 @@ class LeanEdge:
         route = HotRoute.path
         try:
             placed = await _place(ctx, sale_id, scope, receive, self.max_body)
-        except ApiError as exc:
-            await self._error(send, exc, route, started)
+        except Exception as exc:
+            await self._error(send, _as_api_error(exc), route, started)
             return
         ctx.metrics.intents_accepted.inc()
         url = placed.status_url
@@ -193,14 +206,14 @@ class LeanEdge:
     ) -> None:
         """``GET /v1/intents/{id}`` as ``producers.http.api.get_intent`` answers it."""
         started = time.perf_counter()
-        headers = dict(scope["headers"])
+        headers = _headers(scope)
         try:
             user_id = _shopper(ctx, headers)
             rate_limit(ctx, user_id, ctx.readers)
             proof = _status_query(intent_id, scope.get("query_string", b""))
             rendered = await ctx.intent_views.get(user_id, intent_id, proof)
-        except ApiError as exc:
-            await self._error(send, exc, STATUS_ROUTE, started)
+        except Exception as exc:
+            await self._error(send, _as_api_error(exc), STATUS_ROUTE, started)
             return
         cache = [(b"etag", rendered.etag.encode()),
                  (b"cache-control", rendered.cache_control.encode())]  # fmt: skip
@@ -242,6 +255,23 @@ class LeanEdge:
         self._latency[route].observe(time.perf_counter() - started)
 
 
+def _as_api_error(exc: Exception) -> ApiError:
+    """The answer to an exception, as ``producers.http.errors.install`` gives the FastAPI
+    routes: PostgreSQL not answering is a 503, anything unexpected a logged 500."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, psycopg.OperationalError):
+        log.warning("postgres.unavailable", error=str(exc))
+        return unavailable("the database did not answer in time; retry")
+    log.exception("edge.unexpected_error")
+    return ApiError(500, "internal_error", "an unexpected error; the outcome is unknown")
+
+
+def _headers(scope: Scope) -> dict[bytes, bytes]:
+    """Request headers by name; the first of repeated ones, as Starlette's ``get`` reads."""
+    return dict(reversed(scope["headers"]))
+
+
 def _shopper(ctx: EdgeContext, headers: dict[bytes, bytes]) -> str:
     """The caller's user id if they hold the shopper role (401/403 otherwise)."""
     raw_auth = headers.get(b"authorization")
@@ -263,11 +293,12 @@ def _status_query(intent_id: str, query_string: bytes) -> tuple[str, str, int, s
         value = query.get(name)
         if value is not None and not _IDENT.fullmatch(value):
             raise _invalid(["query", name], "string_pattern_mismatch",
-                           "must be 1-128 characters of A-Z a-z 0-9 _ . : -")  # fmt: skip
+                           IDENT_RULE)  # fmt: skip
     raw_quantity = query.get("quantity")
     quantity = None
     if raw_quantity is not None:
-        if not raw_quantity.strip().lstrip("+-").isdigit():
+        digits = raw_quantity.strip().removeprefix("+")
+        if not (digits.isascii() and digits.isdigit()):
             raise _invalid(["query", "quantity"], "int_parsing", "must be an integer")
         quantity = int(raw_quantity)
         if not 1 <= quantity <= MAX_QUANTITY:

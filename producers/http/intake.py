@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
+from confluent_kafka import KafkaException
+
+from producers.commands import NotAcknowledged
 from producers.http.rules import Refused, SkuTerms, check_intent
 from producers.identity import intent_id_for
 
@@ -135,6 +138,18 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _settle_from(done: asyncio.Future[int], ack: asyncio.Future[int]) -> None:
+    """Pass Kafka's acknowledgement (or its failure) on to the slot's future."""
+    if done.done():
+        return
+    if ack.cancelled():
+        done.set_exception(Unacknowledged("cancelled"))
+    elif ack.exception() is not None:
+        done.set_exception(Unacknowledged(str(ack.exception())))
+    else:
+        done.set_result(ack.result())
+
+
 class IntakeService:
     """``place_intent``: validate against the sale, write to the log, wait for the ack."""
 
@@ -176,14 +191,26 @@ class IntakeService:
                 )
             await self._acknowledged(seen.ack)
             return self._placed(seen.intent_id, user_id, sale_id, sku, quantity)
-        answered = await self._check(user_id, sale_id, sku, quantity, key)
-        if answered is not None:
-            return self._placed(answered, user_id, sale_id, sku, quantity)
-        intent_id, ack = self._submit(user_id, sale_id, sku, quantity, key)
-        entry = _Recent(sku, quantity, intent_id, ack)
+        # The slot is taken before the first await: a concurrent retry with this key waits for
+        # this attempt instead of writing the intent a second time (or another body under it).
+        intent_id = intent_id_for(user_id, sale_id, sku, key)
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        entry = _Recent(sku, quantity, intent_id, done)
         self.recent.put(slot, entry)
-        ack.add_done_callback(lambda f: self._forget_failed(f, slot, entry))
-        await self._acknowledged(ack)
+        done.add_done_callback(lambda f: self._forget_failed(f, slot, entry))
+        try:
+            answered = await self._check(user_id, sale_id, sku, quantity, key)
+            if answered is not None:
+                done.set_result(-1)  # answered 202 before: nothing to write
+                return self._placed(answered, user_id, sale_id, sku, quantity)
+            produced_id, ack = self._submit(user_id, sale_id, sku, quantity, key)
+        except BaseException as exc:
+            if not done.done():  # a waiting retry is told the outcome is unknown: it retries
+                done.set_exception(Unacknowledged(f"the first attempt failed: {exc!r}"))
+            raise
+        assert produced_id == intent_id
+        ack.add_done_callback(lambda f: _settle_from(done, f))
+        await self._acknowledged(done)
         return self._placed(intent_id, user_id, sale_id, sku, quantity)
 
     async def _check(
@@ -211,7 +238,7 @@ class IntakeService:
     ) -> tuple[str, asyncio.Future[int]]:
         try:
             return self.log.submit_intent_async(sale_id, sku, user_id, quantity, key)
-        except Exception as exc:  # the producer's local queue is full, or the client failed
+        except (NotAcknowledged, BufferError, KafkaException) as exc:  # e.g. queue full
             raise Unacknowledged(str(exc)) from None
 
     def _forget_failed(

@@ -19,7 +19,6 @@ the client's last event id without an event), so an idle stream resumes cheaply.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import uuid
 from collections import defaultdict, deque
@@ -59,7 +58,7 @@ def parse_position(text: str | None, partitions: int) -> list[int] | None:
     if not text:
         return None
     parts = text.strip().split(".")
-    if len(parts) != partitions or not all(p.isdigit() for p in parts):
+    if len(parts) != partitions or not all(p.isascii() and p.isdigit() for p in parts):
         return None
     return [int(p) for p in parts]
 
@@ -120,13 +119,17 @@ class DecisionFeed:
         """Assign every partition, the last ``window`` records of each, and start reading."""
         self._loop = asyncio.get_running_loop()
         consumer = Consumer(self._config)
-        while True:  # the server is not ready before Kafka answers
-            try:
-                assignment = await asyncio.to_thread(self._assignment, consumer)
-                break
-            except Exception as exc:  # KafkaException, or the topic is not there yet
-                log.warning("feed.waiting", topic=self.topic, error=str(exc))
-                await asyncio.sleep(1.0)
+        try:
+            while True:  # the server is not ready before Kafka answers
+                try:
+                    assignment = await asyncio.to_thread(self._assignment, consumer)
+                    break
+                except Exception as exc:  # KafkaException, or the topic is not there yet
+                    log.warning("feed.waiting", topic=self.topic, error=str(exc))
+                    await asyncio.sleep(1.0)
+        except BaseException:  # cancelled (the server stops while waiting)
+            consumer.close()
+            raise
         self.begin_at([tp.offset for tp in assignment])
         consumer.assign(assignment)
         self._thread = threading.Thread(
@@ -191,25 +194,33 @@ class DecisionFeed:
     # -- on the loop ---------------------------------------------------------------------------
     def _apply(self, batch: list[Fact]) -> None:
         for fact in batch:
-            p = fact.partition
-            facts = self._facts[p]
-            if len(facts) >= self.window:
-                self._start[p] = facts.popleft().offset + 1
-            facts.append(fact)
-            self._next[p] = fact.offset + 1
-            self.applied += 1
-            record = fact.record
-            if fact.name in DECISIONS:
-                self._progress(fact)
-                streams = self._users.get(record["user_id"])
-                if streams:
-                    self._push(streams, fact)
-            elif "sku" in record and "sale_id" in record:
-                self._progress(fact)
-                key = (record["sale_id"], record["sku"])
-                waiting = self._waiters.get(key)
-                if waiting:
-                    self._resolve(key, waiting, fact)
+            try:
+                self._apply_one(fact)
+            except (KeyError, TypeError) as exc:  # a decodable record without a field we read
+                log.warning("feed.bad_fact", partition=fact.partition, offset=fact.offset,
+                            name=fact.name, error=repr(exc))  # fmt: skip
+                self._next[fact.partition] = fact.offset + 1
+
+    def _apply_one(self, fact: Fact) -> None:
+        p = fact.partition
+        facts = self._facts[p]
+        if len(facts) >= self.window:
+            self._start[p] = facts.popleft().offset + 1
+        facts.append(fact)
+        self._next[p] = fact.offset + 1
+        self.applied += 1
+        record = fact.record
+        if fact.name in DECISIONS:
+            self._progress(fact)
+            streams = self._users.get(record["user_id"])
+            if streams:
+                self._push(streams, fact)
+        elif "sku" in record and "sale_id" in record:
+            self._progress(fact)
+            key = (record["sale_id"], record["sku"])
+            waiting = self._waiters.get(key)
+            if waiting:
+                self._resolve(key, waiting, fact)
 
     def _resolve(
         self, key: tuple[str, str], waiting: list[tuple[Accept, asyncio.Future[Fact]]], fact: Fact
@@ -234,14 +245,11 @@ class DecisionFeed:
                 continue  # sent before this stream resumed here
             stream.floor[p] = fact.offset + 1
             position = self.position_for(stream)
-            try:
-                stream.queue.put_nowait((position, fact))
-            except asyncio.QueueFull:
-                # A stalled client: end its stream; it resumes from its last event's id.
+            if stream.queue.qsize() >= QUEUE_MAX - 1:
+                _end(stream)  # a stalled client: it resumes from the last event it received
                 self.unsubscribe(stream)
-                with contextlib.suppress(asyncio.QueueFull):
-                    stream.queue.get_nowait()
-                    stream.queue.put_nowait(None)
+                continue
+            stream.queue.put_nowait((position, fact))
 
     def _progress(self, fact: Fact) -> None:
         r = fact.record
@@ -278,17 +286,20 @@ class DecisionFeed:
             stream = UserStream(user_id, list(self._next))
         else:
             stream = UserStream(user_id, list(resume))
-            for p, facts in enumerate(self._facts):
-                for fact in facts:
-                    if (
-                        fact.offset >= resume[p]
-                        and fact.name in DECISIONS
-                        and fact.record["user_id"] == user_id
-                    ):
-                        stream.floor[p] = fact.offset + 1
-                        position = format_position(stream.floor)
-                        with contextlib.suppress(asyncio.QueueFull):
-                            stream.queue.put_nowait((position, fact))
+            missed = (
+                (p, fact)
+                for p, facts in enumerate(self._facts)
+                for fact in facts
+                if fact.offset >= resume[p]
+                and fact.name in DECISIONS
+                and fact.record["user_id"] == user_id
+            )
+            for p, fact in missed:
+                if stream.queue.qsize() >= QUEUE_MAX - 1:
+                    _end(stream)  # more than a queue's worth: the client resumes for the rest
+                    return stream, gap
+                stream.floor[p] = fact.offset + 1
+                stream.queue.put_nowait((format_position(stream.floor), fact))
         self._users[user_id].add(stream)
         return stream, gap
 
@@ -326,6 +337,12 @@ class DecisionFeed:
             waiting[:] = [(a, f) for a, f in waiting if f is not fut]
             if not waiting:
                 del self._waiters[(sale_id, sku)]
+
+
+def _end(stream: UserStream) -> None:
+    """End a stream after what is queued: every queued event was really sent when the client
+    reads the end, so its last event id is exact (nothing queued is dropped)."""
+    stream.queue.put_nowait(None)
 
 
 def status_of_fact(fact: Fact) -> dict[str, Any]:

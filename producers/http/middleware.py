@@ -12,7 +12,7 @@ from producers.http.errors import error_body
 from producers.http.metrics import EdgeMetrics
 
 MAX_BODY = 4096
-STREAM_ROUTES = frozenset({"/v1/me/events"})
+STREAM_ROUTES = frozenset({"/v1/me/events", "/v1/sales/{sale_id}/events"})
 
 
 async def _send_json(send: Send, status: int, body: dict[str, Any], extra: list[Any]) -> None:

@@ -7,8 +7,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
 
-Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+IDENT = r"^[A-Za-z0-9_.:-]+$"  # sale ids, SKUs (1-128 characters)
+IDENT_RULE = "must be 1-128 characters of A-Z a-z 0-9 _ . : -"
+Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=IDENT)]
 IDEMPOTENCY_KEY = r"^[A-Za-z0-9_.:-]{1,128}$"
+RECEIPT = r"^[A-Za-z0-9_-]{22}$"  # producers.http.intake.Receipts
 
 
 class Strict(BaseModel):

@@ -17,8 +17,8 @@ from flashsale.settings import Settings
 from infra.stack import Endpoints
 
 DEFAULT_HOST = "127.0.0.1"
-# The Kafka poll thread needs the GIL to hand each ack to the event loop; with the default
-# 5 ms switch interval a busy loop delays every ack by up to 5 ms.
+# The live feed's reader thread needs the GIL to hand each batch of decisions to the event
+# loop; with the default 5 ms switch interval a busy loop delays it by up to 5 ms a turn.
 SWITCH_INTERVAL_S = 0.0005
 
 

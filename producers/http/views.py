@@ -39,7 +39,11 @@ class Rendered:
                    cache_control)  # fmt: skip
 
     def not_modified(self, if_none_match: str | None) -> bool:
-        return bool(if_none_match) and self.etag in str(if_none_match)
+        """RFC 9110: ``*`` or any listed tag (weak or strong) matches."""
+        if not if_none_match:
+            return False
+        tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
+        return "*" in tags or self.etag in tags
 
 
 def cached_json(request: Request, model: BaseModel, cache_control: str) -> Response:

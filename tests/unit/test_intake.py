@@ -141,6 +141,28 @@ def test_a_retry_while_the_first_waits_for_its_ack_waits_for_the_same_ack():
     assert len(log.produced) == 1
 
 
+def test_concurrent_attempts_with_one_key_write_once_and_a_different_body_conflicts():
+    class SlowSales(FakeSales):
+        async def sale(self, sale_id: str) -> Mapping[str, SkuTerms]:
+            await asyncio.sleep(0.01)  # the first attempt is still checking the sale
+            return await super().sale(sale_id)
+
+    log = FakeLog()
+    svc = service(SlowSales({"k": terms()}), log)
+
+    async def scenario() -> None:
+        first = asyncio.create_task(svc.place_intent("u", "s", "k", 1, "key"))
+        await asyncio.sleep(0)
+        same = asyncio.create_task(svc.place_intent("u", "s", "k", 1, "key"))
+        other = asyncio.create_task(svc.place_intent("u", "s", "k", 2, "key"))
+        results = await asyncio.gather(first, same, other, return_exceptions=True)
+        assert results[0] == results[1]
+        assert isinstance(results[2], Refused) and results[2].code == "idempotency_conflict"
+
+    run(scenario())
+    assert len(log.produced) == 1
+
+
 def test_an_unacknowledged_intent_is_503_and_its_retry_writes_it_again():
     log = FakeLog()
     log.fail = True

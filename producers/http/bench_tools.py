@@ -1,0 +1,206 @@
+"""Measuring tools of the HTTP bench: wrk runs and their summary, an open-loop generator,
+CPU of process groups from /proc."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from infra.processes import find_binary
+from producers.loadgen import RawClient
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+_WRK_LUA = """
+local tokens = {%(tokens)s}
+local counter = 0
+wrk.method = "POST"
+wrk.body = '{"sku": "%(sku)s", "quantity": 1}'
+function setup(thread)
+  thread:set("id", tostring(math.random(1, 1e9)))
+end
+function request()
+  counter = counter + 1
+  local headers = {
+    ["Content-Type"] = "application/json",
+    ["Authorization"] = "Bearer " .. tokens[(counter %% #tokens) + 1],
+    ["Idempotency-Key"] = id .. "-" .. counter,
+  }
+  return wrk.format(nil, "%(path)s", headers)
+end
+"""
+
+
+_WRK_GET_LUA = """
+local pairs_ = {%(pairs)s}
+local counter = 0
+function request()
+  counter = counter + 1
+  local p = pairs_[(counter %% #pairs_) + 1]
+  return wrk.format("GET", p[2], {["Authorization"] = "Bearer " .. p[1]})
+end
+"""
+
+
+def _cpu_ticks(pid: int) -> int | None:
+    """utime + stime of a process, None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (FileNotFoundError, IndexError):
+        return None
+
+
+def children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except FileNotFoundError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class CpuMeter:
+    """CPU share (1.0 = one core) of named process groups between start() and stop().
+
+    Counted per process present at both ends (a service stopped meanwhile counts 0)."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+        self._start: dict[int, int | None] = {}
+        self._t0 = 0.0
+
+    def _ticks(self) -> dict[int, int | None]:
+        return {p: _cpu_ticks(p) for pids in self.groups.values() for p in pids}
+
+    def start(self) -> None:
+        self._t0, self._start = time.monotonic(), self._ticks()
+
+    def stop(self) -> dict[str, float]:
+        wall = time.monotonic() - self._t0
+        end = self._ticks()
+        out = {}
+        for name, pids in self.groups.items():
+            used = 0
+            for p in pids:
+                a, b = self._start.get(p), end.get(p)
+                if a is not None and b is not None:  # present at both ends (0 ticks counts)
+                    used += b - a
+            out[name] = round(used / _TICK / wall, 3) if wall > 0 else 0.0
+        return out
+
+
+def post_script(tokens: list[str], path: str) -> str:
+    return _WRK_LUA % {"tokens": ",".join(f'"{t}"' for t in tokens), "sku": "b1", "path": path}
+
+
+def get_script(pairs: list[tuple[str, str]]) -> str:
+    rows = ",".join(f'{{"{t}", "{p}"}}' for t, p in pairs)
+    return _WRK_GET_LUA % {"pairs": rows}
+
+
+def run_wrk(url: str, script: str, duration_s: int, conns: int) -> dict[str, Any]:
+    wrk = find_binary("wrk", "FLASHSALE_WRK", "apt-get install -y wrk")
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(script)
+    proc = subprocess.Popen(
+        [
+            wrk,
+            "-t2",
+            f"-c{conns}",
+            f"-d{duration_s}s",
+            "--timeout",
+            "10s",
+            "--latency",
+            "-s",
+            f.name,
+            url,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    return {"proc": proc, "script": f.name}
+
+
+def _ms(text: str) -> float:
+    units = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+    m = re.match(r"([\d.]+)(us|ms|s|m)", text)
+    return round(float(m.group(1)) * units[m.group(2)], 2) if m else 0.0
+
+
+def wrk_result(out: str, duration_s: float) -> dict[str, Any]:
+    """wrk's summary; 2xx = total - non-2xx (every 2xx of the intents route is a 202)."""
+
+    def grab(pattern: str) -> str:
+        m = re.search(pattern, out, re.MULTILINE)
+        return m.group(1) if m else "0"
+
+    total = int(grab(r"(\d+) requests in"))
+    non_2xx = int(grab(r"Non-2xx or 3xx responses: (\d+)"))
+    return {
+        "requests_per_s": float(grab(r"Requests/sec:\s+([\d.]+)")),
+        "accepted_2xx": total - non_2xx,
+        "accepted_2xx_per_s": round((total - non_2xx) / duration_s, 1),
+        "non_2xx": non_2xx,
+        # Anchored: "Latency ... 72.50%" on the thread-stats line also ends in "50%".
+        "p50_ms": _ms(grab(r"^\s+50%\s+(\S+)")),
+        "p99_ms": _ms(grab(r"^\s+99%\s+(\S+)")),
+    }
+
+
+async def paced(url: str, path: str, tokens: list[str], rate: int, seconds: float) -> dict:
+    """Open-loop load at ``rate``/s: each request is sent at its scheduled time whether or
+    not earlier ones were answered; latency counts from the scheduled time."""
+    client = RawClient(url, 512)
+    latencies: list[float] = []
+    codes: dict[int, int] = {}
+    run = uuid.uuid4().hex[:8]
+    body = b'{"sku": "b1", "quantity": 1}'
+
+    async def one(i: int, scheduled: float) -> None:
+        headers = {"Authorization": f"Bearer {tokens[i % len(tokens)]}",
+                   "Idempotency-Key": f"{run}-{i}", "Content-Type": "application/json"}  # fmt: skip
+        answer = await client.request("POST", path, headers, body)
+        codes[answer.status] = codes.get(answer.status, 0) + 1
+        if answer.status == 202:
+            latencies.append(time.perf_counter() - scheduled)
+
+    start = time.perf_counter()
+    tasks = []
+    for i in range(int(rate * seconds)):
+        scheduled = start + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i, scheduled)))
+    await asyncio.gather(*tasks, return_exceptions=True)
+    elapsed = time.perf_counter() - start
+    await client.close()
+    return {
+        "offered_per_s": rate,
+        "achieved_202_per_s": round(len(latencies) / elapsed, 1),
+        "statuses": codes,
+        "p50_ms": _pct(latencies, 0.50),
+        "p99_ms": _pct(latencies, 0.99),
+    }
+
+
+def _pct(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(p * len(values)))] * 1000, 2)
