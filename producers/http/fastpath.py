@@ -9,8 +9,9 @@ any middleware: the cached token check, the role, the user's token bucket, valid
 routes stay declared in FastAPI (``producers.http.api``): those declarations are what
 ``/openapi.json`` describes, and they serve the routes when ``FLASHSALE_HTTP_LEAN_INTENTS=0``.
 
-Checks run in FastAPI's order: the body (its limit, 413), the token (401), the role (403),
-the rate limit (429), then the path, the headers or query and the body's content (400/422).
+Checks run in FastAPI's order: the body's size (413) and syntax (400), the token (401), the
+role (403), the rate limit (429), then the path, the headers or query and what the body
+holds (422).
 Unit tests compare status and error code case by case (the ``details`` of a 422 are
 worded by msgspec here, by pydantic there).
 """
@@ -99,22 +100,34 @@ def _validated(
     if key is not None and not _KEY.fullmatch(key):
         raise _invalid(["header", "Idempotency-Key"], "string_pattern_mismatch",
                        IDENT_RULE)  # fmt: skip
-    ctype = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
-    if not body or not (ctype == b"application/json" or ctype.endswith(b"+json")):
+    if not _is_json(headers) or not body:
         raise _invalid(["body"], "missing" if not body else "model_attributes_type",
                        "a JSON object is required")  # fmt: skip
     try:
         intent = _decode(body)
     except msgspec.ValidationError as exc:
         raise _body_error(exc) from None
-    except msgspec.DecodeError:
-        raise ApiError(400, "malformed_json", "the body is not valid JSON") from None
     if not _IDENT.fullmatch(intent.sku):
         raise _invalid(["body", "sku"], "string_pattern_mismatch",
                        IDENT_RULE)  # fmt: skip
     if not 1 <= intent.quantity <= MAX_QUANTITY:
         raise _invalid(["body", "quantity"], "range", f"must be 1 to {MAX_QUANTITY}")
     return intent, key
+
+
+def _is_json(headers: dict[bytes, bytes]) -> bool:
+    ctype = headers.get(b"content-type", b"application/json").split(b";")[0].strip().lower()
+    return ctype == b"application/json" or ctype.endswith(b"+json")
+
+
+def _well_formed(headers: dict[bytes, bytes], body: bytes) -> None:
+    """400 for a JSON body that does not parse: FastAPI parses it before any dependency (the
+    token included), so this comes before 401; what it holds is checked after them."""
+    if body and _is_json(headers):
+        try:
+            msgspec.json.decode(body)
+        except msgspec.DecodeError:
+            raise ApiError(400, "malformed_json", "the body is not valid JSON") from None
 
 
 def _too_large(max_body: int) -> ApiError:
@@ -146,6 +159,7 @@ async def _place(
     if length is not None and length.isdigit() and int(length) > max_body:
         raise _too_large(max_body)  # before anything else, as EdgeMiddleware does
     body = await _read_body(receive, max_body)  # 413 first, chunked bodies too (as FastAPI)
+    _well_formed(headers, body)
     user_id = _shopper(ctx, headers)
     rate_limit(ctx, user_id)
     intent, key = _validated(sale_id, headers, body)

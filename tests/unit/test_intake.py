@@ -280,7 +280,8 @@ def _app(tmp_path: Path, lean: bool, sales: FakeSales, log: FakeLog) -> TestClie
 
 
 def _auth(user: str = "u", role: str = "shopper") -> dict[str, str]:
-    return {"Authorization": "Bearer " + token(user, role, 600, SECRET)}
+    # A day: the cases are built at collection, and the suite may run long after it.
+    return {"Authorization": "Bearer " + token(user, role, 86_400, SECRET)}
 
 
 JSON = {"content-type": "application/json"}
@@ -297,6 +298,8 @@ CASES: list[tuple[str, bytes, dict[str, str]]] = [
     ("/v1/sales/s/intents", b'{"sku": "k", "quantity": 1}',
      {**JSON, "Authorization": "Bearer x.y.z"}),
     ("/v1/sales/s/intents", b"{nope", {**JSON, **_auth()}),
+    ("/v1/sales/s/intents", b"{nope", {**JSON, "Authorization": "Bearer x.y.z"}),
+    ("/v1/sales/s/intents", b"[]", {**JSON, "Authorization": "Bearer x.y.z"}),
     ("/v1/sales/s/intents", b"", {**JSON, **_auth()}),
     ("/v1/sales/s/intents", b"[]", {**JSON, **_auth()}),
     ("/v1/sales/s/intents", b'{"sku": "k", "quantity": "1"}', {**JSON, **_auth()}),
