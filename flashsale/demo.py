@@ -250,8 +250,13 @@ def _open_over_http(url: str, settings: Settings, sale_id: str, skus: list[SkuAl
     }  # fmt: skip
     with httpx.Client(base_url=url, timeout=15) as client:
         client.post("/v1/admin/sales", json=body, headers=admin).raise_for_status()
+        # Every SKU projected: each app server then sees the sale whatever its feed has read.
         deadline = time.monotonic() + 120
-        while client.get(f"/v1/sales/{sale_id}").status_code != 200:
+        names = sorted(s.sku for s in skus)
+        while (
+            sorted(k["sku"] for k in client.get(f"/v1/sales/{sale_id}").json().get("skus", []))
+            != names
+        ):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"sale {sale_id} was not projected in 120 s")
             time.sleep(0.2)

@@ -69,8 +69,7 @@ async def _post_all(
                 result.accept_seconds.append(answer.seconds)
                 result.selling_seconds = time.monotonic() - began
             else:
-                code = json.loads(answer.body).get("error", {}).get("code", str(answer.status))
-                result.edge_rejections[code] += 1
+                result.edge_rejections[_code(answer.status, answer.body)] += 1
 
     async def report() -> None:
         while True:
@@ -85,6 +84,14 @@ async def _post_all(
     finally:
         reporter.cancel()
         await client.close()
+
+
+def _code(status: int, body: bytes) -> str:
+    """The error code of an answer (``http_<status>`` when its body is not the API's)."""
+    try:
+        return str(json.loads(body)["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return f"http_{status}"
 
 
 def drive_crowd(
