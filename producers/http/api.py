@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -136,12 +136,24 @@ async def get_sale(
     return cached_json(request, state, "public, max-age=1")
 
 
+def _sse_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"},
+        **error_responses(*codes),
+    }
+
+
+def _event_stream(events: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
 @router.get(
     "/me/events",
-    responses={
-        200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"},
-        **error_responses(401, 403, 422),
-    },
+    responses=_sse_responses(401, 403, 422),
     response_class=StreamingResponse,
     summary="Server-Sent Events: the caller's intents as they are decided",
 )
@@ -157,11 +169,7 @@ async def my_events(
     the events after it; `event: reset` when it is older than the server's window. A comment
     heartbeat every 15 s carries the current position as an `id:`.
     """
-    return StreamingResponse(
-        _stream(ctx, who.user_id, request, last_event_id),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return _event_stream(_stream(ctx, who.user_id, request, last_event_id))
 
 
 async def _stream(
@@ -197,10 +205,7 @@ async def _stream(
 
 @router.get(
     "/sales/{sale_id}/events",
-    responses={
-        200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"},
-        **error_responses(422),
-    },
+    responses=_sse_responses(422, 429),
     response_class=StreamingResponse,
     summary="Server-Sent Events: a sale's units remaining per SKU, live from the log",
 )
@@ -209,11 +214,7 @@ async def sale_events(request: Request, sale_id: Ident, ctx: Ctx) -> StreamingRe
     second), as of the decisions this server has read. Opening one takes a token from the
     reads' bucket of the client's address."""
     read_limit(ctx, request, None)
-    return StreamingResponse(
-        _sale_stream(ctx, sale_id, request),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return _event_stream(_sale_stream(ctx, sale_id, request))
 
 
 async def _sale_stream(ctx: EdgeContext, sale_id: str, request: Request) -> AsyncIterator[bytes]:
