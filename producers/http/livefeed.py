@@ -109,6 +109,7 @@ class DecisionFeed:
             defaultdict(list)
         )
         self._sales: dict[str, SaleProgress] = {}
+        self._decided: dict[str, Fact] = {}  # the window's decisions by intent id
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -205,12 +206,16 @@ class DecisionFeed:
         p = fact.partition
         facts = self._facts[p]
         if len(facts) >= self.window:
-            self._start[p] = facts.popleft().offset + 1
+            old = facts.popleft()
+            self._start[p] = old.offset + 1
+            if old.name in DECISIONS:
+                self._decided.pop(str(old.record.get("intent_id")), None)
         facts.append(fact)
         self._next[p] = fact.offset + 1
         self.applied += 1
         record = fact.record
         if fact.name in DECISIONS:
+            self._decided[record["intent_id"]] = fact
             self._progress(fact)
             streams = self._users.get(record["user_id"])
             if streams:
@@ -313,6 +318,11 @@ class DecisionFeed:
     @property
     def subscribers(self) -> int:
         return sum(len(s) for s in self._users.values())
+
+    def decision(self, intent_id: str) -> Fact | None:
+        """The intent's decision if it is in this server's window (often before the
+        projection has it)."""
+        return self._decided.get(intent_id)
 
     def knows(self, sale_id: str, sku: str) -> bool:
         """Whether this server has read a fact of (sale, SKU) (e.g. its SaleOpened)."""

@@ -77,7 +77,8 @@ def build_app(
         app.state.edge = EdgeContext(
             config=cfg, tokens=TokenVerifier(secret), producer=producer, store=store, feed=feed,
             limiter=limiter, metrics=metrics, intake=intake, readers=readers,
-            sale_views=SaleViews(store), intent_views=IntentViews(store, intake.receipts),
+            sale_views=SaleViews(store),
+            intent_views=IntentViews(store, intake.receipts, decisions=feed.decision),
             sales=SaleService(PostgresClaims(pool), producer, feed),
         )  # fmt: skip
         try:

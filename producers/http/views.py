@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from producers.http.errors import ApiError
 from producers.http.intake import Receipts
+from producers.http.livefeed import status_of_fact
 from producers.http.models import IntentStatus, SaleState
 from producers.http.rules import state_of
 from producers.http.store import EdgeStore, status_of
@@ -63,9 +64,15 @@ class IntentViews:
     and kept (the last ``capacity`` of them); an undecided one is answered from its receipt."""
 
     def __init__(
-        self, store: Any, receipts: Receipts, capacity: int = 200_000, miss_ttl_s: float = 0.5
+        self,
+        store: Any,
+        receipts: Receipts,
+        capacity: int = 200_000,
+        miss_ttl_s: float = 0.5,
+        decisions: Callable[[str], Any] | None = None,
     ) -> None:
         self.store = store
+        self.decisions = decisions  # the live feed's window: a decision before it is projected
         self.receipts = receipts
         self.capacity = capacity
         self.miss_ttl_s = miss_ttl_s
@@ -75,11 +82,24 @@ class IntentViews:
         self._misses: dict[str, float] = {}
         self.queries = 0
 
+    def _keep(self, intent_id: str, user_id: str, status: IntentStatus) -> tuple[str, Rendered]:
+        """A decision's answer is final: rendered once, kept (the last ``capacity``)."""
+        hit = (user_id, Rendered.of(status, "private, max-age=86400, immutable"))
+        self._final[intent_id] = hit
+        if len(self._final) > self.capacity:
+            self._final.popitem(last=False)
+        return hit
+
     async def get(
         self, user_id: str, intent_id: str, receipt: tuple[str, str, int, str] | None
     ) -> Rendered:
         """The caller's intent; ApiError 403 (another user's) or 404 (unknown, no receipt)."""
         hit = self._final.get(intent_id)
+        if hit is None and self.decisions is not None:
+            fact = self.decisions(intent_id)  # decided, read from the log by this server
+            if fact is not None:
+                status = IntentStatus.model_validate(status_of_fact(fact))
+                hit = self._keep(intent_id, fact.record["user_id"], status)
         now = time.monotonic()
         if hit is None and now - self._misses.get(intent_id, -1e9) >= self.miss_ttl_s:
             self.queries += 1
@@ -91,10 +111,7 @@ class IntentViews:
             else:
                 self._misses.pop(intent_id, None)
                 status = IntentStatus.model_validate(status_of(row))
-                hit = (row["user_id"], Rendered.of(status, "private, max-age=86400, immutable"))
-                self._final[intent_id] = hit
-                if len(self._final) > self.capacity:
-                    self._final.popitem(last=False)
+                hit = self._keep(intent_id, row["user_id"], status)
         if hit is not None:
             if hit[0] != user_id:
                 raise ApiError(403, "forbidden", "this intent belongs to another user")

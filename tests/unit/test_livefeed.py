@@ -5,7 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from producers.http.intake import Receipts
 from producers.http.livefeed import DecisionFeed, Fact, parse_position, status_of_fact
+from producers.http.models import IntentStatus
+from producers.http.store import status_of
+from producers.http.views import IntentViews, Rendered
+from projections.rows import utc
 from schemas.codec import SchemaRegistry
 
 
@@ -145,3 +150,32 @@ def test_a_pushed_status_is_the_api_status():
     assert rejected["detail"] is None and accepted["decided_at"].isoformat().endswith(
         ".123000+00:00"
     )
+
+
+def test_a_decision_in_the_window_answers_a_status_read_as_the_projection_would():
+    async def scenario() -> None:
+        a = feed(window=3)
+        a.apply(LOG[:1])
+        sales = _Rows()
+        views = IntentViews(sales, Receipts("s" * 48), decisions=a.decision)
+        from_feed = await views.get("u", "a", None)
+        assert sales.queries == 0  # decided and read by this server: no query
+        # The same decision projected gives the same answer, byte for byte (and ETag).
+        row = {**LOG[0].record, "outcome": "accepted", "reason": None, "detail": "",
+               "decided_at": utc(LOG[0].record["decided_at"])}  # fmt: skip
+        projected = Rendered.of(IntentStatus.model_validate(status_of(row)), "x")
+        assert from_feed.body == projected.body and from_feed.etag == projected.etag
+        a.apply(LOG[1:])  # "a" leaves the window; its answer stays (final, kept)
+        assert a.decision("a") is None and a.decision("e") is not None
+        assert (await views.get("u", "a", None)).body == from_feed.body
+
+    asyncio.run(scenario())
+
+
+class _Rows:
+    def __init__(self) -> None:
+        self.queries = 0
+
+    async def intent_status(self, intent_id: str) -> dict[str, Any] | None:
+        self.queries += 1
+        return None
