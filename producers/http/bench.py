@@ -85,6 +85,59 @@ def _groups(settings: Settings, edge: Edge) -> dict[str, list[int]]:
     }
 
 
+class LogProbe:
+    """What the log says a run did: intents written to the command topic, intents the writer
+    committed as decided, and how far the writer and the projector lag at the end. A run whose
+    202s were not all new records (answered from a cache) or whose writer fell behind shows it."""
+
+    def __init__(self, settings: Settings) -> None:
+        from confluent_kafka import Consumer
+
+        from flashsale.topics import TopicNames
+
+        names = TopicNames.of(settings)
+        ns = settings.namespace
+        self._groups = {"writer": (f"{ns}-inventory", names.sku_commands),
+                        "projector": (f"{ns}-projector", names.decisions)}  # fmt: skip
+        self._consumers = {
+            role: Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group,
+                            "enable.auto.commit": False, "log_level": 0})
+            for role, (group, _) in self._groups.items()
+        }  # fmt: skip
+
+    def snapshot(self) -> dict[str, tuple[int, int]]:
+        """Per role: (sum of the topic's end offsets, sum of the group's committed offsets)."""
+        from confluent_kafka import TopicPartition
+
+        out = {}
+        for role, (_, topic) in self._groups.items():
+            c = self._consumers[role]
+            parts = [
+                TopicPartition(topic, p)
+                for p in c.list_topics(topic, timeout=10).topics[topic].partitions
+            ]
+            ends = sum(c.get_watermark_offsets(tp, timeout=10)[1] for tp in parts)
+            committed = sum(max(0, tp.offset) for tp in c.committed(parts, timeout=10))
+            out[role] = (ends, committed)
+        return out
+
+    @staticmethod
+    def figures(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]],
+                seconds: float) -> dict[str, Any]:  # fmt: skip
+        written = after["writer"][0] - before["writer"][0]
+        decided = after["writer"][1] - before["writer"][1]
+        return {
+            "intents_written_per_s": round(written / seconds),
+            "writer_decided_per_s": round(decided / seconds),
+            "writer_lag_at_end": after["writer"][0] - after["writer"][1],
+            "projector_lag_at_end": after["projector"][0] - after["projector"][1],
+        }
+
+    def close(self) -> None:
+        for c in self._consumers.values():
+            c.close()
+
+
 def per_unit(cpu: dict[str, float], units_per_s: float) -> dict[str, Any]:
     """CPU shares (1.0 = one core) as µs per unit of work, and their total."""
     if units_per_s <= 0:
@@ -95,9 +148,16 @@ def per_unit(cpu: dict[str, float], units_per_s: float) -> dict[str, Any]:
 
 
 def _max_load(
-    url: str, script: str, groups: dict[str, list[int]], duration_s: int, connections: int
+    url: str,
+    script: str,
+    groups: dict[str, list[int]],
+    duration_s: int,
+    connections: int,
+    log: LogProbe | None = None,
 ) -> dict[str, Any]:
-    """wrk for ``duration_s`` with ``script``; throughput, latency and CPU per 2xx."""
+    """wrk for ``duration_s`` with ``script``; throughput, latency and CPU per 2xx (and, with
+    ``log``, what the log says the run wrote and decided)."""
+    before = log.snapshot() if log else None
     meter = CpuMeter(groups)
     meter.start()
     started = run_wrk(url, script, duration_s, connections)
@@ -110,6 +170,8 @@ def _max_load(
     cpu["load_generator"] = round((usage.ru_utime + usage.ru_stime) / duration_s, 3)
     os.unlink(started["script"])
     figures = wrk_result(out, duration_s)
+    if log and before:
+        figures["log"] = LogProbe.figures(before, log.snapshot(), duration_s)
     return {**figures, "connections": connections, "cpu_share": cpu,
             "cpu_us_per_2xx": per_unit(cpu, figures["accepted_2xx_per_s"])}  # fmt: skip
 
@@ -182,11 +244,12 @@ def run_http_bench(
         fixed["cpu_share"] = meter.stop()
         return fixed
 
-    out["busy"] = _max_load(url, post, groups, duration_s, connections)
+    log = LogProbe(settings)
+    out["busy"] = _max_load(url, post, groups, duration_s, connections, log)
     out["open_loop_busy"] = open_loop()
     stopped = [s for s in services if s.stop()]
     try:
-        out["writer_idle"] = _max_load(url, post, groups, duration_s, connections)
+        out["writer_idle"] = _max_load(url, post, groups, duration_s, connections, log)
         out["open_loop_writer_idle"] = open_loop()
     finally:
         for s in stopped:
@@ -201,7 +264,8 @@ def run_http_bench(
     for name, env in (("fastapi_route", {"FLASHSALE_HTTP_LEAN_INTENTS": "0"}),
                       ("empty_asgi_app", {"FLASHSALE_HTTP_EMPTY": "1"})):  # fmt: skip
         with _variant(settings, name, {**variant_env, **env}) as v:
-            out[name] = _max_load(v.url, post, _groups(settings, v), duration_s, connections)
+            out[name] = _max_load(v.url, post, _groups(settings, v), duration_s, connections, log)
+    log.close()
     ceiling = out["empty_asgi_app"]["accepted_2xx_per_s"] or 1
     out["share_of_ceiling"] = {k: round(out[k]["accepted_2xx_per_s"] / ceiling, 3)
                                for k in ("busy", "writer_idle", "fastapi_route")}  # fmt: skip

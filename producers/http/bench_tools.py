@@ -18,13 +18,18 @@ from producers.loadgen import RawClient
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
+# Keys are "<run>-<thread>-<n>": run_wrk puts a fresh run id in place of __RUN__ each time
+# (wrk's math.random is never seeded, so random ids repeated from one run to the next and
+# the later runs were answered from the app servers' cache of acknowledged intents).
 _WRK_LUA = """
 local tokens = {%(tokens)s}
 local counter = 0
+local threads = 0
 wrk.method = "POST"
 wrk.body = '{"sku": "%(sku)s", "quantity": 1}'
 function setup(thread)
-  thread:set("id", tostring(math.random(1, 1e9)))
+  threads = threads + 1
+  thread:set("id", "__RUN__-" .. threads)
 end
 function request()
   counter = counter + 1
@@ -112,10 +117,15 @@ def get_script(pairs: list[tuple[str, str]]) -> str:
     return _WRK_GET_LUA % {"pairs": rows}
 
 
+def fresh_keys(script: str) -> str:
+    """The wrk script of one run: its Idempotency-Keys are new (a run id of its own)."""
+    return script.replace("__RUN__", uuid.uuid4().hex[:12])
+
+
 def run_wrk(url: str, script: str, duration_s: int, conns: int) -> dict[str, Any]:
     wrk = find_binary("wrk", "FLASHSALE_WRK", "apt-get install -y wrk")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(script)
+        f.write(fresh_keys(script))
     proc = subprocess.Popen(
         [
             wrk,
