@@ -12,7 +12,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME, KafkaError, Producer
 
 from flashsale.topics import SKU_COMMANDS
 from processors.core.model import CURRENT_RULES
@@ -55,14 +55,31 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _resolve(fut: asyncio.Future[int], err: KafkaError | None, offset: int, intent_id: str) -> None:
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """Where the log put an acknowledged record: partition, offset and the broker's append
+    time (None unless the topic stamps LogAppendTime, as the command topic does)."""
+
+    partition: int
+    offset: int
+    log_time_ms: int | None
+
+    @classmethod
+    def of(cls, msg: Any) -> Appended:
+        kind, at = msg.timestamp()
+        return cls(msg.partition(), msg.offset(), at if kind == TIMESTAMP_LOG_APPEND_TIME else None)
+
+
+def _resolve(
+    fut: asyncio.Future[Appended], err: KafkaError | None, msg: Any, intent_id: str
+) -> None:
     """On the event loop: settle an intent's acknowledgement (unless its wait was abandoned)."""
     if fut.done():
         return
     if err is not None:
         fut.set_exception(NotAcknowledged(f"intent {intent_id} not acknowledged: {err}"))
     else:
-        fut.set_result(offset)
+        fut.set_result(Appended.of(msg))
 
 
 class CommandProducer:
@@ -159,8 +176,9 @@ class CommandProducer:
 
     def submit_intent_async(
         self, sale_id: str, sku: str, user_id: str, quantity: int, idempotency_key: str
-    ) -> tuple[str, asyncio.Future[int]]:
-        """Like ``submit_intent``, for the event loop given to ``serve_acks_on``.
+    ) -> tuple[str, asyncio.Future[Appended]]:
+        """Like ``submit_intent``, for the event loop given to ``serve_acks_on``; the future
+        resolves to where the log put the intent.
 
         The future is settled on the loop; a report served by another thread (``flush`` in
         ``close``, or ``wait`` of a blocking call run in a thread) is handed over to it.
@@ -170,16 +188,15 @@ class CommandProducer:
             raise RuntimeError("serve_acks_on(loop) first")
         record = self._intent(sale_id, sku, user_id, quantity, idempotency_key)
         intent_id = record["intent_id"]
-        fut: asyncio.Future[int] = loop.create_future()
+        fut: asyncio.Future[Appended] = loop.create_future()
         on_loop = self._loop_thread
 
         def done(err: KafkaError | None, msg: Any) -> None:
-            offset = -1 if err else msg.offset()
             if threading.get_ident() == on_loop:
-                _resolve(fut, err, offset, intent_id)
+                _resolve(fut, err, msg, intent_id)
             else:
                 with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits
-                    loop.call_soon_threadsafe(_resolve, fut, err, offset, intent_id)
+                    loop.call_soon_threadsafe(_resolve, fut, err, msg, intent_id)
 
         self._produce(sku, "PurchaseIntent", record, done, serve=False)
         self._producer.poll(0)  # settle the reports that are ready (on this loop)

@@ -13,29 +13,32 @@ No PostgreSQL write on this path. The intent is produced (acks=all) and answered
   retry with another SKU under the same key is another intent (the SKU is part of the id):
   one intent id never has two writers. A retry refused by the sale's state (sold out by now)
   is answered with the same 202 when the projection already holds its intent.
-- **Receipts.** The 202's ``status_url`` carries an HMAC over the intent's fields, so
-  ``GET /v1/intents/{id}`` answers ``queued`` for it, on any app server, until the projection
-  has the intent (see ``Receipts``).
+- **Receipts.** The 202's ``status_url`` carries an HMAC over the intent's fields and where
+  the log put it (partition, broker append time), so ``GET /v1/intents/{id}`` answers
+  ``queued`` for it, on any app server, until its decision is known; while the live feed
+  shows the writer has not reached that append time, without asking PostgreSQL (see
+  ``Receipts`` and ``producers.http.views``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import hmac
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from confluent_kafka import KafkaException
 
-from producers.commands import NotAcknowledged
+from producers.commands import Appended, NotAcknowledged
 from producers.http.rules import Refused, SkuTerms, check_intent
 from producers.identity import intent_id_for
+
+T = TypeVar("T")
 
 
 class Unacknowledged(Exception):
@@ -47,7 +50,7 @@ class IntentLog(Protocol):
 
     def submit_intent_async(
         self, sale_id: str, sku: str, user_id: str, quantity: int, idempotency_key: str
-    ) -> tuple[str, asyncio.Future[int]]: ...
+    ) -> tuple[str, asyncio.Future[Appended]]: ...
 
 
 class SaleReader(Protocol):
@@ -79,27 +82,61 @@ class Placed:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """What a valid receipt proves besides the intent's fields: where the log put the intent
+    (None for a receipt signed without it, e.g. a retry answered from the projection)."""
+
+    partition: int | None = None
+    log_time_ms: int | None = None
+
+
 class Receipts:
     """HMAC receipts: proof that this edge acknowledged an intent with exactly these fields.
 
     Keyed by a key derived from the edge's signing secret, so every app server checks what
-    any other signed. 16 bytes of HMAC-SHA256, base64url (22 characters).
+    any other signed. 16 bytes of HMAC-SHA256, base64url (22 characters), then
+    ``.<partition>.<log append time in ms>`` when the log's place is known (covered by the
+    HMAC too).
     """
 
     def __init__(self, secret: str) -> None:
         self._key = hmac.new(secret.encode(), b"flashsale intent receipts v1", "sha256").digest()
 
-    def sign(self, intent_id: str, user_id: str, sale_id: str, sku: str, quantity: int) -> str:
-        msg = f"{intent_id}\x1f{user_id}\x1f{sale_id}\x1f{sku}\x1f{quantity}".encode()
-        mac = hmac.new(self._key, msg, hashlib.sha256).digest()[:16]
+    def _mac(self, fields: str) -> str:
+        mac = hmac.digest(self._key, fields.encode(), "sha256")[:16]
         return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
-    def valid(
+    def sign(
+        self,
+        intent_id: str,
+        user_id: str,
+        sale_id: str,
+        sku: str,
+        quantity: int,
+        place: Appended | None = None,
+    ) -> str:
+        fields = f"{intent_id}\x1f{user_id}\x1f{sale_id}\x1f{sku}\x1f{quantity}"
+        if place is None or place.log_time_ms is None:
+            return self._mac(fields)
+        where = f"{place.partition}.{place.log_time_ms}"
+        return f"{self._mac(fields + chr(0x1F) + where)}.{where}"
+
+    def verify(
         self, receipt: str, intent_id: str, user_id: str, sale_id: str, sku: str, quantity: int
-    ) -> bool:
-        expected = self.sign(intent_id, user_id, sale_id, sku, quantity)
+    ) -> Receipt | None:
+        """What the receipt proves if this edge signed it for exactly these fields, else None."""
+        fields = f"{intent_id}\x1f{user_id}\x1f{sale_id}\x1f{sku}\x1f{quantity}"
+        mac, _, where = receipt.partition(".")
+        if where:
+            fields += "\x1f" + where
         # As bytes: compare_digest refuses str with non-ASCII characters (a 500 before).
-        return hmac.compare_digest(expected.encode(), receipt.encode())
+        if not hmac.compare_digest(self._mac(fields).encode(), mac.encode()):
+            return None
+        if not where:
+            return Receipt()
+        partition, _, at = where.partition(".")
+        return Receipt(int(partition), int(at))
 
 
 @dataclass(slots=True)
@@ -107,7 +144,7 @@ class _Recent:
     sku: str
     quantity: int
     intent_id: str
-    ack: asyncio.Future[int]
+    ack: asyncio.Future[Appended | None]  # None: answered 202 before, nothing written now
 
 
 class RecentIntents:
@@ -138,7 +175,7 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _settle_from(done: asyncio.Future[int], ack: asyncio.Future[int]) -> None:
+def _settle_from(done: asyncio.Future[Appended | None], ack: asyncio.Future[Appended]) -> None:
     """Pass Kafka's acknowledgement (or its failure) on to the slot's future."""
     if done.done():
         return
@@ -159,7 +196,6 @@ class IntakeService:
         log: IntentLog,
         receipts: Receipts,
         recent: RecentIntents,
-        ack_timeout_s: float,
         clock: Callable[[], datetime] = _now,
         in_log: Callable[[str, str], bool] = lambda sale_id, sku: False,
     ) -> None:
@@ -167,7 +203,6 @@ class IntakeService:
         self.log = log
         self.receipts = receipts
         self.recent = recent
-        self.ack_timeout_s = ack_timeout_s
         self.clock = clock
         self.in_log = in_log  # a SKU the log has opened, maybe not projected yet
 
@@ -178,8 +213,8 @@ class IntakeService:
         if key is None:  # nobody can retry it: no entry in the table
             await self._check(user_id, sale_id, sku, quantity, None)
             intent_id, ack = self._submit(user_id, sale_id, sku, quantity, uuid.uuid4().hex)
-            await self._acknowledged(ack)
-            return self._placed(intent_id, user_id, sale_id, sku, quantity)
+            placed_at = await self._acknowledged(ack)
+            return self._placed(intent_id, user_id, sale_id, sku, quantity, placed_at)
         slot = (user_id, sale_id, key)
         seen = self.recent.get(slot)
         if seen is not None:
@@ -189,20 +224,20 @@ class IntakeService:
                     "this Idempotency-Key was already used for a different intent "
                     f"(sku {seen.sku!r}, quantity {seen.quantity}); use a new key",
                 )
-            await self._acknowledged(seen.ack)
-            return self._placed(seen.intent_id, user_id, sale_id, sku, quantity)
+            place = await self._acknowledged(seen.ack)
+            return self._placed(seen.intent_id, user_id, sale_id, sku, quantity, place)
         # The slot is taken before the first await: a concurrent retry with this key waits for
         # this attempt instead of writing the intent a second time (or another body under it).
         intent_id = intent_id_for(user_id, sale_id, sku, key)
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[Appended | None] = asyncio.get_running_loop().create_future()
         entry = _Recent(sku, quantity, intent_id, done)
         self.recent.put(slot, entry)
         done.add_done_callback(lambda f: self._forget_failed(f, slot, entry))
         try:
             answered = await self._check(user_id, sale_id, sku, quantity, key)
             if answered is not None:
-                done.set_result(-1)  # answered 202 before: nothing to write
-                return self._placed(answered, user_id, sale_id, sku, quantity)
+                done.set_result(None)  # answered 202 before: nothing to write
+                return self._placed(answered, user_id, sale_id, sku, quantity, None)
             produced_id, ack = self._submit(user_id, sale_id, sku, quantity, key)
         except BaseException as exc:
             if not done.done():  # a waiting retry is told the outcome is unknown: it retries
@@ -210,8 +245,8 @@ class IntakeService:
             raise
         assert produced_id == intent_id
         ack.add_done_callback(lambda f: _settle_from(done, f))
-        await self._acknowledged(done)
-        return self._placed(intent_id, user_id, sale_id, sku, quantity)
+        place = await self._acknowledged(done)
+        return self._placed(intent_id, user_id, sale_id, sku, quantity, place)
 
     async def _check(
         self, user_id: str, sale_id: str, sku: str, quantity: int, key: str | None
@@ -235,27 +270,34 @@ class IntakeService:
 
     def _submit(
         self, user_id: str, sale_id: str, sku: str, quantity: int, key: str
-    ) -> tuple[str, asyncio.Future[int]]:
+    ) -> tuple[str, asyncio.Future[Appended]]:
         try:
             return self.log.submit_intent_async(sale_id, sku, user_id, quantity, key)
         except (NotAcknowledged, BufferError, KafkaException) as exc:  # e.g. queue full
             raise Unacknowledged(str(exc)) from None
 
     def _forget_failed(
-        self, ack: asyncio.Future[int], slot: tuple[str, str, str], entry: _Recent
+        self, ack: asyncio.Future[Appended | None], slot: tuple[str, str, str], entry: _Recent
     ) -> None:
         if ack.cancelled() or ack.exception() is not None:
             self.recent.forget(slot, entry)  # a retry writes it again
 
-    async def _acknowledged(self, ack: asyncio.Future[int]) -> None:
-        """Wait for the ack without cancelling it (a retry may wait for the same one)."""
-        if not ack.done():
-            await asyncio.wait((ack,), timeout=self.ack_timeout_s + 1.0)
-        if not ack.done():
-            raise Unacknowledged("no acknowledgement in time")
-        if ack.cancelled() or ack.exception() is not None:
-            raise Unacknowledged(str(ack.exception()) if not ack.cancelled() else "cancelled")
+    @staticmethod
+    async def _acknowledged(ack: asyncio.Future[T]) -> T:
+        """Where the log put the intent, once acknowledged; waited for without cancelling it
+        (a retry may wait for the same one). No timer per request: the producer reports
+        every record, acknowledged or failed, within its ``message.timeout.ms``."""
+        try:
+            return await asyncio.shield(ack)
+        except asyncio.CancelledError:
+            if ack.cancelled():
+                raise Unacknowledged("cancelled") from None
+            raise  # this request was cancelled, not the write
+        except Exception as exc:
+            raise Unacknowledged(str(exc)) from None
 
-    def _placed(self, intent_id: str, user_id: str, sale_id: str, sku: str, q: int) -> Placed:
-        receipt = self.receipts.sign(intent_id, user_id, sale_id, sku, q)
+    def _placed(
+        self, intent_id: str, user_id: str, sale_id: str, sku: str, q: int, place: Appended | None
+    ) -> Placed:
+        receipt = self.receipts.sign(intent_id, user_id, sale_id, sku, q, place)
         return Placed(intent_id, sale_id, sku, q, receipt)

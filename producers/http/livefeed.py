@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable
@@ -86,10 +87,16 @@ class DecisionFeed:
     """The decisions topic, read by this app server, fanned out on its event loop."""
 
     def __init__(
-        self, bootstrap: str, topic: str, registry: SchemaRegistry, window: int = 20_000
+        self,
+        bootstrap: str,
+        topic: str,
+        registry: SchemaRegistry,
+        window: int = 20_000,
+        trust_s: float = 60.0,
     ) -> None:
         self.topic = topic
         self.window = window
+        self.trust_ms = int(trust_s * 1000)
         self._registry = registry
         self._config = {
             "bootstrap.servers": bootstrap,
@@ -104,6 +111,11 @@ class DecisionFeed:
         self._next: list[int] = []  # per partition: the next offset to be applied
         self._start: list[int] = []  # per partition: the window holds every fact from here
         self._facts: list[deque[Fact]] = []
+        # Per partition: the latest intent log time the writer has decided, as read here
+        # (-1: read from the log's start, nothing decided yet; None: not known yet) and the
+        # offset to have read before trusting it (the end of the log when the feed started).
+        self._reached: list[int | None] = []
+        self._trust_from: list[int] = []
         self._users: dict[str, set[UserStream]] = defaultdict(set)
         self._waiters: dict[tuple[str, str], list[tuple[Accept, asyncio.Future[Fact]]]] = (
             defaultdict(list)
@@ -131,35 +143,45 @@ class DecisionFeed:
         except BaseException:  # cancelled (the server stops while waiting)
             consumer.close()
             raise
-        self.begin_at([tp.offset for tp in assignment])
-        consumer.assign(assignment)
+        offsets, lows, highs = assignment
+        self.begin_at(offsets, lows, highs)
+        consumer.assign([TopicPartition(self.topic, p, o) for p, o in enumerate(offsets)])
         self._thread = threading.Thread(
             target=self._read, args=(consumer,), daemon=True, name="decision-feed"
         )
         self._thread.start()
 
-    def begin_at(self, offsets: list[int]) -> None:
-        """Start the window at these offsets, one per partition (on the loop)."""
+    def begin_at(
+        self, offsets: list[int], lows: list[int] | None = None, highs: list[int] | None = None
+    ) -> None:
+        """Start the window at these offsets, one per partition (on the loop); ``lows`` and
+        ``highs`` are the log's start and end offsets when the feed started."""
         self._loop = asyncio.get_running_loop()
         self.partitions = len(offsets)
         self._start = list(offsets)
         self._next = list(offsets)
         self._facts = [deque() for _ in offsets]
+        lows = lows or [-1] * len(offsets)
+        self._reached = [-1 if o <= low else None for o, low in zip(offsets, lows, strict=True)]
+        self._trust_from = list(highs or offsets)
 
     def apply(self, batch: list[Fact]) -> None:
         """Apply facts read from the log, in log order per partition (on the loop)."""
         self._apply(batch)
 
-    def _assignment(self, consumer: Consumer) -> list[TopicPartition]:
+    def _assignment(self, consumer: Consumer) -> tuple[list[int], list[int], list[int]]:
+        """Per partition: where the window starts, the log's start and its end."""
         meta = consumer.list_topics(self.topic, timeout=10)
         topic = meta.topics.get(self.topic)
         if topic is None or topic.error is not None or not topic.partitions:
             raise RuntimeError(f"topic {self.topic} is missing: provision the topics first")
-        out = []
+        offsets, lows, highs = [], [], []
         for p in sorted(topic.partitions):
             low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, p), 10)
-            out.append(TopicPartition(self.topic, p, max(low, high - self.window)))
-        return out
+            offsets.append(max(low, high - self.window))
+            lows.append(low)
+            highs.append(high)
+        return offsets, lows, highs
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -216,6 +238,9 @@ class DecisionFeed:
         record = fact.record
         if fact.name in DECISIONS:
             self._decided[record["intent_id"]] = fact
+            reached = self._reached[p]
+            if reached is None or record["decided_at"] > reached:
+                self._reached[p] = record["decided_at"]
             self._progress(fact)
             streams = self._users.get(record["user_id"])
             if streams:
@@ -323,6 +348,25 @@ class DecisionFeed:
         """The intent's decision if it is in this server's window (often before the
         projection has it)."""
         return self._decided.get(intent_id)
+
+    def undecided(self, partition: int, log_time_ms: int) -> bool:
+        """True when the writer of ``partition`` surely has not decided an intent the log
+        stamped ``log_time_ms``: this feed has read every decision the partition had when it
+        started, and the writer, which decides in log order, has decided nothing from that
+        millisecond on. False when unsure (the caller asks the projection): a partition not
+        read far enough, or an intent older than ``trust_s`` (a feed cut off from the broker
+        must not say ``queued`` for ever)."""
+        if (
+            not 0 <= partition < self.partitions
+            or self._next[partition] < self._trust_from[partition]
+        ):
+            return False
+        reached = self._reached[partition]
+        return (
+            reached is not None
+            and reached < log_time_ms
+            and time.time() * 1000 - log_time_ms <= self.trust_ms
+        )
 
     def knows(self, sale_id: str, sku: str) -> bool:
         """Whether this server has read a fact of (sale, SKU) (e.g. its SaleOpened)."""

@@ -11,7 +11,9 @@ IDENT = r"^[A-Za-z0-9_.:-]+$"  # sale ids, SKUs (1-128 characters)
 IDENT_RULE = "must be 1-128 characters of A-Z a-z 0-9 _ . : -"
 Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=IDENT)]
 IDEMPOTENCY_KEY = r"^[A-Za-z0-9_.:-]{1,128}$"
-RECEIPT = r"^[A-Za-z0-9_-]{22}$"  # producers.http.intake.Receipts
+# producers.http.intake.Receipts: the HMAC, then where the log put the intent (partition and
+# broker append time in ms) when known.
+RECEIPT = r"^[A-Za-z0-9_-]{22}(\.[0-9]{1,6}\.[0-9]{1,16})?$"
 
 
 class Strict(BaseModel):

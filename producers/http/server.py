@@ -71,14 +71,15 @@ def build_app(
         limiter = RateLimiter(cfg.rate_per_s, cfg.rate_burst)
         intake = IntakeService(
             store, producer, Receipts(secret), RecentIntents(cfg.recent_intents),
-            cfg.ack_timeout_ms / 1000, in_log=feed.knows,
+            in_log=feed.knows,
         )  # fmt: skip
         readers = RateLimiter(cfg.read_rate_per_s, cfg.read_rate_burst)
         app.state.edge = EdgeContext(
             config=cfg, tokens=TokenVerifier(secret), producer=producer, store=store, feed=feed,
             limiter=limiter, metrics=metrics, intake=intake, readers=readers,
             sale_views=SaleViews(store),
-            intent_views=IntentViews(store, intake.receipts, decisions=feed.decision),
+            intent_views=IntentViews(store, intake.receipts, decisions=feed.decision,
+                                     undecided=feed.undecided),
             sales=SaleService(PostgresClaims(pool), producer, feed),
         )  # fmt: skip
         try:

@@ -70,9 +70,12 @@ class IntentViews:
         capacity: int = 200_000,
         miss_ttl_s: float = 0.5,
         decisions: Callable[[str], Any] | None = None,
+        undecided: Callable[[int, int], bool] | None = None,
     ) -> None:
         self.store = store
         self.decisions = decisions  # the live feed's window: a decision before it is projected
+        # The live feed: the writer of this partition has not reached this log time yet.
+        self.undecided = undecided
         self.receipts = receipts
         self.capacity = capacity
         self.miss_ttl_s = miss_ttl_s
@@ -100,6 +103,18 @@ class IntentViews:
             if fact is not None:
                 status = IntentStatus.model_validate(status_of_fact(fact))
                 hit = self._keep(intent_id, fact.record["user_id"], status)
+        proven = None
+        if hit is None and receipt is not None:
+            sale_id, sku, quantity, proof = receipt
+            proven = self.receipts.verify(proof, intent_id, user_id, sale_id, sku, quantity)
+            if (
+                proven is not None
+                and proven.log_time_ms is not None
+                and proven.partition is not None
+                and self.undecided is not None
+                and self.undecided(proven.partition, proven.log_time_ms)
+            ):
+                return self._queued(intent_id, sale_id, sku, quantity)  # no query needed
         now = time.monotonic()
         if hit is None and now - self._misses.get(intent_id, -1e9) >= self.miss_ttl_s:
             self.queries += 1
@@ -116,13 +131,16 @@ class IntentViews:
             if hit[0] != user_id:
                 raise ApiError(403, "forbidden", "this intent belongs to another user")
             return hit[1]
-        if receipt is not None:
-            sale_id, sku, quantity, proof = receipt
-            if self.receipts.valid(proof, intent_id, user_id, sale_id, sku, quantity):
-                queued = IntentStatus(intent_id=intent_id, sale_id=sale_id, sku=sku,
-                                      quantity=quantity, status="queued")  # fmt: skip
-                return Rendered.of(queued, "private, no-cache")
+        if receipt is not None and proven is not None:
+            sale_id, sku, quantity, _ = receipt
+            return self._queued(intent_id, sale_id, sku, quantity)
         raise ApiError(404, "unknown_intent", f"no intent {intent_id!r}")
+
+    @staticmethod
+    def _queued(intent_id: str, sale_id: str, sku: str, quantity: int) -> Rendered:
+        queued = IntentStatus(intent_id=intent_id, sale_id=sale_id, sku=sku,
+                              quantity=quantity, status="queued")  # fmt: skip
+        return Rendered.of(queued, "private, no-cache")
 
 
 class SaleViews:

@@ -1,8 +1,9 @@
 """The edge's asynchronous acknowledgements against the real broker.
 
 ``submit_intent_async`` resolves on the event loop only once Kafka acknowledged the record
-(acks=all), to the offset the record really has; an intent Kafka never acknowledges fails
-with ``NotAcknowledged``, and a wait abandoned by its request never breaks the others.
+(acks=all), to the partition, offset and log-append time the record really has; an intent
+Kafka never acknowledges fails with ``NotAcknowledged``, and a wait abandoned by its request
+never breaks the others.
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from infra.stack import Endpoints
-from producers.commands import CommandProducer, NotAcknowledged
+from producers.commands import Appended, CommandProducer, NotAcknowledged
 from schemas.codec import SchemaRegistry
 
 
-def _records(bootstrap: str, topic: str) -> dict[str, tuple[int, int]]:
-    """intent id -> (partition, offset) of every record in ``topic``."""
+def _records(bootstrap: str, topic: str) -> dict[str, tuple[int, int, int]]:
+    """intent id -> (partition, offset, timestamp) of every record in ``topic``."""
     registry = SchemaRegistry.load_default()
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "probe", "log_level": 0})
-    found: dict[str, tuple[int, int]] = {}
+    found: dict[str, tuple[int, int, int]] = {}
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         tps = [TopicPartition(topic, p, 0) for p in partitions]
@@ -34,18 +35,19 @@ def _records(bootstrap: str, topic: str) -> dict[str, tuple[int, int]]:
             for msg in consumer.consume(500, 1.0):
                 assert msg.error() is None
                 _, record = registry.decode(msg.value())
-                found[record["intent_id"]] = (msg.partition(), msg.offset())
+                found[record["intent_id"]] = (msg.partition(), msg.offset(), msg.timestamp()[1])
     finally:
         consumer.close()
     return found
 
 
-def test_async_acks_resolve_to_the_offsets_kafka_gave(endpoints: Endpoints, uid: str):
+def test_async_acks_resolve_to_where_kafka_put_the_record(endpoints: Endpoints, uid: str):
     topic = f"t-acks-{uid}"
     admin = AdminClient({"bootstrap.servers": endpoints.bootstrap})
-    admin.create_topics([NewTopic(topic, 3, 1)])[topic].result(30)
+    log_time = {"message.timestamp.type": "LogAppendTime"}  # as the command topic
+    admin.create_topics([NewTopic(topic, 3, 1, config=log_time)])[topic].result(30)
 
-    async def main() -> dict[str, int]:
+    async def main() -> dict[str, Appended]:
         producer = CommandProducer(endpoints.bootstrap, "test-acks", topic=topic)
         producer.serve_acks_on(asyncio.get_running_loop())
         try:
@@ -59,15 +61,18 @@ def test_async_acks_resolve_to_the_offsets_kafka_gave(endpoints: Endpoints, uid:
                 for i in range(500, 600)
             ]
             assert await asyncio.to_thread(producer.flush) == 0
-            offsets = await asyncio.gather(*(f for _, f in submitted))
-            return {intent: offset for (intent, _), offset in zip(submitted, offsets, strict=True)}
+            places = await asyncio.gather(*(f for _, f in submitted))
+            return {intent: place for (intent, _), place in zip(submitted, places, strict=True)}
         finally:
             await asyncio.to_thread(producer.close)
 
     acked = asyncio.run(main())
     in_topic = _records(endpoints.bootstrap, topic)
     assert len(acked) == 600 and set(acked) == set(in_topic)
-    assert all(acked[i] == in_topic[i][1] for i in acked)
+    assert all(
+        (acked[i].partition, acked[i].offset, acked[i].log_time_ms) == in_topic[i] for i in acked
+    )
+    assert len({a.partition for a in acked.values()}) == 3
 
 
 def test_an_intent_kafka_never_acknowledges_fails_and_an_abandoned_wait_is_skipped(

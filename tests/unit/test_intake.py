@@ -16,12 +16,14 @@ from fastapi.testclient import TestClient
 
 from flashsale.settings import Settings
 from infra.stack import Endpoints
+from producers.commands import Appended
 from producers.http.auth import TokenVerifier, Unauthenticated, token
 from producers.http.config import EdgeSettings
 from producers.http.context import EdgeContext
 from producers.http.fastpath import LeanEdge
 from producers.http.intake import (
     IntakeService,
+    Receipt,
     Receipts,
     RecentIntents,
     Unacknowledged,
@@ -35,6 +37,7 @@ from producers.identity import intent_id_for
 
 SECRET = "unit-test-secret-with-enough-bytes-for-hs256"
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
+LOG_TIME_MS = int(NOW.timestamp() * 1000)
 
 
 def terms(sku: str = "k", **over: Any) -> SkuTerms:
@@ -67,19 +70,19 @@ class FakeLog:
         self.produced: list[tuple[str, str, str, int, str]] = []
         self.hold = False
         self.fail = False
-        self.pending: list[asyncio.Future[int]] = []
+        self.pending: list[asyncio.Future[Appended]] = []
 
     def submit_intent_async(
         self, sale_id: str, sku: str, user_id: str, quantity: int, idempotency_key: str
-    ) -> tuple[str, asyncio.Future[int]]:
+    ) -> tuple[str, asyncio.Future[Appended]]:
         self.produced.append((sale_id, sku, user_id, quantity, idempotency_key))
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
         if self.fail:
             fut.set_exception(RuntimeError("broker down"))
         elif self.hold:
             self.pending.append(fut)
         else:
-            fut.set_result(len(self.produced))
+            fut.set_result(Appended(1, len(self.produced) - 1, LOG_TIME_MS))
         return intent_id_for(user_id, sale_id, sku, idempotency_key), fut
 
 
@@ -89,7 +92,6 @@ def service(sales: FakeSales | None = None, log: FakeLog | None = None, capacity
         log or FakeLog(),
         Receipts(SECRET),
         RecentIntents(capacity),
-        ack_timeout_s=5,
         clock=lambda: NOW,
     )
 
@@ -134,8 +136,9 @@ def test_a_retry_while_the_first_waits_for_its_ack_waits_for_the_same_ack():
         second = asyncio.create_task(svc.place_intent("u", "s", "k", 1, "key"))
         await asyncio.sleep(0.01)
         assert not first.done() and not second.done()
-        log.pending[0].set_result(7)
-        assert (await first) == (await second)
+        log.pending[0].set_result(Appended(2, 7, LOG_TIME_MS))
+        a, b = await first, await second
+        assert a == b and a.receipt.endswith(f".2.{LOG_TIME_MS}")
 
     run(scenario())
     assert len(log.produced) == 1
@@ -242,12 +245,25 @@ def test_the_table_of_recent_intents_is_bounded():
 def test_receipts_prove_exactly_the_fields_they_were_signed_for():
     r = Receipts(SECRET)
     sig = r.sign("i", "u", "s", "k", 2)
-    assert r.valid(sig, "i", "u", "s", "k", 2)
+    assert r.verify(sig, "i", "u", "s", "k", 2) == Receipt()
     for fields in (("j", "u", "s", "k", 2), ("i", "v", "s", "k", 2), ("i", "u", "t", "k", 2),
                    ("i", "u", "s", "j", 2), ("i", "u", "s", "k", 3)):  # fmt: skip
-        assert not r.valid(sig, *fields)
-    assert not Receipts("another-secret-" + "z" * 40).valid(sig, "i", "u", "s", "k", 2)
-    assert not r.valid("\u00e9" * 22, "i", "u", "s", "k", 2)  # no TypeError (fuzzer-found)
+        assert r.verify(sig, *fields) is None
+    assert Receipts("another-secret-" + "z" * 40).verify(sig, "i", "u", "s", "k", 2) is None
+    assert r.verify("\u00e9" * 22, "i", "u", "s", "k", 2) is None  # no TypeError (fuzzer-found)
+
+
+def test_a_receipt_proves_where_the_log_put_the_intent_and_that_cannot_be_moved():
+    r = Receipts(SECRET)
+    sig = r.sign("i", "u", "s", "k", 2, Appended(3, 41, 1_700_000_000_123))
+    assert sig.endswith(".3.1700000000123") and len(sig) == 22 + len(".3.1700000000123")
+    assert r.verify(sig, "i", "u", "s", "k", 2) == Receipt(3, 1_700_000_000_123)
+    mac = sig.split(".")[0]
+    for moved in (f"{mac}.4.1700000000123", f"{mac}.3.1700000009999", mac):
+        assert r.verify(moved, "i", "u", "s", "k", 2) is None
+    # A topic that does not stamp the broker's time: the receipt proves the fields only.
+    assert r.verify(r.sign("i", "u", "s", "k", 2, Appended(3, 41, None)), "i", "u", "s", "k", 2) \
+        == Receipt()  # fmt: skip
 
 
 def test_the_token_cache_still_honours_expiry_and_never_caches_a_failure():

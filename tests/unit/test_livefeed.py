@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
+import pytest
+
+from producers.commands import Appended
+from producers.http.errors import ApiError
 from producers.http.intake import Receipts
 from producers.http.livefeed import DecisionFeed, Fact, parse_position, status_of_fact
 from producers.http.models import IntentStatus
@@ -179,3 +184,61 @@ class _Rows:
     async def intent_status(self, intent_id: str) -> dict[str, Any] | None:
         self.queries += 1
         return None
+
+
+def at(p: int, offset: int, decided_at: int) -> Fact:
+    f = decision(p, offset, "v", f"i{p}-{offset}")
+    return Fact(p, offset, f.name, {**f.record, "decided_at": decided_at})
+
+
+def test_the_feed_says_undecided_only_when_the_writer_surely_has_not_reached_the_intent():
+    now = int(time.time() * 1000)
+
+    async def scenario() -> None:
+        from_start = DecisionFeed("127.0.0.1:1", "t", SchemaRegistry.load_default(), 100)
+        from_start.begin_at([0, 0], lows=[0, 0], highs=[0, 0])
+        assert from_start.undecided(0, now) and from_start.undecided(1, now)  # nothing decided
+        from_start.apply([at(0, 0, now - 10)])
+        assert from_start.undecided(0, now - 9)  # the writer decided up to now - 10
+        assert not from_start.undecided(0, now - 10)  # same millisecond: maybe decided
+        assert not from_start.undecided(0, now - 500)  # it passed that intent
+        assert from_start.undecided(1, now - 500)  # partitions are independent writers
+        assert not from_start.undecided(2, now)  # no such partition
+        assert not from_start.undecided(1, now - 120_000)  # too old to trust the feed
+
+        # Started mid-log: unsure until it has read what the log held at its start.
+        mid = DecisionFeed("127.0.0.1:1", "t", SchemaRegistry.load_default(), 100)
+        mid.begin_at([5, 5], lows=[0, 0], highs=[8, 5])
+        assert not mid.undecided(0, now) and not mid.undecided(1, now)  # nothing read yet
+        mid.apply([at(0, 5, now - 30), at(0, 6, now - 20)])
+        assert not mid.undecided(0, now)  # offset 7 (maybe a later decision) not read yet
+        mid.apply([at(0, 7, now - 15)])
+        assert mid.undecided(0, now - 14) and not mid.undecided(0, now - 16)
+        assert not mid.undecided(1, now)  # read through its start, but no decision seen
+
+    asyncio.run(scenario())
+
+
+def test_a_queued_intent_the_writer_has_not_reached_is_answered_without_a_query():
+    now = int(time.time() * 1000)
+
+    async def scenario() -> None:
+        f = DecisionFeed("127.0.0.1:1", "t", SchemaRegistry.load_default(), 100)
+        f.begin_at([0], lows=[0], highs=[0])
+        f.apply([at(0, 0, now - 10)])
+        receipts, rows = Receipts("s" * 48), _Rows()
+        views = IntentViews(rows, receipts, decisions=f.decision, undecided=f.undecided)
+        ahead = receipts.sign("q", "u", "s", "k0", 1, Appended(0, 9, now - 5))
+        answer = await views.get("u", "q", ("s", "k0", 1, ahead))
+        assert b'"queued"' in answer.body and rows.queries == 0
+        # Behind what the writer decided (a repeat it ignored, say): the projection is asked.
+        behind = receipts.sign("r", "u", "s", "k0", 1, Appended(0, 1, now - 50))
+        answer = await views.get("u", "r", ("s", "k0", 1, behind))
+        assert b'"queued"' in answer.body and rows.queries == 1
+        # A position the edge did not sign proves nothing: unknown intent.
+        mac = ahead.split(".")[0]
+        with pytest.raises(ApiError) as refused:
+            await views.get("u", "q", ("s", "k0", 1, f"{mac}.0.{now}"))
+        assert refused.value.status == 404
+
+    asyncio.run(scenario())
