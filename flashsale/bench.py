@@ -61,13 +61,15 @@ def http(args: argparse.Namespace, settings: Settings) -> None:
     from producers.http.bench import run_http_bench
 
     services = all_services(settings)
-    started = [s for s in services if s.start()]
+    started: list[Any] = []
     edge = Edge(settings)
-    edge_started = any(edge.up().values())
-    try:
+    edge_started: dict[str, bool] = {}
+    try:  # whatever fails to start, what did start is stopped
+        started += [s for s in services if s.start()]
+        edge_started = edge.up()
         figures = run_http_bench(settings, edge, services, rate=2000)
     finally:
-        if edge_started:
+        if any(edge_started.values()):
             edge.down()
         for service in reversed(started):
             service.stop()

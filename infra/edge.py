@@ -117,11 +117,20 @@ class Edge:
         return self.nginx.url
 
     def up(self) -> dict[str, bool]:
-        """Start what is not running (app servers first, then nginx); wait until ready."""
-        started = {f"app-{s.port}": s.start(wait=False) for s in self.servers}
-        for s in self.servers:
-            s.wait_ready()
-        started["nginx"] = self.nginx.start()
+        """Start what is not running (app servers first, then nginx); wait until ready. If
+        anything fails to start, what this call started is stopped again."""
+        started: dict[str, bool] = {}
+        try:
+            for s in self.servers:
+                started[f"app-{s.port}"] = s.start(wait=False)
+            for s in self.servers:
+                s.wait_ready()
+            started["nginx"] = self.nginx.start()
+        except BaseException:
+            for s in self.servers:
+                if started.get(f"app-{s.port}"):
+                    s.stop()
+            raise
         return started
 
     def down(self) -> dict[str, bool]:

@@ -16,7 +16,7 @@ from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME, KafkaError, Producer
 
 from flashsale.topics import SKU_COMMANDS
 from processors.core.model import CURRENT_RULES
-from producers.identity import intent_id_for
+from producers.identity import intent_id_for, random_event_id
 from schemas.codec import SchemaRegistry
 
 
@@ -34,7 +34,7 @@ class SkuAllocation:
     per_order_max: int
 
 
-def producer_config(bootstrap: str, timeout_ms: int = 10_000) -> dict[str, Any]:
+def producer_config(bootstrap: str, timeout_ms: int = 10_000, linger_ms: int = 2) -> dict[str, Any]:
     """Settings that lose nothing and partition like the Java client and Faust (murmur2)."""
     return {
         "bootstrap.servers": bootstrap,
@@ -43,7 +43,7 @@ def producer_config(bootstrap: str, timeout_ms: int = 10_000) -> dict[str, Any]:
         # librdkafka's default (consistent_random, CRC32) disagrees with Java/aiokafka:
         # one SKU would land on two partitions and get two writers.
         "partitioner": "murmur2_random",
-        "linger.ms": 2,
+        "linger.ms": linger_ms,
         # No compression: every client (aiokafka without extras included) can read our topics.
         # Bounded: an unacknowledged write is reported as unknown instead of hanging 300 s.
         "message.timeout.ms": timeout_ms,
@@ -92,8 +92,9 @@ class CommandProducer:
         timeout_ms: int = 10_000,
         registry: SchemaRegistry | None = None,
         topic: str = SKU_COMMANDS,
+        linger_ms: int = 2,
     ) -> None:
-        self._producer = Producer(producer_config(bootstrap, timeout_ms))
+        self._producer = Producer(producer_config(bootstrap, timeout_ms, linger_ms))
         self._registry = registry or SchemaRegistry.load_default()
         self._name = producer_name
         self._timeout_s = timeout_ms / 1000
@@ -125,7 +126,7 @@ class CommandProducer:
 
     def _envelope(self, correlation_id: str | None) -> dict[str, Any]:
         return {
-            "event_id": str(uuid.uuid4()),
+            "event_id": random_event_id(),
             "correlation_id": correlation_id,
             "producer": self._name,
             "occurred_at": _now_ms(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
 
 INTENTS_NAMESPACE = uuid.UUID("6f1b2f5e-3c9a-4d0e-9d1e-5a7f0c2b8e11")
@@ -42,3 +43,10 @@ def decision_event_id(intent_id: str) -> str:
 def fact_event_id(sale_id: str, sku: str, sequence: int) -> str:
     """Event id of a sale fact (SaleOpened, SaleClosed, ...): unique per (sale, SKU, sequence)."""
     return str(uuid.uuid5(DECISIONS_NAMESPACE, f"{sale_id}\x1f{sku}\x1f{sequence}"))
+
+
+def random_event_id() -> str:
+    """A random (version 4) UUID string, as ``str(uuid.uuid4())`` gives, without UUID
+    objects: the edge makes one per intent (~1.5 µs instead of ~6 µs)."""
+    x = os.urandom(16).hex()
+    return f"{x[:8]}-{x[8:12]}-4{x[13:16]}-{_VARIANT[x[16]]}{x[17:20]}-{x[20:32]}"

@@ -5,9 +5,11 @@
 2. latency at an open-loop offered rate (2,000/s; a generator that does not wait for answers),
    busy and with the writer idle;
 3. GET /v1/intents/{id} requests/s (each user reading its own intent);
-4. the same max-load run against two other app-server builds behind the same nginx
-   configuration: the FastAPI route (``FLASHSALE_HTTP_LEAN_INTENTS=0``, what the edge was)
-   and an empty ASGI app (``FLASHSALE_HTTP_EMPTY=1``: the ceiling of nginx + uvicorn here);
+4. the same max-load run against three other app-server builds behind the same nginx
+   configuration: the FastAPI route (``FLASHSALE_HTTP_LEAN_INTENTS=0``, what the edge was),
+   an app that only produces each intent and answers after the ack
+   (``FLASHSALE_HTTP_EMPTY=produce``: the floor of a 202 with Kafka from Python) and an empty
+   ASGI app (``FLASHSALE_HTTP_EMPTY=1``: the ceiling of nginx + uvicorn here);
 5. how fast one app server's live feed reads the decisions topic.
 
 CPU is read from /proc per process group (nginx, app servers, broker, writer, projector,
@@ -192,7 +194,7 @@ def _variant(settings: Settings, name: str, env: dict[str, str]) -> Iterator[Edg
         server_ports=[_free_port() for _ in range(2)],
         env=env,
     )
-    variant.up()
+    variant.up()  # stops what it started if a server fails to start
     try:
         yield variant
     finally:
@@ -262,13 +264,15 @@ def run_http_bench(
 
     variant_env = {"FLASHSALE_JWT_SECRET": secret}
     for name, env in (("fastapi_route", {"FLASHSALE_HTTP_LEAN_INTENTS": "0"}),
+                      ("produce_only_app", {"FLASHSALE_HTTP_EMPTY": "produce"}),
                       ("empty_asgi_app", {"FLASHSALE_HTTP_EMPTY": "1"})):  # fmt: skip
         with _variant(settings, name, {**variant_env, **env}) as v:
             out[name] = _max_load(v.url, post, _groups(settings, v), duration_s, connections, log)
     log.close()
     ceiling = out["empty_asgi_app"]["accepted_2xx_per_s"] or 1
     out["share_of_ceiling"] = {k: round(out[k]["accepted_2xx_per_s"] / ceiling, 3)
-                               for k in ("busy", "writer_idle", "fastapi_route")}  # fmt: skip
+                               for k in ("busy", "writer_idle", "fastapi_route",
+                                         "produce_only_app")}  # fmt: skip
     out["feed_catch_up"] = feed_catch_up(settings)
     out["cpu_note"] = "cpu_share: 1.0 = one core fully busy (the box has 2 cores)"
     return out

@@ -13,6 +13,7 @@ class EdgeSettings:
     """Knobs of one app server; defaults work locally."""
 
     ack_timeout_ms: int = 5000  # FLASHSALE_KAFKA_ACK_TIMEOUT_MS
+    linger_ms: int = 2  # FLASHSALE_KAFKA_LINGER_MS: how long intents wait to share a request
     rate_per_s: float = 5.0  # FLASHSALE_RATE_PER_S
     rate_burst: float = 10.0  # FLASHSALE_RATE_BURST
     read_rate_per_s: float = 20.0  # FLASHSALE_READ_RATE_PER_S (GET status and sale reads)
@@ -31,6 +32,7 @@ class EdgeSettings:
         e = dict(os.environ if env is None else env)
         return cls(
             ack_timeout_ms=env_int(e, "FLASHSALE_KAFKA_ACK_TIMEOUT_MS", 5000, 100, 300_000),
+            linger_ms=env_int(e, "FLASHSALE_KAFKA_LINGER_MS", 2, 0, 1000),
             rate_per_s=env_number(e, "FLASHSALE_RATE_PER_S", 5.0, 0.001, 1e9),
             rate_burst=env_number(e, "FLASHSALE_RATE_BURST", 10.0, 1, 1e9),
             read_rate_per_s=env_number(e, "FLASHSALE_READ_RATE_PER_S", 20.0, 0.001, 1e9),

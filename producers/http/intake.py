@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import hmac
 import uuid
 from collections import OrderedDict
@@ -92,19 +93,27 @@ class Receipt:
 
 
 class Receipts:
-    """HMAC receipts: proof that this edge acknowledged an intent with exactly these fields.
+    """Receipts: proof that this edge acknowledged an intent with exactly these fields.
 
-    Keyed by a key derived from the edge's signing secret, so every app server checks what
-    any other signed. 16 bytes of HMAC-SHA256, base64url (22 characters), then
-    ``.<partition>.<log append time in ms>`` when the log's place is known (covered by the
-    HMAC too).
+    A 16-byte keyed BLAKE2b MAC (RFC 7693's keyed mode: ~1 µs where HMAC-SHA256 took 5-6)
+    with a key derived from the edge's signing secret, so every app server checks what any
+    other signed; base64url (22 characters), then ``.<partition>.<log append time in ms>``
+    when the log's place is known (covered by the MAC too). A plain 22-character receipt
+    signed by an earlier version (HMAC-SHA256) is still accepted.
     """
 
     def __init__(self, secret: str) -> None:
-        self._key = hmac.new(secret.encode(), b"flashsale intent receipts v1", "sha256").digest()
+        self._legacy = hmac.new(secret.encode(), b"flashsale intent receipts v1", "sha256").digest()
+        self._key = hashlib.blake2b(
+            secret.encode(), digest_size=32, person=b"fs-receipts-v2"
+        ).digest()
 
     def _mac(self, fields: str) -> str:
-        mac = hmac.digest(self._key, fields.encode(), "sha256")[:16]
+        mac = hashlib.blake2b(fields.encode(), key=self._key, digest_size=16).digest()
+        return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+    def _legacy_mac(self, fields: str) -> str:
+        mac = hmac.new(self._legacy, fields.encode(), hashlib.sha256).digest()[:16]
         return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
     def sign(
@@ -128,15 +137,18 @@ class Receipts:
         """What the receipt proves if this edge signed it for exactly these fields, else None."""
         fields = f"{intent_id}\x1f{user_id}\x1f{sale_id}\x1f{sku}\x1f{quantity}"
         mac, _, where = receipt.partition(".")
-        if where:
-            fields += "\x1f" + where
         # As bytes: compare_digest refuses str with non-ASCII characters (a 500 before).
-        if not hmac.compare_digest(self._mac(fields).encode(), mac.encode()):
-            return None
-        if not where:
+        given = mac.encode()
+        if where:
+            if not hmac.compare_digest(self._mac(fields + "\x1f" + where).encode(), given):
+                return None
+            partition, _, at = where.partition(".")
+            return Receipt(int(partition), int(at))
+        if hmac.compare_digest(self._mac(fields).encode(), given) or hmac.compare_digest(
+            self._legacy_mac(fields).encode(), given
+        ):
             return Receipt()
-        partition, _, at = where.partition(".")
-        return Receipt(int(partition), int(at))
+        return None
 
 
 @dataclass(slots=True)

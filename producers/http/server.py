@@ -57,6 +57,7 @@ def build_app(
             producer_name=f"http-edge-{ident}",
             timeout_ms=cfg.ack_timeout_ms,
             topic=names.sku_commands,
+            linger_ms=cfg.linger_ms,
         )
         producer.serve_acks_on(asyncio.get_running_loop())
         pool = AsyncConnectionPool(
@@ -126,6 +127,49 @@ async def empty_app(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"{}"})
 
 
+def produce_app(settings: Settings, endpoints: Endpoints) -> Any:
+    """The bench's floor for a 202: an ASGI app that writes one intent per POST to the
+    command topic (acks=all, the edge's producer) and answers 202 once Kafka acknowledged
+    it, nothing else (no token, no checks, no receipt): what the edge costs beyond it is ours."""
+    from flashsale.topics import TopicNames
+    from producers.commands import CommandProducer
+
+    state: dict[str, Any] = {}
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"2")]
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    producer = CommandProducer(
+                        endpoints.bootstrap,
+                        "bench-floor",
+                        topic=TopicNames.of(settings).sku_commands,
+                    )
+                    producer.serve_acks_on(asyncio.get_running_loop())
+                    state["producer"] = producer
+                else:
+                    await asyncio.to_thread(state["producer"].close)
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        if scope["type"] != "http":
+            return
+        await receive()
+        if scope["method"] == "GET":  # /healthz
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": b"{}"})
+            return
+        n = state["n"] = state.get("n", 0) + 1
+        _, ack = state["producer"].submit_intent_async("bench-floor", "b1", "u", 1, f"k{n}")
+        await ack
+        await send({"type": "http.response.start", "status": 202, "headers": headers})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    return app
+
+
 def serve(port: int, host: str = DEFAULT_HOST) -> int:
     """Run one app server on host:port until SIGTERM/SIGINT."""
     import uvicorn
@@ -138,8 +182,11 @@ def serve(port: int, host: str = DEFAULT_HOST) -> int:
     settings = Settings.from_env()
     app = build_app(settings, Stack(settings).endpoints(), server_id=f"{host}:{port}")
     served: Any = LeanEdge(app)  # the hot route before any middleware; the rest to FastAPI
-    if os.environ.get("FLASHSALE_HTTP_EMPTY") == "1":  # `flashsale bench --only http` only
+    bench_variant = os.environ.get("FLASHSALE_HTTP_EMPTY")  # `flashsale bench --only http` only
+    if bench_variant == "1":
         served = empty_app
+    elif bench_variant == "produce":
+        served = produce_app(settings, Stack(settings).endpoints())
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     uvicorn.run(
         served,

@@ -5,6 +5,7 @@ These never touch the session's shared servers: each test runs its own broker or
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -141,3 +143,24 @@ def test_corrupted_postgres_state_is_named(postgres: LocalPostgres):
     (postgres.data / "base").mkdir()
     with pytest.raises(CorruptState, match="PG_VERSION"):
         postgres.start()
+
+
+def test_an_edge_that_fails_to_start_stops_the_servers_it_started(
+    settings: Settings, endpoints: Any, uid: str, tmp_path: Path
+):
+    from infra.edge import Edge
+
+    ports = [free_port(), free_port()]
+    edge_settings = dataclasses.replace(
+        settings, state_dir=tmp_path, namespace=f"t-edge-{uid}", http_port=free_port()
+    )
+    edge = Edge(edge_settings, server_ports=ports)
+    with socket.socket() as taken:  # the second app server's port is in use
+        taken.bind(("127.0.0.1", ports[1]))
+        taken.listen()
+        with pytest.raises(PortInUse):
+            edge.up()
+        first = edge.servers[0]
+        assert first.pidfile.exists() is False and first.pid() is None
+        assert processes.wait_until(lambda: processes.port_is_free(ports[0]), 10, 0.1)
+    assert edge.nginx.pid() is None

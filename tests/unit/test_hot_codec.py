@@ -17,6 +17,7 @@ from producers.identity import (
     INTENTS_NAMESPACE,
     decision_event_id,
     intent_id_for,
+    random_event_id,
 )
 from schemas.codec import SchemaRegistry
 
@@ -99,3 +100,11 @@ def test_event_id_is_the_uuid5_of_the_intent_id(intent_id: str) -> None:
 def test_intent_id_is_the_uuid5_of_user_sale_sku_and_key(u: str, s: str, k: str, key: str) -> None:
     name = f"{u}\x1f{s}\x1f{k}\x1f{key}"
     assert intent_id_for(u, s, k, key) == uuid.uuid5(INTENTS_NAMESPACE, name).hex
+
+
+def test_random_event_ids_are_version_4_uuids_as_uuid4_writes_them() -> None:
+    ids = [random_event_id() for _ in range(5000)]
+    assert len(set(ids)) == len(ids)
+    for i in ids:
+        parsed = uuid.UUID(i)
+        assert str(parsed) == i and parsed.version == 4 and parsed.variant == uuid.RFC_4122

@@ -449,3 +449,17 @@ def test_the_lean_status_route_answers_every_case_as_the_fastapi_route_does(tmp_
     assert results[True] == results[False]
     codes = [c for c, _ in results[True]]
     assert codes.count(200) == 2 and codes.count(304) == 2 and 422 in codes and 403 in codes
+
+
+def test_a_receipt_signed_by_the_previous_version_is_still_accepted():
+    import base64
+    import hashlib
+    import hmac
+
+    key = hmac.new(SECRET.encode(), b"flashsale intent receipts v1", "sha256").digest()
+    mac = hmac.new(key, b"i\x1fu\x1fs\x1fk\x1f2", hashlib.sha256).digest()[:16]
+    old = base64.urlsafe_b64encode(mac).rstrip(b"=").decode()  # as HMAC-SHA256 receipts were
+    r = Receipts(SECRET)
+    assert r.verify(old, "i", "u", "s", "k", 2) == Receipt()
+    assert r.verify(old, "i", "u", "s", "k", 3) is None
+    assert r.sign("i", "u", "s", "k", 2) != old  # new receipts use the new MAC
