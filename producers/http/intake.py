@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from confluent_kafka import KafkaException
 
@@ -151,12 +151,14 @@ class Receipts:
         return None
 
 
-@dataclass(slots=True)
-class _Recent:
-    sku: str
-    quantity: int
-    intent_id: str
-    ack: asyncio.Future[Appended | None]  # None: answered 202 before, nothing written now
+# A recent intent: (sku, quantity, intent id, its acknowledgement). The acknowledgement is the
+# pending future, then, once settled, where the log put the intent as a plain tuple
+# (partition, offset, log time) or None (answered 202 before: nothing written). Settled
+# entries are tuples of atomic values, which the cyclic GC stops tracking: a table of objects
+# and futures made every full collection walk it (70-200 ms pauses at 100,000-200,000
+# entries, the p99 of a busy app server).
+Settled = tuple[int, int, int | None] | None
+_Recent = tuple[str, int, str, "asyncio.Future[Appended | None] | Settled"]
 
 
 class RecentIntents:
@@ -174,10 +176,18 @@ class RecentIntents:
         if len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
 
-    def forget(self, key: tuple[str, str, str], entry: _Recent) -> None:
-        """Drop ``entry`` (its write failed) unless a newer attempt replaced it."""
-        if self._entries.get(key) is entry:
+    def settle(self, key: tuple[str, str, str], entry: _Recent, ack: asyncio.Future[Any]) -> None:
+        """Once ``entry``'s write is settled: keep where the log put it (a plain tuple), or
+        drop the entry if the write failed, so that a retry writes it again; unless a newer
+        attempt replaced the entry meanwhile."""
+        if self._entries.get(key) is not entry:
+            return
+        if ack.cancelled() or ack.exception() is not None:
             del self._entries[key]
+            return
+        place = ack.result()
+        settled = None if place is None else (place.partition, place.offset, place.log_time_ms)
+        self._entries[key] = (entry[0], entry[1], entry[2], settled)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -230,21 +240,25 @@ class IntakeService:
         slot = (user_id, sale_id, key)
         seen = self.recent.get(slot)
         if seen is not None:
-            if (seen.sku, seen.quantity) != (sku, quantity):
+            seen_sku, seen_quantity, seen_id, state = seen
+            if (seen_sku, seen_quantity) != (sku, quantity):
                 raise Refused(
                     "idempotency_conflict",
                     "this Idempotency-Key was already used for a different intent "
-                    f"(sku {seen.sku!r}, quantity {seen.quantity}); use a new key",
+                    f"(sku {seen_sku!r}, quantity {seen_quantity}); use a new key",
                 )
-            place = await self._acknowledged(seen.ack)
-            return self._placed(seen.intent_id, user_id, sale_id, sku, quantity, place)
+            if isinstance(state, asyncio.Future):
+                place = await self._acknowledged(state)
+            else:
+                place = None if state is None else Appended(*state)
+            return self._placed(seen_id, user_id, sale_id, sku, quantity, place)
         # The slot is taken before the first await: a concurrent retry with this key waits for
         # this attempt instead of writing the intent a second time (or another body under it).
         intent_id = intent_id_for(user_id, sale_id, sku, key)
         done: asyncio.Future[Appended | None] = asyncio.get_running_loop().create_future()
-        entry = _Recent(sku, quantity, intent_id, done)
+        entry: _Recent = (sku, quantity, intent_id, done)
         self.recent.put(slot, entry)
-        done.add_done_callback(lambda f: self._forget_failed(f, slot, entry))
+        done.add_done_callback(lambda f: self.recent.settle(slot, entry, f))
         try:
             answered = await self._check(user_id, sale_id, sku, quantity, key)
             if answered is not None:
@@ -287,12 +301,6 @@ class IntakeService:
             return self.log.submit_intent_async(sale_id, sku, user_id, quantity, key)
         except (NotAcknowledged, BufferError, KafkaException) as exc:  # e.g. queue full
             raise Unacknowledged(str(exc)) from None
-
-    def _forget_failed(
-        self, ack: asyncio.Future[Appended | None], slot: tuple[str, str, str], entry: _Recent
-    ) -> None:
-        if ack.cancelled() or ack.exception() is not None:
-            self.recent.forget(slot, entry)  # a retry writes it again
 
     @staticmethod
     async def _acknowledged(ack: asyncio.Future[T]) -> T:

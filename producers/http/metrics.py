@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import time
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -40,6 +44,27 @@ class EdgeMetrics:
             "429 answers (per-user rate limit)",
             registry=self.registry,
         )
+
+        self.gc_pause = Histogram(
+            "flashsale_http_gc_pause_seconds",
+            "Cyclic garbage collections of this process, by generation (each stops the loop)",
+            ["generation"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=self.registry,
+        )
+
+    def watch_gc(self) -> None:
+        """Time every cyclic garbage collection of this process (``gc.callbacks``)."""
+        by_generation = [self.gc_pause.labels(str(g)) for g in range(3)]
+        started = [0.0]
+
+        def timed(phase: str, info: dict[str, Any]) -> None:
+            if phase == "start":
+                started[0] = time.perf_counter()
+            else:
+                by_generation[info["generation"]].observe(time.perf_counter() - started[0])
+
+        gc.callbacks.append(timed)
 
     def render(self) -> bytes:
         """The text exposition format."""

@@ -12,30 +12,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-
-
-@dataclass(slots=True)
-class TokenBucket:
-    """``rate`` tokens per second up to ``burst``; one request takes one token."""
-
-    rate: float
-    burst: float
-    tokens: float
-    updated: float
-
-    def take(self, now: float) -> float:
-        """Take a token: 0.0 if granted, else the seconds until one is available."""
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return 0.0
-        return (1.0 - self.tokens) / self.rate
 
 
 class RateLimiter:
-    """One bucket per user; idle full buckets are dropped to bound memory."""
+    """One token bucket per user: ``rate`` tokens per second up to ``burst``, one request
+    takes one token; idle full buckets are dropped to bound memory.
+
+    A bucket is a plain ``(tokens, updated)`` tuple, replaced on each request: tuples of
+    numbers are not tracked by the cyclic GC, so a million users' buckets add nothing to its
+    full collections (objects would: each pause walks every one of them)."""
 
     def __init__(
         self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic
@@ -43,23 +28,27 @@ class RateLimiter:
         self.rate = rate
         self.burst = burst
         self._clock = clock
-        self._buckets: dict[str, TokenBucket] = {}
+        self._buckets: dict[str, tuple[float, float]] = {}
         self._next_sweep = clock() + 60.0
 
     def check(self, user_id: str) -> int:
         """0 when the request may pass, else Retry-After in whole seconds (>= 1)."""
         now = self._clock()
-        bucket = self._buckets.get(user_id)
-        if bucket is None:
-            bucket = self._buckets[user_id] = TokenBucket(self.rate, self.burst, self.burst, now)
-        wait = bucket.take(now)
+        tokens, updated = self._buckets.get(user_id, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - updated) * self.rate)
+        if tokens >= 1.0:
+            self._buckets[user_id] = (tokens - 1.0, now)
+            wait = 0.0
+        else:
+            self._buckets[user_id] = (tokens, now)
+            wait = (1.0 - tokens) / self.rate
         if now >= self._next_sweep:
             self._sweep(now)
         return 0 if wait == 0.0 else max(1, math.ceil(wait))
 
     def _sweep(self, now: float) -> None:
         refill = self.burst / self.rate
-        self._buckets = {u: b for u, b in self._buckets.items() if now - b.updated < refill}
+        self._buckets = {u: b for u, b in self._buckets.items() if now - b[1] < refill}
         self._next_sweep = now + 60.0
 
     def __len__(self) -> int:

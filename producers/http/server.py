@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,9 +24,14 @@ SWITCH_INTERVAL_S = 0.0005
 
 
 def build_app(
-    settings: Settings, endpoints: Endpoints, config: Any = None, server_id: str = ""
+    settings: Settings,
+    endpoints: Endpoints,
+    config: Any = None,
+    server_id: str = "",
+    on_started: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """The ASGI app; its Kafka producer, pool and decision feed are created at start-up."""
+    """The ASGI app; its Kafka producer, pool and decision feed are created at start-up,
+    then ``on_started`` runs (the server process's own settings, see ``serve``)."""
     from psycopg_pool import AsyncConnectionPool
 
     from flashsale.topics import TopicNames
@@ -83,6 +89,8 @@ def build_app(
                                      undecided=feed.undecided),
             sales=SaleService(PostgresClaims(pool), producer, feed),
         )  # fmt: skip
+        if on_started is not None:
+            on_started()
         try:
             yield
         finally:
@@ -170,6 +178,16 @@ def produce_app(settings: Settings, endpoints: Endpoints) -> Any:
     return app
 
 
+def _freeze_heap() -> None:
+    """Move everything alive after start-up (modules, classes, the app, its clients) out of
+    the cyclic GC's reach. Without it every full collection walked ~100,000 such objects,
+    60-170 ms with the loop stopped: the p99 of a loaded app server. They live as long as
+    the process; a frozen object that later becomes garbage in a cycle is never collected,
+    which bounds that leak by what start-up made."""
+    gc.collect()
+    gc.freeze()
+
+
 def serve(port: int, host: str = DEFAULT_HOST) -> int:
     """Run one app server on host:port until SIGTERM/SIGINT."""
     import uvicorn
@@ -180,7 +198,10 @@ def serve(port: int, host: str = DEFAULT_HOST) -> int:
 
     logs.configure(service="flashsale-http")
     settings = Settings.from_env()
-    app = build_app(settings, Stack(settings).endpoints(), server_id=f"{host}:{port}")
+    app = build_app(
+        settings, Stack(settings).endpoints(), server_id=f"{host}:{port}", on_started=_freeze_heap
+    )
+    app.state.metrics.watch_gc()
     served: Any = LeanEdge(app)  # the hot route before any middleware; the rest to FastAPI
     bench_variant = os.environ.get("FLASHSALE_HTTP_EMPTY")  # `flashsale bench --only http` only
     if bench_variant == "1":

@@ -79,7 +79,8 @@ class IntentViews:
         self.receipts = receipts
         self.capacity = capacity
         self.miss_ttl_s = miss_ttl_s
-        self._final: OrderedDict[str, tuple[str, Rendered]] = OrderedDict()
+        # intent id -> (user, body, etag, cache-control): plain tuples, untracked by the GC
+        self._final: OrderedDict[str, tuple[str, bytes, str, str]] = OrderedDict()
         # Not projected yet, as of this time: a client polling a queued intent queries
         # PostgreSQL at most once per miss_ttl_s, not on every poll.
         self._misses: dict[str, float] = {}
@@ -87,17 +88,18 @@ class IntentViews:
 
     def _keep(self, intent_id: str, user_id: str, status: IntentStatus) -> tuple[str, Rendered]:
         """A decision's answer is final: rendered once, kept (the last ``capacity``)."""
-        hit = (user_id, Rendered.of(status, "private, max-age=86400, immutable"))
-        self._final[intent_id] = hit
+        rendered = Rendered.of(status, "private, max-age=86400, immutable")
+        self._final[intent_id] = (user_id, rendered.body, rendered.etag, rendered.cache_control)
         if len(self._final) > self.capacity:
             self._final.popitem(last=False)
-        return hit
+        return user_id, rendered
 
     async def get(
         self, user_id: str, intent_id: str, receipt: tuple[str, str, int, str] | None
     ) -> Rendered:
         """The caller's intent; ApiError 403 (another user's) or 404 (unknown, no receipt)."""
-        hit = self._final.get(intent_id)
+        kept = self._final.get(intent_id)
+        hit = None if kept is None else (kept[0], Rendered(kept[1], kept[2], kept[3]))
         if hit is None and self.decisions is not None:
             fact = self.decisions(intent_id)  # decided, read from the log by this server
             if fact is not None:
