@@ -30,10 +30,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="decided intents in state before the restart measurement",
     )
     p.add_argument("--seconds", type=int, default=10, help="length of the latency run")
-    p.add_argument("--only", choices=["all", "core", "http"], default="all")
+    p.add_argument("--only", choices=["all", "core", "http", "compare"], default="all")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the bench runs")
     p.add_argument("--out", default="bench-results/core.json")
     p.add_argument("--http-out", default="bench-results/http.json")
+    p.add_argument("--compare-out", default="bench-results/compare.json")
     p.set_defaults(run=run)
 
 
@@ -48,6 +49,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             core(args, settings, stack)
         if args.only in ("all", "http"):
             http(args, settings)
+        if args.only in ("all", "compare"):
+            compare(args, settings, stack)
     finally:
         if any(started.values()):
             stack.down()
@@ -78,6 +81,28 @@ def http(args: argparse.Namespace, settings: Settings) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(figures, indent=2))
     print(f"written to {out}")
+
+
+def compare(args: argparse.Namespace, settings: Settings, stack: Stack) -> None:
+    """flashsale against a PostgreSQL row lock and Redis + Lua (flashsale/compare_bench.py)."""
+    from rich.console import Console
+
+    from flashsale import compare_bench
+
+    settings = dataclasses.replace(settings, kafka_bootstrap=stack.endpoints().bootstrap)
+    # The project's own servers (started by this command or by `make up`): their pids give CPU.
+    broker, postmaster = stack.kafka.pid(), stack.postgres.pid()
+    if postmaster is None:
+        raise SystemExit(
+            "bench --only compare needs the project's own PostgreSQL (`make up`): it runs the "
+            "PostgreSQL baseline there and reads its CPU"
+        )
+    sizes = compare_bench.SMOKE if args.smoke else compare_bench.Sizes()
+    figures = compare_bench.run(settings, broker, postmaster, sizes)
+    Console().print(compare_bench.table(figures))
+    print("machine:", figures["machine"], " ratios:", figures["ratios"])
+    compare_bench.write(figures, Path(args.compare_out))
+    print(f"written to {args.compare_out}")
 
 
 def _flat(figures: dict[str, Any], prefix: str = "") -> dict[str, Any]:

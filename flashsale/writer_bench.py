@@ -65,13 +65,22 @@ def peak_rss_mb(pid: int | None) -> float | None:
 class Namespace:
     """A private namespace for one scenario: topics, a producer, a worker, clean-up."""
 
-    def __init__(self, settings: Settings, tag: str, broker_pid: int | None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        tag: str,
+        broker_pid: int | None,
+        topic_config: dict[str, str] | None = None,
+    ) -> None:
         ns = f"bench-{tag}-{uuid.uuid4().hex[:6]}"
         self.settings = dataclasses.replace(settings, namespace=ns)
         self.bootstrap = settings.kafka_bootstrap
         self.names = TopicNames.of(self.settings)
         self.broker_pid = broker_pid
         provision.ensure_topics(self.bootstrap, catalogue(self.settings))
+        if topic_config:  # e.g. flush.messages=1: the broker fsyncs every write
+            _set_topic_config(self.bootstrap, [t.name for t in catalogue(self.settings)],
+                              topic_config)  # fmt: skip
         self.producer = CommandProducer(self.bootstrap, "bench", topic=self.names.sku_commands)
         self.worker = Service("processor", self.settings)  # its pid, log and CPU
         # Run as `make up` runs it: under the supervisor, which restarts a crashed worker.
@@ -130,6 +139,26 @@ class Namespace:
         return self.settings.state_dir / "processor" / f"{self.settings.namespace}-inventory"
 
 
+def _set_topic_config(bootstrap: str, topics: list[str], config: dict[str, str]) -> None:
+    from confluent_kafka.admin import (
+        AlterConfigOpType,
+        ConfigEntry,
+        ConfigResource,
+        ResourceType,
+    )
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    resources = [
+        ConfigResource(ResourceType.TOPIC, topic, incremental_configs=[
+            ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
+            for k, v in config.items()
+        ])
+        for topic in topics
+    ]  # fmt: skip
+    for fut in admin.incremental_alter_configs(resources).values():
+        fut.result(30)
+
+
 class DecisionReader:
     """A read_committed consumer of the decisions topic: counts decisions, stamps, latencies."""
 
@@ -145,7 +174,9 @@ class DecisionReader:
         # Only decisions count (the topic also holds SaleOpened and the other sale facts).
         self._decisions = {self._registry.fingerprint(n) for n in ("IntentAccepted",
                                                                    "IntentRejected")}  # fmt: skip
+        self._accepted = self._registry.fingerprint("IntentAccepted")
         self.count = 0
+        self.accepted = 0
         self.first_ms: int | None = None
         self.last_ms: int | None = None
         self.latencies: list[tuple[float, float]] = []  # (intent appended at, latency) ms
@@ -163,6 +194,7 @@ class DecisionReader:
                 appended = self._registry.decode(m.value() or b"")[1]["decided_at"]
                 self.latencies.append((appended, now - appended))
         self.count += len(msgs)
+        self.accepted += sum(1 for m in msgs if (m.value() or b"")[2:10] == self._accepted)
         return len(msgs)
 
     def wait(self, n: int, timeout: float, on_first: Callable[[], None] | None = None) -> None:
@@ -177,16 +209,27 @@ class DecisionReader:
         self._c.close()
 
 
-def backlog(settings: Settings, broker_pid: int | None, n: int, skus: int, mix: str) -> dict:
-    """n intents already in the topic, then one fresh worker decides them all."""
-    ns = Namespace(settings, f"{mix}-{skus}", broker_pid)
+def backlog(
+    settings: Settings,
+    broker_pid: int | None,
+    n: int,
+    skus: int,
+    mix: str,
+    fsync_per_write: bool = False,
+) -> dict:
+    """n intents already in the topic, then one fresh worker decides them all (with
+    ``fsync_per_write``, the broker fsyncs every write of the namespace's topics)."""
+    flush = {"flush.messages": "1"} if fsync_per_write else None
+    ns = Namespace(settings, f"{mix}-{skus}", broker_pid, topic_config=flush)
     try:
         names = [f"sku-{i:04d}" for i in range(skus)]
         users = max(1, n // 4)
         if mix == "accept-heavy":  # every intent is accepted: every decision decrements stock
-            ns.open_sale(names, allocation=n // skus + 1, per_user=n)
+            allocation = n // skus + 1
+            ns.open_sale(names, allocation=allocation, per_user=n)
         else:  # oversubscribed: one unit in ten finds stock
-            ns.open_sale(names, allocation=max(1, n // (10 * skus)), per_user=2)
+            allocation = max(1, n // (10 * skus))
+            ns.open_sale(names, allocation=allocation, per_user=2)
         ns.intents(n, names, users)
         reader = DecisionReader(ns.bootstrap, ns.names.decisions)
         ns.start()
@@ -210,6 +253,9 @@ def backlog(settings: Settings, broker_pid: int | None, n: int, skus: int, mix: 
             "worker_cpu_us_per_decision": round(worker_cpu / decided * 1e6, 1) if decided else None,
             "broker_cpu_us_per_decision": round(broker_cpu / decided * 1e6, 1) if decided else None,
             "worker_peak_rss_mb": peak,
+            # Each intent is one unit: more accepted than allocated would be an oversell.
+            "units_sold": reader.accepted, "allocation": allocation * skus,
+            "oversold": max(0, reader.accepted - allocation * skus) if skus == 1 else None,
         }  # fmt: skip
     finally:
         ns.drop()

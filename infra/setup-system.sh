@@ -13,6 +13,8 @@ command -v runuser >/dev/null || missing+=(util-linux)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 ls /usr/lib/nginx/modules/ngx_http_js_module.so >/dev/null 2>&1 || missing+=(libnginx-mod-http-js)
 command -v wrk >/dev/null || missing+=(wrk)
+# The benchmark's baselines: Redis (redis-server, redis-benchmark); pgbench comes with postgresql.
+command -v redis-server >/dev/null || missing+=(redis-server)
 for pkg in "$@"; do  # optional extras, e.g. nginx
   command -v "$pkg" >/dev/null || missing+=("$pkg")
 done

@@ -99,3 +99,38 @@ def test_bench_smoke_prints_and_writes_every_writer_figure(
     restart = figures["restart"]
     assert restart["restart_to_first_decision_s_keeping_rocksdb"] > 0
     assert restart["restart_to_first_decision_s_from_empty_disk"] > 0
+
+
+def test_bench_compare_smoke_runs_every_system_and_none_oversells(
+    settings: Settings, endpoints: Endpoints, tmp_path: Path
+):
+    local_only(settings)
+    out = tmp_path / "compare.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "flashsale.cli", "bench", "--only", "compare", "--smoke",
+         "--compare-out", str(out)],
+        env=_env(settings, endpoints, "t-bench-unused"),
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    systems = figures["systems"]
+    assert set(systems) == {"flashsale_core", "flashsale_core_fsync_per_write", "postgres",
+                            "postgres_sync_off", "redis", "redis_fsync_always"}  # fmt: skip
+    allocation = figures["workload"]["oversubscribed_allocation"]
+    for name, system in systems.items():
+        # CPU is read in 10 ms ticks: a smoke-sized run may show 0, never nothing.
+        assert system["decisions_per_s"] > 0 and system["cpu_ms_per_1000"] is not None, name
+        assert system["durability"], name
+        sold = system["oversubscribed"]
+        # Ten intents per unit, two units per user: each design sells out, never more.
+        assert sold["units_sold"] == allocation and sold["oversold"] == 0, (name, sold)
+        assert system["oversold"] == 0 and sold.get("users_over_limit", 0) == 0, name
+    assert set(systems["postgres"]["sweep"]) == {"8", "16", "32", "64"}
+    assert figures["ratios"]["core_vs_postgres"] > 0
+    assert "flashsale against the classic designs" in done.stdout
+    with psycopg.connect(endpoints.dsn) as conn:  # the baseline's scratch schemas are gone
+        assert not conn.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'bl\\_%'"
+        ).fetchall()
+    assert not (settings.state_dir / "bench" / "redis").exists()  # its redis-server stopped
