@@ -68,7 +68,9 @@ def http(args: argparse.Namespace, settings: Settings) -> None:
     edge = Edge(settings)
     edge_started: dict[str, bool] = {}
     try:  # whatever fails to start, what did start is stopped
-        started += [s for s in services if s.start()]
+        for service in services:  # recorded one by one: a later failure stops the earlier
+            if service.start():
+                started.append(service)
         edge_started = edge.up()
         figures = run_http_bench(settings, edge, services, rate=2000)
     finally:

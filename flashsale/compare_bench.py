@@ -29,24 +29,26 @@ CLIENTS = (8, 16, 32, 64)
 
 DURABILITY = {
     "flashsale_core": "acks=all to one broker, default flushing: an answer is in the broker's "
-    "page cache (survives a broker crash; an OS crash can lose the last seconds)",
+    "page cache (survives a broker crash; an OS crash can lose what Linux had not written back, "
+    "up to ~30 s; a cluster with min.insync.replicas=2 closes that)",
     "flashsale_core_fsync_per_write": "acks=all, flush.messages=1: fsynced before the answer",
     "postgres": "synchronous_commit=on: WAL fsynced before the answer",
     "postgres_sync_off": "synchronous_commit=off: a crash can lose ~0.6 s of answered "
     "transactions (the database stays consistent)",
-    "redis": "appendfsync everysec: a crash can lose ~1 s of answered purchases; orders reach "
-    "a database only later, from the stream",
+    "redis": "appendfsync everysec: an OS crash can lose ~1 s of answered purchases (a "
+    "redis-server crash alone loses nothing written to the AOF); orders reach a database only "
+    "later, from the stream",
     "redis_fsync_always": "appendfsync always: fsynced before the answer; orders reach a "
     "database only later, from the stream",
 }
 
 
 SHORT = {  # the durability column of the terminal table
-    "flashsale_core": "page cache",
+    "flashsale_core": "page cache (OS crash)",
     "flashsale_core_fsync_per_write": "fsync per write",
     "postgres": "fsync per commit",
     "postgres_sync_off": "~0.6 s at risk",
-    "redis": "~1 s at risk",
+    "redis": "~1 s at risk (OS crash)",
     "redis_fsync_always": "fsync per write",
 }
 

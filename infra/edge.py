@@ -120,6 +120,7 @@ class Edge:
         """Start what is not running (app servers first, then nginx); wait until ready. If
         anything fails to start, what this call started is stopped again."""
         started: dict[str, bool] = {}
+        nginx_ran = self.nginx.pid() is not None
         try:
             for s in self.servers:
                 started[f"app-{s.port}"] = s.start(wait=False)
@@ -127,6 +128,8 @@ class Edge:
                 s.wait_ready()
             started["nginx"] = self.nginx.start()
         except BaseException:
+            if not nginx_ran:
+                self.nginx.stop()  # spawned but not listening in time: not left behind
             for s in self.servers:
                 if started.get(f"app-{s.port}"):
                     s.stop()

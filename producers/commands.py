@@ -67,7 +67,8 @@ class Appended:
     @classmethod
     def of(cls, msg: Any) -> Appended:
         kind, at = msg.timestamp()
-        return cls(msg.partition(), msg.offset(), at if kind == TIMESTAMP_LOG_APPEND_TIME else None)
+        known = kind == TIMESTAMP_LOG_APPEND_TIME and at >= 0
+        return cls(msg.partition(), msg.offset(), at if known else None)
 
 
 def _resolve(

@@ -95,10 +95,12 @@ def run(
             "latency_ms_p99": p99,
             "cpu_ms_per_1000": round(server / intents * 1e6, 1),
             "client_cpu_ms_per_1000": round(client / intents * 1e6, 1),
-            "units_sold": sold,
-            "orders_queued": queued,
+            # Sold = the orders on the stream (one unit each), not the counter the script
+            # itself guards; the stock must agree with them.
+            "units_sold": queued,
+            "stock_agrees_with_orders": sold == queued,
             "allocation": allocation,
-            "oversold": max(0, sold - allocation) + max(0, queued - allocation),
+            "oversold": max(0, queued - allocation),
             "users_over_limit": over_limit,
         }
     finally:

@@ -218,6 +218,7 @@ class IntakeService:
         log: IntentLog,
         receipts: Receipts,
         recent: RecentIntents,
+        ack_timeout_s: float,
         clock: Callable[[], datetime] = _now,
         in_log: Callable[[str, str], bool] = lambda sale_id, sku: False,
     ) -> None:
@@ -225,6 +226,7 @@ class IntakeService:
         self.log = log
         self.receipts = receipts
         self.recent = recent
+        self.ack_timeout_s = ack_timeout_s
         self.clock = clock
         self.in_log = in_log  # a SKU the log has opened, maybe not projected yet
 
@@ -302,13 +304,18 @@ class IntakeService:
         except (NotAcknowledged, BufferError, KafkaException) as exc:  # e.g. queue full
             raise Unacknowledged(str(exc)) from None
 
-    @staticmethod
-    async def _acknowledged(ack: asyncio.Future[T]) -> T:
+    async def _acknowledged(self, ack: asyncio.Future[T]) -> T:
         """Where the log put the intent, once acknowledged; waited for without cancelling it
-        (a retry may wait for the same one). No timer per request: the producer reports
-        every record, acknowledged or failed, within its ``message.timeout.ms``."""
+        (a retry may wait for the same one). The producer reports every record within its
+        ``message.timeout.ms``; if no report comes a second after that (the producer closed,
+        its report timer stopped), the write is failed here, which frees the retry table's
+        slot: a retry writes the intent again (same id: the writer keeps one)."""
         try:
-            return await asyncio.shield(ack)
+            return await asyncio.wait_for(asyncio.shield(ack), self.ack_timeout_s + 1.0)
+        except TimeoutError:
+            if not ack.done():
+                ack.set_exception(Unacknowledged("no acknowledgement in time"))
+            raise Unacknowledged("no acknowledgement in time") from None
         except asyncio.CancelledError:
             if ack.cancelled():
                 raise Unacknowledged("cancelled") from None

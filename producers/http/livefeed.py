@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import structlog
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from projections.rows import utc
 from schemas.codec import SchemaRegistry, UndecodableRecord
@@ -38,6 +38,7 @@ log = structlog.get_logger(__name__)
 DECISIONS = frozenset({"IntentAccepted", "IntentRejected"})
 Accept = Callable[["Fact"], bool]
 QUEUE_MAX = 1000
+STALE_S = 5.0  # a reader thread silent this long is not trusted to say "undecided"
 
 
 class Fact(NamedTuple):
@@ -55,7 +56,9 @@ RawFact = tuple[int, int, str, dict[str, Any]]
 # and strings are not tracked by the cyclic GC (a tuple holding a dict, or an object, is):
 # a window of 120,000 tracked facts made every full collection walk them all, tens of ms
 # with the loop stopped.
-Kept = tuple[int, int, str, tuple[tuple[str, Any], ...]]
+# Decisions also keep their user id and intent id (None for other facts), so a resume or an
+# eviction reads them without rebuilding the record.
+Kept = tuple[int, int, str, tuple[tuple[str, Any], ...], str | None, str | None]
 
 
 def _fact(kept: Kept) -> Fact:
@@ -115,7 +118,7 @@ class DecisionFeed:
             "group.id": f"flashsale-edge-feed-{uuid.uuid4().hex}",  # never joined: assign()
             "enable.auto.commit": False,
             "isolation.level": "read_committed",
-            "enable.partition.eof": False,
+            "enable.partition.eof": True,  # a partition read to its end is up to date
             "fetch.wait.max.ms": 50,
             "log_level": 3,
         }
@@ -128,6 +131,8 @@ class DecisionFeed:
         # offset to have read before trusting it (the end of the log when the feed started).
         self._reached: list[int | None] = []
         self._trust_from: list[int] = []
+        self._at_end: list[bool] = []  # per partition: read to its end once since the start
+        self._heard = 0.0  # monotonic time of the reader thread's last consume
         self._users: dict[str, set[UserStream]] = defaultdict(set)
         self._waiters: dict[tuple[str, str], list[tuple[Accept, asyncio.Future[Fact]]]] = (
             defaultdict(list)
@@ -176,6 +181,8 @@ class DecisionFeed:
         lows = lows or [-1] * len(offsets)
         self._reached = [-1 if o <= low else None for o, low in zip(offsets, lows, strict=True)]
         self._trust_from = list(highs or offsets)
+        self._at_end = [False] * len(offsets)
+        self._heard = time.monotonic()
 
     def apply(self, batch: Iterable[RawFact]) -> None:
         """Apply facts read from the log, in log order per partition (on the loop)."""
@@ -208,26 +215,31 @@ class DecisionFeed:
         try:
             while not self._stopping.is_set():
                 messages = consumer.consume(1000, 0.1)
+                self._heard = time.monotonic()
                 batch = []
+                ends: list[int] = []
                 for m in messages:
-                    if m.error() is not None:
-                        log.warning("feed.consume_error", error=str(m.error()))
+                    if (error := m.error()) is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            ends.append(m.partition() or 0)
+                        else:
+                            log.warning("feed.consume_error", error=str(error))
                         continue
                     try:
                         name, record = self._registry.decode(m.value() or b"")
                     except UndecodableRecord:
                         name, record = "", {}  # its position still counts
                     batch.append((m.partition() or 0, m.offset() or 0, name, record))
-                if batch:
+                if batch or ends:
                     try:
-                        loop.call_soon_threadsafe(self._apply, batch)
+                        loop.call_soon_threadsafe(self._apply, batch, ends)
                     except RuntimeError:  # the loop is closed
                         return
         finally:
             consumer.close()
 
     # -- on the loop ---------------------------------------------------------------------------
-    def _apply(self, batch: list[RawFact]) -> None:
+    def _apply(self, batch: list[RawFact], ends: Iterable[int] = ()) -> None:
         for raw in batch:
             try:
                 self._apply_one(raw)
@@ -235,6 +247,8 @@ class DecisionFeed:
                 log.warning("feed.bad_fact", partition=raw[0], offset=raw[1], name=raw[2],
                             error=repr(exc))  # fmt: skip
                 self._next[raw[0]] = raw[1] + 1
+        for p in ends:  # read to the end (after this batch's facts)
+            self._at_end[p] = True
 
     def _apply_one(self, raw: RawFact) -> None:
         p, offset, name, record = raw
@@ -242,9 +256,12 @@ class DecisionFeed:
         if len(facts) >= self.window:
             old = facts.popleft()
             self._start[p] = old[1] + 1
-            if old[2] in DECISIONS:
-                self._decided.pop(str(dict(old[3]).get("intent_id")), None)
-        kept = (p, offset, name, tuple(record.items()))
+            if old[5] is not None:
+                self._decided.pop(old[5], None)
+        decision = name in DECISIONS
+        kept: Kept = (p, offset, name, tuple(record.items()),
+                      record["user_id"] if decision else None,
+                      record["intent_id"] if decision else None)  # fmt: skip
         facts.append(kept)
         self._next[p] = offset + 1
         self.applied += 1
@@ -367,10 +384,12 @@ class DecisionFeed:
         started, and the writer, which decides in log order, has decided nothing from that
         millisecond on. False when unsure (the caller asks the projection): a partition not
         read far enough, or an intent older than ``trust_s`` (a feed cut off from the broker
-        must not say ``queued`` for ever)."""
+        must not say ``queued`` for ever), or a reader thread that has not consumed for
+        ``STALE_S`` (dead or stuck)."""
         if (
             not 0 <= partition < self.partitions
-            or self._next[partition] < self._trust_from[partition]
+            or time.monotonic() - self._heard > STALE_S
+            or not (self._at_end[partition] or self._next[partition] >= self._trust_from[partition])
         ):
             return False
         reached = self._reached[partition]

@@ -8,6 +8,7 @@ import gc
 import os
 import socket
 import sys
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -78,7 +79,7 @@ def build_app(
         limiter = RateLimiter(cfg.rate_per_s, cfg.rate_burst)
         intake = IntakeService(
             store, producer, Receipts(secret), RecentIntents(cfg.recent_intents),
-            in_log=feed.knows,
+            cfg.ack_timeout_ms / 1000, in_log=feed.knows,
         )  # fmt: skip
         readers = RateLimiter(cfg.read_rate_per_s, cfg.read_rate_burst)
         app.state.edge = EdgeContext(
@@ -144,6 +145,9 @@ def produce_app(settings: Settings, endpoints: Endpoints) -> Any:
 
     state: dict[str, Any] = {}
     headers = [(b"content-type", b"application/json"), (b"content-length", b"2")]
+    # Real intents of the bench's sale, keys of this process's own: decided like the others.
+    sale = os.environ.get("FLASHSALE_BENCH_SALE", "bench-floor")
+    run = uuid.uuid4().hex[:12]
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -170,7 +174,8 @@ def produce_app(settings: Settings, endpoints: Endpoints) -> Any:
             await send({"type": "http.response.body", "body": b"{}"})
             return
         n = state["n"] = state.get("n", 0) + 1
-        _, ack = state["producer"].submit_intent_async("bench-floor", "b1", "u", 1, f"k{n}")
+        _, ack = state["producer"].submit_intent_async(sale, "b1", f"floor-{n % 5000}", 1,
+                                                       f"{run}-{n}")  # fmt: skip
         await ack
         await send({"type": "http.response.start", "status": 202, "headers": headers})
         await send({"type": "http.response.body", "body": b"{}"})

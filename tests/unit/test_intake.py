@@ -86,12 +86,18 @@ class FakeLog:
         return intent_id_for(user_id, sale_id, sku, idempotency_key), fut
 
 
-def service(sales: FakeSales | None = None, log: FakeLog | None = None, capacity: int = 100):
+def service(
+    sales: FakeSales | None = None,
+    log: FakeLog | None = None,
+    capacity: int = 100,
+    ack_timeout_s: float = 5,
+):
     return IntakeService(
         sales or FakeSales({"k": terms(), "j": terms("j")}),
         log or FakeLog(),
         Receipts(SECRET),
         RecentIntents(capacity),
+        ack_timeout_s=ack_timeout_s,
         clock=lambda: NOW,
     )
 
@@ -463,3 +469,21 @@ def test_a_receipt_signed_by_the_previous_version_is_still_accepted():
     assert r.verify(old, "i", "u", "s", "k", 2) == Receipt()
     assert r.verify(old, "i", "u", "s", "k", 3) is None
     assert r.sign("i", "u", "s", "k", 2) != old  # new receipts use the new MAC
+
+
+def test_an_ack_that_never_comes_fails_in_time_and_frees_the_key_for_a_retry():
+    log = FakeLog()
+    log.hold = True  # the producer never reports (closed, or its report timer stopped)
+    svc = service(log=log, ack_timeout_s=0.05)
+
+    async def scenario() -> None:
+        with pytest.raises(Unacknowledged, match="in time"):
+            await svc.place_intent("u", "s", "k", 1, "key")
+        await asyncio.sleep(0)  # the slot's done-callbacks run on the next turn
+        assert svc.recent.get(("u", "s", "key")) is None  # a retry writes it again
+        log.hold = False
+        placed = await svc.place_intent("u", "s", "k", 1, "key")
+        assert placed.intent_id == intent_id_for("u", "s", "k", "key")
+
+    run(scenario())
+    assert len(log.produced) == 2

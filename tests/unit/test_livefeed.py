@@ -242,3 +242,32 @@ def test_a_queued_intent_the_writer_has_not_reached_is_answered_without_a_query(
         assert refused.value.status == 404
 
     asyncio.run(scenario())
+
+
+def test_a_partition_read_to_its_end_is_trusted_and_a_silent_reader_is_not():
+    now = int(time.time() * 1000)
+
+    async def scenario() -> None:
+        f = DecisionFeed("127.0.0.1:1", "t", SchemaRegistry.load_default(), 100)
+        # The end offset at start (8) is past a transaction's commit marker, which a
+        # read_committed consumer never delivers: offset 7 is never applied.
+        f.begin_at([5], lows=[0], highs=[8])
+        f.apply([at(0, 5, now - 30), at(0, 6, now - 20)])
+        assert not f.undecided(0, now)
+        f._apply([], [0])  # the reader reached the partition's end
+        assert f.undecided(0, now) and not f.undecided(0, now - 25)
+        f._heard = time.monotonic() - 60  # the reader thread died or hangs
+        assert not f.undecided(0, now)
+
+    asyncio.run(scenario())
+
+
+def test_a_resume_finds_the_users_decisions_in_the_window_by_their_kept_user_id():
+    async def scenario() -> None:
+        f = feed(window=3)
+        f.apply(LOG)  # partition 0 keeps y, c, e; partition 1 keeps b, d, z
+        stream, gap = f.subscribe("u", "1.1")  # the window starts at offset 1 of each
+        assert not gap and sorted(i for _, i in drain(stream)) == ["b", "c", "d", "e"]
+        assert f.decision("a") is None and f.decision("x") is None  # evicted from the index
+
+    asyncio.run(scenario())
