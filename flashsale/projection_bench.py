@@ -17,7 +17,8 @@ from typing import Any
 from flashsale.replay import replay
 from flashsale.sale_audit import audit_sale
 from flashsale.settings import Settings
-from flashsale.writer_bench import DecisionReader, Namespace, cpu_seconds
+from flashsale.writer_bench import DecisionReader, Namespace
+from infra.processes import cpu_seconds
 from producers.commands import SkuAllocation
 from projections import schema
 from projections.postgres import PostgresProjector

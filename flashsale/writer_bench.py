@@ -33,22 +33,12 @@ from confluent_kafka.admin import AdminClient
 from flashsale.settings import Settings, env_int
 from flashsale.topics import TopicNames, catalogue
 from infra import provision
+from infra.processes import cpu_seconds
 from infra.services import Service, SupervisorProcess
 from producers.commands import CommandProducer, SkuAllocation, producer_config
 from schemas.codec import SchemaRegistry
 
 _TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU seconds of a process so far (0 when it is gone)."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICK
-    except (FileNotFoundError, IndexError):
-        return 0.0
 
 
 def peak_rss_mb(pid: int | None) -> float | None:

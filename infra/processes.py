@@ -197,3 +197,18 @@ def log_tail(logfile: Path, lines: int = 25) -> str:
         return "\n".join(logfile.read_text(errors="replace").splitlines()[-lines:])
     except FileNotFoundError:
         return "(no log written)"
+
+
+def cpu_seconds(pid: int | None, reaped: bool = False) -> float:
+    """User + system CPU seconds of a process so far (0 when it is gone); with ``reaped``,
+    plus those of its children it has waited for (a server's exited workers)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12])
+    if reaped:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK")

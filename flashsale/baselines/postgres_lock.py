@@ -25,6 +25,7 @@ from typing import Any
 import psycopg
 
 from infra.postgres import DB_NAME, DB_PASSWORD, DB_USER, pg_binary
+from infra.processes import cpu_seconds
 
 SCHEMA = """
 CREATE TABLE bl_stock (sku int PRIMARY KEY, remaining int NOT NULL, per_user int NOT NULL,
@@ -60,18 +61,6 @@ SELECT bl_buy(:sku, :user, 1);
 """
 
 
-def _cpu_seconds(pid: int, reaped: bool = False) -> float:
-    """utime + stime of ``pid`` (with ``reaped``: plus that of its children it has waited for)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return 0.0
-    ticks = int(fields[11]) + int(fields[12])
-    if reaped:
-        ticks += int(fields[13]) + int(fields[14])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
 def _server_cpu(postmaster: int) -> float:
     """CPU seconds of the postmaster and its backends, the exited ones included (the
     postmaster reaps them: their time is in its children's counters)."""
@@ -79,7 +68,7 @@ def _server_cpu(postmaster: int) -> float:
         text = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text()
     except FileNotFoundError:
         text = ""
-    return _cpu_seconds(postmaster, reaped=True) + sum(_cpu_seconds(int(p)) for p in text.split())
+    return cpu_seconds(postmaster, reaped=True) + sum(cpu_seconds(int(p)) for p in text.split())
 
 
 class Scratch:

@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from infra.processes import cpu_seconds
 from infra.redis import LocalRedis, redis_binary
 
 # KEYS: stock, per-user counts (hash), order stream. ARGV: user, quantity, per-user limit.
@@ -33,16 +34,6 @@ redis.call('HINCRBY', KEYS[2], ARGV[1], qty)
 redis.call('XADD', KEYS[3], '*', 'user', ARGV[1], 'qty', qty)
 return 'ACCEPTED'
 """
-
-
-def _cpu_seconds(pid: int | None) -> float:
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run(
@@ -67,11 +58,11 @@ def run(
                 "-c", str(clients), "-n", str(intents), "-r", str(users), "--csv",
                 "EVALSHA", sha, "3", "stock:hot", "buyers:hot", "orders:hot",
                 "__rand_int__", "1", str(per_user)]  # fmt: skip
-        server0 = _cpu_seconds(redis.pid())
+        server0 = cpu_seconds(redis.pid())
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         out = (proc.stdout.read() if proc.stdout else b"").decode()
         _, status, usage = os.wait4(proc.pid, 0)
-        server = _cpu_seconds(redis.pid()) - server0
+        server = cpu_seconds(redis.pid()) - server0
         if os.waitstatus_to_exitcode(status) != 0:
             raise RuntimeError(f"redis-benchmark failed:\n{out}")
         row = [line for line in out.splitlines() if line.startswith('"EVALSHA')]

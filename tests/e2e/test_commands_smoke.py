@@ -126,6 +126,7 @@ def test_bench_compare_smoke_runs_every_system_and_none_oversells(
         # Ten intents per unit, two units per user: each design sells out, never more.
         assert sold["units_sold"] == allocation and sold["oversold"] == 0, (name, sold)
         assert system["oversold"] == 0 and sold.get("users_over_limit", 0) == 0, name
+        assert sold.get("stock_agrees_with_orders", True), name  # Redis: counter vs stream
     assert set(systems["postgres"]["sweep"]) == {"8", "16", "32", "64"}
     assert figures["ratios"]["core_vs_postgres"] > 0
     assert "flashsale against the classic designs" in done.stdout
