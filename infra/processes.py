@@ -206,7 +206,7 @@ def cpu_seconds(pid: int | None, reaped: bool = False) -> float:
         return 0.0
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
+    except (OSError, IndexError):  # gone, also while being read (ESRCH): a backend exiting
         return 0.0
     ticks = int(fields[11]) + int(fields[12])
     if reaped:
