@@ -6,10 +6,12 @@ Figures are printed and written to bench-results/*.json; nothing here asserts sp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,27 +59,36 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def http(args: argparse.Namespace, settings: Settings) -> None:
-    """The HTTP edge through nginx: max 202/s (wrk) and latency at a fixed offered rate."""
+@contextlib.contextmanager
+def _edge_stack(settings: Settings) -> Iterator[tuple[Any, list[Any]]]:
+    """The writer, the projector and the HTTP edge (nginx, app servers) up for a bench, and
+    stopped afterwards: whatever fails to start, what did start is stopped."""
     from infra.edge import Edge
     from infra.services import all_services
-    from producers.http.bench import run_http_bench
 
     services = all_services(settings)
     started: list[Any] = []
     edge = Edge(settings)
     edge_started: dict[str, bool] = {}
-    try:  # whatever fails to start, what did start is stopped
+    try:
         for service in services:  # recorded one by one: a later failure stops the earlier
             if service.start():
                 started.append(service)
         edge_started = edge.up()
-        figures = run_http_bench(settings, edge, services, rate=2000)
+        yield edge, services
     finally:
         if any(edge_started.values()):
             edge.down()
         for service in reversed(started):
             service.stop()
+
+
+def http(args: argparse.Namespace, settings: Settings) -> None:
+    """The HTTP edge through nginx: max 202/s (wrk) and latency at a fixed offered rate."""
+    from producers.http.bench import run_http_bench
+
+    with _edge_stack(settings) as (edge, services):
+        figures = run_http_bench(settings, edge, services, rate=2000)
     _show("HTTP edge through nginx (2 app servers)", _flat(figures))
     out = Path(args.http_out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +100,7 @@ def compare(args: argparse.Namespace, settings: Settings, stack: Stack) -> None:
     """flashsale against a PostgreSQL row lock and Redis + Lua (flashsale/compare_bench.py)."""
     from rich.console import Console
 
-    from flashsale import compare_bench
+    from flashsale import compare_bench, compare_charts
 
     settings = dataclasses.replace(settings, kafka_bootstrap=stack.endpoints().bootstrap)
     # The project's own servers (started by this command or by `make up`): their pids give CPU.
@@ -100,11 +111,22 @@ def compare(args: argparse.Namespace, settings: Settings, stack: Stack) -> None:
             "PostgreSQL baseline there and reads its CPU"
         )
     sizes = compare_bench.SMOKE if args.smoke else compare_bench.Sizes()
-    figures = compare_bench.run(settings, broker, postmaster, sizes)
-    Console().print(compare_bench.table(figures))
+    dsn = stack.endpoints().dsn
+
+    def over_http() -> dict[str, Any]:
+        from flashsale import compare_http
+
+        with _edge_stack(settings) as (edge, _):
+            return compare_http.run(settings, dsn, edge, sizes.seconds, sizes.latency_seconds,
+                                    sizes.oversubscribed, sizes.http_users)  # fmt: skip
+
+    figures = compare_bench.run(settings, broker, postmaster, sizes, over_http)
+    Console(width=max(Console().width, 180)).print(compare_bench.table(figures))
     print("machine:", figures["machine"], " ratios:", figures["ratios"])
-    compare_bench.write(figures, Path(args.compare_out))
-    print(f"written to {args.compare_out}")
+    out = Path(args.compare_out)
+    compare_bench.write(figures, out)
+    charts = compare_charts.write(figures, out)
+    print(f"written to {out} and {', '.join(str(c) for c in charts)}")
 
 
 def _flat(figures: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import os
 import shutil
-import statistics
 import threading
 import time
 import uuid
@@ -33,7 +32,7 @@ from confluent_kafka.admin import AdminClient
 from flashsale.settings import Settings, env_int
 from flashsale.topics import TopicNames, catalogue
 from infra import provision
-from infra.processes import cpu_seconds
+from infra.processes import PeakMemory, cpu_seconds
 from infra.services import Service, SupervisorProcess
 from producers.commands import CommandProducer, SkuAllocation, producer_config
 from schemas.codec import SchemaRegistry
@@ -229,7 +228,8 @@ def backlog(
             cpu["worker0"] = cpu_seconds(ns.worker.pid())
             cpu["broker0"] = cpu_seconds(broker_pid)
 
-        reader.wait(n, 600, on_first=mark)
+        with PeakMemory(lambda: [p for p in (ns.worker.pid(), broker_pid) if p]) as memory:
+            reader.wait(n, 600, on_first=mark)
         worker_cpu = cpu_seconds(ns.worker.pid()) - cpu.get("worker0", 0.0)
         broker_cpu = cpu_seconds(broker_pid) - cpu.get("broker0", 0.0)
         peak = peak_rss_mb(ns.worker.pid())
@@ -243,6 +243,7 @@ def backlog(
             "worker_cpu_us_per_decision": round(worker_cpu / decided * 1e6, 1) if decided else None,
             "broker_cpu_us_per_decision": round(broker_cpu / decided * 1e6, 1) if decided else None,
             "worker_peak_rss_mb": peak,
+            "worker_and_broker_peak_pss_mb": memory.peak_mb,
             # Each intent is one unit: more accepted than allocated would be an oversell.
             "units_sold": reader.accepted, "allocation": allocation * skus,
             "oversold": max(0, reader.accepted - allocation * skus) if skus == 1 else None,
@@ -260,13 +261,19 @@ LOADGEN_LINGER_MS = 20
 WARMUP_S = 5
 
 
-def latency(settings: Settings, broker_pid: int | None, rate: int, seconds: int) -> dict:
-    """Open loop: ``rate`` intents/s for a warm-up and then ``seconds`` measured (100 SKUs)."""
-    ns = Namespace(settings, "latency", broker_pid)
+def latency(settings: Settings, broker_pid: int | None, rate: int, seconds: int,
+            skus: int = 100, fsync_per_write: bool = False) -> dict:  # fmt: skip
+    """Open loop: ``rate`` intents/s (Poisson arrivals, fixed seed) over ``skus`` SKUs for a
+    warm-up and then ``seconds`` measured."""
+    from producers.load import Plan, percentiles
+
+    flush = {"flush.messages": "1"} if fsync_per_write else None
+    ns = Namespace(settings, "latency", broker_pid, topic_config=flush)
     try:
-        names = [f"sku-{i}" for i in range(100)]
+        names = [f"sku-{i}" for i in range(skus)]
         warm = rate * WARMUP_S
-        total = warm + rate * seconds
+        plan = Plan.make(7, rate, WARMUP_S + seconds, 0, rate * seconds, names)
+        total = len(plan.at)
         ns.open_sale(names, allocation=total, per_user=total)
         reader = DecisionReader(ns.bootstrap, ns.names.decisions)
         ns.start()
@@ -282,12 +289,12 @@ def latency(settings: Settings, broker_pid: int | None, rate: int, seconds: int)
         watcher.start()
         # Encoded up front and produced raw: the load generator shares the two cores, and a
         # busy one would show up as decision latency.
-        values = [ns.producer.encode_intent("bench", names[i % 100], f"u{i}", 1, f"k{i}")
-                  for i in range(total)]  # fmt: skip
+        values = [ns.producer.encode_intent("bench", k, f"u{u}", 1, f"k{i}")
+                  for i, (u, k) in enumerate(zip(plan.users, plan.skus, strict=True))]  # fmt: skip
         raw = Producer({**producer_config(ns.bootstrap), "linger.ms": LOADGEN_LINGER_MS})
         t0 = time.monotonic()
         for i, value in enumerate(values):
-            delay = t0 + i / rate - time.monotonic()
+            delay = t0 + plan.at[i] - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
             if i == warm:  # the measured window starts here
@@ -295,7 +302,7 @@ def latency(settings: Settings, broker_pid: int | None, rate: int, seconds: int)
                 t1 = time.monotonic()
                 cpu0 = (cpu_seconds(ns.worker.pid()), cpu_seconds(broker_pid),
                         time.process_time())  # fmt: skip
-            raw.produce(ns.names.sku_commands, value, key=names[i % 100].encode())
+            raw.produce(ns.names.sku_commands, value, key=plan.skus[i].encode())
             raw.poll(0)
         raw.flush(30)
         elapsed = time.monotonic() - t1
@@ -307,13 +314,11 @@ def latency(settings: Settings, broker_pid: int | None, rate: int, seconds: int)
         stop.set()
         watcher.join()
         reader.close()
-        lat = sorted(ms for at, ms in reader.latencies if at >= measured_from) or [float("nan")]
-        q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [lat[0]] * 99
-        return {"offered_per_s": round(offered), "warmup_s": WARMUP_S, "decided": len(lat),
-                "loadgen_linger_ms": LOADGEN_LINGER_MS,
-                "cpu_share_worker_broker_loadgen": share,
-                "latency_ms_p50": round(q[49], 1), "latency_ms_p99": round(q[98], 1),
-                "latency_ms_max": round(lat[-1], 1)}  # fmt: skip
+        lat = [ms / 1000 for at, ms in reader.latencies if at >= measured_from]
+        return {"offered_per_s": round(offered), "skus": skus, "warmup_s": WARMUP_S,
+                "decided": len(lat), "loadgen_linger_ms": LOADGEN_LINGER_MS,
+                "cpu_share_worker_broker_loadgen": share, **percentiles(lat),
+                "latency_ms_max": round(max(lat) * 1000, 1) if lat else None}  # fmt: skip
     finally:
         ns.drop()
 

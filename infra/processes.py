@@ -212,3 +212,66 @@ def cpu_seconds(pid: int | None, reaped: bool = False) -> float:
     if reaped:
         ticks += int(fields[13]) + int(fields[14])
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    """A free port below Linux's ephemeral range, so client sockets never take it later."""
+    import random
+
+    while True:
+        port = random.randrange(20_000, 32_000)
+        if port_is_free(port):
+            return port
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of a process (none when it is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def pss_mb(pids: Sequence[int]) -> float:
+    """Proportional set size of processes together, MiB: each shared page counted once,
+    split among its sharers (a server's forked workers do not count its shared memory N
+    times, as summed RSS would)."""
+    total_kb = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total_kb += int(line.split()[1])
+                    break
+        except OSError:  # gone meanwhile
+            continue
+    return round(total_kb / 1024, 1)
+
+
+class PeakMemory:
+    """The peak of ``pss_mb(pids())`` sampled every ``interval`` s on a thread, between
+    ``with`` entry and exit (``pids`` is asked each time: workers come and go)."""
+
+    def __init__(self, pids: Callable[[], Sequence[int]], interval: float = 0.25) -> None:
+        import threading
+
+        self._pids, self._interval = pids, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.peak_mb = 0.0
+
+    def _sample(self) -> None:
+        while True:
+            self.peak_mb = max(self.peak_mb, pss_mb(self._pids()))
+            if self._stop.wait(self._interval):
+                return
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, pss_mb(self._pids()))

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import random
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from flashsale.settings import Settings
-from infra.processes import port_is_free
+from infra.processes import free_port as free_port  # the tests import it from here
 from infra.stack import Endpoints, Stack
 
 
@@ -32,14 +31,6 @@ def endpoints(settings: Settings) -> Iterator[Endpoints]:
 def uid() -> str:
     """A short unique id so tests can share one broker and one database."""
     return uuid.uuid4().hex[:10]
-
-
-def free_port() -> int:
-    """A free port below Linux's ephemeral range, so client sockets never take it later."""
-    while True:
-        port = random.randrange(20_000, 32_000)
-        if port_is_free(port):
-            return port
 
 
 def local_only(settings: Settings) -> None:

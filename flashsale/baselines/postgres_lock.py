@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 
 from infra.postgres import DB_NAME, DB_PASSWORD, DB_USER, pg_binary
-from infra.processes import cpu_seconds
+from infra.processes import PeakMemory, children, cpu_seconds
 
 SCHEMA = """
 CREATE TABLE bl_stock (sku int PRIMARY KEY, remaining int NOT NULL, per_user int NOT NULL,
@@ -64,11 +64,7 @@ SELECT bl_buy(:sku, :user, 1);
 def _server_cpu(postmaster: int) -> float:
     """CPU seconds of the postmaster and its backends, the exited ones included (the
     postmaster reaps them: their time is in its children's counters)."""
-    try:
-        text = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text()
-    except FileNotFoundError:
-        text = ""
-    return cpu_seconds(postmaster, reaped=True) + sum(cpu_seconds(int(p)) for p in text.split())
+    return cpu_seconds(postmaster, reaped=True) + sum(cpu_seconds(p) for p in children(postmaster))
 
 
 class Scratch:
@@ -131,30 +127,36 @@ def run(
     intents: int | None = None,
     allocation: int = 2_000_000_000,
     per_user: int = 2_000_000_000,
+    rate: int | None = None,
 ) -> dict[str, Any]:
     """pgbench with ``clients`` connections for ``seconds`` (or ``intents`` in all): decisions/s,
-    CPU (server and pgbench) per 1,000 decisions, and what the tables say was sold."""
+    CPU (server and pgbench) per 1,000 decisions, peak memory of the server, and what the
+    tables say was sold. With ``rate``, open loop: pgbench schedules that many transactions a
+    second whatever the answers and logs each one's latency from its scheduled start."""
     scratch = Scratch(dsn)
+    logs = tempfile.TemporaryDirectory(prefix="pgbench-")
     try:
         scratch.stock(skus, allocation, per_user)
-        with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as f:
-            f.write(PGBENCH_SCRIPT.format(users=users, last_sku=skus - 1))
+        script = Path(logs.name) / "buy.sql"
+        script.write_text(PGBENCH_SCRIPT.format(users=users, last_sku=skus - 1))
         length = (
             ["-T", str(seconds)] if intents is None else ["-t", str(max(1, intents // clients))]
         )
+        paced = ["-R", str(rate), "-l", "--log-prefix", f"{logs.name}/tx"] if rate else []
         argv = [pg_binary("pgbench"), "-n", "-c", str(clients), "-j", str(min(clients, 2)),
-                *length, "-f", f.name, "-h", "127.0.0.1", "-p", str(port), "-U", DB_USER,
-                DB_NAME]  # fmt: skip
+                *length, *paced, "-f", str(script), "-h", "127.0.0.1", "-p", str(port),
+                "-U", DB_USER, DB_NAME]  # fmt: skip
         options = f"-c search_path={scratch.schema} -c synchronous_commit="
         env = {**os.environ, "PGPASSWORD": DB_PASSWORD,
                "PGOPTIONS": options + ("on" if synchronous_commit else "off")}  # fmt: skip
         server0 = _server_cpu(postmaster)
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        out = (proc.stdout.read() if proc.stdout else b"").decode()
-        _, status, usage = os.wait4(proc.pid, 0)
+        with PeakMemory(lambda: [postmaster, *children(postmaster)]) as memory:
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    env=env)  # fmt: skip
+            out = (proc.stdout.read() if proc.stdout else b"").decode()
+            _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         server = _server_cpu(postmaster) - server0
-        os.unlink(f.name)
         if proc.returncode != 0:
             raise RuntimeError(f"pgbench failed:\n{out}")
         done = int(_grab(r"number of transactions actually processed: (\d+)", out))
@@ -162,16 +164,31 @@ def run(
         client = usage.ru_utime + usage.ru_stime
         return {
             "clients": clients,
+            "skus": skus,
             "synchronous_commit": "on" if synchronous_commit else "off",
             "decisions": done,
             "decisions_per_s": round(tps),
             "latency_ms_avg": float(_grab(r"latency average = ([\d.]+) ms", out)),
+            **(_logged_latency(Path(logs.name)) if rate else {}),
             "cpu_ms_per_1000": round(server / done * 1e6, 1) if done else None,
             "client_cpu_ms_per_1000": round(client / done * 1e6, 1) if done else None,
+            "peak_rss_mb": memory.peak_mb,
             **scratch.outcome(),
         }
     finally:
         scratch.drop()
+        logs.cleanup()
+
+
+def _logged_latency(directory: Path) -> dict[str, Any]:
+    """p50/p99/p99.9 from pgbench's per-transaction logs (third column: µs from the
+    transaction's scheduled start to its end, schedule lag included)."""
+    from producers.load import percentiles
+
+    seconds = [int(line.split()[2]) / 1e6
+               for f in directory.glob("tx*") for line in f.read_text().splitlines()
+               if line and line.split()[2].isdigit()]  # fmt: skip
+    return {"latency_samples": len(seconds), **percentiles(seconds)}
 
 
 def _grab(pattern: str, text: str) -> str:

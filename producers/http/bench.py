@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -38,13 +37,12 @@ from flashsale.settings import Settings
 from infra.edge import Edge
 from infra.kafka import LocalKafka
 from infra.postgres import LocalPostgres
+from infra.processes import children, free_port
 from infra.services import all_services
 from producers.http.auth import load_secret, token
 from producers.http.bench_tools import (
     CpuMeter,
-    children,
     get_script,
-    paced,
     post_script,
     rss_mb,
     run_wrk,
@@ -54,11 +52,25 @@ from producers.http.config import EdgeSettings
 from producers.loadgen import RawClient
 
 
-def _open_sale(url: str, secret: str, sale: str) -> None:
+def paced(url: str, sale: str, tokens: list[str], rate: float, seconds: float) -> dict[str, Any]:
+    """Open-loop load at ``rate``/s, even gaps (``flashsale load``'s engine): latency of each
+    202 from its scheduled time."""
+    from producers import load
+
+    plan = load.Plan.make(1, rate, seconds, 0, len(tokens), ["b1"], "uniform")
+    tally = load.Tally()
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    asyncio.run(load.http_run(url, f"/v1/sales/{sale}/intents", tokens, plan, tally))
+    return load.summary(plan, tally, time.perf_counter() - t0, time.process_time() - cpu0, "202")
+
+
+def open_sale(url: str, secret: str, sale: str, allocation: int = 2_000_000_000,
+              per_user: int = 2_000_000_000) -> None:  # fmt: skip
+    """Open ``sale`` for SKU ``b1`` through the admin API and wait until it is projected."""
     admin = {"Authorization": "Bearer " + token("bench-admin", "admin", 600, secret)}
     body = {
         "sale_id": sale,
-        "skus": [{"sku": "b1", "allocation": 2_000_000_000, "per_user_limit": 2_000_000_000,
+        "skus": [{"sku": "b1", "allocation": allocation, "per_user_limit": per_user,
                   "per_order_max": 1}],
         "starts_in_s": -1,
         "duration_s": 3600,
@@ -76,7 +88,7 @@ def _open_sale(url: str, secret: str, sale: str) -> None:
             time.sleep(0.2)
 
 
-def _groups(settings: Settings, edge: Edge) -> dict[str, list[int]]:
+def groups_of(settings: Settings, edge: Edge) -> dict[str, list[int]]:
     kafka = LocalKafka(settings.state_dir, settings.kafka_port, settings.kafka_controller_port)
     postgres_pid = LocalPostgres(settings.state_dir, settings.pg_port).pid()
     nginx_pid = edge.nginx.pid() or 0
@@ -152,7 +164,7 @@ def per_unit(cpu: dict[str, float], units_per_s: float) -> dict[str, Any]:
     return out
 
 
-def _max_load(
+def max_load(
     url: str,
     script: str,
     groups: dict[str, list[int]],
@@ -181,20 +193,14 @@ def _max_load(
             "cpu_us_per_2xx": per_unit(cpu, figures["accepted_2xx_per_s"])}  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def _variant(settings: Settings, name: str, env: dict[str, str]) -> Iterator[Edge]:
     """Another build of the app servers behind the same nginx configuration, on free ports."""
     state = settings.state_dir / "bench" / name
     shutil.rmtree(state, ignore_errors=True)
     variant = Edge(
-        dataclasses.replace(settings, state_dir=state, http_port=_free_port()),
-        server_ports=[_free_port() for _ in range(2)],
+        dataclasses.replace(settings, state_dir=state, http_port=free_port()),
+        server_ports=[free_port() for _ in range(2)],
         env=env,
     )
     variant.up()  # stops what it started if a server fails to start
@@ -236,25 +242,25 @@ def run_http_bench(
     url = edge.url
     secret = load_secret(edge.settings.state_dir, EdgeSettings.from_env().jwt_secret)
     sale = f"bench-{uuid.uuid4().hex[:8]}"
-    _open_sale(url, secret, sale)
+    open_sale(url, secret, sale)
     tokens = [token(f"bench-{i}", "shopper", 3600, secret) for i in range(users)]
     post = post_script(tokens, f"/v1/sales/{sale}/intents")
-    groups = _groups(settings, edge)
+    groups = groups_of(settings, edge)
     out: dict[str, Any] = {"sale_id": sale, "app_servers": len(edge.servers)}
 
     def open_loop() -> dict[str, Any]:
         meter = CpuMeter({**groups, "load_generator": [os.getpid()]})
         meter.start()
-        fixed = asyncio.run(paced(url, f"/v1/sales/{sale}/intents", tokens, rate, rate_duration_s))
+        fixed = paced(url, sale, tokens, rate, rate_duration_s)
         fixed["cpu_share"] = meter.stop()
         return fixed
 
     log = LogProbe(settings)
-    out["busy"] = _max_load(url, post, groups, duration_s, connections, log)
+    out["busy"] = max_load(url, post, groups, duration_s, connections, log)
     out["open_loop_busy"] = open_loop()
     stopped = [s for s in services if s.stop()]
     try:
-        out["writer_idle"] = _max_load(url, post, groups, duration_s, connections, log)
+        out["writer_idle"] = max_load(url, post, groups, duration_s, connections, log)
         out["open_loop_writer_idle"] = open_loop()
     finally:
         for s in stopped:
@@ -263,7 +269,7 @@ def run_http_bench(
                                 for s in edge.servers if (p := s.pid())}  # fmt: skip
 
     readers = asyncio.run(_own_intents(url, sale, tokens[:2000]))
-    out["get_status"] = _max_load(url, get_script(readers), groups, duration_s, connections)
+    out["get_status"] = max_load(url, get_script(readers), groups, duration_s, connections)
 
     variant_env = {"FLASHSALE_JWT_SECRET": secret, "FLASHSALE_BENCH_SALE": sale}
     for name, env in (("fastapi_route", {"FLASHSALE_HTTP_LEAN_INTENTS": "0"}),
@@ -273,7 +279,7 @@ def run_http_bench(
         stopped = [s for s in services if s.stop()] if name == "produce_only_app" else []
         try:
             with _variant(settings, name, {**variant_env, **env}) as v:
-                out[name] = _max_load(v.url, post, _groups(settings, v), duration_s,
+                out[name] = max_load(v.url, post, groups_of(settings, v), duration_s,
                                       connections, log)  # fmt: skip
         finally:
             for s in stopped:

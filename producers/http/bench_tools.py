@@ -1,9 +1,8 @@
-"""Measuring tools of the HTTP bench: wrk runs and their summary, an open-loop generator,
+"""Measuring tools of the HTTP bench: wrk runs and their summary,
 CPU of process groups from /proc."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import subprocess
@@ -14,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from infra.processes import find_binary
-from producers.loadgen import RawClient
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -61,14 +59,6 @@ def _cpu_ticks(pid: int) -> int | None:
         return int(fields[11]) + int(fields[12])
     except (FileNotFoundError, IndexError):
         return None
-
-
-def children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except FileNotFoundError:
-        return []
-    return [int(p) for p in text.split()]
 
 
 def rss_mb(pid: int) -> float:
@@ -170,47 +160,3 @@ def wrk_result(out: str, duration_s: float) -> dict[str, Any]:
         "p50_ms": _ms(grab(r"^\s+50%\s+(\S+)")),
         "p99_ms": _ms(grab(r"^\s+99%\s+(\S+)")),
     }
-
-
-async def paced(url: str, path: str, tokens: list[str], rate: int, seconds: float) -> dict:
-    """Open-loop load at ``rate``/s: each request is sent at its scheduled time whether or
-    not earlier ones were answered; latency counts from the scheduled time."""
-    client = RawClient(url, 512)
-    latencies: list[float] = []
-    codes: dict[int, int] = {}
-    run = uuid.uuid4().hex[:8]
-    body = b'{"sku": "b1", "quantity": 1}'
-
-    async def one(i: int, scheduled: float) -> None:
-        headers = {"Authorization": f"Bearer {tokens[i % len(tokens)]}",
-                   "Idempotency-Key": f"{run}-{i}", "Content-Type": "application/json"}  # fmt: skip
-        answer = await client.request("POST", path, headers, body)
-        codes[answer.status] = codes.get(answer.status, 0) + 1
-        if answer.status == 202:
-            latencies.append(time.perf_counter() - scheduled)
-
-    start = time.perf_counter()
-    tasks = []
-    for i in range(int(rate * seconds)):
-        scheduled = start + i / rate
-        delay = scheduled - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(i, scheduled)))
-    await asyncio.gather(*tasks, return_exceptions=True)
-    elapsed = time.perf_counter() - start
-    await client.close()
-    return {
-        "offered_per_s": rate,
-        "achieved_202_per_s": round(len(latencies) / elapsed, 1),
-        "statuses": codes,
-        "p50_ms": _pct(latencies, 0.50),
-        "p99_ms": _pct(latencies, 0.99),
-    }
-
-
-def _pct(values: list[float], p: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return round(values[min(len(values) - 1, int(p * len(values)))] * 1000, 2)

@@ -115,21 +115,36 @@ def test_bench_compare_smoke_runs_every_system_and_none_oversells(
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     figures = json.loads(out.read_text())
     systems = figures["systems"]
-    assert set(systems) == {"flashsale_core", "flashsale_core_fsync_per_write", "postgres",
-                            "postgres_sync_off", "redis", "redis_fsync_always"}  # fmt: skip
+    assert set(systems) == {"flashsale_core", "flashsale_core_fsync_per_write", "flashsale_http",
+                            "postgres", "postgres_sync_off", "redis",
+                            "redis_fsync_always"}  # fmt: skip
     allocation = figures["workload"]["oversubscribed_allocation"]
     for name, system in systems.items():
         # CPU is read in 10 ms ticks: a smoke-sized run may show 0, never nothing.
         assert system["decisions_per_s"] > 0 and system["cpu_ms_per_1000"] is not None, name
-        assert system["durability"], name
+        assert system["durability"] and system["latency_is"], name
+        assert system["peak_rss_mb"] > 0, name
+        # Open loop at half its maximum: the offered rate and its percentiles, in order.
+        assert system["latency_offered_per_s"] > 0, name
+        p50, p99, p999 = (system[f"latency_ms_{q}"] for q in ("p50", "p99", "p999"))
+        assert 0 < p50 <= p99 <= p999, (name, p50, p99, p999)
+        if name != "flashsale_http":  # over HTTP only the hot SKU is measured
+            assert system["decisions_per_s_1000_skus"] > 0, name
         sold = system["oversubscribed"]
         # Ten intents per unit, two units per user: each design sells out, never more.
         assert sold["units_sold"] == allocation and sold["oversold"] == 0, (name, sold)
         assert system["oversold"] == 0 and sold.get("users_over_limit", 0) == 0, name
         assert sold.get("stock_agrees_with_orders", True), name  # Redis: counter vs stream
-    assert set(systems["postgres"]["sweep"]) == {"8", "16", "32", "64"}
+    for skus in ("1_sku", "1000_sku"):
+        assert set(systems["postgres"]["sweep"][skus]) == {"8", "16", "32", "64"}
+    over_http = systems["flashsale_http"]
+    # Every intent answered 202 was decided, and the sale audit (from the topics) passed.
+    assert over_http["oversubscribed"]["decisions"] == over_http["oversubscribed"][
+        "intents_answered_202"] and over_http["oversubscribed"]["audit"] == "pass"  # fmt: skip
     assert figures["ratios"]["core_vs_postgres"] > 0
     assert "flashsale against the classic designs" in done.stdout
+    for chart in ("throughput", "latency", "cost"):  # PNGs next to the JSON
+        assert (tmp_path / f"compare-{chart}.png").read_bytes()[:4] == b"\x89PNG", chart
     with psycopg.connect(endpoints.dsn) as conn:  # the baseline's scratch schemas are gone
         assert not conn.execute(
             "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'bl\\_%'"

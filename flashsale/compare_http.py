@@ -1,0 +1,146 @@
+"""``flashsale_http`` in `flashsale bench --only compare`: intents POSTed through nginx and the
+two app servers, decided by the writer and projected into PostgreSQL, on the stack the bench
+started (producers/http/bench.py's tools).
+
+* decisions/s: wrk at full speed for a while, then until the last of its intents is an order
+  in PostgreSQL (accept-heavy: every intent is accepted); the intents written over that whole
+  span. CPU: every server process (nginx, app servers, broker, writer, projector, PostgreSQL)
+  over the same span, per 1,000 decisions; wrk's own apart.
+* latency: open loop at half that rate, each 202 from its scheduled time (the answer a client
+  gets: its intent is durably in the log; its decision follows, see ``flashsale_core``).
+* oversubscribed: ten intents per unit, two units per user at most, through the same edge;
+  what was sold is read back from the topics by the sale audit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import psycopg
+
+from flashsale.settings import Settings
+from infra.edge import Edge
+from infra.processes import PeakMemory
+
+
+def run(settings: Settings, dsn: str, edge: Edge, seconds: int, latency_seconds: int,
+        oversubscribed: int, users: int) -> dict[str, Any]:  # fmt: skip
+    """Every figure of the module docstring for this system."""
+    from producers.http.auth import load_secret, token
+    from producers.http.bench import LogProbe, groups_of, max_load, open_sale, paced, per_unit
+    from producers.http.bench_tools import CpuMeter, post_script
+    from producers.http.config import EdgeSettings
+
+    url = edge.url
+    secret = load_secret(edge.settings.state_dir, EdgeSettings.from_env().jwt_secret)
+    tokens = [token(f"cmp-{i}", "shopper", 3600, secret) for i in range(users)]
+    sale = f"cmp-{uuid.uuid4().hex[:8]}"
+    open_sale(url, secret, sale)
+    groups = groups_of(settings, edge)
+    servers = {k: v for k, v in groups.items() if k != "load_generator"}
+
+    def server_pids() -> list[int]:  # PostgreSQL's backends come and go
+        return [p for pids in groups_of(settings, edge).values() for p in pids]
+
+    log = LogProbe(settings)
+    try:
+        before = log.snapshot()
+        meter = CpuMeter(servers)
+        meter.start()
+        t0 = time.monotonic()
+        with PeakMemory(server_pids) as memory:
+            wrk = max_load(url, post_script(tokens, f"/v1/sales/{sale}/intents"), groups,
+                           seconds, 64, log)  # fmt: skip
+            written = log.snapshot()["writer"][0] - before["writer"][0]
+            _wait_for_orders(dsn, sale, written, timeout=600)
+        span = time.monotonic() - t0
+        cpu = meter.stop()
+    finally:
+        log.close()
+    rate = written / span
+    half = max(50, int(rate / 2))
+    latency = paced(url, sale, tokens, half, latency_seconds)
+    correctness = _oversubscribed(settings, url, secret, oversubscribed)
+    cpu_us = per_unit(cpu, rate)
+    return {
+        "decisions_per_s": round(rate),
+        "decisions": written,
+        "seconds_to_last_order": round(span, 2),
+        "accepted_202_per_s_during_wrk": wrk["accepted_2xx_per_s"],
+        "cpu_ms_per_1000": round(cpu_us["total"], 1) if cpu_us else None,
+        "cpu_us_per_decision_by_process": cpu_us,
+        "client_cpu_ms_per_1000": round(wrk["cpu_share"]["load_generator"] / rate * 1e6, 1),
+        "peak_rss_mb": memory.peak_mb,
+        "latency_offered_per_s": half,
+        **{k: v for k, v in latency.items() if k.startswith("latency_ms")},
+        "latency_run": latency,
+        "oversold": correctness["oversold"],
+        "oversubscribed": correctness,
+    }
+
+
+def _wait_for_orders(dsn: str, sale: str, n: int, timeout: float) -> None:
+    """Until the projector has written ``n`` orders of ``sale`` (each decided, projected)."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while True:
+            row = conn.execute("SELECT count(*) FROM orders WHERE sale_id = %s", (sale,)).fetchone()
+            if row and row[0] >= n:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {row and row[0]} of {n} orders of {sale} in {timeout} s")
+            time.sleep(0.1)
+
+
+def _wait_for_writer(settings: Settings, timeout: float) -> None:
+    """Until the writer has decided every intent in the command topic."""
+    from producers.http.bench import LogProbe
+
+    log = LogProbe(settings)
+    try:
+        deadline = time.monotonic() + timeout
+        while (lag := _lag(log)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if lag:
+            raise RuntimeError(f"the writer is still {lag} intents behind after {timeout} s")
+    finally:
+        log.close()
+
+
+def _lag(log: Any) -> int:
+    ends, committed = log.snapshot()["writer"]
+    return int(ends - committed)
+
+
+def _oversubscribed(settings: Settings, url: str, secret: str, intents: int) -> dict[str, Any]:
+    """Ten intents per unit, two units per user, open loop; sold as the topics say."""
+    from flashsale.sale_audit import audit_sale
+    from flashsale.topics import TopicNames
+    from producers import load
+    from producers.http.auth import token
+    from producers.http.bench import open_sale
+
+    allocation = max(1, intents // 10)
+    sale = f"cmp-over-{uuid.uuid4().hex[:8]}"
+    open_sale(url, secret, sale, allocation=allocation, per_user=2)
+    users = max(1, intents // 4)
+    tokens = [token(f"cmp-over-{i}", "shopper", 3600, secret) for i in range(users)]
+    plan = load.Plan.make(11, 2000, intents / 2000, 0, users, ["b1"])
+    tally = load.Tally()
+    asyncio.run(load.http_run(url, f"/v1/sales/{sale}/intents", tokens, plan, tally))
+    _wait_for_writer(settings, timeout=300)
+    audit = audit_sale(settings.kafka_bootstrap, TopicNames.of(settings), sale)
+    sold = sum(s.units_sold for s in audit.skus.values())
+    return {
+        "units_sold": sold,
+        "allocation": allocation,
+        "oversold": max(0, sold - allocation),
+        "users_over_limit": sum(1 for v in audit.violations if v.kind == "user-limit"),
+        "intents_answered_202": tally.outcomes["202"],
+        "edge_answers": dict(tally.outcomes),  # e.g. 409 sold_out once the feed shows none left
+        "decisions": audit.decisions,
+        "audit": "pass" if audit.passed else "fail",
+    }
