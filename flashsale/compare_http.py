@@ -4,8 +4,9 @@ started (producers/http/bench.py's tools).
 
 * decisions/s: wrk at full speed for a while, then until the last of its intents is an order
   in PostgreSQL (accept-heavy: every intent is accepted); the intents written over that whole
-  span. CPU: every server process (nginx, app servers, broker, writer, projector, PostgreSQL)
-  over the same span, per 1,000 decisions; wrk's own apart.
+  span. One hot SKU, then 1,000 SKUs (the requests take them in turn). CPU: every server
+  process (nginx, app servers, broker, writer, projector, PostgreSQL) over the same span, per
+  1,000 decisions; wrk's own apart.
 * latency: open loop at half that rate, each 202 from its scheduled time (the answer a client
   gets: its intent is durably in the log; its decision follows, see ``flashsale_core``).
 * oversubscribed: ten intents per unit, two units per user at most, through the same edge;
@@ -22,12 +23,13 @@ from typing import Any
 import psycopg
 
 from flashsale.settings import Settings
+from flashsale.topics import TopicNames
 from infra.edge import Edge
 from infra.processes import PeakMemory
 
 
 def run(settings: Settings, dsn: str, edge: Edge, seconds: int, latency_seconds: int,
-        oversubscribed: int, users: int) -> dict[str, Any]:  # fmt: skip
+        oversubscribed: int, users: int, skus: int = 1000) -> dict[str, Any]:  # fmt: skip
     """Every figure of the module docstring for this system."""
     from producers.http.auth import load_secret, token
     from producers.http.bench import LogProbe, groups_of, max_load, open_sale, paced, per_unit
@@ -45,21 +47,32 @@ def run(settings: Settings, dsn: str, edge: Edge, seconds: int, latency_seconds:
     def server_pids() -> list[int]:  # PostgreSQL's backends come and go
         return [p for pids in groups_of(settings, edge).values() for p in pids]
 
-    log = LogProbe(settings)
-    try:
-        before = log.snapshot()
-        meter = CpuMeter(servers)
-        meter.start()
-        t0 = time.monotonic()
-        with PeakMemory(server_pids) as memory:
-            wrk = max_load(url, post_script(tokens, f"/v1/sales/{sale}/intents"), groups,
-                           seconds, 64, log)  # fmt: skip
-            written = log.snapshot()["writer"][0] - before["writer"][0]
-            _wait_for_orders(dsn, sale, written, timeout=600)
-        span = time.monotonic() - t0
-        cpu = meter.stop()
-    finally:
-        log.close()
+    def decided_and_projected(script: str, sale: str, memory: PeakMemory) -> dict[str, Any]:
+        """wrk with ``script`` for ``seconds``, then until its last intent is an order."""
+        log = LogProbe(settings)
+        try:
+            before = log.snapshot()
+            meter = CpuMeter(servers)
+            meter.start()
+            t0 = time.monotonic()
+            with memory:
+                wrk = max_load(url, script, groups, seconds, 64, log)
+                written = log.snapshot()["writer"][0] - before["writer"][0]
+                _wait_for_orders(dsn, sale, written, timeout=600)
+            span = time.monotonic() - t0
+            return {"wrk": wrk, "written": written, "span": span, "cpu": meter.stop()}
+        finally:
+            log.close()
+
+    memory = PeakMemory(server_pids)
+    hot = decided_and_projected(post_script(tokens, f"/v1/sales/{sale}/intents"), sale, memory)
+    many_sale = f"cmp-many-{uuid.uuid4().hex[:8]}"
+    _open_many(settings, dsn, many_sale, skus)
+    many = decided_and_projected(
+        post_script(tokens, f"/v1/sales/{many_sale}/intents", "m", skus), many_sale,
+        PeakMemory(server_pids),
+    )  # fmt: skip
+    wrk, written, span, cpu = hot["wrk"], hot["written"], hot["span"], hot["cpu"]
     rate = written / span
     half = max(50, int(rate / 2))
     latency = paced(url, sale, tokens, half, latency_seconds)
@@ -67,6 +80,7 @@ def run(settings: Settings, dsn: str, edge: Edge, seconds: int, latency_seconds:
     cpu_us = per_unit(cpu, rate)
     return {
         "decisions_per_s": round(rate),
+        "decisions_per_s_1000_skus": round(many["written"] / many["span"]),
         "decisions": written,
         "seconds_to_last_order": round(span, 2),
         "accepted_202_per_s_during_wrk": wrk["accepted_2xx_per_s"],
@@ -82,16 +96,40 @@ def run(settings: Settings, dsn: str, edge: Edge, seconds: int, latency_seconds:
     }
 
 
+def _open_many(settings: Settings, dsn: str, sale: str, skus: int) -> None:
+    """A sale of ``skus`` SKUs ``m0`` .. (the admin API takes 100 a sale: this writes the
+    OpenSale commands itself), waited for until projected and seen by the edge's feed."""
+    from producers.commands import CommandProducer, SkuAllocation
+
+    producer = CommandProducer(settings.kafka_bootstrap, "bench",
+                               topic=TopicNames.of(settings).sku_commands)  # fmt: skip
+    try:
+        now = int(time.time() * 1000)
+        allocations = [SkuAllocation(f"m{i}", 2_000_000_000, 2_000_000_000, 1)
+                       for i in range(skus)]  # fmt: skip
+        producer.open_sale(sale, allocations, now - 1000, now + 3_600_000)
+    finally:
+        producer.close()
+    _wait_for_rows(dsn, "sales", sale, skus, timeout=300)
+    time.sleep(1)  # the app servers' feeds read the same facts as the projector
+
+
 def _wait_for_orders(dsn: str, sale: str, n: int, timeout: float) -> None:
     """Until the projector has written ``n`` orders of ``sale`` (each decided, projected)."""
+    _wait_for_rows(dsn, "orders", sale, n, timeout)
+
+
+def _wait_for_rows(dsn: str, table: str, sale: str, n: int, timeout: float) -> None:
+    """Until ``table`` (sales or orders) has ``n`` rows of ``sale``."""
+    query = f"SELECT count(*) FROM {table} WHERE sale_id = %s"
     deadline = time.monotonic() + timeout
     with psycopg.connect(dsn, autocommit=True) as conn:
         while True:
-            row = conn.execute("SELECT count(*) FROM orders WHERE sale_id = %s", (sale,)).fetchone()
+            row = conn.execute(query, (sale,)).fetchone()
             if row and row[0] >= n:
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"only {row and row[0]} of {n} orders of {sale} in {timeout} s")
+                raise RuntimeError(f"only {row and row[0]} of {n} {table} of {sale} in {timeout} s")
             time.sleep(0.1)
 
 
@@ -118,7 +156,6 @@ def _lag(log: Any) -> int:
 def _oversubscribed(settings: Settings, url: str, secret: str, intents: int) -> dict[str, Any]:
     """Ten intents per unit, two units per user, open loop; sold as the topics say."""
     from flashsale.sale_audit import audit_sale
-    from flashsale.topics import TopicNames
     from producers import load
     from producers.http.auth import token
     from producers.http.bench import open_sale

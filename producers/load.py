@@ -114,7 +114,7 @@ async def http_run(url: str, path: str, tokens: list[str], plan: Plan, tally: Ta
                    "Idempotency-Key": f"{run}-{i}", "Content-Type": "application/json"}  # fmt: skip
         try:
             answer = await client.request("POST", path, headers, bodies[plan.skus[i]])
-        except OSError as exc:
+        except (OSError, asyncio.IncompleteReadError) as exc:  # after the client's one retry
             tally.outcomes[type(exc).__name__] += 1
             return
         tally.outcomes[str(answer.status)] += 1

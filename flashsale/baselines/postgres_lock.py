@@ -144,8 +144,8 @@ def run(
         )
         paced = ["-R", str(rate), "-l", "--log-prefix", f"{logs.name}/tx"] if rate else []
         argv = [pg_binary("pgbench"), "-n", "-c", str(clients), "-j", str(min(clients, 2)),
-                *length, *paced, "-f", str(script), "-h", "127.0.0.1", "-p", str(port),
-                "-U", DB_USER, DB_NAME]  # fmt: skip
+                "--random-seed", "7", *length, *paced, "-f", str(script), "-h", "127.0.0.1",
+                "-p", str(port), "-U", DB_USER, DB_NAME]  # fmt: skip
         options = f"-c search_path={scratch.schema} -c synchronous_commit="
         env = {**os.environ, "PGPASSWORD": DB_PASSWORD,
                "PGOPTIONS": options + ("on" if synchronous_commit else "off")}  # fmt: skip

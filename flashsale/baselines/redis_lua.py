@@ -113,7 +113,8 @@ def run(
 def _closed_loop(port: int, sha: str, clients: int, intents: int, users: int, skus: int,
                  per_user: int) -> dict[str, Any]:  # fmt: skip
     """redis-benchmark (Redis's own C client): the server is measured, not a Python driver.
-    ``-r``: __rand_int__ becomes a random draw below users x skus on every call."""
+    ``-r``: __rand_int__ becomes a random draw below users x skus on every call (its draws
+    cannot be seeded: Redis 7.0's redis-benchmark has no seed option)."""
     argv = [redis_binary("redis-benchmark"), "-h", "127.0.0.1", "-p", str(port),
             "-c", str(clients), "-n", str(intents), "-r", str(users * skus), "--csv",
             "EVALSHA", sha, "0", "__rand_int__", str(skus), "1", str(per_user)]  # fmt: skip

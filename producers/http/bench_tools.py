@@ -21,6 +21,7 @@ _TICK = os.sysconf("SC_CLK_TCK")
 # the later runs were answered from the app servers' cache of acknowledged intents).
 _WRK_LUA = """
 local tokens = {%(tokens)s}
+local skus = %(skus)d
 local counter = 0
 local threads = 0
 wrk.method = "POST"
@@ -36,7 +37,11 @@ function request()
     ["Authorization"] = "Bearer " .. tokens[(counter %% #tokens) + 1],
     ["Idempotency-Key"] = id .. "-" .. counter,
   }
-  return wrk.format(nil, "%(path)s", headers)
+  local body = nil
+  if skus > 1 then
+    body = '{"sku": "%(sku)s' .. (counter %% skus) .. '", "quantity": 1}'
+  end
+  return wrk.format(nil, "%(path)s", headers, body)
 end
 """
 
@@ -98,8 +103,11 @@ class CpuMeter:
         return out
 
 
-def post_script(tokens: list[str], path: str) -> str:
-    return _WRK_LUA % {"tokens": ",".join(f'"{t}"' for t in tokens), "sku": "b1", "path": path}
+def post_script(tokens: list[str], path: str, sku: str = "b1", skus: int = 1) -> str:
+    """POST an intent per request with the tokens in turn, for SKU ``sku``, or with ``skus``
+    > 1 for ``<sku>0`` .. ``<sku><skus - 1>`` in turn."""
+    return _WRK_LUA % {"tokens": ",".join(f'"{t}"' for t in tokens), "sku": sku, "skus": skus,
+                       "path": path}  # fmt: skip
 
 
 def get_script(pairs: list[tuple[str, str]]) -> str:
