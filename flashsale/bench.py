@@ -58,8 +58,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             core(args, settings, stack)
         if args.only in ("all", "http"):
             http(args, settings)
-        if args.only in ("all", "compare"):
-            compare(args, settings, stack)
+        if args.only in ("all", "compare") and not compare(args, settings, stack):
+            return 1  # a system failed: its error is in the table and the JSON
     finally:
         if any(started.values()):
             stack.down()
@@ -103,7 +103,7 @@ def http(args: argparse.Namespace, settings: Settings) -> None:
     print(f"written to {out}")
 
 
-def compare(args: argparse.Namespace, settings: Settings, stack: Stack) -> None:
+def compare(args: argparse.Namespace, settings: Settings, stack: Stack) -> bool:
     """flashsale against a PostgreSQL row lock and Redis + Lua (flashsale/compare_bench.py)."""
     from rich.console import Console
 
@@ -134,6 +134,7 @@ def compare(args: argparse.Namespace, settings: Settings, stack: Stack) -> None:
     compare_bench.write(figures, out)
     charts = compare_charts.write(figures, out)
     print(f"written to {out} and {', '.join(str(c) for c in charts)}")
+    return not any("error" in s for s in figures["systems"].values())
 
 
 def _flat(figures: dict[str, Any], prefix: str = "") -> dict[str, Any]:

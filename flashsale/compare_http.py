@@ -16,6 +16,7 @@ started (producers/http/bench.py's tools).
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from typing import Any
@@ -32,7 +33,7 @@ def run(settings: Settings, dsn: str, edge: Edge, seconds: int, latency_seconds:
         oversubscribed: int, users: int, skus: int = 1000) -> dict[str, Any]:  # fmt: skip
     """Every figure of the module docstring for this system."""
     from producers.http.auth import load_secret, token
-    from producers.http.bench import LogProbe, groups_of, max_load, open_sale, paced, per_unit
+    from producers.http.bench import LogProbe, groups_of, max_load, open_sale, per_unit
     from producers.http.bench_tools import CpuMeter, post_script
     from producers.http.config import EdgeSettings
 
@@ -75,7 +76,7 @@ def run(settings: Settings, dsn: str, edge: Edge, seconds: int, latency_seconds:
     wrk, written, span, cpu = hot["wrk"], hot["written"], hot["span"], hot["cpu"]
     rate = written / span
     half = max(50, int(rate / 2))
-    latency = paced(url, sale, tokens, half, latency_seconds)
+    latency = _latency(settings, url, sale, tokens, half, latency_seconds)
     correctness = _oversubscribed(settings, url, secret, oversubscribed)
     cpu_us = per_unit(cpu, rate)
     return {
@@ -86,13 +87,61 @@ def run(settings: Settings, dsn: str, edge: Edge, seconds: int, latency_seconds:
         "accepted_202_per_s_during_wrk": wrk["accepted_2xx_per_s"],
         "cpu_ms_per_1000": round(cpu_us["total"], 1) if cpu_us else None,
         "cpu_us_per_decision_by_process": cpu_us,
-        "client_cpu_ms_per_1000": round(wrk["cpu_share"]["load_generator"] / rate * 1e6, 1),
+        "client_cpu_ms_per_1000": round(
+            wrk["cpu_share"]["load_generator"] * seconds / written * 1e6, 1
+        )
+        if written
+        else None,
         "peak_rss_mb": memory.peak_mb,
         "latency_offered_per_s": half,
-        **{k: v for k, v in latency.items() if k.startswith("latency_ms")},
-        "latency_run": latency,
+        **latency["decision"],
+        "answer_202": latency["answer_202"],
         "oversold": correctness["oversold"],
         "oversubscribed": correctness,
+    }
+
+
+def _latency(settings: Settings, url: str, sale: str, tokens: list[str], rate: int,
+             seconds: int) -> dict[str, Any]:  # fmt: skip
+    """Open loop at ``rate``: each intent's decision, as a read_committed consumer of the
+    decisions topic sees it, from the time its POST was scheduled (comparable with the
+    baselines, whose answer is the decision); and each 202 (queued) from the same time."""
+    from flashsale.writer_bench import DecisionReader
+    from producers import load
+
+    reader = DecisionReader(settings.kafka_bootstrap, TopicNames.of(settings).decisions,
+                            from_end=True)  # fmt: skip
+    reader.poll(1.0)  # positioned at the end before the first intent is sent
+    stop = threading.Event()
+
+    def follow() -> None:
+        while not stop.is_set():
+            reader.poll(0.05, latency=True)
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    try:
+        plan = load.Plan.make(1, rate, seconds, 0, len(tokens), ["b1"], "uniform")
+        tally = load.Tally()
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        asyncio.run(load.http_run(url, f"/v1/sales/{sale}/intents", tokens, plan, tally))
+        answered = load.summary(plan, tally, time.perf_counter() - t0,
+                                time.process_time() - cpu0, "202")  # fmt: skip
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and any(
+            i not in reader.seen_ms for i in tally.scheduled_ms
+        ):
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        follower.join()
+        reader.close()
+    lat = [(reader.seen_ms[i] - at) / 1000 for i, at in tally.scheduled_ms.items()
+           if i in reader.seen_ms]  # fmt: skip
+    undecided = len(tally.scheduled_ms) - len(lat)
+    return {
+        "decision": {**load.percentiles(lat), "undecided_after_120_s": undecided},
+        "answer_202": answered,
     }
 
 

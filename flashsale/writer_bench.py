@@ -8,7 +8,8 @@ is deleted afterwards. Figures are measured, never asserted:
 * CPU µs per decision: the worker's (and the broker's) user+system CPU over that span,
   read from /proc, divided by the decisions;
 * latency: an open-loop offered rate; decision seen by a read_committed consumer minus the
-  intent's broker log-append time (the decision carries it as ``decided_at``);
+  time the intent was scheduled to be sent (so a load generator or producer falling behind
+  counts, as it would for a client);
 * restart: a worker stopped with N decided intents in its state, started again; time until
   the decision of one new intent is visible (keeping RocksDB, then from an empty disk).
 """
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from flashsale.settings import Settings, env_int
@@ -35,6 +36,7 @@ from infra import provision
 from infra.processes import PeakMemory, cpu_seconds
 from infra.services import Service, SupervisorProcess
 from producers.commands import CommandProducer, SkuAllocation, producer_config
+from producers.identity import intent_id_for
 from schemas.codec import SchemaRegistry
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -68,8 +70,12 @@ class Namespace:
         self.broker_pid = broker_pid
         provision.ensure_topics(self.bootstrap, catalogue(self.settings))
         if topic_config:  # e.g. flush.messages=1: the broker fsyncs every write
-            _set_topic_config(self.bootstrap, [t.name for t in catalogue(self.settings)],
-                              topic_config)  # fmt: skip
+            try:
+                _set_topic_config(self.bootstrap, [t.name for t in catalogue(self.settings)],
+                                  topic_config)  # fmt: skip
+            except Exception:
+                self._delete_topics()  # nobody will call drop() on a namespace never made
+                raise
         self.producer = CommandProducer(self.bootstrap, "bench", topic=self.names.sku_commands)
         self.worker = Service("processor", self.settings)  # its pid, log and CPU
         # Run as `make up` runs it: under the supervisor, which restarts a crashed worker.
@@ -115,13 +121,16 @@ class Namespace:
         """Stop the worker, delete the namespace's topics and RocksDB directory."""
         self.stop()
         self.producer.close()
+        self._delete_topics()
+        shutil.rmtree(self.datadir, ignore_errors=True)
+        shutil.rmtree(self.settings.state_dir / "run" / self.settings.namespace, ignore_errors=True)
+
+    def _delete_topics(self) -> None:
         admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
         names = [t.name for t in catalogue(self.settings)]
         for fut in admin.delete_topics(names, operation_timeout=30).values():
             with contextlib.suppress(Exception):  # already gone: nothing to tidy
                 fut.result()
-        shutil.rmtree(self.datadir, ignore_errors=True)
-        shutil.rmtree(self.settings.state_dir / "run" / self.settings.namespace, ignore_errors=True)
 
     @property
     def datadir(self) -> Path:
@@ -151,14 +160,16 @@ def _set_topic_config(bootstrap: str, topics: list[str], config: dict[str, str])
 class DecisionReader:
     """A read_committed consumer of the decisions topic: counts decisions, stamps, latencies."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, from_end: bool = False) -> None:
+        """``from_end``: only decisions written from now on (a long-lived namespace)."""
         self._c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4()}",
                             "isolation.level": "read_committed", "enable.auto.commit": False,
                             # librdkafka waits up to 500 ms per empty fetch by default: that
                             # would be measured as decision latency.
                             "fetch.wait.max.ms": 10, "log_level": 3})  # fmt: skip
         parts = self._c.list_topics(topic, timeout=10).topics[topic].partitions
-        self._c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        start = OFFSET_END if from_end else OFFSET_BEGINNING
+        self._c.assign([TopicPartition(topic, p, start) for p in parts])
         self._registry = SchemaRegistry.load_default()
         # Only decisions count (the topic also holds SaleOpened and the other sale facts).
         self._decisions = {self._registry.fingerprint(n) for n in ("IntentAccepted",
@@ -168,7 +179,7 @@ class DecisionReader:
         self.accepted = 0
         self.first_ms: int | None = None
         self.last_ms: int | None = None
-        self.latencies: list[tuple[float, float]] = []  # (intent appended at, latency) ms
+        self.seen_ms: dict[str, float] = {}  # intent id -> wall time its decision was read
 
     def poll(self, timeout: float = 0.2, latency: bool = False) -> int:
         fps = self._decisions
@@ -180,8 +191,7 @@ class DecisionReader:
             self.first_ms = stamp if self.first_ms is None else self.first_ms
             self.last_ms = stamp
             if latency:
-                appended = self._registry.decode(m.value() or b"")[1]["decided_at"]
-                self.latencies.append((appended, now - appended))
+                self.seen_ms[self._registry.decode(m.value() or b"")[1]["intent_id"]] = now
         self.count += len(msgs)
         self.accepted += sum(1 for m in msgs if (m.value() or b"")[2:10] == self._accepted)
         return len(msgs)
@@ -219,7 +229,9 @@ def backlog(
         else:  # oversubscribed: one unit in ten finds stock
             allocation = max(1, n // (10 * skus))
             ns.open_sale(names, allocation=allocation, per_user=2)
+        intake0 = cpu_seconds(broker_pid)
         ns.intents(n, names, users)
+        intake = cpu_seconds(broker_pid) - intake0  # the broker taking the intents in
         reader = DecisionReader(ns.bootstrap, ns.names.decisions)
         ns.start()
         cpu: dict[str, float] = {}
@@ -242,6 +254,7 @@ def backlog(
             "decisions_per_s": round(decided / span) if span > 0 else None,
             "worker_cpu_us_per_decision": round(worker_cpu / decided * 1e6, 1) if decided else None,
             "broker_cpu_us_per_decision": round(broker_cpu / decided * 1e6, 1) if decided else None,
+            "broker_intake_cpu_us_per_intent": round(intake / n * 1e6, 1),
             "worker_peak_rss_mb": peak,
             "worker_and_broker_peak_pss_mb": memory.peak_mb,
             # Each intent is one unit: more accepted than allocated would be an oversell.
@@ -289,16 +302,17 @@ def latency(settings: Settings, broker_pid: int | None, rate: int, seconds: int,
         watcher.start()
         # Encoded up front and produced raw: the load generator shares the two cores, and a
         # busy one would show up as decision latency.
-        values = [ns.producer.encode_intent("bench", k, f"u{u}", 1, f"k{i}")
-                  for i, (u, k) in enumerate(zip(plan.users, plan.skus, strict=True))]  # fmt: skip
+        keys = [(f"u{u}", k, f"k{i}") for i, (u, k) in enumerate(zip(plan.users, plan.skus,
+                                                                       strict=True))]  # fmt: skip
+        values = [ns.producer.encode_intent("bench", k, u, 1, key) for u, k, key in keys]
+        ids = [intent_id_for(u, "bench", k, key) for u, k, key in keys]
         raw = Producer({**producer_config(ns.bootstrap), "linger.ms": LOADGEN_LINGER_MS})
-        t0 = time.monotonic()
+        t0, wall0 = time.monotonic(), time.time() * 1000
         for i, value in enumerate(values):
             delay = t0 + plan.at[i] - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
             if i == warm:  # the measured window starts here
-                measured_from = time.time() * 1000
                 t1 = time.monotonic()
                 cpu0 = (cpu_seconds(ns.worker.pid()), cpu_seconds(broker_pid),
                         time.process_time())  # fmt: skip
@@ -314,9 +328,12 @@ def latency(settings: Settings, broker_pid: int | None, rate: int, seconds: int,
         stop.set()
         watcher.join()
         reader.close()
-        lat = [ms / 1000 for at, ms in reader.latencies if at >= measured_from]
+        measured = range(warm, total)
+        lat = [(reader.seen_ms[ids[i]] - wall0 - plan.at[i] * 1000) / 1000
+               for i in measured if ids[i] in reader.seen_ms]  # fmt: skip
         return {"offered_per_s": round(offered), "skus": skus, "warmup_s": WARMUP_S,
-                "decided": len(lat), "loadgen_linger_ms": LOADGEN_LINGER_MS,
+                "decided": len(lat), "undecided_after_60_s": len(measured) - len(lat),
+                "loadgen_linger_ms": LOADGEN_LINGER_MS,
                 "cpu_share_worker_broker_loadgen": share, **percentiles(lat),
                 "latency_ms_max": round(max(lat) * 1000, 1) if lat else None}  # fmt: skip
     finally:

@@ -65,6 +65,8 @@ class Tally:
     sent: int = 0
     outcomes: Counter[str] = dataclasses.field(default_factory=Counter)
     latencies: list[float] = dataclasses.field(default_factory=list)
+    lags: list[float] = dataclasses.field(default_factory=list)  # sends behind schedule (s)
+    scheduled_ms: dict[str, float] = dataclasses.field(default_factory=dict)  # intent -> wall
 
     @property
     def answered(self) -> int:
@@ -96,13 +98,16 @@ def summary(plan: Plan, tally: Tally, wall: float, cpu: float, ok: str) -> dict[
         **percentiles(tally.latencies),
         "latency_ms_max": round(max(tally.latencies) * 1000, 2) if tally.latencies else None,
         "seconds": round(wall, 2),
+        # A generator behind its schedule: its own lag is in the latencies above.
+        "send_lag_ms_p99": percentiles(tally.lags, (99.0,))["latency_ms_p99"],
         "loadgen_cpu_us_per_request": round(cpu / tally.sent * 1e6, 1) if tally.sent else None,
     }
 
 
 async def http_run(url: str, path: str, tokens: list[str], plan: Plan, tally: Tally,
-                   connections: int = 512) -> None:  # fmt: skip
-    """POST each planned intent through ``url`` at its time (``tokens`` indexed by user)."""
+                   connections: int = 512, timeout_s: float = 30.0) -> None:  # fmt: skip
+    """POST each planned intent through ``url`` at its time (``tokens`` indexed by user); an
+    answer later than ``timeout_s`` counts as the outcome ``timeout``."""
     from producers.loadgen import RawClient
 
     client = RawClient(url, connections)
@@ -113,39 +118,55 @@ async def http_run(url: str, path: str, tokens: list[str], plan: Plan, tally: Ta
         headers = {"Authorization": "Bearer " + tokens[plan.users[i]],
                    "Idempotency-Key": f"{run}-{i}", "Content-Type": "application/json"}  # fmt: skip
         try:
-            answer = await client.request("POST", path, headers, bodies[plan.skus[i]])
+            answer = await asyncio.wait_for(
+                client.request("POST", path, headers, bodies[plan.skus[i]]), timeout_s
+            )
         except (OSError, asyncio.IncompleteReadError) as exc:  # after the client's one retry
             tally.outcomes[type(exc).__name__] += 1
+            return
+        except TimeoutError:
+            tally.outcomes["timeout"] += 1
             return
         tally.outcomes[str(answer.status)] += 1
         if answer.status == 202:
             tally.latencies.append(time.perf_counter() - scheduled)
+            intent = json.loads(answer.body)["intent_id"]
+            tally.scheduled_ms[intent] = (wall0 + scheduled - start) * 1000
 
-    start = time.perf_counter()
+    start, wall0 = time.perf_counter(), time.time()
     tasks = []
     for i, at in enumerate(plan.at):
         delay = start + at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
+        tally.lags.append(time.perf_counter() - start - at)
         tasks.append(asyncio.create_task(one(i, start + at)))
         tally.sent += 1
     await asyncio.gather(*tasks)
     await client.close()
 
 
-def kafka_run(bootstrap: str, topic: str, sale: str, plan: Plan, tally: Tally,
-              linger_ms: int = 2) -> None:  # fmt: skip
-    """Produce each planned PurchaseIntent at its time (acks=all, idempotent); latency is
-    scheduled time to the broker's acknowledgement."""
-    from confluent_kafka import Producer
-
-    from producers.commands import CommandProducer, producer_config
+def encode_plan(bootstrap: str, topic: str, sale: str, plan: Plan) -> list[bytes]:
+    """The planned PurchaseIntents, encoded before the clock starts (fresh keys)."""
+    from producers.commands import CommandProducer
 
     encoder = CommandProducer(bootstrap, "flashsale-load", topic=topic)
     run = uuid.uuid4().hex[:10]
-    values = [encoder.encode_intent(sale, plan.skus[i], f"load-{u}", 1, f"{run}-{i}")
-              for i, u in enumerate(plan.users)]  # fmt: skip
-    encoder.close()
+    try:
+        return [encoder.encode_intent(sale, plan.skus[i], f"load-{u}", 1, f"{run}-{i}")
+                for i, u in enumerate(plan.users)]  # fmt: skip
+    finally:
+        encoder.close()
+
+
+def kafka_run(bootstrap: str, topic: str, values: list[bytes], plan: Plan, tally: Tally,
+              linger_ms: int = 2) -> None:  # fmt: skip
+    """Produce each planned PurchaseIntent (``values``) at its time (acks=all, idempotent);
+    latency is scheduled time to the broker's acknowledgement."""
+    from confluent_kafka import Producer
+
+    from producers.commands import producer_config
+
     producer = Producer({**producer_config(bootstrap), "linger.ms": linger_ms})
     producer.list_topics(topic, timeout=10)  # connected, metadata known: not in the first latency
     stop = threading.Event()
@@ -172,6 +193,7 @@ def kafka_run(bootstrap: str, topic: str, sale: str, plan: Plan, tally: Tally,
         delay = start + at - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
+        tally.lags.append(time.perf_counter() - start - at)
         key = plan.skus[i].encode()
         while True:
             try:
@@ -250,7 +272,8 @@ def _target(args: argparse.Namespace, settings: Settings, plan: Plan,
         if topic not in known:
             raise SettingError(f"topic {topic} does not exist: start the stack (`make up`) "
                                "for this namespace first")  # fmt: skip
-        return (lambda: kafka_run(bootstrap, topic, args.sale, plan, tally)), "acked"
+        values = encode_plan(bootstrap, topic, args.sale, plan)
+        return (lambda: kafka_run(bootstrap, topic, values, plan, tally)), "acked"
     from producers.http.auth import load_secret, token
     from producers.http.config import EdgeSettings
 

@@ -55,6 +55,11 @@ class RawClient:
                     if attempt == 2:
                         raise
             raise AssertionError("unreachable")
+        except asyncio.CancelledError:  # a timeout mid-exchange: its answer may still come
+            if conn is not None:
+                conn[1].close()
+            conn = None
+            raise
         finally:
             self._idle.put_nowait(conn)
 

@@ -75,8 +75,12 @@ class Scratch:
         self.schema = f"bl_{uuid.uuid4().hex[:10]}"
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f"CREATE SCHEMA {self.schema}")
-            conn.execute(f"SET search_path TO {self.schema}")
-            conn.execute(SCHEMA)
+            try:
+                conn.execute(f"SET search_path TO {self.schema}")
+                conn.execute(SCHEMA)
+            except Exception:
+                conn.execute(f"DROP SCHEMA {self.schema} CASCADE")  # never made: not dropped later
+                raise
 
     def stock(self, skus: int, allocation: int, per_user: int) -> None:
         with psycopg.connect(dsn_in(self.dsn, self.schema)) as conn:

@@ -58,3 +58,37 @@ def test_resp_replies_are_taken_whole_and_a_partial_one_is_left():
     assert replies(rest) == ([b"SOLD_OUT"], len(rest))
     with pytest.raises(ValueError, match="unexpected RESP"):
         replies(bytearray(b"*2\r\n"))
+
+
+def test_http_run_is_open_loop_a_slow_server_cannot_hold_the_sends_back():
+    """A server that answers after 0.2 s on 2 connections (10 answers/s) offered 40/s: the
+    sends stay on schedule and the queueing shows in the latencies, from the scheduled time."""
+    import asyncio
+
+    from producers.load import http_run
+
+    async def main() -> Tally:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            n = 0
+            while await reader.readuntil(b"\r\n\r\n"):
+                await reader.readexactly(28)  # the JSON body of every request here
+                await asyncio.sleep(0.2)
+                n += 1
+                body = b'{"intent_id": "i%d-%d"}' % (id(writer), n)
+                writer.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))  # fmt: skip
+                await writer.drain()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        plan = Plan.make(1, 40, 1, 0, 5, ["k1"], arrival="uniform")
+        tally = Tally()
+        await http_run(f"http://127.0.0.1:{port}", "/p", ["t"] * 5, plan, tally, connections=2)
+        server.close()
+        return tally
+
+    tally = asyncio.run(main())
+    assert tally.sent == 40 and tally.outcomes == {"202": 40}
+    assert max(tally.lags) < 0.1  # sent on time though answers took 2 s to drain
+    assert min(tally.latencies) >= 0.2 and max(tally.latencies) > 1.5  # the queue is counted
+    assert len(tally.scheduled_ms) == 40
