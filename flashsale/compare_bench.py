@@ -168,7 +168,7 @@ def _flashsale(settings: Settings, broker_pid: int | None, sizes: Sizes) -> dict
                 heavy["broker_cpu_us_per_decision"],
                 heavy["broker_intake_cpu_us_per_intent"],
             ),
-            "peak_rss_mb": heavy["worker_and_broker_peak_pss_mb"],
+            "peak_pss_mb": heavy["worker_and_broker_peak_pss_mb"],
             "latency_offered_per_s": latency["offered_per_s"],
             **{k: v for k, v in latency.items() if k.startswith("latency_ms")},
             "oversold": over["oversold"],
@@ -272,7 +272,7 @@ def _baseline(heavy: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         "decisions_per_s": heavy["decisions_per_s"],
         "cpu_ms_per_1000": heavy["cpu_ms_per_1000"],
         "client_cpu_ms_per_1000": heavy["client_cpu_ms_per_1000"],
-        "peak_rss_mb": heavy["peak_rss_mb"],
+        "peak_pss_mb": heavy["peak_pss_mb"],
         "oversold": over["oversold"],
         "oversubscribed": _sold(over),
     }
@@ -294,7 +294,7 @@ def table(figures: dict[str, Any]) -> Any:
         "1,000 SKUs",
         "CPU ms / 1,000",
         "p50 / p99 / p99.9 ms at half max",
-        "peak MB",
+        "peak MiB (PSS)",
         "oversold",
         "durability",
     ):
@@ -306,7 +306,7 @@ def table(figures: dict[str, Any]) -> Any:
             continue
         t.add_row(name, _num(s["decisions_per_s"]), _num(s.get("decisions_per_s_1000_skus")),
                   _num(s["cpu_ms_per_1000"]), f"{lat} @ {_num(s.get('latency_offered_per_s'))}/s",
-                  _num(s.get("peak_rss_mb")), str(s["oversold"]), SHORT[name])  # fmt: skip
+                  _num(s.get("peak_pss_mb")), str(s["oversold"]), SHORT[name])  # fmt: skip
     return t
 
 

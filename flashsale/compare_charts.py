@@ -53,7 +53,7 @@ def write(figures: dict[str, Any], json_path: Path) -> list[Path]:
     fig, (cpu, mem) = plt.subplots(1, 2, figsize=(12, 4.8))
     cpu.bar(list(x), values("cpu_ms_per_1000"), color="tab:orange")
     cpu.set_ylabel("CPU ms per 1,000 decisions (servers)")
-    mem.bar(list(x), values("peak_rss_mb"), color="tab:green")
+    mem.bar(list(x), values("peak_pss_mb"), color="tab:green")
     mem.set_ylabel("peak memory, MiB (PSS of the servers)")
     for ax in (cpu, mem):
         _labels(ax, names)

@@ -92,7 +92,7 @@ def run(settings: Settings, dsn: str, edge: Edge, seconds: int, latency_seconds:
         )
         if written
         else None,
-        "peak_rss_mb": memory.peak_mb,
+        "peak_pss_mb": memory.peak_mb,
         "latency_offered_per_s": half,
         **latency["decision"],
         "answer_202": latency["answer_202"],

@@ -176,7 +176,7 @@ def run(
             **(_logged_latency(Path(logs.name)) if rate else {}),
             "cpu_ms_per_1000": round(server / done * 1e6, 1) if done else None,
             "client_cpu_ms_per_1000": round(client / done * 1e6, 1) if done else None,
-            "peak_rss_mb": memory.peak_mb,
+            "peak_pss_mb": memory.peak_mb,
             **scratch.outcome(),
         }
     finally:

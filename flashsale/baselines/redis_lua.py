@@ -97,7 +97,7 @@ def run(
             "decisions": intents,
             **figures,
             "cpu_ms_per_1000": round(server / intents * 1e6, 1),
-            "peak_rss_mb": memory.peak_mb,
+            "peak_pss_mb": memory.peak_mb,
             # Sold = the orders on the stream (one unit each), not the counter the script
             # itself guards; the stock must agree with them.
             "units_sold": queued,

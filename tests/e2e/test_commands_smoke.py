@@ -123,7 +123,7 @@ def test_bench_compare_smoke_runs_every_system_and_none_oversells(
         # CPU is read in 10 ms ticks: a smoke-sized run may show 0, never nothing.
         assert system["decisions_per_s"] > 0 and system["cpu_ms_per_1000"] is not None, name
         assert system["durability"] and system["latency_is"], name
-        assert system["peak_rss_mb"] > 0, name
+        assert system["peak_pss_mb"] > 0, name
         # Open loop at half its maximum: the offered rate and its percentiles, in order.
         assert system["latency_offered_per_s"] > 0, name
         assert system["latency_ms_p50"] > 0 and system["latency_ms_p999"] is not None, name
