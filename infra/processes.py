@@ -199,19 +199,24 @@ def log_tail(logfile: Path, lines: int = 25) -> str:
         return "(no log written)"
 
 
-def cpu_seconds(pid: int | None, reaped: bool = False) -> float:
-    """User + system CPU seconds of a process so far (0 when it is gone); with ``reaped``,
-    plus those of its children it has waited for (a server's exited workers)."""
-    if pid is None:
-        return 0.0
+def cpu_ticks(pid: int, reaped: bool = False) -> int | None:
+    """User + system CPU of a process so far in clock ticks, None when it is gone (also while
+    its /proc entry is read: ESRCH); with ``reaped``, plus those of its children it has
+    waited for (a server's exited workers)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):  # gone, also while being read (ESRCH): a backend exiting
-        return 0.0
+    except (OSError, IndexError):
+        return None
     ticks = int(fields[11]) + int(fields[12])
     if reaped:
         ticks += int(fields[13]) + int(fields[14])
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return ticks
+
+
+def cpu_seconds(pid: int | None, reaped: bool = False) -> float:
+    """``cpu_ticks`` in seconds, 0 when the process is gone (or ``pid`` is None)."""
+    ticks = None if pid is None else cpu_ticks(pid, reaped)
+    return (ticks or 0) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from infra.processes import find_binary
+from infra.processes import cpu_ticks, find_binary
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -57,15 +57,6 @@ end
 """
 
 
-def _cpu_ticks(pid: int) -> int | None:
-    """utime + stime of a process, None when it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])
-    except (FileNotFoundError, IndexError):
-        return None
-
-
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -84,7 +75,7 @@ class CpuMeter:
         self._t0 = 0.0
 
     def _ticks(self) -> dict[int, int | None]:
-        return {p: _cpu_ticks(p) for pids in self.groups.values() for p in pids}
+        return {p: cpu_ticks(p) for pids in self.groups.values() for p in pids}
 
     def start(self) -> None:
         self._t0, self._start = time.monotonic(), self._ticks()

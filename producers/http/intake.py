@@ -125,7 +125,7 @@ class Receipts:
         quantity: int,
         place: Appended | None = None,
     ) -> str:
-        fields = f"{intent_id}\x1f{user_id}\x1f{sale_id}\x1f{sku}\x1f{quantity}"
+        fields = _fields(intent_id, user_id, sale_id, sku, quantity)
         if place is None or place.log_time_ms is None:
             return self._mac(fields)
         where = f"{place.partition}.{place.log_time_ms}"
@@ -135,7 +135,7 @@ class Receipts:
         self, receipt: str, intent_id: str, user_id: str, sale_id: str, sku: str, quantity: int
     ) -> Receipt | None:
         """What the receipt proves if this edge signed it for exactly these fields, else None."""
-        fields = f"{intent_id}\x1f{user_id}\x1f{sale_id}\x1f{sku}\x1f{quantity}"
+        fields = _fields(intent_id, user_id, sale_id, sku, quantity)
         mac, _, where = receipt.partition(".")
         # As bytes: compare_digest refuses str with non-ASCII characters (a 500 before).
         given = mac.encode()
@@ -149,6 +149,11 @@ class Receipts:
         ):
             return Receipt()
         return None
+
+
+def _fields(intent_id: str, user_id: str, sale_id: str, sku: str, quantity: int) -> str:
+    """What a receipt's MAC covers (with the log's place, when known)."""
+    return f"{intent_id}\x1f{user_id}\x1f{sale_id}\x1f{sku}\x1f{quantity}"
 
 
 # A recent intent: (sku, quantity, intent id, its acknowledgement). The acknowledgement is the

@@ -8,7 +8,6 @@ import gc
 import os
 import socket
 import sys
-import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -115,74 +114,6 @@ def build_app(
     return app
 
 
-async def empty_app(scope: Any, receive: Any, send: Any) -> None:
-    """The bench's ceiling: an ASGI app that answers every request without doing anything
-    (200 to a GET, 202 ``{}`` to anything else), served exactly like the real one."""
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            done = message["type"] + ".complete"  # lifespan.startup.complete, ...shutdown...
-            await send({"type": done})
-            if message["type"] == "lifespan.shutdown":
-                return
-    if scope["type"] != "http":
-        return
-    message = await receive()
-    while message.get("more_body", False):
-        message = await receive()
-    status = 200 if scope["method"] == "GET" else 202
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"2")]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": b"{}"})
-
-
-def produce_app(settings: Settings, endpoints: Endpoints) -> Any:
-    """The bench's floor for a 202: an ASGI app that writes one intent per POST to the
-    command topic (acks=all, the edge's producer) and answers 202 once Kafka acknowledged
-    it, nothing else (no token, no checks, no receipt): what the edge costs beyond it is ours."""
-    from flashsale.topics import TopicNames
-    from producers.commands import CommandProducer
-
-    state: dict[str, Any] = {}
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"2")]
-    # Real intents of the bench's sale, keys of this process's own: decided like the others.
-    sale = os.environ.get("FLASHSALE_BENCH_SALE", "bench-floor")
-    run = uuid.uuid4().hex[:12]
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    producer = CommandProducer(
-                        endpoints.bootstrap,
-                        "bench-floor",
-                        topic=TopicNames.of(settings).sku_commands,
-                    )
-                    producer.serve_acks_on(asyncio.get_running_loop())
-                    state["producer"] = producer
-                else:
-                    await asyncio.to_thread(state["producer"].close)
-                await send({"type": message["type"] + ".complete"})
-                if message["type"] == "lifespan.shutdown":
-                    return
-        if scope["type"] != "http":
-            return
-        await receive()
-        if scope["method"] == "GET":  # /healthz
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await send({"type": "http.response.body", "body": b"{}"})
-            return
-        n = state["n"] = state.get("n", 0) + 1
-        _, ack = state["producer"].submit_intent_async(sale, "b1", f"floor-{n % 5000}", 1,
-                                                       f"{run}-{n}")  # fmt: skip
-        await ack
-        await send({"type": "http.response.start", "status": 202, "headers": headers})
-        await send({"type": "http.response.body", "body": b"{}"})
-
-    return app
-
-
 def _freeze_heap() -> None:
     """Move everything alive after start-up (modules, classes, the app, its clients) out of
     the cyclic GC's reach. Without it every full collection walked ~100,000 such objects,
@@ -209,10 +140,10 @@ def serve(port: int, host: str = DEFAULT_HOST) -> int:
     app.state.metrics.watch_gc()
     served: Any = LeanEdge(app)  # the hot route before any middleware; the rest to FastAPI
     bench_variant = os.environ.get("FLASHSALE_HTTP_EMPTY")  # `flashsale bench --only http` only
-    if bench_variant == "1":
-        served = empty_app
-    elif bench_variant == "produce":
-        served = produce_app(settings, Stack(settings).endpoints())
+    if bench_variant:
+        from producers.http.bench_apps import variant
+
+        served = variant(bench_variant, settings, Stack(settings).endpoints())
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     uvicorn.run(
         served,
