@@ -121,11 +121,29 @@ def compare(args: argparse.Namespace, settings: Settings, stack: Stack) -> bool:
     dsn = stack.endpoints().dsn
 
     def over_http() -> dict[str, Any]:
-        from flashsale import compare_http
+        """In a namespace of its own (topics, writer, projector, an edge on free ports), all
+        removed afterwards; PostgreSQL's tables are shared, keyed by the bench's sale ids."""
+        import shutil
 
-        with _edge_stack(settings) as (edge, _):
-            return compare_http.run(settings, dsn, edge, sizes.seconds, sizes.latency_seconds,
-                                    sizes.oversubscribed, sizes.http_users)  # fmt: skip
+        from flashsale import compare_http
+        from flashsale.writer_bench import Namespace
+        from infra.edge import Edge
+        from infra.processes import free_port
+
+        ns = Namespace(settings, "http", broker, services=("processor", "projector"))
+        state = ns.settings.state_dir / "bench" / ns.settings.namespace
+        edge = Edge(dataclasses.replace(ns.settings, state_dir=state, http_port=free_port()),
+                    server_ports=[free_port(), free_port()], env=ns.env)  # fmt: skip
+        try:
+            ns.start()
+            edge.up()  # stops what it started if a server fails to start
+            return compare_http.run(ns.settings, dsn, edge, sizes.seconds,
+                                    sizes.latency_seconds, sizes.oversubscribed,
+                                    sizes.http_users)  # fmt: skip
+        finally:
+            edge.down()
+            ns.drop()
+            shutil.rmtree(state, ignore_errors=True)
 
     figures = compare_bench.run(settings, broker, postmaster, sizes, over_http)
     Console(width=max(Console().width, 180)).print(compare_bench.table(figures))

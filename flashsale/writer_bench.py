@@ -62,6 +62,7 @@ class Namespace:
         tag: str,
         broker_pid: int | None,
         topic_config: dict[str, str] | None = None,
+        services: tuple[str, ...] = ("processor",),
     ) -> None:
         ns = f"bench-{tag}-{uuid.uuid4().hex[:6]}"
         self.settings = dataclasses.replace(settings, namespace=ns)
@@ -78,8 +79,9 @@ class Namespace:
                 raise
         self.producer = CommandProducer(self.bootstrap, "bench", topic=self.names.sku_commands)
         self.worker = Service("processor", self.settings)  # its pid, log and CPU
+        self.services = [Service(name, self.settings) for name in services]
         # Run as `make up` runs it: under the supervisor, which restarts a crashed worker.
-        self.supervisor = SupervisorProcess(self.settings, services=("processor",))
+        self.supervisor = SupervisorProcess(self.settings, services=services)
         self.env = {
             "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
             "FLASHSALE_INFRA": "external",
@@ -113,9 +115,10 @@ class Namespace:
         return state.get("restarts")
 
     def stop(self) -> None:
-        """Stop the worker and its supervisor."""
+        """Stop the services and their supervisor."""
         self.supervisor.stop()
-        self.worker.stop()
+        for service in self.services:
+            service.stop()
 
     def drop(self) -> None:
         """Stop the worker, delete the namespace's topics and RocksDB directory."""

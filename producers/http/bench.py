@@ -208,6 +208,7 @@ def _variant(settings: Settings, name: str, env: dict[str, str]) -> Iterator[Edg
         yield variant
     finally:
         variant.down()
+        shutil.rmtree(state, ignore_errors=True)
 
 
 async def _own_intents(url: str, sale: str, tokens: list[str]) -> list[tuple[str, str]]:
