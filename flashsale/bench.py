@@ -136,6 +136,7 @@ def compare(args: argparse.Namespace, settings: Settings, stack: Stack) -> bool:
                     server_ports=[free_port(), free_port()], env=ns.env)  # fmt: skip
         try:
             ns.start()
+            ns.wait_ready()  # a sale opened before the writer decides would time out
             edge.up()  # stops what it started if a server fails to start
             return compare_http.run(ns.settings, dsn, edge, sizes.seconds,
                                     sizes.latency_seconds, sizes.oversubscribed,

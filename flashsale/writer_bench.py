@@ -109,6 +109,19 @@ class Namespace:
         """Start the worker (under its supervisor)."""
         self.supervisor.start(env=self.env)
 
+    def wait_ready(self, timeout: float = 120) -> None:
+        """Until the worker decides: one probe intent (of no sale: rejected) decided."""
+        reader = DecisionReader(self.bootstrap, self.names.decisions, from_end=True)
+        try:
+            reader.poll(1.0)  # positioned at the end before the probe is written
+            self.intents(1, ["ready-probe"], 1, prefix=f"probe-{uuid.uuid4().hex[:6]}-")
+            reader.wait(1, timeout)
+            if reader.count < 1:
+                raise RuntimeError(f"the worker of {self.settings.namespace} did not decide "
+                                   f"in {timeout} s")  # fmt: skip
+        finally:
+            reader.close()
+
     def restarts(self) -> int | None:
         """How often the supervisor restarted the worker (a crash shows here)."""
         state = self.supervisor.state().get("services", {}).get("processor", {})
