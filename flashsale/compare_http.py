@@ -111,7 +111,6 @@ def _latency(settings: Settings, url: str, sale: str, tokens: list[str], rate: i
 
     reader = DecisionReader(settings.kafka_bootstrap, TopicNames.of(settings).decisions,
                             from_end=True)  # fmt: skip
-    reader.poll(1.0)  # positioned at the end before the first intent is sent
     stop = threading.Event()
 
     def follow() -> None:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from flashsale.settings import Settings, env_int
@@ -113,7 +113,6 @@ class Namespace:
         """Until the worker decides: one probe intent (of no sale: rejected) decided."""
         reader = DecisionReader(self.bootstrap, self.names.decisions, from_end=True)
         try:
-            reader.poll(1.0)  # positioned at the end before the probe is written
             self.intents(1, ["ready-probe"], 1, prefix=f"probe-{uuid.uuid4().hex[:6]}-")
             reader.wait(1, timeout)
             if reader.count < 1:
@@ -184,8 +183,11 @@ class DecisionReader:
                             # would be measured as decision latency.
                             "fetch.wait.max.ms": 10, "log_level": 3})  # fmt: skip
         parts = self._c.list_topics(topic, timeout=10).topics[topic].partitions
-        start = OFFSET_END if from_end else OFFSET_BEGINNING
-        self._c.assign([TopicPartition(topic, p, start) for p in parts])
+        # From the end: the end offsets asked for now, so nothing written from here on is
+        # missed (OFFSET_END would be resolved at the first fetch, possibly after a write).
+        starts = {p: (self._c.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1]
+                      if from_end else OFFSET_BEGINNING) for p in parts}  # fmt: skip
+        self._c.assign([TopicPartition(topic, p, start) for p, start in starts.items()])
         self._registry = SchemaRegistry.load_default()
         # Only decisions count (the topic also holds SaleOpened and the other sale facts).
         self._decisions = {self._registry.fingerprint(n) for n in ("IntentAccepted",
