@@ -16,7 +16,6 @@ started (producers/http/bench.py's tools).
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 import uuid
 from typing import Any
@@ -111,29 +110,20 @@ def _latency(settings: Settings, url: str, sale: str, tokens: list[str], rate: i
 
     reader = DecisionReader(settings.kafka_bootstrap, TopicNames.of(settings).decisions,
                             from_end=True)  # fmt: skip
-    stop = threading.Event()
-
-    def follow() -> None:
-        while not stop.is_set():
-            reader.poll(0.05, latency=True)
-
-    follower = threading.Thread(target=follow, daemon=True)
-    follower.start()
     try:
-        plan = load.Plan.make(1, rate, seconds, 0, len(tokens), ["b1"], "uniform")
-        tally = load.Tally()
-        cpu0, t0 = time.process_time(), time.perf_counter()
-        asyncio.run(load.http_run(url, f"/v1/sales/{sale}/intents", tokens, plan, tally))
-        answered = load.summary(plan, tally, time.perf_counter() - t0,
-                                time.process_time() - cpu0, "202")  # fmt: skip
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and any(
-            i not in reader.seen_ms for i in tally.scheduled_ms
-        ):
-            time.sleep(0.1)
+        with reader.following():
+            plan = load.Plan.make(1, rate, seconds, 0, len(tokens), ["b1"], "uniform")
+            tally = load.Tally()
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            asyncio.run(load.http_run(url, f"/v1/sales/{sale}/intents", tokens, plan, tally))
+            answered = load.summary(plan, tally, time.perf_counter() - t0,
+                                    time.process_time() - cpu0, "202")  # fmt: skip
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and any(
+                i not in reader.seen_ms for i in tally.scheduled_ms
+            ):
+                time.sleep(0.1)
     finally:
-        stop.set()
-        follower.join()
         reader.close()
     lat = [(reader.seen_ms[i] - at) / 1000 for i, at in tally.scheduled_ms.items()
            if i in reader.seen_ms]  # fmt: skip

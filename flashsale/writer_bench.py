@@ -23,7 +23,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +222,24 @@ class DecisionReader:
             if had == 0 and self.count and on_first is not None:
                 on_first()
 
+    @contextlib.contextmanager
+    def following(self) -> Iterator[None]:
+        """Poll (recording when each decision is seen) on a thread of its own while the
+        ``with`` body runs: polling between sends would add to the latency measured."""
+        stop = threading.Event()
+
+        def follow() -> None:
+            while not stop.is_set():
+                self.poll(0.05, latency=True)
+
+        thread = threading.Thread(target=follow, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
     def close(self) -> None:
         self._c.close()
 
@@ -310,14 +328,6 @@ def latency(settings: Settings, broker_pid: int | None, rate: int, seconds: int,
         ns.start()
         ns.intents(1, names, 1, prefix="warm")  # the worker has joined once this is decided
         reader.wait(1, 120)
-        stop = threading.Event()
-
-        def read() -> None:  # its own thread: polling between sends would add to the latency
-            while not stop.is_set() and reader.count < total + 1:
-                reader.poll(0.05, latency=True)
-
-        watcher = threading.Thread(target=read, daemon=True)
-        watcher.start()
         # Encoded up front and produced raw: the load generator shares the two cores, and a
         # busy one would show up as decision latency.
         keys = [(f"u{u}", k, f"k{i}") for i, (u, k) in enumerate(zip(plan.users, plan.skus,
@@ -325,26 +335,27 @@ def latency(settings: Settings, broker_pid: int | None, rate: int, seconds: int,
         values = [ns.producer.encode_intent("bench", k, u, 1, key) for u, k, key in keys]
         ids = [intent_id_for(u, "bench", k, key) for u, k, key in keys]
         raw = Producer({**producer_config(ns.bootstrap), "linger.ms": LOADGEN_LINGER_MS})
-        t0, wall0 = time.monotonic(), time.time() * 1000
-        for i, value in enumerate(values):
-            delay = t0 + plan.at[i] - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            if i == warm:  # the measured window starts here
-                t1 = time.monotonic()
-                cpu0 = (cpu_seconds(ns.worker.pid()), cpu_seconds(broker_pid),
-                        time.process_time())  # fmt: skip
-            raw.produce(ns.names.sku_commands, value, key=plan.skus[i].encode())
-            raw.poll(0)
-        raw.flush(30)
-        elapsed = time.monotonic() - t1
-        offered = (total - warm) / elapsed
-        share = [round((now - then) / elapsed, 2) for now, then in zip(
-            (cpu_seconds(ns.worker.pid()), cpu_seconds(broker_pid), time.process_time()),
-            cpu0, strict=True)]  # fmt: skip
-        watcher.join(timeout=60)
-        stop.set()
-        watcher.join()
+        with reader.following():
+            t0, wall0 = time.monotonic(), time.time() * 1000
+            for i, value in enumerate(values):
+                delay = t0 + plan.at[i] - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                if i == warm:  # the measured window starts here
+                    t1 = time.monotonic()
+                    cpu0 = (cpu_seconds(ns.worker.pid()), cpu_seconds(broker_pid),
+                            time.process_time())  # fmt: skip
+                raw.produce(ns.names.sku_commands, value, key=plan.skus[i].encode())
+                raw.poll(0)
+            raw.flush(30)
+            elapsed = time.monotonic() - t1
+            offered = (total - warm) / elapsed
+            share = [round((now - then) / elapsed, 2) for now, then in zip(
+                (cpu_seconds(ns.worker.pid()), cpu_seconds(broker_pid), time.process_time()),
+                cpu0, strict=True)]  # fmt: skip
+            deadline = time.monotonic() + 60  # until every decision is seen, or 60 s
+            while reader.count < total + 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
         reader.close()
         measured = range(warm, total)
         lat = [(reader.seen_ms[ids[i]] - wall0 - plan.at[i] * 1000) / 1000
