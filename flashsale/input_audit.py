@@ -4,7 +4,9 @@ For each record of the command topic (up to the end offsets seen at the start): 
 intent whose id appears here for the first time must have exactly one decision in the
 committed decision log; a later record with the same intent id is a *repeat* and must add no
 decision; a record that cannot be decoded must be in the dead-letter topic under its source
-partition and offset; sale commands (open, close, settle, return) need no decision. Nothing here
+partition and offset; sale commands (open, close, settle, return, the draw's reveal, the
+sale clock's ticks) need no decision. An intent queued in a pre-queue (``EntryQueued``) and not
+decided yet is counted as queued: its decision comes with the draw. Nothing here
 shares code or state with the processor.
 """
 
@@ -35,6 +37,7 @@ class InputAccount:
     extra_decisions: list[str] = field(default_factory=list)  # intent ids with > 1 decision
     orphan_decisions: list[str] = field(default_factory=list)  # decisions nobody asked for
     undecided: dict[str, tuple[int, int]] = field(default_factory=dict)  # intent -> its offset
+    queued: int = 0  # first occurrences queued in a pre-queue, their decision still to come
 
     @property
     def holds(self) -> bool:
@@ -124,9 +127,14 @@ def account_records(
 ) -> InputAccount:  # fmt: skip
     """``account`` over decoded command and decision records and the dead-letter sources."""
     decisions: Counter[str] = Counter()
+    queued: set[str] = set()
     for _, _, name, record in decided:
-        if name in DECISION_RECORDS and (sale_id is None or record.get("sale_id") == sale_id):
+        if sale_id is not None and record.get("sale_id") != sale_id:
+            continue
+        if name in DECISION_RECORDS:
             decisions[record["intent_id"]] += 1
+        elif name == "EntryQueued":
+            queued.add(record["intent_id"])
     acc = InputAccount()
     asked: set[str] = set()
     for partition, offset, name, record in commands:
@@ -140,11 +148,14 @@ def account_records(
                 acc.repeats += 1
             elif decisions[intent] >= 1:
                 acc.decided += 1
+            elif intent in queued:
+                acc.queued += 1
             else:
                 acc.unaccounted.append(where)
                 acc.undecided[intent] = where
             asked.add(intent)
-        elif name in ("OpenSale", "CloseSale", "SettleSale", "ReturnUnits"):
+        elif name in ("OpenSale", "CloseSale", "SettleSale", "ReturnUnits", "RevealDraw",
+                      "ClockTick"):  # fmt: skip
             acc.sale_commands += 1
         elif where in dead:
             acc.dead_lettered += 1

@@ -24,17 +24,22 @@ from flashsale.topics import TopicNames
 from processors.core import (
     CloseSale,
     Command,
+    DrawRevealed,
+    EntryQueued,
     Event,
     IntentAccepted,
     IntentRejected,
     OpenSale,
     PlaceIntent,
+    QueueExpired,
     ReturnUnits,
+    RevealDraw,
     SaleClosed,
     SaleOpened,
     SaleSettled,
     SettleSale,
     SkuLedger,
+    Tick,
     UnitsReturned,
     decide,
     evolve,
@@ -208,26 +213,41 @@ def _check_events(
 
 
 def _check_rules(out: SaleAudit, sku: str, items: list[tuple[str, dict[str, Any]]]) -> None:
-    """Re-decide every event of one (sale, SKU) from the state its predecessors fold to."""
+    """Re-decide every event of one (sale, SKU) from the state its predecessors fold to.
+
+    A command may yield several events (a reveal: the draw and every queued intent's decision
+    in the draw's order; a close or the end of a pre-queue sale: the queue's expiry): the
+    events the rules yield must be exactly the next ones in the log. So the draw is
+    recomputed from the queued entries the log holds and the seed it revealed, checked
+    against the sale's commitment, and every drawn decision must follow it.
+    """
     ledger = SkuLedger(sku)
-    for name, rec in items:
-        event = event_from_record(name, rec)
+    events = [event_from_record(name, rec) for name, rec in items]
+    i = 0
+    while i < len(events):
+        event, rec = events[i], items[i][1]
         command = command_for(event)
+        group = [event]
         if command is not None:
             try:
                 again = decide(ledger, command, event.decided_at)
-                said = str(again[0]) if again else "nothing"
+                said = ", ".join(map(str, again[:3])) if again else "nothing"
             except (KeyError, ValueError) as exc:  # e.g. a rules version this build lacks
                 again, said = [], f"an error: {exc!r}"
-            if again != [event]:
+            if again and again == events[i : i + len(again)]:
+                group = again
+            else:
                 out.violations.append(Violation(
                     "rules-mismatch", f"{sku} #{rec['sequence']}: the log says {event}; "
                     f"the rules (version {_version(ledger, event)}) say {said}"))  # fmt: skip
-        try:
-            evolve(ledger, event)
-        except (KeyError, ValueError) as exc:  # e.g. a decision for a sale never opened
-            where = f"{sku} #{rec['sequence']}"
-            out.violations.append(Violation("unfoldable", f"{where}: {name} fails: {exc!r}"))
+        for k, folded in enumerate(group):
+            try:
+                evolve(ledger, folded)
+            except (KeyError, ValueError) as exc:  # e.g. a decision for a sale never opened
+                where = f"{sku} #{items[i + k][1]['sequence']}"
+                name = items[i + k][0]
+                out.violations.append(Violation("unfoldable", f"{where}: {name} fails: {exc!r}"))
+        i += len(group)
 
 
 def _version(ledger: SkuLedger, event: Event) -> int | str:
@@ -248,6 +268,13 @@ def command_for(event: Event) -> Command | None:
         return ReturnUnits(event.sale_id, event.sku, event.requested, event.ref)
     if isinstance(event, SaleSettled):
         return SettleSale(event.sale_id, event.sku)
+    if isinstance(event, EntryQueued):
+        return PlaceIntent(event.intent_id, event.user_id, event.sale_id, event.sku,
+                           event.quantity)  # fmt: skip
+    if isinstance(event, DrawRevealed):
+        return RevealDraw(event.sale_id, event.sku, event.seed)
+    if isinstance(event, QueueExpired):
+        return Tick(event.sku)  # whatever command saw the end, the expiry is the same
     return None
 
 

@@ -75,8 +75,16 @@ def catalogue(settings: Settings) -> tuple[TopicSpec, ...]:
     return (
         TopicSpec(
             name=names.sku_commands,
-            key="sku (UTF-8)",
-            value_schemas=("OpenSale", "CloseSale", "SettleSale", "ReturnUnits", "PurchaseIntent"),
+            key="sku (UTF-8); none for ClockTick",
+            value_schemas=(
+                "OpenSale",
+                "CloseSale",
+                "SettleSale",
+                "ReturnUnits",
+                "PurchaseIntent",
+                "RevealDraw",
+                "ClockTick",
+            ),
             partitions=n,
             replication_factor=rf,
             cleanup_policy="delete",
@@ -97,6 +105,9 @@ def catalogue(settings: Settings) -> tuple[TopicSpec, ...]:
                 "UnitsReturned",
                 "SaleSettled",
                 "SaleRefused",
+                "EntryQueued",
+                "DrawRevealed",
+                "QueueExpired",
             ),
             partitions=n,
             replication_factor=rf,
@@ -106,7 +117,8 @@ def catalogue(settings: Settings) -> tuple[TopicSpec, ...]:
             min_insync_replicas=isr,
             description="Every fact of a (sale, SKU), numbered gap-free by sequence: the sale "
             "opened (its terms and rules version), exactly one decision per intent id (a "
-            "repeated intent gets none), units returned, closed, settled, refused commands.",
+            "repeated intent gets none), units returned, closed, settled, refused commands; "
+            "for a pre-queue sale, intents queued, the draw revealed or the queue expired.",
         ),
         TopicSpec(
             name=names.dead_letters,

@@ -1,4 +1,5 @@
-"""The project's own long-running services (processor, projector) as detached processes."""
+"""The project's own long-running services (processor, projector, sale clock) as detached
+processes."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from flashsale.settings import Settings
 from infra import processes
 from infra.errors import InfraError
 
-SERVICES = ("processor", "projector")
+SERVICES = ("processor", "projector", "clock")
 
 
 def run_dir(settings: Settings) -> Path:

@@ -69,13 +69,16 @@ class DecisionEncoder:
             eid + b"\x02" + intent + self._producer + at + intent
             + where[2] + _str(event.user_id) + _long(event.quantity)
         )  # fmt: skip
+        rank, size = event.draw_rank, event.draw_size
+        drawn = _long(rank) + _long(size) if rank or size else b"\x00\x00"  # not drawn: 0, 0
         if type(event) is IntentAccepted:
             return b"".join((self._accepted, common, _str(event.order_id),
-                             _long(event.remaining), _long(event.sequence), at))  # fmt: skip
+                             _long(event.remaining), _long(event.sequence), at,
+                             drawn))  # fmt: skip
         rejected: Any = event
         return b"".join((self._rejected, common, self._reasons[rejected.reason],
                          _str(rejected.detail), _long(event.remaining), _long(event.sequence),
-                         at))  # fmt: skip
+                         at, drawn))  # fmt: skip
 
 
 def _enum_symbols(schema: dict[str, Any], field: str) -> list[str]:

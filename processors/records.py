@@ -13,30 +13,39 @@ from typing import Any
 from processors.core import (
     CloseSale,
     Command,
+    DrawRevealed,
+    EntryQueued,
     Event,
     IntentAccepted,
     IntentRejected,
     OpenSale,
     PlaceIntent,
+    QueueExpired,
+    QueueKind,
     RejectionReason,
     ReturnUnits,
+    RevealDraw,
     SaleClosed,
     SaleOpened,
     SaleRefused,
     SaleSettled,
     SaleTerms,
     SettleSale,
+    Tick,
     UnitsReturned,
 )
 
 FIRST_RULES = 1
 ENVELOPE_FIELDS = ("event_id", "correlation_id", "producer", "occurred_at")
 COMMAND_RECORDS = frozenset({"OpenSale", "CloseSale", "SettleSale", "ReturnUnits",
-                             "PurchaseIntent"})  # fmt: skip
+                             "PurchaseIntent", "RevealDraw", "ClockTick"})  # fmt: skip
 """Records of the SKU command topic."""
+TICK = "ClockTick"
+"""The one command that is not a SKU's: the writer hands it to every ledger of its partition."""
 DECISION_RECORDS = frozenset({"IntentAccepted", "IntentRejected"})
 EVENT_RECORDS = DECISION_RECORDS | {"SaleOpened", "SaleRefused", "SaleClosed", "UnitsReturned",
-                                    "SaleSettled"}  # fmt: skip
+                                    "SaleSettled", "EntryQueued", "DrawRevealed",
+                                    "QueueExpired"}  # fmt: skip
 """Records of the decisions topic: every fact of a (sale, SKU)."""
 
 
@@ -52,7 +61,9 @@ def to_record(event: Event) -> dict[str, Any]:
         return {"sale_id": t.sale_id, "sku": t.sku, "allocation": t.allocation,
                 "per_user_limit": t.per_user_limit, "per_order_max": t.per_order_max,
                 "starts_at": t.starts_at_ms, "ends_at": t.ends_at_ms, "rules_version": t.rules,
-                "sequence": event.sequence, "decided_at": event.decided_at}  # fmt: skip
+                "sequence": event.sequence, "decided_at": event.decided_at,
+                "prequeue_opens_at": t.prequeue_opens_at_ms,
+                "draw_commitment": t.draw_commitment}  # fmt: skip
     if isinstance(event, IntentAccepted | IntentRejected):
         record: dict[str, Any] = {
             "intent_id": event.intent_id,
@@ -69,7 +80,12 @@ def to_record(event: Event) -> dict[str, Any]:
         record["remaining"] = event.remaining
         record["sequence"] = event.sequence
         record["decided_at"] = event.decided_at
+        record["draw_rank"] = event.draw_rank
+        record["draw_size"] = event.draw_size
         return record
+    if type(event) is EntryQueued:
+        return {**{name: getattr(event, name) for name in event.__slots__},
+                "kind": event.kind.value}  # fmt: skip
     # The other facts are flat: their fields are the record's, in order.
     return {name: getattr(event, name) for name in event.__slots__}
 
@@ -82,7 +98,8 @@ def terms_from_record(record: dict[str, Any]) -> SaleTerms:
     # read", or a rebuild after a rules change would judge an old sale by the new rules.
     return SaleTerms(r["sale_id"], r["sku"], r["allocation"], r["per_user_limit"],
                      r["per_order_max"], r["starts_at"], r["ends_at"],
-                     FIRST_RULES if rules is None else rules)  # fmt: skip
+                     FIRST_RULES if rules is None else rules, r.get("prequeue_opens_at"),
+                     r.get("draw_commitment"))  # fmt: skip
 
 
 def event_from_record(name: str, record: dict[str, Any]) -> Event:
@@ -91,13 +108,18 @@ def event_from_record(name: str, record: dict[str, Any]) -> Event:
     if name == "IntentAccepted":
         return IntentAccepted(r["intent_id"], r["sale_id"], r["sku"], r["user_id"],
                               r["quantity"], r["order_id"], r["remaining"], r["sequence"],
-                              r["decided_at"])  # fmt: skip
+                              r["decided_at"], r.get("draw_rank", 0),
+                              r.get("draw_size", 0))  # fmt: skip
     if name == "IntentRejected":
         return IntentRejected(r["intent_id"], r["sale_id"], r["sku"], r["user_id"],
                               r["quantity"], RejectionReason(r["reason"]), r.get("detail", ""),
-                              r["remaining"], r["sequence"], r["decided_at"])  # fmt: skip
+                              r["remaining"], r["sequence"], r["decided_at"],
+                              r.get("draw_rank", 0), r.get("draw_size", 0))  # fmt: skip
     if name == "SaleOpened":
         return SaleOpened(terms_from_record(r), r["sequence"], r["decided_at"])
+    if name == "EntryQueued":
+        fields = {f: r[f] for f in EntryQueued.__slots__}
+        return EntryQueued(**{**fields, "kind": QueueKind(r["kind"])})
     flat = _FLAT.get(name)
     if flat is None:
         raise ValueError(f"not a decisions-topic record: {name!r}")
@@ -109,6 +131,8 @@ _FLAT: dict[str, Any] = {
     "SaleClosed": SaleClosed,
     "UnitsReturned": UnitsReturned,
     "SaleSettled": SaleSettled,
+    "DrawRevealed": DrawRevealed,
+    "QueueExpired": QueueExpired,
 }
 
 
@@ -125,4 +149,8 @@ def command_from_record(name: str, record: dict[str, Any]) -> Command:
         return SettleSale(r["sale_id"], r["sku"])
     if name == "ReturnUnits":
         return ReturnUnits(r["sale_id"], r["sku"], r["quantity"], r["ref"])
+    if name == "RevealDraw":
+        return RevealDraw(r["sale_id"], r["sku"], r["seed"])
+    if name == TICK:
+        return Tick("")  # the writer gives it each ledger's SKU
     raise ValueError(f"not a command record: {name!r}")

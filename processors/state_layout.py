@@ -25,8 +25,9 @@ sort in batch order)::
 A delta and a checkpoint chunk have one format: a list of operations (``ops``) whose fold onto
 empty ledgers rebuilds the state. State = fold(latest complete checkpoint below the committed
 offset, then every delta from that checkpoint's offset up to the committed offset). Entries
-that change after they were written (remaining units, a user's bought count; later the
-pre-queue's entries and holds) are written as absolute values, so the latest op wins.
+that change after they were written (remaining units, a user's bought count; later holds)
+are written as absolute values, so the latest op wins. The pre-queue is appended to
+(``QUEUED``: the intents queued by a batch) until ``QUEUE_DONE`` (drawn or expired) clears it.
 Settling a sale writes its digests under ``Z/`` and takes a checkpoint without its intents:
 settled intents cost disk, not start-up time or memory. Each value stays below Kafka's 1 MB
 record limit (``CHUNK_BYTES``).
@@ -52,7 +53,7 @@ _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder()
 
 # Operation codes (first element of each op list).
-SEQ, ORPHANS, TERMS, BOOK, BOUGHT, IDS, RETURNS, SETTLED = range(8)
+SEQ, ORPHANS, TERMS, BOOK, BOUGHT, IDS, RETURNS, SETTLED, QUEUED, QUEUE_DONE = range(10)
 
 
 class StoreReader(Protocol):
@@ -98,7 +99,7 @@ def ledger_ops(ledger: SkuLedger) -> list[list[Any]]:
         ops.append([ORPHANS, sku, sorted(ledger.orphans)])
     for sale_id, book in ledger.sales.items():
         ops += book_ops(sku, sale_id, book, terms=True, ids=book.decided, users=book.bought,
-                        returns=book.returns)  # fmt: skip
+                        returns=book.returns, queued=book.queue)  # fmt: skip
     return ops
 
 
@@ -119,17 +120,22 @@ def book_ops(
     ids: Any,
     users: Any,
     returns: Any = (),
+    queued: Any = (),
 ) -> list[list[Any]]:
-    """Operations recording ``book``: its terms (if asked), counters, given ids, users, refs."""
+    """Operations recording ``book``: its terms (if asked), counters, given ids, users, refs,
+    and the given queued intents (or the end of its queue)."""
     ops: list[list[Any]] = []
     if terms:
         t = book.terms
         ops.append([TERMS, sku, sale_id, t.allocation, t.per_user_limit, t.per_order_max,
-                    t.starts_at_ms, t.ends_at_ms, t.rules])  # fmt: skip
+                    t.starts_at_ms, t.ends_at_ms, t.rules, t.prequeue_opens_at_ms,
+                    t.draw_commitment])  # fmt: skip
     if book.settled:
         ops.append([SETTLED, sku, sale_id, book.remaining, book.sequence])
         if ids:  # intents decided after settlement (SALE_ENDED) are remembered as ids
             ops.append([IDS, sku, sale_id, list(ids)])
+        if book.queue_done:
+            ops.append([QUEUE_DONE, sku, sale_id])
         return ops
     ops.append([BOOK, sku, sale_id, book.remaining, book.closed, book.sequence])
     if users:
@@ -142,6 +148,10 @@ def book_ops(
         ops.append([IDS, sku, sale_id, list(ids)])
     if returns:
         ops.append([RETURNS, sku, sale_id, sorted(returns)])
+    if book.queue_done:
+        ops.append([QUEUE_DONE, sku, sale_id])
+    elif queued:
+        ops.append([QUEUED, sku, sale_id, [x for entry in queued for x in entry]])
     return ops
 
 
@@ -163,7 +173,7 @@ def chunk_ops(ops: list[list[Any]], limit: int = CHUNK_BYTES) -> list[bytes]:
     current: list[list[Any]] = []
     size = 5  # the chunk's own list header
     for op in ops:
-        split = op[0] in (SEQ, ORPHANS, BOUGHT, IDS, RETURNS)
+        split = op[0] in (SEQ, ORPHANS, BOUGHT, IDS, RETURNS, QUEUED)
         head = op[:-1] if split else op
         head_size = 10 + sum(map(_size, head))  # with the op's list header (and its items')
         if not split:
@@ -174,7 +184,7 @@ def chunk_ops(ops: list[list[Any]], limit: int = CHUNK_BYTES) -> list[bytes]:
             size += head_size
             continue
         items = op[-1]
-        step = 2 if op[0] in (BOUGHT, SEQ) else 1
+        step = 2 if op[0] in (BOUGHT, SEQ) else 4 if op[0] == QUEUED else 1
         start = 0
         while start < len(items):
             room = limit - size - head_size
@@ -216,7 +226,7 @@ def fold(ledgers: dict[str, SkuLedger], value: bytes) -> None:
             ledger.orphans.update(op[2])
         elif code == TERMS:
             sale_id = op[2]
-            terms = SaleTerms(sale_id, sku, *op[3:9])
+            terms = SaleTerms(sale_id, sku, *op[3:])  # older stores: no pre-queue fields
             if sale_id not in ledger.sales:
                 ledger.sales[sale_id] = SaleBook(terms, terms.allocation)  # BOOK/SETTLED follow
         else:
@@ -230,6 +240,17 @@ def fold(ledgers: dict[str, SkuLedger], value: bytes) -> None:
                 book.decided.update(op[3])
             elif code == RETURNS:
                 book.returns.update(op[3])
+            elif code == QUEUED:
+                flat = op[3]
+                for i in range(0, len(flat), 4):
+                    intent_id, user_id, quantity, kind = flat[i : i + 4]
+                    book.queue.append((intent_id, user_id, quantity, kind))
+                    book.queued_ids.add(intent_id)
+                    if kind == "ENTRY":
+                        book.entrants.add(user_id)
+            elif code == QUEUE_DONE:
+                book.queue, book.queued_ids, book.entrants = [], set(), set()
+                book.queue_done = True
             elif code == SETTLED:
                 book.remaining, book.sequence = op[3], op[4]
                 if not book.settled:  # a delta after settlement keeps the ids decided since

@@ -16,6 +16,7 @@ from processors import state_layout as layout
 from processors.core import (
     Command,
     Decision,
+    EntryQueued,
     Event,
     IntentAccepted,
     IntentRejected,
@@ -24,6 +25,7 @@ from processors.core import (
     SaleRefused,
     SaleSettled,
     SkuLedger,
+    Tick,
     UnitsReturned,
     decide,
     evolve,
@@ -350,10 +352,25 @@ class PartitionWriter:
         command = self._command(record, out)
         if command is None:
             return
+        if type(command) is Tick:  # the sale clock's: every ledger of the partition sees it
+            for each in list(self.ledgers.values()):
+                self._apply(each, Tick(each.sku), record, out, touched)
+            return
         sku = command.sku
         ledger = self.ledgers.get(sku)
         if ledger is None:
             ledger = self.ledgers[sku] = SkuLedger(sku)
+        self._apply(ledger, command, record, out, touched)
+
+    def _apply(
+        self,
+        ledger: SkuLedger,
+        command: Command,
+        record: InputRecord,
+        out: BatchResult | None,
+        touched: _Touched | None,
+    ) -> None:
+        sku = ledger.sku
         events = decide(ledger, command, record.timestamp)
         for event in events:
             evolve(ledger, event)
@@ -383,6 +400,9 @@ class PartitionWriter:
                 change = touched.book(sku, event.sale_id, new=type(event) is SaleOpened)
                 if type(event) is UnitsReturned:
                     change[3].append(event.ref)
+                elif type(event) is EntryQueued:
+                    change[4].append((event.intent_id, event.user_id, event.quantity,
+                                      event.kind.value))  # fmt: skip
             if type(event) is SaleRefused:
                 log.warning("sale.refused", sale_id=event.sale_id, sku=sku,
                             command=event.command, detail=event.detail)  # fmt: skip
@@ -407,8 +427,9 @@ class PartitionWriter:
         return self._encoder.encode(event)
 
 
-# [is new], new intent ids, users whose bought count changed, new return refs
-_BookChange = tuple[list[bool], list[str], set[str], list[str]]
+# [is new], new intent ids, users whose bought count changed, new return refs, new queued
+# intents (intent id, user id, quantity, kind)
+_BookChange = tuple[list[bool], list[str], set[str], list[str], list[tuple[str, str, int, str]]]
 
 
 class _Touched:
@@ -427,7 +448,7 @@ class _Touched:
         self.skus.add(sku)
         entry = self.books.get((sku, sale_id))
         if entry is None:
-            entry = self.books[sku, sale_id] = ([new], [], set(), [])
+            entry = self.books[sku, sale_id] = ([new], [], set(), [], [])
         elif new:
             entry[0][0] = True
         return entry
@@ -438,7 +459,7 @@ class _Touched:
             self.orphans.setdefault(sku, []).append(event.intent_id)
             self.orphan_sales.setdefault(sku, set()).add(event.sale_id)
             return
-        _, ids, users, _ = self.book(sku, event.sale_id)
+        _, ids, users, _, _ = self.book(sku, event.sale_id)
         ids.append(event.intent_id)
         if type(event) is IntentAccepted:
             users.add(event.user_id)
@@ -449,8 +470,8 @@ class _Touched:
             for sku, sales in self.orphan_sales.items()
         ]
         ops += [[layout.ORPHANS, sku, ids] for sku, ids in self.orphans.items()]
-        for (sku, sale_id), (new, ids, users, refs) in self.books.items():
+        for (sku, sale_id), (new, ids, users, refs, queued) in self.books.items():
             book = ledgers[sku].sales[sale_id]
             ops += layout.book_ops(sku, sale_id, book, terms=new[0], ids=ids, users=users,
-                                   returns=refs)  # fmt: skip
+                                   returns=refs, queued=queued)  # fmt: skip
         return ops

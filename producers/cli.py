@@ -46,6 +46,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     metavar="SKU:ALLOCATION:PER_USER_LIMIT:PER_ORDER_MAX")  # fmt: skip
     op.add_argument("--starts-in", type=float, default=0.0, help="seconds from now")
     op.add_argument("--duration", type=_positive, default=3600, help="seconds")
+    op.add_argument("--prequeue", type=_positive, metavar="SECONDS",
+                    help="a pre-queue opening this long before the start, drawn at it")  # fmt: skip
     cl = cmds.add_parser("close", help="close a sale's SKUs now")
     cl.add_argument("--sale", required=True)
     cl.add_argument("--sku", required=True, action="append")
@@ -81,11 +83,10 @@ def run_sale(args: argparse.Namespace, settings: Settings) -> int:
     producer = _producer(settings, "flashsale-cli")
     if args.sale_cmd == "open":
         starts = int((time.time() + args.starts_in) * 1000)
-        opening = asyncio.run(
-            open_sale(
-                settings, producer, args.sale, args.sku, starts, starts + args.duration * 1000
-            )
-        )
+        prequeue = None if args.prequeue is None else starts - int(args.prequeue * 1000)
+        ends = starts + int(args.duration * 1000)
+        opening = asyncio.run(open_sale(settings, producer, args.sale, args.sku, starts, ends,
+                                        prequeue))  # fmt: skip
         if opening is None:
             return 1
         print(f"opened sale {args.sale} for {', '.join(sorted(opening.opened))}")
@@ -106,12 +107,14 @@ async def open_sale(
     skus: list[SkuAllocation],
     starts_ms: int,
     ends_ms: int,
+    prequeue_ms: int | None = None,
 ) -> Opening | None:
     """The admin API's service: claim, write, wait for every SKU's fact (reported)."""
     from psycopg_pool import AsyncConnectionPool
 
     from flashsale.topics import TopicNames
     from infra.stack import Stack
+    from producers.clock import DrawSeeds
     from producers.http.livefeed import DecisionFeed
     from producers.http.rules import Refused
     from producers.sales import PostgresClaims, SaleService
@@ -123,8 +126,10 @@ async def open_sale(
     await feed.start()
     try:
         async with AsyncConnectionPool(endpoints.dsn, min_size=1, max_size=1) as pool:
-            service = SaleService(PostgresClaims(pool), producer, feed)
-            opening = await service.open_sale(sale_id, skus, starts_ms, ends_ms, "cli")
+            service = SaleService(PostgresClaims(pool), producer, feed,
+                                  seeds=DrawSeeds(endpoints.dsn))  # fmt: skip
+            opening = await service.open_sale(sale_id, skus, starts_ms, ends_ms, "cli",
+                                              prequeue_opens_at_ms=prequeue_ms)  # fmt: skip
     except Refused as exc:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
         return None

@@ -83,6 +83,18 @@ def _resolve(
         fut.set_result(Appended.of(msg))
 
 
+def _settle_offset(fut: Future[int], label: str) -> Callable[[Any, Any], None]:
+    """A delivery callback resolving ``fut`` to the record's offset."""
+
+    def done(err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            fut.set_exception(NotAcknowledged(f"{label} not acknowledged: {err}"))
+        else:
+            fut.set_result(msg.offset())
+
+    return done
+
+
 class CommandProducer:
     """Produces the SKU commands (OpenSale, CloseSale, SettleSale, ReturnUnits, PurchaseIntent)."""
 
@@ -243,11 +255,15 @@ class CommandProducer:
         starts_at_ms: int,
         ends_at_ms: int,
         rules_version: int = CURRENT_RULES,
+        prequeue_opens_at_ms: int | None = None,
+        draw_commitment: str | None = None,
     ) -> None:
         """Publish one OpenSale per SKU (each to its own writer) and wait for all acks.
 
         The sale is decided under ``rules_version`` (this build's current one unless told):
-        the command names it, so a rebuild after a rules change still applies it.
+        the command names it, so a rebuild after a rules change still applies it. With
+        ``prequeue_opens_at_ms`` and ``draw_commitment`` (hex SHA-256 of the draw's seed) the
+        sale has a pre-queue (``processors.core.prequeue``).
         """
         futures = []
         for item in skus:
@@ -261,8 +277,29 @@ class CommandProducer:
                 "starts_at": starts_at_ms,
                 "ends_at": ends_at_ms,
                 "rules_version": rules_version,
+                "prequeue_opens_at": prequeue_opens_at_ms,
+                "draw_commitment": draw_commitment,
             }
             futures.append(self._ack_future(item.sku, "OpenSale", record))
+        self.wait(futures)
+
+    def reveal_draw(self, sale_id: str, skus: Iterable[str], seed: str) -> None:
+        """Publish the draw's seed to each SKU's writer (the sale clock does, at the start)."""
+        record = {**self._envelope(None), "sale_id": sale_id, "seed": seed}
+        self.wait([self._ack_future(sku, "RevealDraw", {**record, "sku": sku}) for sku in skus])
+
+    def tick(self, partitions: Iterable[int]) -> None:
+        """Publish a sale-clock tick to each of ``partitions`` (no key) and wait for the acks."""
+        futures = []
+        for partition in partitions:
+            fut: Future[int] = Future()
+            futures.append(fut)
+            value = self._registry.encode(
+                "ClockTick", {**self._envelope(None), "partition": partition}
+            )
+            self._producer.produce(self.topic, value, partition=partition,
+                                   on_delivery=_settle_offset(fut, "ClockTick"))  # fmt: skip
+        self._producer.poll(0)
         self.wait(futures)
 
     def close_sale(
@@ -300,15 +337,7 @@ class CommandProducer:
     ) -> Future[int]:
         """Produce one record; the future resolves to its offset once Kafka acknowledged it."""
         fut: Future[int] = Future()
-        label = what or f"{name} for {sku}"
-
-        def done(err: KafkaError | None, msg: Any) -> None:
-            if err is not None:
-                fut.set_exception(NotAcknowledged(f"{label} not acknowledged: {err}"))
-            else:
-                fut.set_result(msg.offset())
-
-        self._produce(sku, name, record, done)
+        self._produce(sku, name, record, _settle_offset(fut, what or f"{name} for {sku}"))
         return fut
 
     def reachable(self, timeout: float = 2.0) -> bool:

@@ -9,11 +9,16 @@
    force) or a ``SaleRefused`` (with the reason) per SKU. The answer reports every SKU: all
    opened, or which were refused and which did not answer in time (a partial open is
    reported, never hidden).
+
+A sale with a pre-queue (``prequeue_opens_at_ms``) gets a secret draw seed, kept by
+``producers.clock.DrawSeeds`` until the sale clock reveals it at the start; only its
+commitment (SHA-256) goes into the OpenSale commands.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -49,8 +54,21 @@ class SaleClaims(Protocol):
 
 class SaleCommands(Protocol):
     def open_sale(
-        self, sale_id: str, skus: Sequence[SkuAllocation], starts_at_ms: int, ends_at_ms: int
+        self,
+        sale_id: str,
+        skus: Sequence[SkuAllocation],
+        starts_at_ms: int,
+        ends_at_ms: int,
+        *,
+        prequeue_opens_at_ms: int | None = None,
+        draw_commitment: str | None = None,
     ) -> None: ...
+
+
+class SeedKeeper(Protocol):
+    def commit(self, sale_id: str, skus: Sequence[str], reveal_at_ms: int) -> str:
+        """The commitment of the sale's secret seed (the same one for a retried opening)."""
+        ...
 
 
 @dataclass
@@ -116,13 +134,20 @@ class PostgresClaims:
         }
 
 
-def _terms(skus: Sequence[SkuAllocation], starts_at_ms: int, ends_at_ms: int) -> str:
+def _terms(
+    skus: Sequence[SkuAllocation], starts_at_ms: int, ends_at_ms: int, prequeue: int | None
+) -> str:
     """The claimed terms, canonical JSON (PostgreSQL's jsonb text is compared)."""
-    body = {"skus": [asdict(s) for s in skus], "starts_at": starts_at_ms, "ends_at": ends_at_ms}
+    body: dict[str, Any] = {"skus": [asdict(s) for s in skus], "starts_at": starts_at_ms,
+                            "ends_at": ends_at_ms}  # fmt: skip
+    if prequeue is not None:
+        body["prequeue_opens_at"] = prequeue
     return json.dumps(body, sort_keys=True)
 
 
-def _answers(sku: SkuAllocation, starts_at_ms: int, ends_at_ms: int) -> Callable[[Any], bool]:
+def _answers(
+    sku: SkuAllocation, starts_at_ms: int, ends_at_ms: int, committed: str | None
+) -> Callable[[Any], bool]:
     """Which fact answers this SKU's OpenSale: a SaleOpened with exactly these terms (another
     one is someone else's opening), or a refusal of an OpenSale."""
 
@@ -136,7 +161,9 @@ def _answers(sku: SkuAllocation, starts_at_ms: int, ends_at_ms: int) -> Callable
             r["per_order_max"],
             r["starts_at"],
             r["ends_at"],
-        ) == (sku.allocation, sku.per_user_limit, sku.per_order_max, starts_at_ms, ends_at_ms)
+            r.get("draw_commitment"),
+        ) == (sku.allocation, sku.per_user_limit, sku.per_order_max, starts_at_ms, ends_at_ms,
+              committed)  # fmt: skip
 
     return accept
 
@@ -150,11 +177,13 @@ class SaleService:
         commands: SaleCommands,
         facts: FactSource,
         wait_s: float = 20.0,
+        seeds: SeedKeeper | None = None,
     ) -> None:
         self.claims = claims
         self.commands = commands
         self.facts = facts
         self.wait_s = wait_s
+        self.seeds = seeds
 
     async def open_sale(
         self,
@@ -163,18 +192,26 @@ class SaleService:
         starts_at_ms: int,
         ends_at_ms: int,
         by: str,
+        prequeue_opens_at_ms: int | None = None,
     ) -> Opening:
         """Every SKU's outcome; Refused("sale_exists") when the id is taken by other terms.
 
         Raises what the producer raises when Kafka does not acknowledge (the claim stays:
         a retry with the same terms goes on).
         """
-        terms = _terms(skus, starts_at_ms, ends_at_ms)
+        if prequeue_opens_at_ms is not None and self.seeds is None:
+            raise Refused("no_prequeue", "this service keeps no draw seeds: no pre-queue here")
+        terms = _terms(skus, starts_at_ms, ends_at_ms, prequeue_opens_at_ms)
         held = await self.claims.claim(sale_id, terms, by)
         opening = Opening(sale_id)
         if held is not None:
-            # The same SKUs and numbers (a window given relative to "now" moves on a retry).
-            if json.loads(held)["skus"] != json.loads(terms)["skus"]:
+            # The same SKUs and numbers, with or without a pre-queue (a window given relative
+            # to "now" moves on a retry).
+            was, now = json.loads(held), json.loads(terms)
+            if (was["skus"], "prequeue_opens_at" in was) != (
+                now["skus"],
+                "prequeue_opens_at" in now,
+            ):
                 raise Refused("sale_exists", f"sale {sale_id!r} already exists with other terms")
             # The same opening again (its first answer was lost): what is open stays open,
             # and a repeated OpenSale of it would get no new fact.
@@ -186,14 +223,23 @@ class SaleService:
         todo = [s for s in skus if s.sku not in opening.opened]
         if not todo:
             return opening
+        committed = None
+        if prequeue_opens_at_ms is not None and self.seeds is not None:
+            every = [s.sku for s in skus]
+            committed = await asyncio.to_thread(self.seeds.commit, sale_id, every, starts_at_ms)
         waits = {
-            s.sku: self.facts.expect(sale_id, s.sku, _answers(s, starts_at_ms, ends_at_ms))
+            s.sku: self.facts.expect(
+                sale_id, s.sku, _answers(s, starts_at_ms, ends_at_ms, committed)
+            )
             for s in todo
         }
         try:
-            await asyncio.to_thread(
-                self.commands.open_sale, sale_id, todo, starts_at_ms, ends_at_ms
+            write = functools.partial(
+                self.commands.open_sale,
+                prequeue_opens_at_ms=prequeue_opens_at_ms,
+                draw_commitment=committed,
             )
+            await asyncio.to_thread(write, sale_id, todo, starts_at_ms, ends_at_ms)
             await asyncio.wait(list(waits.values()), timeout=self.wait_s)
         finally:
             for sku, fut in waits.items():

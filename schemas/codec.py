@@ -138,8 +138,12 @@ class SchemaRegistry:
 
     @classmethod
     def load_default(cls, directory: Path = SCHEMA_DIR) -> SchemaRegistry:
-        """Registry whose current versions are the ``*.avsc`` files in ``directory``."""
+        """Registry whose current versions are the ``*.avsc`` files in ``directory``, and which
+        also reads the earlier versions kept in its ``history/`` (``<Name>.<fingerprint>.avsc``):
+        topics are kept forever, so a record written by any earlier version stays readable."""
         registry = cls()
+        for path in sorted(directory.glob("history/*.avsc")):
+            registry.register(json.loads(path.read_text()))
         for path in sorted(directory.glob("*.avsc")):
             registry.register(json.loads(path.read_text()), current=True)
         return registry

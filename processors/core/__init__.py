@@ -8,8 +8,9 @@ state and copying it per intent would dominate the hot path). The writer's rebui
 audit and the property tests fold the same ``evolve`` over the same events, so the state a
 log describes is one function of it.
 
-Rule families live in their own modules: ``sales`` (open, close, return, settle) and
-``intents`` (versioned rules per sale); later the pre-queue, holds and the waitlist.
+Rule families live in their own modules: ``sales`` (open, close, return, settle),
+``intents`` (judged by the versioned ``rules`` of each sale) and ``prequeue`` (queued entries,
+the commit-reveal draw, the sale clock's ticks); later holds and the waitlist.
 """
 
 from __future__ import annotations
@@ -17,20 +18,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from processors.core.intents import RULES, decide_place, evolve_accepted, evolve_rejected
+from processors.core.intents import decide_place, evolve_accepted, evolve_rejected
 from processors.core.intents import intent_digest as intent_digest
 from processors.core.model import (
     CURRENT_RULES,
     CloseSale,
     Command,
     Decision,
+    DrawRevealed,
+    EntryQueued,
     Event,
     IntentAccepted,
     IntentRejected,
     OpenSale,
     PlaceIntent,
+    QueueExpired,
+    QueueKind,
     RejectionReason,
     ReturnUnits,
+    RevealDraw,
     SaleBook,
     SaleClosed,
     SaleOpened,
@@ -39,10 +45,13 @@ from processors.core.model import (
     SaleTerms,
     SettleSale,
     SkuLedger,
+    Tick,
     UnitsReturned,
     WrongLedger,
     order_id_for,
 )
+from processors.core.prequeue import decide_reveal, decide_tick, evolve_drawn, evolve_queued
+from processors.core.rules import RULES
 from processors.core.sales import (
     decide_close,
     decide_open,
@@ -57,11 +66,12 @@ from processors.core.sales import (
 )
 
 __all__ = [
-    "CURRENT_RULES", "RULES", "CloseSale", "Command", "Decision", "Event", "IntentAccepted",
-    "IntentRejected", "OpenSale", "PlaceIntent", "RejectionReason", "ReturnUnits", "SaleBook",
-    "SaleClosed", "SaleOpened", "SaleRefused", "SaleSettled", "SaleTerms", "SettleSale",
-    "SkuLedger", "UnitsReturned", "WrongLedger", "decide", "evolve", "fold", "intent_digest",
-    "order_id_for", "terms_problem",
+    "CURRENT_RULES", "RULES", "CloseSale", "Command", "Decision", "DrawRevealed", "EntryQueued",
+    "Event", "IntentAccepted", "IntentRejected", "OpenSale", "PlaceIntent", "QueueExpired",
+    "QueueKind", "RejectionReason", "ReturnUnits", "RevealDraw", "SaleBook", "SaleClosed",
+    "SaleOpened", "SaleRefused", "SaleSettled", "SaleTerms", "SettleSale", "SkuLedger", "Tick",
+    "UnitsReturned", "WrongLedger", "decide", "evolve", "fold", "intent_digest", "order_id_for",
+    "terms_problem",
 ]  # fmt: skip
 
 _DECIDE: dict[type, Callable[[SkuLedger, Any, int], list[Any]]] = {
@@ -70,6 +80,8 @@ _DECIDE: dict[type, Callable[[SkuLedger, Any, int], list[Any]]] = {
     CloseSale: decide_close,
     ReturnUnits: decide_return,
     SettleSale: decide_settle,
+    RevealDraw: decide_reveal,
+    Tick: decide_tick,
 }
 _EVOLVE: dict[type, Callable[[SkuLedger, Any], None]] = {
     IntentAccepted: evolve_accepted,
@@ -79,6 +91,9 @@ _EVOLVE: dict[type, Callable[[SkuLedger, Any], None]] = {
     SaleClosed: evolve_closed,
     UnitsReturned: evolve_returned,
     SaleSettled: evolve_settled,
+    EntryQueued: evolve_queued,
+    DrawRevealed: evolve_drawn,
+    QueueExpired: evolve_drawn,
 }
 
 

@@ -13,10 +13,9 @@ decision log holds exactly one decision per intent id.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 
 from processors.core.model import (
-    Decision,
+    Event,
     IntentAccepted,
     IntentRejected,
     PlaceIntent,
@@ -25,35 +24,8 @@ from processors.core.model import (
     SkuLedger,
     order_id_for,
 )
-
-Fault = tuple[RejectionReason, str] | None
-Rules = Callable[[SaleBook, PlaceIntent, int], Fault]
-
-
-def rules_v1(book: SaleBook, cmd: PlaceIntent, now: int) -> Fault:
-    """Quantity, order max, window, closure, stock, per-user limit, in this order."""
-    terms = book.terms
-    q = cmd.quantity
-    if q <= 0:
-        return RejectionReason.INVALID_QUANTITY, f"quantity {q} must be >= 1"
-    if q > terms.per_order_max:
-        return RejectionReason.ORDER_MAX_EXCEEDED, f"quantity {q} > {terms.per_order_max}"
-    if now < terms.starts_at_ms:
-        return RejectionReason.SALE_NOT_OPEN, f"sale opens at {terms.starts_at_ms}"
-    if book.closed or now >= terms.ends_at_ms:
-        return RejectionReason.SALE_ENDED, "sale closed" if book.closed else "sale ended"
-    if book.remaining == 0:
-        return RejectionReason.SOLD_OUT, "no units left"
-    had = book.bought.get(cmd.user_id, 0)
-    if had + q > terms.per_user_limit:
-        return RejectionReason.USER_LIMIT, f"{had} + {q} > limit {terms.per_user_limit}"
-    if q > book.remaining:
-        return RejectionReason.INSUFFICIENT_STOCK, f"{q} > {book.remaining} left"
-    return None
-
-
-RULES: dict[int, Rules] = {1: rules_v1}
-"""Every rules version a sale may be decided under."""
+from processors.core.prequeue import decide_queued
+from processors.core.rules import RULES
 
 
 def intent_digest(intent_id: str) -> int:
@@ -64,6 +36,8 @@ def intent_digest(intent_id: str) -> int:
 def _known(ledger: SkuLedger, book: SaleBook | None, intent_id: str) -> bool:
     if intent_id in ledger.orphans or (book is not None and intent_id in book.decided):
         return True
+    if book is not None and intent_id in book.queued_ids:
+        return True  # queued: its one decision comes with the draw
     if book is not None and book.settled and intent_digest(intent_id) in book.settled_digests:
         return True  # decided before settlement: that decision stands, none is added
     # Intent ids embed the sale, so only a forged or corrupted record reaches this loop with
@@ -71,8 +45,9 @@ def _known(ledger: SkuLedger, book: SaleBook | None, intent_id: str) -> bool:
     return any(intent_id in other.decided for other in ledger.sales.values())
 
 
-def decide_place(ledger: SkuLedger, cmd: PlaceIntent, now: int) -> list[Decision]:
-    """The intent's one decision, or nothing for an intent id already decided."""
+def decide_place(ledger: SkuLedger, cmd: PlaceIntent, now: int) -> list[Event]:
+    """The intent's one decision, or nothing for an intent id already decided (or queued);
+    for a sale with an undrawn pre-queue, see ``processors.core.prequeue``."""
     book = ledger.sales.get(cmd.sale_id)
     if _known(ledger, book, cmd.intent_id):
         return []  # a repeat: its one decision is already in the log
@@ -81,6 +56,8 @@ def decide_place(ledger: SkuLedger, cmd: PlaceIntent, now: int) -> list[Decision
         return [IntentRejected(cmd.intent_id, cmd.sale_id, cmd.sku, cmd.user_id, cmd.quantity,
                                RejectionReason.UNKNOWN_SALE, "no such sale for this SKU", 0,
                                seq, now)]  # fmt: skip
+    if book.queueing:
+        return decide_queued(book, cmd, now)
     seq = book.sequence + 1
     fault = RULES[book.terms.rules](book, cmd, now)
     if fault is None:

@@ -28,6 +28,18 @@ class RejectionReason(StrEnum):
     INSUFFICIENT_STOCK = "INSUFFICIENT_STOCK"
     USER_LIMIT = "USER_LIMIT"
     UNSPECIFIED = "UNSPECIFIED"
+    ALREADY_QUEUED = "ALREADY_QUEUED"  # another intent of an entrant, in the pre-queue window
+    DRAW_NOT_REVEALED = "DRAW_NOT_REVEALED"  # queued, and the sale ended without a reveal
+
+
+class QueueKind(StrEnum):
+    """What a queued intent is: a person's one entry in the draw, another intent of theirs
+    in the window (rejected ``ALREADY_QUEUED`` at the draw), or an intent that arrived after
+    the start but before the reveal (decided in log order behind the drawn entries)."""
+
+    ENTRY = "ENTRY"
+    REPEAT = "REPEAT"
+    LATE = "LATE"
 
 
 @dataclass(slots=True, frozen=True)
@@ -46,6 +58,10 @@ class SaleTerms:
     starts_at_ms: int
     ends_at_ms: int
     rules: int = CURRENT_RULES
+    # The pre-queue: intents in [prequeue_opens_at_ms, starts_at_ms) are queued and drawn
+    # once a seed matching ``draw_commitment`` (hex SHA-256 of the seed) is revealed.
+    prequeue_opens_at_ms: int | None = None
+    draw_commitment: str | None = None
 
 
 # -- commands ---------------------------------------------------------------------------
@@ -100,7 +116,24 @@ class SettleSale:
     sku: str
 
 
-Command = OpenSale | CloseSale | PlaceIntent | ReturnUnits | SettleSale
+@dataclass(slots=True, frozen=True)
+class RevealDraw:
+    """Reveal the seed of a pre-queue sale's draw (the sale clock writes it at the start)."""
+
+    sale_id: str
+    sku: str
+    seed: str
+
+
+@dataclass(slots=True, frozen=True)
+class Tick:
+    """The sale clock's tick, handed to every ledger of the partition it was written to: log
+    time moves on even when no intent arrives (a pre-queue that outlives its sale expires)."""
+
+    sku: str
+
+
+Command = OpenSale | CloseSale | PlaceIntent | ReturnUnits | SettleSale | RevealDraw | Tick
 
 # -- events -----------------------------------------------------------------------------
 
@@ -174,8 +207,55 @@ class SaleSettled:
 
 
 @dataclass(slots=True, frozen=True)
+class EntryQueued:
+    """An intent of a pre-queue sale is queued, not decided yet (``kind``: see QueueKind).
+    ``entrants`` counts the entries so far (the pre-queue's size), ``queued`` every queued
+    intent so far (this one's place in the queue)."""
+
+    intent_id: str
+    sale_id: str
+    sku: str
+    user_id: str
+    quantity: int
+    kind: QueueKind
+    entrants: int
+    queued: int
+    sequence: int
+    decided_at: int
+
+
+@dataclass(slots=True, frozen=True)
+class DrawRevealed:
+    """The seed was revealed and matched the commitment: the queued entries are decided in
+    the draw's order (``processors.core.prequeue.draw_order``), followed by the events that
+    decide them; ``entries_digest`` names the final entry set the order was drawn over."""
+
+    sale_id: str
+    sku: str
+    seed: str
+    entrants: int
+    entries_digest: str
+    sequence: int
+    decided_at: int
+
+
+@dataclass(slots=True, frozen=True)
+class QueueExpired:
+    """The sale ended (or was closed) with its pre-queue undrawn: every queued intent is
+    rejected ``DRAW_NOT_REVEALED`` by the events that follow."""
+
+    sale_id: str
+    sku: str
+    entrants: int
+    queued: int
+    sequence: int
+    decided_at: int
+
+
+@dataclass(slots=True, frozen=True)
 class IntentAccepted:
-    """An intent won ``quantity`` units; it becomes order ``order_id``."""
+    """An intent won ``quantity`` units; it becomes order ``order_id``. ``draw_rank`` is its
+    rank k of ``draw_size`` in a pre-queue draw (0 of 0 when it was not drawn)."""
 
     intent_id: str
     sale_id: str
@@ -186,6 +266,8 @@ class IntentAccepted:
     remaining: int
     sequence: int
     decided_at: int
+    draw_rank: int = 0
+    draw_size: int = 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -202,11 +284,16 @@ class IntentRejected:
     remaining: int
     sequence: int
     decided_at: int
+    draw_rank: int = 0
+    draw_size: int = 0
 
 
 Decision = IntentAccepted | IntentRejected
 """The final accept or reject of an intent: exactly one per intent id."""
-Event = SaleOpened | SaleRefused | SaleClosed | UnitsReturned | SaleSettled | Decision
+Event = (
+    SaleOpened | SaleRefused | SaleClosed | UnitsReturned | SaleSettled | EntryQueued
+    | DrawRevealed | QueueExpired | Decision
+)  # fmt: skip
 
 # -- state ------------------------------------------------------------------------------
 
@@ -227,6 +314,17 @@ class SaleBook:
     # (``settled_digests`` answers ``in`` from there): enough to recognise a repeat.
     settled: bool = False
     settled_digests: Container[int] = frozenset()
+    # The pre-queue, until it is drawn or expires (``queue_done``): queued intents in log
+    # order as (intent id, user id, quantity, kind), their ids, and the users with an entry.
+    queue: list[tuple[str, str, int, str]] = field(default_factory=list)
+    queued_ids: set[str] = field(default_factory=set)
+    entrants: set[str] = field(default_factory=set)
+    queue_done: bool = False
+
+    @property
+    def queueing(self) -> bool:
+        """Whether intents of this sale are still queued rather than decided."""
+        return self.terms.prequeue_opens_at_ms is not None and not self.queue_done
 
 
 @dataclass(slots=True)

@@ -7,7 +7,7 @@ sequence number of its (sale, SKU), a refused command too (it is still an answer
 
 from __future__ import annotations
 
-from processors.core.intents import RULES, intent_digest
+from processors.core.intents import intent_digest
 from processors.core.model import (
     CloseSale,
     Event,
@@ -23,6 +23,8 @@ from processors.core.model import (
     SkuLedger,
     UnitsReturned,
 )
+from processors.core.prequeue import expire
+from processors.core.rules import RULES
 
 
 def terms_problem(terms: SaleTerms) -> str | None:
@@ -35,7 +37,18 @@ def terms_problem(terms: SaleTerms) -> str | None:
         return "starts_at must be before ends_at"
     if terms.rules not in RULES:
         return f"unknown rules version {terms.rules} (known: {sorted(RULES)})"
+    opens, committed = terms.prequeue_opens_at_ms, terms.draw_commitment
+    if (opens is None) != (committed is None):
+        return "a pre-queue needs both prequeue_opens_at and draw_commitment"
+    if opens is not None and opens >= terms.starts_at_ms:
+        return "prequeue_opens_at must be before starts_at"
+    if committed is not None and not _is_sha256_hex(committed):
+        return "draw_commitment must be 64 lowercase hex characters (SHA-256 of the seed)"
     return None
+
+
+def _is_sha256_hex(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def decide_open(ledger: SkuLedger, cmd: OpenSale, now: int) -> list[Event]:
@@ -60,7 +73,11 @@ def decide_close(ledger: SkuLedger, cmd: CloseSale, now: int) -> list[Event]:
     book = ledger.sales.get(cmd.sale_id)
     if book is None or book.closed:
         return []
-    return [SaleClosed(cmd.sale_id, cmd.sku, book.remaining, book.sequence + 1, now)]
+    closed = SaleClosed(cmd.sale_id, cmd.sku, book.remaining, book.sequence + 1, now)
+    if book.queueing:  # closed before the draw: the queue expires with it
+        detail = "the sale was closed before the draw"
+        return [closed, *expire(book, cmd.sale_id, cmd.sku, now, detail, closed.sequence + 1)]
+    return [closed]
 
 
 def decide_return(ledger: SkuLedger, cmd: ReturnUnits, now: int) -> list[Event]:
@@ -83,7 +100,12 @@ def decide_settle(ledger: SkuLedger, cmd: SettleSale, now: int) -> list[Event]:
     if not (book.closed or now >= book.terms.ends_at_ms):
         return [SaleRefused(cmd.sale_id, cmd.sku, "SettleSale",
                             "sale still open: close it before settling", seq, now)]  # fmt: skip
-    return [SaleSettled(cmd.sale_id, cmd.sku, len(book.decided), book.remaining, seq, now)]
+    events: list[Event] = []
+    if book.queueing:  # ended undrawn, and nothing told the queue yet
+        events = expire(book, cmd.sale_id, cmd.sku, now, "the sale ended before the draw")
+        seq += len(events)
+    decided = len(book.decided) + len(book.queue)
+    return [*events, SaleSettled(cmd.sale_id, cmd.sku, decided, book.remaining, seq, now)]
 
 
 def evolve_opened(ledger: SkuLedger, event: SaleOpened) -> None:

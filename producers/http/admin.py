@@ -57,8 +57,11 @@ async def open_sale(
         SkuAllocation(s.sku, s.allocation, s.per_user_limit, s.per_order_max) for s in body.skus
     ]
     starts_ms, ends_ms = int(starts.timestamp() * 1000), int(ends.timestamp() * 1000)
+    prequeue_ms = None if body.prequeue_s is None else starts_ms - int(body.prequeue_s * 1000)
     try:
-        opening = await ctx.sales.open_sale(body.sale_id, skus, starts_ms, ends_ms, who.user_id)
+        opening = await ctx.sales.open_sale(
+            body.sale_id, skus, starts_ms, ends_ms, who.user_id, prequeue_opens_at_ms=prequeue_ms
+        )
     except Refused as exc:
         raise refusal(exc.code, exc.message) from None
     except (NotAcknowledged, KafkaException):
@@ -76,6 +79,7 @@ def _opened_reply(opening: Opening) -> SaleOpenedReply:
                    "GET /v1/sales/{id} shows what is open")  # fmt: skip
         raise ApiError(504, "open_unconfirmed", message, None, opening.details())
     facts = [opening.opened[k] for k in sorted(opening.opened)]
+    prequeue = facts[0].get("prequeue_opens_at")
     return SaleOpenedReply(
         sale_id=opening.sale_id,
         skus=[f["sku"] for f in facts],
@@ -90,6 +94,8 @@ def _opened_reply(opening: Opening) -> SaleOpenedReply:
             )
             for f in facts
         ],
+        prequeue_opens_at=None if prequeue is None else utc(prequeue),
+        draw_commitment=facts[0].get("draw_commitment"),
     )
 
 

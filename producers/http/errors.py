@@ -39,6 +39,7 @@ REFUSAL_STATUS = {
     "sold_out": 409,
     "idempotency_conflict": 409,
     "sale_exists": 409,
+    "no_prequeue": 422,
 }
 
 

@@ -95,6 +95,11 @@ class OpenSaleRequest(Strict):
     starts_in_s: Seconds | None = None
     ends_at: datetime | None = None
     duration_s: Annotated[StrictFloat, Field(gt=0, le=366 * 86_400)] | None = None
+    prequeue_s: Annotated[StrictFloat, Field(gt=0, le=366 * 86_400)] | None = Field(
+        default=None,
+        description="Open a pre-queue this many seconds before the start: intents in it are "
+        "queued and drawn at the start, in an order anyone can recompute from the log.",
+    )
 
     @model_validator(mode="after")
     def _one_of_each(self) -> OpenSaleRequest:
@@ -119,6 +124,10 @@ class SaleOpenedReply(Strict):
     starts_at: datetime
     ends_at: datetime
     terms: list[SkuSpec]
+    prequeue_opens_at: datetime | None = None
+    draw_commitment: str | None = Field(
+        default=None, description="SHA-256 (hex) of the draw's secret seed, revealed at the start."
+    )
 
 
 class CloseSaleRequest(Strict):

@@ -35,6 +35,7 @@ def build_app(
     from psycopg_pool import AsyncConnectionPool
 
     from flashsale.topics import TopicNames
+    from producers.clock import DrawSeeds
     from producers.commands import CommandProducer
     from producers.http import admin, api, errors, ops
     from producers.http.auth import TokenVerifier, load_secret
@@ -87,7 +88,7 @@ def build_app(
             sale_views=SaleViews(store),
             intent_views=IntentViews(store, intake.receipts, decisions=feed.decision,
                                      undecided=feed.undecided),
-            sales=SaleService(PostgresClaims(pool), producer, feed),
+            sales=SaleService(PostgresClaims(pool), producer, feed, seeds=DrawSeeds(endpoints.dsn)),
         )  # fmt: skip
         if on_started is not None:
             on_started()

@@ -13,9 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from processors.core import (
+    DrawRevealed,
+    EntryQueued,
     Event,
     IntentAccepted,
     IntentRejected,
+    QueueExpired,
+    QueueKind,
     RejectionReason,
     SaleClosed,
     SaleOpened,
@@ -52,10 +56,19 @@ DECISIONS: list[IntentAccepted | IntentRejected] = [
         8,
         1_700_000_000_001,
     ),
+    IntentAccepted("i-3", "s-2", "SKU", "u-3", 1, "ord-i-3", 2, 9, 1_700_000_000_009, 4, 70),
+    IntentRejected(
+        "i-4", "s-2", "SKU", "u-4", 1, RejectionReason.DRAW_NOT_REVEALED, "ended", 2, 10, 17
+    ),
 ]
 TERMS = SaleTerms("s-1", "SKU", 100, 2, 1, 1, 2**42, rules=1)
+QUEUED_TERMS = SaleTerms("s-2", "SKU", 100, 2, 1, 50, 2**42, 1, 10, "ab" * 32)
 FACTS: list[Event] = [
     SaleOpened(TERMS, 1, 1_700_000_000_000),
+    SaleOpened(QUEUED_TERMS, 1, 1_700_000_000_000),
+    EntryQueued("i-5", "s-2", "SKU", "u-5", 1, QueueKind.REPEAT, 3, 4, 5, 1_700_000_000_006),
+    DrawRevealed("s-2", "SKU", "cd" * 32, 3, "ef" * 32, 6, 1_700_000_000_007),
+    QueueExpired("s-2", "SKU", 3, 4, 6, 1_700_000_000_008),
     SaleRefused("s-1", "SKU", "SettleSale", "sale still open", 9, 1_700_000_000_002),
     SaleClosed("s-1", "SKU", 3, 10, 1_700_000_000_003),
     UnitsReturned("s-1", "SKU", "hold-1", 3, 1, 4, 11, 1_700_000_000_004),
@@ -71,6 +84,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "starts_at": 1,
         "ends_at": 2**42,
         "rules_version": None,
+        "prequeue_opens_at": 0,
+        "draw_commitment": "ab" * 32,
     },
     "CloseSale": {"sale_id": "s-1", "sku": "SKU", "reason": "ops"},
     "SettleSale": {"sale_id": "s-1", "sku": "SKU"},
@@ -83,6 +98,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "sku": "SKU",
         "quantity": -3,
     },
+    "RevealDraw": {"sale_id": "s-2", "sku": "SKU", "seed": "cd" * 32},
+    "ClockTick": {"partition": 3},
     "IntentAccepted": to_record(DECISIONS[0]),
     "IntentRejected": to_record(DECISIONS[1]),
     **{type(e).__name__: to_record(e) for e in FACTS},
@@ -238,3 +255,23 @@ def test_unknown_rejection_reason_reads_as_unspecified() -> None:
     name, record = registry.decode(data)
     assert (name, record["reason"]) == ("IntentRejected", "UNSPECIFIED")
     assert event_from_record(name, record).reason is RejectionReason.UNSPECIFIED  # type: ignore[union-attr]
+
+
+def test_records_of_every_earlier_schema_version_still_decode() -> None:
+    """Topics are kept forever: each version kept in ``schemas/history`` is still read, and
+    what the current version added comes back as its default."""
+    registry = SchemaRegistry.load_default()
+    kept = sorted((SCHEMA_DIR / "history").glob("*.avsc"))
+    assert kept, "schemas/history holds the versions that were current before"
+    for path in kept:
+        old = json.loads(path.read_text())
+        name = old["name"]
+        fp = schema_fingerprint(old)
+        assert path.name == f"{name}.{fp.hex()}.avsc"
+        assert fp != registry.fingerprint(name)
+        fields = {f["name"] for f in old["fields"]}
+        record = {k: v for k, v in {**ENVELOPE, **SAMPLES[name]}.items() if k in fields}
+        got_name, got = registry.decode(registry.encode_as(fp, record))
+        now = current(name)["fields"]
+        added = {f["name"]: f["default"] for f in now if f["name"] not in fields}
+        assert (got_name, got) == (name, {**record, **added})

@@ -42,10 +42,11 @@ def registry_bytes(registry: SchemaRegistry, event: IntentAccepted | IntentRejec
 
 accepted = st.builds(IntentAccepted, intent_id=TEXT, sale_id=TEXT, sku=TEXT, user_id=TEXT,
                      quantity=INT, order_id=TEXT, remaining=INT, sequence=LONG,
-                     decided_at=LONG)  # fmt: skip
+                     decided_at=LONG, draw_rank=INT, draw_size=INT)  # fmt: skip
 rejected = st.builds(IntentRejected, intent_id=TEXT, sale_id=TEXT, sku=TEXT, user_id=TEXT,
                      quantity=INT, reason=st.sampled_from(RejectionReason), detail=TEXT,
-                     remaining=INT, sequence=LONG, decided_at=LONG)  # fmt: skip
+                     remaining=INT, sequence=LONG, decided_at=LONG, draw_rank=INT,
+                     draw_size=INT)  # fmt: skip
 decisions = st.one_of(accepted, rejected)
 
 # One encoder for all examples: it caches the last decided_at, which must never leak.

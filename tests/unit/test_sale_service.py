@@ -42,7 +42,14 @@ class FakeWriters:
         self.offset = 0
 
     def open_sale(
-        self, sale_id: str, skus: Sequence[SkuAllocation], starts_at_ms: int, ends_at_ms: int
+        self,
+        sale_id: str,
+        skus: Sequence[SkuAllocation],
+        starts_at_ms: int,
+        ends_at_ms: int,
+        *,
+        prequeue_opens_at_ms: int | None = None,
+        draw_commitment: str | None = None,
     ) -> None:
         facts = []
         record: dict[str, Any]
@@ -58,7 +65,9 @@ class FakeWriters:
             else:
                 record = {"sale_id": sale_id, "sku": s.sku, "allocation": s.allocation,
                           "per_user_limit": s.per_user_limit, "per_order_max": s.per_order_max,
-                          "starts_at": starts_at_ms, "ends_at": ends_at_ms}  # fmt: skip
+                          "starts_at": starts_at_ms, "ends_at": ends_at_ms,
+                          "prequeue_opens_at": prequeue_opens_at_ms,
+                          "draw_commitment": draw_commitment}  # fmt: skip
                 facts.append(Fact(0, self.offset, "SaleOpened", record))
         self.loop.call_soon_threadsafe(self.feed.apply, facts)
 
@@ -102,3 +111,49 @@ def test_a_partial_open_is_reported_sku_by_sku():
         assert opening.refused["a"] == "sale already open with other terms"
 
     asyncio.run(scenario())
+
+
+class FakeSeeds:
+    def __init__(self) -> None:
+        self.kept: dict[str, tuple[list[str], int, str]] = {}
+
+    def commit(self, sale_id: str, skus: Sequence[str], reveal_at_ms: int) -> str:
+        if sale_id not in self.kept:
+            self.kept[sale_id] = (list(skus), reveal_at_ms, f"{len(self.kept):064x}")
+        return self.kept[sale_id][2]
+
+
+def test_a_prequeue_sale_gets_one_seed_and_its_commitment_in_every_opensale() -> None:
+    asyncio.run(_prequeue_scenario())
+
+
+async def _prequeue_scenario() -> None:
+    svc, _, writers = setup()
+    svc.seeds = seeds = FakeSeeds()
+    opening = await svc.open_sale("q", SKUS, 1000, 2000, "ops", prequeue_opens_at_ms=500)
+    assert opening.complete
+    committed = seeds.kept["q"][2]
+    assert {f["draw_commitment"] for f in opening.opened.values()} == {committed}
+    assert seeds.kept["q"][:2] == (["a", "b"], 1000)  # revealed at the start
+    writers.silent = {"b"}  # a retry of the same opening reuses the seed
+    again = await svc.open_sale("q2", SKUS, 1000, 2000, "ops", prequeue_opens_at_ms=500)
+    assert again.pending == ["b"]
+    writers.silent = set()
+    retried = await svc.open_sale("q2", SKUS, 1000, 2000, "ops", prequeue_opens_at_ms=500)
+    assert retried.complete and len(seeds.kept) == 2
+    assert retried.opened["b"]["draw_commitment"] == seeds.kept["q2"][2]
+    with pytest.raises(Refused) as other:  # the same id without its pre-queue: other terms
+        await svc.open_sale("q", SKUS, 1000, 2000, "ops")
+    assert other.value.code == "sale_exists"
+
+
+def test_without_a_seed_keeper_a_prequeue_is_refused_and_nothing_is_written() -> None:
+    asyncio.run(_no_keeper_scenario())
+
+
+async def _no_keeper_scenario() -> None:
+    svc, claims, writers = setup()
+    with pytest.raises(Refused) as refused:
+        await svc.open_sale("q", SKUS, 1000, 2000, "ops", prequeue_opens_at_ms=500)
+    assert refused.value.code == "no_prequeue"
+    assert writers.written == [] and claims.rows == {}

@@ -23,12 +23,15 @@ from processors.core import (
     CloseSale,
     OpenSale,
     PlaceIntent,
+    RevealDraw,
     SaleBook,
     SaleTerms,
     SettleSale,
     SkuLedger,
+    Tick,
     intent_digest,
 )
+from processors.core.prequeue import commitment
 from processors.writer import PartitionWriter, StateMissing
 from tests.unit.writer_fakes import (
     REGISTRY,
@@ -41,6 +44,7 @@ from tests.unit.writer_fakes import (
 )
 
 SKUS = ("A", "B")
+SEED = "5eed" * 16
 USERS = ("ann", "bob", "cy", "dee")
 SALE = SaleTerms("s", "A", allocation=3, per_user_limit=2, per_order_max=2,
                  starts_at_ms=0, ends_at_ms=1_000_000)  # fmt: skip
@@ -62,20 +66,27 @@ def decoded(value: bytes) -> list[Any]:
 
 @st.composite
 def input_logs(draw: st.DrawFn) -> InputLog:
-    """Opens, intents, bursts, re-sends, closes, settles and junk for two SKUs."""
+    """Opens, intents, bursts, re-sends, closes, settles and junk for two SKUs; some sales
+    have a pre-queue, revealed (early, with a wrong seed, or right) or left to expire."""
     terms = []
     for sku in SKUS:
         for k, start in enumerate(draw(st.lists(st.integers(0, 5), min_size=1, max_size=2))):
             allocation = draw(st.integers(0, 5))
             limit, order_max = draw(st.integers(1, 3)), draw(st.integers(1, 3))
             end = start + draw(st.integers(5, 60))
-            terms.append(SaleTerms(f"s{k}", sku, allocation, limit, order_max, start, end))
+            queued = draw(st.booleans())
+            opens = start if queued else None
+            starts = start + draw(st.integers(1, 20)) if queued else start
+            terms.append(SaleTerms(f"s{k}", sku, allocation, limit, order_max, starts,
+                                   max(end, starts + 1), 1, opens,
+                                   commitment(SEED) if queued else None))  # fmt: skip
     log = InputLog()
     now = 0
     for t in terms:
         log.add(OpenSale(t), now)
     placed: list[PlaceIntent] = []
-    kinds = ["intent"] * 6 + ["burst", "resend", "resend", "close", "settle", "junk"]
+    kinds = ["intent"] * 6 + ["burst", "resend", "resend", "close", "settle", "junk",
+                              "reveal", "reveal", "tick"]  # fmt: skip
     for _ in range(draw(st.integers(1, 50))):
         now += draw(st.integers(0, 3))
         kind = draw(st.sampled_from(kinds))
@@ -86,6 +97,11 @@ def input_logs(draw: st.DrawFn) -> InputLog:
             log.add(SettleSale(sale.sale_id, sale.sku), now)
         elif kind == "junk":
             log.add_value(draw(st.sampled_from([None, b"\x00junk"])), now)
+        elif kind == "reveal":
+            log.add(RevealDraw(sale.sale_id, sale.sku, draw(st.sampled_from([SEED, "0" * 64]))),
+                    now)  # fmt: skip
+        elif kind == "tick":
+            log.add(Tick(""), now)
         elif kind == "resend" and placed:
             log.add(draw(st.sampled_from(placed)), now)
         else:

@@ -14,9 +14,11 @@ from processors.core import (
     OpenSale,
     PlaceIntent,
     ReturnUnits,
+    RevealDraw,
     SaleBook,
     SettleSale,
     SkuLedger,
+    Tick,
     intent_digest,
 )
 from processors.writer import BatchResult, PartitionWriter, Replayed
@@ -74,8 +76,14 @@ def command_value(command: Command, n: int = 0) -> bytes:
         body = {"sale_id": t.sale_id, "sku": t.sku, "allocation": t.allocation,
                 "per_user_limit": t.per_user_limit, "per_order_max": t.per_order_max,
                 "starts_at": t.starts_at_ms, "ends_at": t.ends_at_ms,
-                "rules_version": t.rules}  # fmt: skip
+                "rules_version": t.rules, "prequeue_opens_at": t.prequeue_opens_at_ms,
+                "draw_commitment": t.draw_commitment}  # fmt: skip
         return REGISTRY.encode("OpenSale", {**envelope, **body})
+    if isinstance(command, RevealDraw):
+        body = {"sale_id": command.sale_id, "sku": command.sku, "seed": command.seed}
+        return REGISTRY.encode("RevealDraw", {**envelope, **body})
+    if isinstance(command, Tick):
+        return REGISTRY.encode("ClockTick", {**envelope, "partition": 0})
     if isinstance(command, CloseSale):
         body = {"sale_id": command.sale_id, "sku": command.sku, "reason": "test"}
         return REGISTRY.encode("CloseSale", {**envelope, **body})
