@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flashsale.settings import Settings, env_int
+from flashsale.settings import Settings, env_int, env_number
 from infra import processes
 from infra.errors import InfraError
 from infra.nginx import LocalNginx
@@ -110,7 +110,11 @@ class Edge:
         ports = tuple(server_ports or range(settings.http_port + 1, settings.http_port + 1 + n))
         self.settings = settings
         self.servers = [AppServer(settings, p, dict(env or {})) for p in ports]
-        self.nginx = LocalNginx(settings.state_dir, settings.http_port, ports)
+        given = {**os.environ, **(env or {})}  # the servers' env may carry nginx's limit too
+        rate = env_number(given, "FLASHSALE_ADDR_RATE_PER_S", 0.0, 0.0, 1e6)
+        burst = env_int(given, "FLASHSALE_ADDR_RATE_BURST", 20, 0, 1_000_000)
+        limit = (rate, burst) if rate > 0 else None
+        self.nginx = LocalNginx(settings.state_dir, settings.http_port, ports, limit)
 
     @property
     def url(self) -> str:

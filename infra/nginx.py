@@ -61,8 +61,19 @@ def njs_module() -> Path:
     raise MissingBinary(f"the nginx njs module was not found; install it with: {INSTALL}")
 
 
-def render_config(prefix: Path, port: int, upstreams: Sequence[int], module: Path) -> str:
-    """nginx.conf for a load balancer on 127.0.0.1:port over app servers on ``upstreams``."""
+def render_config(
+    prefix: Path,
+    port: int,
+    upstreams: Sequence[int],
+    module: Path,
+    addr_limit: tuple[float, int] | None = None,
+) -> str:
+    """nginx.conf for a load balancer on 127.0.0.1:port over app servers on ``upstreams``.
+
+    ``addr_limit`` (requests per second, burst) limits ``POST /v1/sales/{id}/intents`` per
+    client address at nginx (429 ``rate_limited`` beyond it), before any app server works:
+    one person with many accounts, or a bot farm behind one address, gets no more tries than
+    the limit. Off by default (benchmarks drive the edge from one address)."""
     servers = "\n".join(
         f"        server 127.0.0.1:{p} max_fails=2 fail_timeout=5s;" for p in upstreams
     )
@@ -84,6 +95,18 @@ def render_config(prefix: Path, port: int, upstreams: Sequence[int], module: Pat
             proxy_set_header Host $host;
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_set_header X-Request-ID $request_id;"""
+    limit_zone = limit_location = ""
+    if addr_limit is not None:
+        rate, burst = addr_limit
+        per_minute = max(1, round(rate * 60))  # nginx takes r/s or r/m (integers)
+        zone = f"zone=intents_by_addr:10m rate={per_minute}r/m"
+        limit_zone = f"    limit_req_zone $binary_remote_addr {zone};\n    limit_req_status 429;\n"
+        limit_location = f"""
+        location ~ ^/v1/sales/[^/]+/intents$ {{
+            limit_req zone=intents_by_addr burst={burst} nodelay;
+{proxy}
+        }}
+"""
     return f"""\
 load_module {module};
 daemon off;
@@ -104,7 +127,7 @@ http {{
     scgi_temp_path {prefix}/tmp/scgi;
     server_tokens off;
 
-    js_import jwt from {prefix}/jwt.js;
+{limit_zone}    js_import jwt from {prefix}/jwt.js;
     js_set $jwt_sub jwt.sub;
 
     upstream flashsale_app {{
@@ -136,7 +159,7 @@ http {{
         location / {{
 {proxy}
         }}
-
+{limit_location}
         location = /v1/me/events {{
 {proxy}
             proxy_buffering off;
@@ -171,6 +194,7 @@ class LocalNginx:
     state_dir: Path
     port: int
     upstreams: tuple[int, ...]
+    addr_limit: tuple[float, int] | None = None
 
     @property
     def home(self) -> Path:
@@ -200,7 +224,9 @@ class LocalNginx:
         """Generate nginx.conf and the njs script; check the config with ``nginx -t``."""
         (self.home / "tmp").mkdir(parents=True, exist_ok=True)
         (self.home / "jwt.js").write_text(JWT_SUB_JS)
-        self.conf.write_text(render_config(self.home, self.port, self.upstreams, njs_module()))
+        self.conf.write_text(
+            render_config(self.home, self.port, self.upstreams, njs_module(), self.addr_limit)
+        )
         import subprocess
 
         check = subprocess.run(
