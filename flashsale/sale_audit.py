@@ -299,7 +299,7 @@ def render(audit: SaleAudit) -> str:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `flashsale audit sale <sale>`."""
+    """Add `flashsale audit sale <sale>` and `flashsale audit fairness <sale>`."""
     p = sub.add_parser("audit", help="check a sale's invariants from the topics alone")
     what = p.add_subparsers(dest="what", required=True)
     s = what.add_parser("sale", help="one sale: exit 0 when every invariant holds, 1 when not")
@@ -307,6 +307,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.add_argument("--json", action="store_true", help="print the audit as JSON")
     s.add_argument("--timeout", type=float, default=120.0, help="seconds to read each topic")
     s.set_defaults(run=run)
+    f = what.add_parser("fairness", help="one sale's pre-queue draw, recomputed from the log")
+    f.add_argument("sale_id")
+    f.add_argument("--json", action="store_true", help="print the audit as JSON")
+    f.add_argument("--timeout", type=float, default=120.0, help="seconds to read each topic")
+    f.set_defaults(run=_run_fairness)
+
+
+def _run_fairness(args: argparse.Namespace, settings: Settings) -> int:
+    from flashsale import fairness
+
+    return fairness.run(args, settings)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from flashsale import input_audit, sale_audit
+from flashsale import fairness, input_audit, sale_audit
 from flashsale.settings import Settings
 from infra import processes
 from infra.stack import Endpoints
@@ -131,6 +131,13 @@ def test_entries_survive_a_writer_sigkill_and_are_drawn_once_in_the_seeds_order(
     assert audit.passed, audit.violations
     account = input_audit.account(pipeline.endpoints.bootstrap, pipeline.names, sale)
     assert account.holds and account.decided == 70 and account.queued == 0, account
+    fair = fairness.audit_fairness(pipeline.endpoints.bootstrap, pipeline.names, sale)
+    assert fair.passed, fair.violations
+    assert (fair.skus[sku].outcome, fair.skus[sku].entrants, fair.skus[sku].winners) == (
+        "drawn",
+        60,
+        20,
+    )
 
 
 def test_without_a_reveal_every_queued_intent_is_rejected_draw_not_revealed(

@@ -343,3 +343,45 @@ def test_the_writer_hands_a_tick_to_every_ledger_and_a_reload_keeps_the_queue() 
     final = loaded(store, 5)
     assert all(led.sales["s"].queue_done for led in final.ledgers.values())
     assert final.ledgers["A"].sales["s"].decided == {"i1"}
+
+
+# -- flashsale audit fairness: the draw recomputed from the facts ------------------------
+
+
+def _fairness(events: list[Event]) -> list[str]:
+    from flashsale.fairness import check_draw
+    from processors.records import record_name, to_record
+
+    return check_draw("A", [(record_name(e), to_record(e)) for e in events])[1]
+
+
+def test_the_fairness_check_passes_a_drawn_and_an_expired_sale() -> None:
+    from flashsale.fairness import check_draw
+    from processors.records import record_name, to_record
+
+    events = _drawn_sale()
+    figures, problems = check_draw("A", [(record_name(e), to_record(e)) for e in events])
+    assert problems == []
+    assert (figures.outcome, figures.entrants, figures.repeats, figures.late) == ("drawn", 10, 1, 1)
+    assert figures.seed == SEED and figures.winners == 4
+    log: list[tuple[int, Command]] = [(0, OpenSale(terms())), (OPENS, intent(1, "ann"))]
+    assert _fairness(run([*log, (ENDS, Tick("A"))])) == []
+
+
+def test_the_fairness_check_names_each_kind_of_tampering() -> None:
+    events = _drawn_sale()
+    at = next(i for i, e in enumerate(events) if isinstance(e, DrawRevealed))
+    reseeded = list(events)
+    reseeded[at] = replace(events[at], seed=OTHER_SEED)  # type: ignore[type-var]
+    assert any("does not hash to the commitment" in p for p in _fairness(reseeded))
+    a, b = events[at + 1], events[at + 2]
+    swapped = list(events)
+    swapped[at + 1] = replace(b, sequence=a.sequence, draw_rank=a.draw_rank)  # type: ignore[type-var]
+    swapped[at + 2] = replace(a, sequence=b.sequence, draw_rank=b.draw_rank)  # type: ignore[type-var]
+    assert any("do not follow the draw" in p for p in _fairness(swapped))
+    queued = next(i for i, e in enumerate(events) if isinstance(e, EntryQueued))
+    dropped = [e for i, e in enumerate(events) if i != queued]
+    assert any("another entry set" in p for p in _fairness(dropped))
+    early = list(events)  # a winner decided before the draw
+    early.insert(at, early.pop(at + 1))
+    assert any("decided before the draw" in p for p in _fairness(early))
