@@ -48,6 +48,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="write intents with the producer library instead of HTTP via nginx",
     )
+    p.add_argument("--no-prequeue", dest="prequeue", action="store_false",
+                   help="skip the second sale (a fair pre-queue drawn at the start)")  # fmt: skip
     p.set_defaults(run=run)
 
 
@@ -72,6 +74,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if not args.direct:
             edge_started = any(edge.up().values())
         summary = _sale(args, settings, stack, None if args.direct else edge)
+        if args.prequeue:
+            from flashsale.demo_prequeue import run_prequeue_sale
+
+            summary.update(run_prequeue_sale(settings, stack, None if args.direct else edge))
+            summary["invariants_hold"] &= summary["fairness_audit"] == "pass"
     finally:
         if edge_started:
             edge.down()
@@ -316,6 +323,24 @@ def _print(s: dict[str, Any]) -> None:
         *(("  violation", v) for v in s["audit_violations"][:10]),
         (f"replay ({s['replay_offsets_per_s']} offsets/s)", s["replay"].upper()),
         *(("  different", t) for t in s["replay_tables_different"]),
+        *(
+            [
+                ("pre-queue sale", s["prequeue_sale_id"]),
+                ("  draw commitment", s["draw_commitment"]),
+                ("  revealed seed", s["draw_seed"]),
+                ("  entrants (intents)", f"{s['prequeue_entrants']} ({s['prequeue_intents']})"),
+                (
+                    "  winners (bots among them)",
+                    f"{s['prequeue_winners']} ({s['prequeue_bot_winners']}; bots were "
+                    f"{s['prequeue_bot_entrants']} of {s['prequeue_entrants']} entrants)",
+                ),
+                ("  draw seen to last decision seen (ms)", s["draw_served_ms"]),
+                ("  fairness audit", s["fairness_audit"].upper()),
+                *(("  violation", v) for v in s["fairness_violations"]),
+            ]
+            if "draw_seed" in s
+            else []
+        ),
     ]
     width = max(len(r[0]) for r in rows) + 2
     print()

@@ -16,9 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from flashsale import input_audit, sale_audit
 from flashsale.settings import Settings
@@ -111,6 +116,54 @@ def check_draw(sku: str, facts: list[Fact]) -> tuple[DrawFigures, list[str]]:
         elif r["kind"] == "REPEAT" and seen[1].get("reason") != "ALREADY_QUEUED":
             bad.append(f"{sku}: repeat {intent} was not rejected ALREADY_QUEUED")
     return fig, bad
+
+
+def follow_sale(
+    bootstrap: str,
+    topic: str,
+    sale_id: str,
+    until: Callable[[list[Fact]], bool],
+    timeout: float = 90.0,
+    seen: Callable[[list[Fact]], None] | None = None,
+) -> list[Fact]:
+    """The sale's committed facts in log order, read from offset 0 until ``until`` holds for
+    them (``seen`` after each poll that brought some); TimeoutError after ``timeout`` s."""
+    registry = SchemaRegistry.load_default()
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"follow-{uuid.uuid4().hex}",
+                         "enable.auto.commit": False, "isolation.level": "read_committed",
+                         "log_level": 3})  # fmt: skip
+    facts: list[Fact] = []
+    try:
+        parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        deadline = time.monotonic() + timeout
+        while not until(facts):
+            if time.monotonic() > deadline:
+                kinds = Counter(n for n, _ in facts)
+                raise TimeoutError(f"sale {sale_id}: the log did not get there in {timeout} s "
+                                   f"(facts so far: {dict(kinds)})")  # fmt: skip
+            before = len(facts)
+            for msg in consumer.consume(1000, 0.3):
+                value = msg.value()
+                if msg.error() is None and value:
+                    name, record = registry.decode(value)
+                    if record.get("sale_id") == sale_id:
+                        facts.append((name, record))
+            if seen is not None and len(facts) > before:
+                seen(facts)
+    finally:
+        consumer.close()
+    return facts
+
+
+def counted(name: str, n: int) -> Callable[[list[Fact]], bool]:
+    """``until`` for ``follow_sale``: at least ``n`` facts named ``name``."""
+    return lambda facts: sum(1 for f, _ in facts if f == name) >= n
+
+
+def counted_decisions(n: int) -> Callable[[list[Fact]], bool]:
+    """``until`` for ``follow_sale``: at least ``n`` decisions."""
+    return lambda facts: sum(1 for f, _ in facts if f in DECISIONS) >= n
 
 
 def audit_fairness(

@@ -5,8 +5,9 @@ intent whose id appears here for the first time must have exactly one decision i
 committed decision log; a later record with the same intent id is a *repeat* and must add no
 decision; a record that cannot be decoded must be in the dead-letter topic under its source
 partition and offset; sale commands (open, close, settle, return, the draw's reveal, the
-sale clock's ticks) need no decision. An intent queued in a pre-queue (``EntryQueued``) and not
-decided yet is counted as queued: its decision comes with the draw. Nothing here
+sale clock's ticks) need no decision. An intent queued in a pre-queue (``EntryQueued``) whose
+draw has not happened yet is counted as queued (its decision comes with the draw); once the
+queue is drawn or expired, it needs its decision like any other. Nothing here
 shares code or state with the processor.
 """
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from flashsale.topics import TopicNames
-from processors.records import DECISION_RECORDS  # the other facts answer no intent
+from processors.records import COMMAND_RECORDS, DECISION_RECORDS  # other facts answer no intent
 from schemas.codec import SchemaRegistry, UndecodableRecord
 
 
@@ -127,14 +128,17 @@ def account_records(
 ) -> InputAccount:  # fmt: skip
     """``account`` over decoded command and decision records and the dead-letter sources."""
     decisions: Counter[str] = Counter()
-    queued: set[str] = set()
+    queued: dict[str, tuple[str, str]] = {}  # intent id -> its (sale, SKU)
+    resolved: set[tuple[str, str]] = set()  # pre-queues drawn or expired
     for _, _, name, record in decided:
         if sale_id is not None and record.get("sale_id") != sale_id:
             continue
         if name in DECISION_RECORDS:
             decisions[record["intent_id"]] += 1
         elif name == "EntryQueued":
-            queued.add(record["intent_id"])
+            queued[record["intent_id"]] = (record["sale_id"], record["sku"])
+        elif name in ("DrawRevealed", "QueueExpired"):
+            resolved.add((record["sale_id"], record["sku"]))
     acc = InputAccount()
     asked: set[str] = set()
     for partition, offset, name, record in commands:
@@ -148,14 +152,13 @@ def account_records(
                 acc.repeats += 1
             elif decisions[intent] >= 1:
                 acc.decided += 1
-            elif intent in queued:
-                acc.queued += 1
+            elif intent in queued and queued[intent] not in resolved:
+                acc.queued += 1  # its pre-queue is not drawn yet: its decision comes with it
             else:
                 acc.unaccounted.append(where)
                 acc.undecided[intent] = where
             asked.add(intent)
-        elif name in ("OpenSale", "CloseSale", "SettleSale", "ReturnUnits", "RevealDraw",
-                      "ClockTick"):  # fmt: skip
+        elif name in COMMAND_RECORDS:  # sale commands, reveals, ticks: no decision of their own
             acc.sale_commands += 1
         elif where in dead:
             acc.dead_lettered += 1

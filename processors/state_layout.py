@@ -256,6 +256,8 @@ def fold(ledgers: dict[str, SkuLedger], value: bytes) -> None:
                 if not book.settled:  # a delta after settlement keeps the ids decided since
                     book.decided, book.bought, book.returns = set(), {}, set()
                     book.closed = book.settled = True
+            else:  # a newer writer's op: folding around it would lose state
+                raise ValueError(f"unknown state op {code} for {sku}/{op[2]}")
 
 
 class SettledDigests:

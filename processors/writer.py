@@ -353,8 +353,8 @@ class PartitionWriter:
         if command is None:
             return
         if type(command) is Tick:  # the sale clock's: every ledger of the partition sees it
-            for each in list(self.ledgers.values()):
-                self._apply(each, Tick(each.sku), record, out, touched)
+            for sku in sorted(self.ledgers):  # one order, whatever order the state loaded in
+                self._apply(self.ledgers[sku], Tick(sku), record, out, touched)
             return
         sku = command.sku
         ledger = self.ledgers.get(sku)
@@ -418,7 +418,7 @@ class PartitionWriter:
     def encode_fact(self, event: Event) -> bytes:
         """A sale fact with its envelope; deterministic like a decision (id from its sequence)."""
         envelope = {"event_id": fact_event_id(event.sale_id, event.sku, event.sequence),
-                    "correlation_id": None, "producer": PRODUCER,
+                    "correlation_id": getattr(event, "intent_id", None), "producer": PRODUCER,
                     "occurred_at": event.decided_at}  # fmt: skip
         return self._registry.encode(record_name(event), {**envelope, **to_record(event)})
 

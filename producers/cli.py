@@ -127,7 +127,7 @@ async def open_sale(
     try:
         async with AsyncConnectionPool(endpoints.dsn, min_size=1, max_size=1) as pool:
             service = SaleService(PostgresClaims(pool), producer, feed,
-                                  seeds=DrawSeeds(endpoints.dsn))  # fmt: skip
+                                  seeds=DrawSeeds(endpoints.dsn, settings.namespace))  # fmt: skip
             opening = await service.open_sale(sale_id, skus, starts_ms, ends_ms, "cli",
                                               prequeue_opens_at_ms=prequeue_ms)  # fmt: skip
     except Refused as exc:

@@ -1,19 +1,22 @@
 """The sale clock: ticks on every partition of the command topic, and each draw's reveal.
 
 Windows are judged on the log's time, so a window ends only when a record with a later log
-time reaches the SKU's writer. The clock writes a ``ClockTick`` to every partition every
+time reaches the SKU's writer. While a pre-queue sale of the namespace is open (or ended less
+than 10 s ago), the clock writes a ``ClockTick`` to every partition every
 ``FLASHSALE_CLOCK_TICK_MS`` (1 s by default), so a pre-queue that nobody reveals expires at
-its sale's end even when no intent arrives (and, later, holds expire on time).
+its sale's end even when no intent arrives. (Ticks only while needed: the command topic is
+kept forever and every audit and rebuild reads it. ``FLASHSALE_CLOCK_ALWAYS=1`` ticks
+always; the order lifecycle's deadlines will widen "needed".)
 
-It also keeps the draws' seeds (``DrawSeeds``, in PostgreSQL: generated when a pre-queue sale
-is opened, only the SHA-256 commitment goes into the log) and writes each seed to its SKUs'
-partitions as ``RevealDraw`` once the wall clock passes the sale's start. The writer accepts a
-reveal only at or after the start by log time and only if it matches the commitment, so the
-clock reveals ``REVEAL_MARGIN_MS`` after the start by its own clock; a reveal refused anyway
-(this host's clock more than that ahead of the broker's) is a ``SaleRefused`` in the log and
-a warning in the writer's log. A seed is marked revealed once Kafka acknowledged its reveal;
-a crash before that reveals it again, and the writer ignores every reveal after the first
-accepted one (one draw per sale).
+It also keeps the draws' seeds (``DrawSeeds``, in PostgreSQL, per namespace: made when a
+pre-queue sale is opened; only the SHA-256 commitment goes into the log) and writes each seed
+to its SKUs' partitions as ``RevealDraw`` once the opening is complete (every SKU's
+``SaleOpened`` is in the log, so the reveal lands behind it) and the **broker's** clock has
+passed the start by ``REVEAL_MARGIN_MS``: the log append time of the tick it just wrote, the
+clock the writer judges the start by. A seed is marked revealed once Kafka acknowledged its
+reveal; a crash before that reveals it again, and the writer ignores every reveal after the
+first accepted one (one draw per sale). A failed step (PostgreSQL or Kafka not answering) is
+logged and retried at the next tick.
 """
 
 from __future__ import annotations
@@ -31,16 +34,18 @@ from typing import Any
 
 import psycopg
 import structlog
+from confluent_kafka import KafkaException
 
 from flashsale.settings import Settings, env_int
 from processors.core.prequeue import commitment
+from producers.commands import NotAcknowledged
 
 log = structlog.get_logger(__name__)
 
 TICK_MS = 1_000
 REVEAL_MARGIN_MS = 1_000
-"""How long after a sale's start its seed is revealed: the writer judges the start on the
-broker's log time, and this host's clock may run a little ahead of the broker's."""
+"""How long after a sale's start (by the broker's clock) its seed is revealed: in a cluster
+the partition leaders' clocks may differ a little from the one whose time the tick carried."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,46 +58,74 @@ class Due:
 
 
 class DrawSeeds:
-    """``draw_seeds`` rows: one secret seed per pre-queue sale until its reveal."""
+    """``draw_seeds`` rows of one namespace: one secret seed per pre-queue sale until its
+    reveal (each namespace has its own topics and its own clock)."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, namespace: str) -> None:
         self.dsn = dsn
+        self.namespace = namespace
 
-    def commit(self, sale_id: str, skus: Sequence[str], reveal_at_ms: int) -> str:
-        """The commitment of the sale's seed, made now (or the one made for it before: a
-        retried opening gets the same seed)."""
+    def commit(self, sale_id: str, skus: Sequence[str], reveal_at_ms: int, ends_at_ms: int) -> str:
+        """The commitment of the sale's seed, made now, or the one made for it before (a
+        retried opening gets the same seed; its window, which may have moved, replaces the
+        old one while the seed is unrevealed)."""
         seed = secrets.token_hex(32)
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute(
-                "INSERT INTO draw_seeds (sale_id, skus, seed, commitment, reveal_at) "
-                "VALUES (%s, %s, %s, %s, to_timestamp(%s / 1000.0)) "
-                "ON CONFLICT (sale_id) DO NOTHING",
-                (sale_id, list(skus), seed, commitment(seed), reveal_at_ms),
-            )
+                "INSERT INTO draw_seeds (namespace, sale_id, skus, seed, commitment, reveal_at, "
+                "ends_at) VALUES (%s, %s, %s, %s, %s, to_timestamp(%s / 1000.0), "
+                "to_timestamp(%s / 1000.0)) ON CONFLICT (namespace, sale_id) DO UPDATE SET "
+                "skus = EXCLUDED.skus, reveal_at = EXCLUDED.reveal_at, ends_at = EXCLUDED.ends_at "
+                "WHERE draw_seeds.revealed_at IS NULL",
+                (self.namespace, sale_id, list(skus), seed, commitment(seed), reveal_at_ms,
+                 ends_at_ms),
+            )  # fmt: skip
             row = conn.execute(
-                "SELECT commitment FROM draw_seeds WHERE sale_id = %s", (sale_id,)
+                "SELECT commitment FROM draw_seeds WHERE namespace = %s AND sale_id = %s",
+                (self.namespace, sale_id),
             ).fetchone()
-        assert row is not None
+        if row is None:
+            raise RuntimeError(f"draw seed of {sale_id!r} not kept")
         return str(row[0])
 
-    def due(self, now_ms: int) -> list[Due]:
-        """Seeds whose reveal time has come and whose draw is not in the log yet."""
+    def armed(self, sale_id: str) -> None:
+        """Every SKU's SaleOpened is in the log: the seed may be revealed (behind them)."""
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE draw_seeds SET armed_at = now() WHERE namespace = %s AND sale_id = %s "
+                "AND armed_at IS NULL",
+                (self.namespace, sale_id),
+            )
+
+    def due(self, log_time_ms: int) -> list[Due]:
+        """Armed seeds whose reveal time the broker's clock has passed, not revealed yet."""
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             rows = conn.execute(
-                "SELECT sale_id, skus, seed FROM draw_seeds WHERE revealed_at IS NULL "
+                "SELECT sale_id, skus, seed FROM draw_seeds WHERE namespace = %s "
+                "AND revealed_at IS NULL AND armed_at IS NOT NULL "
                 "AND reveal_at <= to_timestamp(%s / 1000.0) ORDER BY reveal_at",
-                (now_ms,),
+                (self.namespace, log_time_ms),
             ).fetchall()
         return [Due(r[0], tuple(r[1]), r[2]) for r in rows]
 
     def revealed(self, sale_ids: Sequence[str]) -> None:
-        """The draws are in the log: stop revealing them."""
+        """The reveals are in the log (acknowledged): stop revealing them."""
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute(
-                "UPDATE draw_seeds SET revealed_at = now() WHERE sale_id = ANY(%s) "
-                "AND revealed_at IS NULL",
-                (list(sale_ids),),
+                "UPDATE draw_seeds SET revealed_at = now() WHERE namespace = %s "
+                "AND sale_id = ANY(%s) AND revealed_at IS NULL",
+                (self.namespace, list(sale_ids)),
             )
+
+    def ticking(self, now_ms: int, after_end_ms: int = 10_000) -> bool:
+        """Whether a pre-queue sale of the namespace is open or just ended (ticks needed)."""
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM draw_seeds WHERE namespace = %s "
+                "AND ends_at >= to_timestamp(%s / 1000.0))",
+                (self.namespace, now_ms - after_end_ms),
+            ).fetchone()
+        return bool(row and row[0])
 
 
 class SaleClock:
@@ -106,11 +139,14 @@ class SaleClock:
         self.partitions = partitions
         self.margin_ms = margin_ms
 
-    def step(self, now_ms: int) -> list[str]:
-        """Write the ticks and the due reveals; the sale ids revealed."""
-        self.producer.tick(range(self.partitions))
+    def step(self, now_ms: int, always: bool = False) -> list[str]:
+        """Tick every partition while a pre-queue sale needs it (or ``always``), then write
+        the reveals the broker's clock has made due; the sale ids revealed."""
+        if not (always or self.seeds.ticking(now_ms)):
+            return []
+        log_time = self.producer.tick(range(self.partitions))  # the broker's clock
         revealed = []
-        for due in self.seeds.due(now_ms - self.margin_ms):
+        for due in self.seeds.due(log_time - self.margin_ms):
             self.producer.reveal_draw(due.sale_id, due.skus, due.seed)  # acknowledged, then:
             self.seeds.revealed([due.sale_id])
             log.info("clock.revealed", sale_id=due.sale_id, skus=len(due.skus))
@@ -130,7 +166,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     names = TopicNames.of(dataclasses.replace(settings, kafka_bootstrap=ep.bootstrap))
     tick_ms = env_int(os.environ, "FLASHSALE_CLOCK_TICK_MS", TICK_MS, 10)
     producer = CommandProducer(ep.bootstrap, "flashsale-clock", topic=names.sku_commands)
-    clock = SaleClock(producer, DrawSeeds(ep.dsn), settings.partitions)
+    clock = SaleClock(producer, DrawSeeds(ep.dsn, settings.namespace), settings.partitions)
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -140,9 +176,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info("clock.started", tick_ms=tick_ms, partitions=settings.partitions)
+    always = os.environ.get("FLASHSALE_CLOCK_ALWAYS", "0") == "1"
     while not stopping.is_set():
         started = time.monotonic()
-        clock.step(int(time.time() * 1000))
+        try:
+            clock.step(int(time.time() * 1000), always)
+        except (psycopg.Error, NotAcknowledged, KafkaException) as exc:  # next tick retries
+            log.warning("clock.step_failed", error=str(exc))
         stopping.wait(max(0.0, tick_ms / 1000 - (time.monotonic() - started)))
     producer.close()
     return 0

@@ -95,6 +95,22 @@ def _settle_offset(fut: Future[int], label: str) -> Callable[[Any, Any], None]:
     return done
 
 
+def _settle_log_time(fut: Future[int], label: str) -> Callable[[Any, Any], None]:
+    """A delivery callback resolving ``fut`` to the record's log append time (ms)."""
+
+    def done(err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            fut.set_exception(NotAcknowledged(f"{label} not acknowledged: {err}"))
+            return
+        kind, at = msg.timestamp()
+        if kind != TIMESTAMP_LOG_APPEND_TIME or at < 0:
+            fut.set_exception(NotAcknowledged(f"{label}: the topic does not stamp log time"))
+        else:
+            fut.set_result(at)
+
+    return done
+
+
 class CommandProducer:
     """Produces the SKU commands (OpenSale, CloseSale, SettleSale, ReturnUnits, PurchaseIntent)."""
 
@@ -288,9 +304,10 @@ class CommandProducer:
         record = {**self._envelope(None), "sale_id": sale_id, "seed": seed}
         self.wait([self._ack_future(sku, "RevealDraw", {**record, "sku": sku}) for sku in skus])
 
-    def tick(self, partitions: Iterable[int]) -> None:
-        """Publish a sale-clock tick to each of ``partitions`` (no key) and wait for the acks."""
-        futures = []
+    def tick(self, partitions: Iterable[int]) -> int:
+        """Publish a sale-clock tick to each of ``partitions`` (no key), wait for the acks;
+        the earliest log append time the broker gave them (its clock, the writers' clock)."""
+        futures: list[Future[int]] = []
         for partition in partitions:
             fut: Future[int] = Future()
             futures.append(fut)
@@ -298,9 +315,10 @@ class CommandProducer:
                 "ClockTick", {**self._envelope(None), "partition": partition}
             )
             self._producer.produce(self.topic, value, partition=partition,
-                                   on_delivery=_settle_offset(fut, "ClockTick"))  # fmt: skip
+                                   on_delivery=_settle_log_time(fut, "ClockTick"))  # fmt: skip
         self._producer.poll(0)
         self.wait(futures)
+        return min(f.result() for f in futures)
 
     def close_sale(
         self, sale_id: str, skus: Iterable[str], reason: str = "closed by admin"

@@ -66,8 +66,12 @@ class SaleCommands(Protocol):
 
 
 class SeedKeeper(Protocol):
-    def commit(self, sale_id: str, skus: Sequence[str], reveal_at_ms: int) -> str:
+    def commit(self, sale_id: str, skus: Sequence[str], reveal_at_ms: int, ends_at_ms: int) -> str:
         """The commitment of the sale's secret seed (the same one for a retried opening)."""
+        ...
+
+    def armed(self, sale_id: str) -> None:
+        """Every SKU's SaleOpened is in the log: the seed may be revealed at the start."""
         ...
 
 
@@ -222,11 +226,13 @@ class SaleService:
                     opening.opened[s.sku] = {**asdict(s), "sale_id": sale_id, **window}
         todo = [s for s in skus if s.sku not in opening.opened]
         if not todo:
-            return opening
+            return await self._armed(opening, prequeue_opens_at_ms)
         committed = None
         if prequeue_opens_at_ms is not None and self.seeds is not None:
             every = [s.sku for s in skus]
-            committed = await asyncio.to_thread(self.seeds.commit, sale_id, every, starts_at_ms)
+            committed = await asyncio.to_thread(
+                self.seeds.commit, sale_id, every, starts_at_ms, ends_at_ms
+            )
         waits = {
             s.sku: self.facts.expect(
                 sale_id, s.sku, _answers(s, starts_at_ms, ends_at_ms, committed)
@@ -253,4 +259,11 @@ class SaleService:
                 opening.opened[sku] = fact.record
             else:
                 opening.refused[sku] = str(fact.record.get("detail") or fact.name)
+        return await self._armed(opening, prequeue_opens_at_ms)
+
+    async def _armed(self, opening: Opening, prequeue_opens_at_ms: int | None) -> Opening:
+        """A complete pre-queue opening arms its seed: the clock may reveal it (it lands
+        behind every SKU's SaleOpened); an incomplete one never reveals."""
+        if opening.complete and prequeue_opens_at_ms is not None and self.seeds is not None:
+            await asyncio.to_thread(self.seeds.armed, opening.sale_id)
         return opening

@@ -1,9 +1,7 @@
-"""The intent rule family: ``PlaceIntent`` in, one ``IntentAccepted``/``IntentRejected`` out.
+"""The intent rule family: ``PlaceIntent`` in, one ``IntentAccepted``/``IntentRejected`` out
+(or, for a sale whose pre-queue is not drawn yet, ``EntryQueued``: ``processors.core.prequeue``).
 
-Rules are versioned: a sale names its version in its terms (``SaleTerms.rules``) and every
-intent of it is judged by ``RULES[version]``, so replaying or auditing an old sale applies the
-rules it was decided under even after the current ones change. A rule version is a pure
-function ``(book, command, log_time) -> (reason, detail) | None``; add a version, never edit one.
+Every intent of a sale is judged by the rules version its terms name (``processors.core.rules``).
 
 An intent id decided once is remembered (as a member of a set, not its decision): a repeat
 of it, whether a client retry or a producer retry, yields no event at all, so the committed

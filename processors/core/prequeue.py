@@ -53,9 +53,14 @@ def commitment(seed: str) -> str:
     return hashlib.sha256(bytes.fromhex(seed)).hexdigest()
 
 
+def is_sha256_hex(text: str) -> bool:
+    """Whether ``text`` is 32 bytes in lowercase hex (a seed, a commitment)."""
+    return len(text) == 2 * SEED_BYTES and all(c in "0123456789abcdef" for c in text)
+
+
 def seed_problem(seed: str, committed: str | None) -> str | None:
     """Why ``seed`` cannot be the sale's revealed seed, or None."""
-    if len(seed) != 2 * SEED_BYTES or not all(c in "0123456789abcdef" for c in seed):
+    if not is_sha256_hex(seed):
         return f"the seed must be {2 * SEED_BYTES} lowercase hex characters"
     if committed is None or not hmac.compare_digest(commitment(seed), committed):
         return "the seed does not match the sale's commitment"
@@ -114,14 +119,10 @@ def expire(
 def decide_queued(book: SaleBook, cmd: PlaceIntent, now: int) -> list[Event]:
     """An intent of a sale whose pre-queue is not drawn yet (``book.queueing``)."""
     terms = book.terms
-    assert terms.prequeue_opens_at_ms is not None
+    opens = terms.prequeue_opens_at_ms if terms.prequeue_opens_at_ms is not None else -1
     seq = book.sequence + 1
-    if now >= terms.prequeue_opens_at_ms and not has_ended(book, now):
-        q = cmd.quantity  # what no order can change is decided at once
-        if q <= 0 or q > terms.per_order_max:
-            fault = RULES[terms.rules](book, cmd, now)
-            assert fault is not None
-            return [_rejected(cmd, fault[0], fault[1], book.remaining, seq, now)]
+    q = cmd.quantity
+    if now >= opens and not has_ended(book, now) and 0 < q <= terms.per_order_max:
         if now >= terms.starts_at_ms:
             kind = QueueKind.LATE
         elif cmd.user_id in book.entrants:
@@ -131,12 +132,15 @@ def decide_queued(book: SaleBook, cmd: PlaceIntent, now: int) -> list[Event]:
         entrants = len(book.entrants) + (kind is QueueKind.ENTRY)
         return [EntryQueued(cmd.intent_id, cmd.sale_id, cmd.sku, cmd.user_id, q, kind,
                             entrants, len(book.queue) + 1, seq, now)]  # fmt: skip
+    # What no order can change is decided at once: a bad quantity, before the window, or
+    # after the end (the queue expires first, then the intent is decided).
     events: list[Event] = []
-    if has_ended(book, now):  # the queue expires first, then the intent is decided
+    if has_ended(book, now):
         events = expire(book, cmd.sale_id, cmd.sku, now, "the sale ended before the draw")
         seq += len(events)
     fault = RULES[terms.rules](book, cmd, now)
-    assert fault is not None  # before the window, or after the end: never accepted
+    if fault is None:  # cannot happen: before the window or after the end rules refuse
+        raise AssertionError(f"{cmd.intent_id}: no rule refused an intent outside the queue")
     return [*events, _rejected(cmd, fault[0], fault[1], book.remaining, seq, now)]
 
 
@@ -252,6 +256,6 @@ def evolve_drawn(ledger: SkuLedger, event: DrawRevealed | QueueExpired) -> None:
 
 
 __all__ = [
-    "IntentAccepted", "commitment", "decide_queued", "decide_reveal", "decide_tick", "draw",
-    "draw_order", "entries_digest", "evolve_drawn", "evolve_queued", "expire", "seed_problem",
+    "commitment", "decide_queued", "decide_reveal", "decide_tick", "draw", "draw_order",
+    "entries_digest", "evolve_drawn", "evolve_queued", "expire", "is_sha256_hex", "seed_problem",
 ]  # fmt: skip

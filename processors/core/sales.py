@@ -23,7 +23,7 @@ from processors.core.model import (
     SkuLedger,
     UnitsReturned,
 )
-from processors.core.prequeue import expire
+from processors.core.prequeue import expire, is_sha256_hex
 from processors.core.rules import RULES
 
 
@@ -42,13 +42,9 @@ def terms_problem(terms: SaleTerms) -> str | None:
         return "a pre-queue needs both prequeue_opens_at and draw_commitment"
     if opens is not None and opens >= terms.starts_at_ms:
         return "prequeue_opens_at must be before starts_at"
-    if committed is not None and not _is_sha256_hex(committed):
+    if committed is not None and not is_sha256_hex(committed):
         return "draw_commitment must be 64 lowercase hex characters (SHA-256 of the seed)"
     return None
-
-
-def _is_sha256_hex(text: str) -> bool:
-    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def decide_open(ledger: SkuLedger, cmd: OpenSale, now: int) -> list[Event]:

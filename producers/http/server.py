@@ -88,7 +88,8 @@ def build_app(
             sale_views=SaleViews(store),
             intent_views=IntentViews(store, intake.receipts, decisions=feed.decision,
                                      undecided=feed.undecided),
-            sales=SaleService(PostgresClaims(pool), producer, feed, seeds=DrawSeeds(endpoints.dsn)),
+            sales=SaleService(PostgresClaims(pool), producer, feed,
+                              seeds=DrawSeeds(endpoints.dsn, settings.namespace)),
         )  # fmt: skip
         if on_started is not None:
             on_started()

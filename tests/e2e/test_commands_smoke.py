@@ -6,6 +6,7 @@ namespace (the bench makes one per scenario), so nothing lands in the default na
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -55,6 +56,13 @@ def test_demo_runs_a_small_sale_over_http_and_its_audit_holds(
     assert summary["audit"] == "pass" and summary["audit_violations"] == []
     assert "audit (" in done.stdout and "PASS" in done.stdout
     assert summary["replay"] == "same" and summary["replay_tables_different"] == []
+    # The second sale: a pre-queue, drawn by the sale clock, its draw recomputed from the log.
+    assert summary["fairness_audit"] == "pass" and summary["fairness_violations"] == []
+    seed = bytes.fromhex(summary["draw_seed"])
+    assert hashlib.sha256(seed).hexdigest() == summary["draw_commitment"]
+    assert summary["prequeue_entrants"] == 2_050 and summary["prequeue_winners"] == 200
+    assert summary["prequeue_bot_winners"] <= 20  # ~4.9 expected: their share of people
+    assert "fairness audit" in done.stdout and "revealed seed" in done.stdout
     # And `flashsale replay` after the demo, its services stopped: every table the same.
     again = subprocess.run(
         [sys.executable, "-m", "flashsale.cli", "replay", "--json"],
@@ -62,12 +70,10 @@ def test_demo_runs_a_small_sale_over_http_and_its_audit_holds(
     )  # fmt: skip
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     result = json.loads(again.stdout)
-    assert result["verdict"] == "same" and result["sales"] == 1
+    assert result["verdict"] == "same" and result["sales"] == 2
     rows = {t["table"]: t["live_rows"] for t in result["tables"]}
-    assert (
-        rows["orders"] == summary["accepted"]
-        and rows["intent_outcomes"] == summary["unique_intents"]
-    )
+    assert rows["orders"] == summary["accepted"] + summary["prequeue_winners"]
+    assert rows["intent_outcomes"] == summary["unique_intents"] + summary["prequeue_intents"]
 
 
 def test_bench_smoke_prints_and_writes_every_writer_figure(

@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from flashsale import fairness, input_audit, sale_audit
 from flashsale.settings import Settings
@@ -41,31 +40,11 @@ def pipeline(settings: Settings, endpoints: Endpoints) -> Iterator[Pipeline]:
 def facts_of(pipeline: Pipeline, sale_id: str, until: Callable[[list[Fact]], bool],
              timeout: float = 90.0) -> list[Fact]:  # fmt: skip
     """The sale's committed facts, in log order, once ``until`` holds for them."""
-    registry = SchemaRegistry.load_default()
     topic = pipeline.names.decisions
-    consumer = Consumer({"bootstrap.servers": pipeline.endpoints.bootstrap,
-                         "group.id": f"t-{uuid.uuid4().hex}", "enable.auto.commit": False,
-                         "isolation.level": "read_committed", "log_level": 3})  # fmt: skip
-    parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
-    facts: list[Fact] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while not until(facts):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out; facts so far: {Counter(n for n, _ in facts)}")
-            for msg in consumer.consume(1000, 0.5):
-                if msg.error() is None and msg.value():
-                    name, record = registry.decode(msg.value())
-                    if record.get("sale_id") == sale_id:
-                        facts.append((name, record))
-    finally:
-        consumer.close()
-    return facts
+    return fairness.follow_sale(pipeline.endpoints.bootstrap, topic, sale_id, until, timeout)
 
 
-def count(name: str, n: int) -> Callable[[list[Fact]], bool]:
-    return lambda facts: sum(1 for f, _ in facts if f == name) >= n
+count = fairness.counted
 
 
 def test_entries_survive_a_writer_sigkill_and_are_drawn_once_in_the_seeds_order(
@@ -177,12 +156,20 @@ def test_the_sale_clock_ticks_every_partition_and_reveals_the_kept_seed_at_the_s
     sale, sku = f"pq-clock-{uid}", f"sku-pq-clock-{uid}"
     now = int(time.time() * 1000)
     starts = now + 4_000
-    seeds = DrawSeeds(pipeline.endpoints.dsn)
-    committed = seeds.commit(sale, [sku], starts)
-    assert seeds.commit(sale, [sku], starts) == committed  # one seed per sale
+    ends = now + 600_000
+    seeds = DrawSeeds(pipeline.endpoints.dsn, pipeline.settings.namespace)
+    committed = seeds.commit(sale, [sku], starts - 60_000, ends)
+    assert seeds.commit(sale, [sku], starts, ends) == committed  # one seed; the window moved
+    # Due seeds the clock must not reveal: one never armed (its opening never completed),
+    # one of another namespace (its own clock's).
+    seeds.commit(f"{sale}-unarmed", [sku], now - 1_000, ends)
+    others = DrawSeeds(pipeline.endpoints.dsn, f"other-{uid}")
+    others.commit(sale, [sku], now - 1_000, ends)
+    others.armed(sale)
     producer = pipeline.producer()
-    producer.open_sale(sale, [SkuAllocation(sku, 2, 1, 1)], starts, now + 600_000,
+    producer.open_sale(sale, [SkuAllocation(sku, 2, 1, 1)], starts, ends,
                        prequeue_opens_at_ms=now - 1_000, draw_commitment=committed)  # fmt: skip
+    seeds.armed(sale)
     producer.wait([producer.submit_intent(sale, sku, f"u{n}", 1, "k")[1] for n in range(5)])
     clock = Service("clock", pipeline.settings)
     assert clock.start({**pipeline.env, "FLASHSALE_CLOCK_TICK_MS": "200"})
@@ -193,9 +180,16 @@ def test_the_sale_clock_ticks_every_partition_and_reveals_the_kept_seed_at_the_s
     drawn = [r for n, r in facts if n == "DrawRevealed"]
     assert len(drawn) == 1 and drawn[0]["decided_at"] >= starts
     with psycopg.connect(pipeline.endpoints.dsn) as conn:
-        row = conn.execute("SELECT seed, revealed_at IS NOT NULL FROM draw_seeds "
-                           "WHERE sale_id = %s", (sale,)).fetchone()  # fmt: skip
-    assert row is not None and row[0] == drawn[0]["seed"] and row[1]
+        rows = conn.execute("SELECT namespace, sale_id, seed, revealed_at IS NOT NULL "
+                            "FROM draw_seeds WHERE sale_id LIKE %s ORDER BY 1, 2",
+                            (f"{sale}%",)).fetchall()  # fmt: skip
+    ns = pipeline.settings.namespace
+    assert {(r[0], r[1], r[3]) for r in rows} == {
+        (ns, sale, True),
+        (ns, f"{sale}-unarmed", False),
+        (f"other-{uid}", sale, False),
+    }
+    assert next(r[2] for r in rows if r[0] == ns and r[1] == sale) == drawn[0]["seed"]
     assert Counter(n for n, _ in facts)["IntentAccepted"] == 2
     registry = SchemaRegistry.load_default()
     ticked = {p for p, _, name, _ in input_audit.decode_all(registry, input_audit.read_topic(

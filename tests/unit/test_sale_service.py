@@ -114,13 +114,19 @@ def test_a_partial_open_is_reported_sku_by_sku():
 
 
 class FakeSeeds:
+    """Like ``DrawSeeds``: one seed per sale; a retry's window replaces the old one."""
+
     def __init__(self) -> None:
         self.kept: dict[str, tuple[list[str], int, str]] = {}
+        self.armed_sales: list[str] = []
 
-    def commit(self, sale_id: str, skus: Sequence[str], reveal_at_ms: int) -> str:
-        if sale_id not in self.kept:
-            self.kept[sale_id] = (list(skus), reveal_at_ms, f"{len(self.kept):064x}")
-        return self.kept[sale_id][2]
+    def commit(self, sale_id: str, skus: Sequence[str], reveal_at_ms: int, ends_at_ms: int) -> str:
+        seed = self.kept[sale_id][2] if sale_id in self.kept else f"{len(self.kept):064x}"
+        self.kept[sale_id] = (list(skus), reveal_at_ms, seed)
+        return seed
+
+    def armed(self, sale_id: str) -> None:
+        self.armed_sales.append(sale_id)
 
 
 def test_a_prequeue_sale_gets_one_seed_and_its_commitment_in_every_opensale() -> None:
@@ -135,13 +141,15 @@ async def _prequeue_scenario() -> None:
     committed = seeds.kept["q"][2]
     assert {f["draw_commitment"] for f in opening.opened.values()} == {committed}
     assert seeds.kept["q"][:2] == (["a", "b"], 1000)  # revealed at the start
+    assert seeds.armed_sales == ["q"]
     writers.silent = {"b"}  # a retry of the same opening reuses the seed
     again = await svc.open_sale("q2", SKUS, 1000, 2000, "ops", prequeue_opens_at_ms=500)
-    assert again.pending == ["b"]
-    writers.silent = set()
-    retried = await svc.open_sale("q2", SKUS, 1000, 2000, "ops", prequeue_opens_at_ms=500)
-    assert retried.complete and len(seeds.kept) == 2
+    assert again.pending == ["b"] and seeds.armed_sales == ["q"]  # incomplete: never revealed
+    writers.silent = set()  # the retry's window moved (relative to now): the reveal moves too
+    retried = await svc.open_sale("q2", SKUS, 1500, 2500, "ops", prequeue_opens_at_ms=1000)
+    assert retried.complete and len(seeds.kept) == 2 and seeds.armed_sales == ["q", "q2"]
     assert retried.opened["b"]["draw_commitment"] == seeds.kept["q2"][2]
+    assert seeds.kept["q2"][1] == 1500
     with pytest.raises(Refused) as other:  # the same id without its pre-queue: other terms
         await svc.open_sale("q", SKUS, 1000, 2000, "ops")
     assert other.value.code == "sale_exists"
