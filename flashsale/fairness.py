@@ -13,9 +13,6 @@ rules) runs too. Exit 0 when everything holds, 1 when not.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -26,7 +23,6 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from flashsale import input_audit, sale_audit
-from flashsale.settings import Settings
 from flashsale.topics import TopicNames
 from processors.core.prequeue import commitment, draw_order, entries_digest
 from schemas.codec import SchemaRegistry
@@ -199,17 +195,3 @@ def render(audit: FairnessAudit) -> str:
     lines += [f"  VIOLATION {v}" for v in audit.violations]
     lines.append(f"  sale audit: {audit.sale_audit}")
     return "\n".join(lines)
-
-
-def run(args: argparse.Namespace, settings: Settings) -> int:
-    """`flashsale audit fairness <sale>`: 0 pass, 1 fail, 2 when the topics could not be read."""
-    from infra.stack import Stack
-
-    bootstrap = Stack(settings).endpoints().bootstrap
-    try:
-        audit = audit_fairness(bootstrap, TopicNames.of(settings), args.sale_id, args.timeout)
-    except input_audit.IncompleteRead as exc:
-        print(f"flashsale: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(audit.as_json(), indent=2) if args.json else render(audit))
-    return 0 if audit.passed else 1

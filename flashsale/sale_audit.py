@@ -15,6 +15,7 @@ import json
 import sys
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -317,18 +318,28 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _run_fairness(args: argparse.Namespace, settings: Settings) -> int:
     from flashsale import fairness
 
-    return fairness.run(args, settings)
+    return _run_audit(args, settings, fairness.audit_fairness, fairness.render)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Audit one sale; print the report; 0 pass, 1 fail."""
+    return _run_audit(args, settings, audit_sale, render)
+
+
+def _run_audit(
+    args: argparse.Namespace,
+    settings: Settings,
+    audit_of: Callable[[str, TopicNames, str, float], Any],
+    shown: Callable[[Any], str],
+) -> int:
+    """An audit command: 0 pass, 1 fail, 2 when the topics could not be read to their end."""
     from infra.stack import Stack
 
     bootstrap = Stack(settings).endpoints().bootstrap
     try:
-        audit = audit_sale(bootstrap, TopicNames.of(settings), args.sale_id, args.timeout)
+        audit = audit_of(bootstrap, TopicNames.of(settings), args.sale_id, args.timeout)
     except input_audit.IncompleteRead as exc:
         print(f"flashsale: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(audit.as_json(), indent=2) if args.json else render(audit))
+    print(json.dumps(audit.as_json(), indent=2) if args.json else shown(audit))
     return 0 if audit.passed else 1
