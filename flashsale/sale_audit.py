@@ -48,6 +48,7 @@ from processors.core import (
 from processors.records import DECISION_RECORDS, event_from_record
 from schemas.codec import SchemaRegistry
 
+Fact = tuple[str, dict[str, Any]]
 SHOWN = 5  # examples listed per kind of violation in the human report
 
 
@@ -142,6 +143,10 @@ def audit_sale(
         out.violations.append(Violation("no-terms", f"no SaleOpened for sale {sale_id!r}"))
     out.skus = {sku: SkuFigures(t["allocation"], t["rules_version"]) for sku, t in terms.items()}
     _check_events(out, terms, events)
+    timed = [(name, rec, msg.timestamp()[1])
+             for msg, (_, _, name, rec) in zip(commands_msgs, commands, strict=True)
+             if rec.get("sale_id") == sale_id]  # fmt: skip
+    check_log_times(out, timed, events)
 
     dead = input_audit.dead_letter_sources(names, dead_msgs)
     out.inputs = account = input_audit.account_records(commands, decided, dead, sale_id)
@@ -155,6 +160,37 @@ def audit_sale(
         out.violations.append(Violation("orphan-decision", f"intent {intent}"))
     out.seconds = time.monotonic() - began
     return out
+
+
+def check_log_times(
+    out: SaleAudit, commands: list[tuple[str, dict[str, Any], int]], events: list[Fact]
+) -> None:
+    """Each fact's time is the log time of the command that caused it, read from the command
+    topic (the broker's append time), not taken from the writer: an intent decided or queued
+    carries its own first occurrence's time; a draw, and every decision ranked in it, the time
+    of a ``RevealDraw`` of that SKU. So a writer that backdates an entry into the window (or
+    a decision into the sale) is caught here."""
+    intent_at: dict[str, int] = {}
+    reveals: set[tuple[str, int]] = set()
+    for name, rec, at in commands:
+        if name == "PurchaseIntent":
+            intent_at.setdefault(rec["intent_id"], at)
+        elif name == "RevealDraw":
+            reveals.add((rec["sku"], at))
+    queued = {rec["intent_id"] for name, rec in events if name == "EntryQueued"}
+    for name, rec in events:
+        where = f"{rec['sku']} #{rec['sequence']}"
+        if name == "DrawRevealed" or (name in DECISION_RECORDS and rec.get("draw_rank")):
+            if (rec["sku"], rec["decided_at"]) not in reveals:
+                out.violations.append(Violation(
+                    "log-time-mismatch", f"{where}: {name} at {rec['decided_at']}, when no "
+                    "RevealDraw of this SKU was appended"))  # fmt: skip
+        elif name == "EntryQueued" or (name in DECISION_RECORDS and rec["intent_id"] not in queued):
+            appended = intent_at.get(rec["intent_id"])
+            if appended is not None and appended != rec["decided_at"]:
+                out.violations.append(Violation(
+                    "log-time-mismatch", f"{where}: {name} of {rec['intent_id']} at "
+                    f"{rec['decided_at']}, its intent was appended at {appended}"))  # fmt: skip
 
 
 def _check_events(

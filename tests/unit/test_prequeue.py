@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import replace
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -400,3 +401,31 @@ def test_the_input_audit_waits_for_a_queued_intent_only_until_its_queue_is_resol
     decided = [(0, k, record_name(e), to_record(e)) for k, e in enumerate(lost)]
     after = account_records(commands, decided, set(), "s")
     assert not after.holds and after.unaccounted == [(0, 2)]  # i2's decision is missing
+
+
+def test_the_audit_reads_each_facts_time_from_the_command_topic_not_from_the_writer() -> None:
+    from flashsale.sale_audit import SaleAudit, check_log_times
+    from processors.records import record_name, to_record
+
+    log: list[tuple[int, Command]] = [(0, OpenSale(terms(allocation=4)))]
+    log += [(OPENS + n, intent(n, f"u{n}")) for n in range(5)]
+    log += [(STARTS + 5, RevealDraw("s", "A", SEED)), (STARTS + 6, intent(9, "late"))]
+    commands = []
+    for at, cmd in log:
+        if isinstance(cmd, PlaceIntent):
+            commands.append(("PurchaseIntent", {"intent_id": cmd.intent_id, "sku": "A"}, at))
+        elif isinstance(cmd, RevealDraw):
+            commands.append(("RevealDraw", {"sku": "A"}, at))
+    facts = [(record_name(e), to_record(e)) for e in run(log)]
+
+    def kinds(items: list[tuple[str, dict[str, Any]]]) -> list[str]:
+        out = SaleAudit("s")
+        check_log_times(out, commands, items)
+        return [v.kind for v in out.violations]
+
+    assert kinds(facts) == []
+    for tampered in ("EntryQueued", "DrawRevealed", "IntentAccepted"):
+        at = next(i for i, (n, _) in enumerate(facts) if n == tampered)
+        backdated = list(facts)  # e.g. an entry moved into the window by the writer
+        backdated[at] = (tampered, {**facts[at][1], "decided_at": facts[at][1]["decided_at"] - 1})
+        assert kinds(backdated) == ["log-time-mismatch"], tampered
