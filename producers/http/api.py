@@ -163,7 +163,9 @@ async def my_events(
     ctx: Ctx,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=2000)] = None,
 ) -> StreamingResponse:
-    """One `event: intent` per decided intent, read from the decisions topic by this server.
+    """One `event: intent` per decided intent, read from the decisions topic by this server
+    (and one when an intent is queued in a pre-queue: `status` queued, its `position` and the
+    pre-queue's `entrants`; its decision then carries its `draw_rank` of `draw_size`).
 
     Event ids are log positions: reconnect with `Last-Event-ID` (to any server) for exactly
     the events after it; `event: reset` when it is older than the server's window. A comment

@@ -36,6 +36,9 @@ from schemas.codec import SchemaRegistry, UndecodableRecord
 log = structlog.get_logger(__name__)
 
 DECISIONS = frozenset({"IntentAccepted", "IntentRejected"})
+# What a shopper is told about their own intent: its decision, or that it is queued in a
+# pre-queue (its place and the pre-queue's size), pushed and answered like a decision.
+PER_INTENT = DECISIONS | {"EntryQueued"}
 Accept = Callable[["Fact"], bool]
 QUEUE_MAX = 1000
 STALE_S = 5.0  # a reader thread silent this long is not trusted to say "undecided"
@@ -56,7 +59,8 @@ RawFact = tuple[int, int, str, dict[str, Any]]
 # and strings are not tracked by the cyclic GC (a tuple holding a dict, or an object, is):
 # a window of 120,000 tracked facts made every full collection walk them all, tens of ms
 # with the loop stopped.
-# Decisions also keep their user id and intent id (None for other facts), so a resume or an
+# Decisions and EntryQueued also keep their user id and intent id (None for other facts), so a
+# resume or an
 # eviction reads them without rebuilding the record.
 Kept = tuple[int, int, str, tuple[tuple[str, Any], ...], str | None, str | None]
 
@@ -256,21 +260,22 @@ class DecisionFeed:
         if len(facts) >= self.window:
             old = facts.popleft()
             self._start[p] = old[1] + 1
-            if old[5] is not None:
-                self._decided.pop(old[5], None)
-        decision = name in DECISIONS
+            if old[5] is not None and self._decided.get(old[5]) is old:
+                del self._decided[old[5]]  # (not its decision, kept after its queueing)
+        own = name in PER_INTENT
         kept: Kept = (p, offset, name, tuple(record.items()),
-                      record["user_id"] if decision else None,
-                      record["intent_id"] if decision else None)  # fmt: skip
+                      record["user_id"] if own else None,
+                      record["intent_id"] if own else None)  # fmt: skip
         facts.append(kept)
         self._next[p] = offset + 1
         self.applied += 1
-        if name in DECISIONS:
+        if own:
             self._decided[record["intent_id"]] = kept
-            reached = self._reached[p]
-            if reached is None or record["decided_at"] > reached:
-                self._reached[p] = record["decided_at"]
-            self._progress(name, record)
+            if name in DECISIONS:
+                reached = self._reached[p]
+                if reached is None or record["decided_at"] > reached:
+                    self._reached[p] = record["decided_at"]
+                self._progress(name, record)
             streams = self._users.get(record["user_id"])
             if streams:
                 self._push(streams, Fact(*raw))
@@ -349,7 +354,7 @@ class DecisionFeed:
                 for p, facts in enumerate(self._facts)
                 for kept in facts
                 if kept[1] >= resume[p]
-                and kept[2] in DECISIONS
+                and kept[2] in PER_INTENT
                 and (fact := _fact(kept)).record["user_id"] == user_id
             )
             for p, fact in missed:
@@ -374,7 +379,7 @@ class DecisionFeed:
 
     def decision(self, intent_id: str) -> Fact | None:
         """The intent's decision if it is in this server's window (often before the
-        projection has it)."""
+        projection has it), or its ``EntryQueued`` while it waits in a pre-queue."""
         kept = self._decided.get(intent_id)
         return None if kept is None else _fact(kept)
 
@@ -431,18 +436,25 @@ def _end(stream: UserStream) -> None:
 
 
 def status_of_fact(fact: Fact) -> dict[str, Any]:
-    """The public status of a decided intent, as ``GET /v1/intents/{id}`` answers it."""
+    """The public status of an intent from its fact, as ``GET /v1/intents/{id}`` answers it:
+    decided (with its rank k of n when it was drawn), or queued in a pre-queue (its place
+    among the queued intents and the pre-queue's size when it was queued)."""
     r = fact.record
+    common = {"intent_id": r["intent_id"], "sale_id": r["sale_id"], "sku": r["sku"],
+              "quantity": r["quantity"]}  # fmt: skip
+    if fact.name == "EntryQueued":
+        return {**common, "status": "queued", "position": r["queued"],
+                "entrants": r["entrants"], "queue_kind": r["kind"].lower()}  # fmt: skip
     accepted = fact.name == "IntentAccepted"
+    drawn = bool(r.get("draw_rank"))
     return {
-        "intent_id": r["intent_id"],
-        "sale_id": r["sale_id"],
-        "sku": r["sku"],
-        "quantity": r["quantity"],
+        **common,
         "status": "accepted" if accepted else "rejected",
         "position": None,
         "order_id": r["order_id"] if accepted else None,
         "reason": None if accepted else r["reason"],
         "detail": None if accepted else (r.get("detail") or None),
         "decided_at": utc(r["decided_at"]),
+        "draw_rank": r["draw_rank"] if drawn else None,
+        "draw_size": r["draw_size"] if drawn else None,
     }

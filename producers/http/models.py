@@ -45,11 +45,24 @@ class IntentStatus(Strict):
     sku: str
     quantity: int
     status: Literal["queued", "accepted", "rejected"]
-    position: int | None = None
+    position: int | None = Field(
+        default=None, description="While queued in a pre-queue: its place among the queued."
+    )
     order_id: str | None = None
     reason: str | None = None
     detail: str | None = None
     decided_at: datetime | None = None
+    entrants: int | None = Field(
+        default=None, description="While queued: the pre-queue's entries when it was queued."
+    )
+    queue_kind: Literal["entry", "repeat", "late"] | None = Field(
+        default=None,
+        description="While queued: the person's one entry in the draw, another intent of "
+        "theirs (rejected already_queued at the draw), or one after the start (decided in log "
+        "order behind the draw).",
+    )
+    draw_rank: int | None = Field(default=None, description="Its rank k in the draw, if drawn.")
+    draw_size: int | None = Field(default=None, description="The draw's entries n, if drawn.")
 
 
 class SkuState(Strict):

@@ -101,10 +101,13 @@ class IntentViews:
         kept = self._final.get(intent_id)
         hit = None if kept is None else (kept[0], Rendered(kept[1], kept[2], kept[3]))
         if hit is None and self.decisions is not None:
-            fact = self.decisions(intent_id)  # decided, read from the log by this server
+            fact = self.decisions(intent_id)  # decided (or queued), read from the log here
             if fact is not None:
                 status = IntentStatus.model_validate(status_of_fact(fact))
-                hit = self._keep(intent_id, fact.record["user_id"], status)
+                if fact.name == "EntryQueued":  # not final: its decision comes with the draw
+                    hit = (fact.record["user_id"], Rendered.of(status, "private, no-cache"))
+                else:
+                    hit = self._keep(intent_id, fact.record["user_id"], status)
         proven = None
         if hit is None and receipt is not None:
             sale_id, sku, quantity, proof = receipt

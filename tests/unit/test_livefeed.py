@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -269,5 +270,33 @@ def test_a_resume_finds_the_users_decisions_in_the_window_by_their_kept_user_id(
         stream, gap = f.subscribe("u", "1.1")  # the window starts at offset 1 of each
         assert not gap and sorted(i for _, i in drain(stream)) == ["b", "c", "d", "e"]
         assert f.decision("a") is None and f.decision("x") is None  # evicted from the index
+
+    asyncio.run(scenario())
+
+
+def queued(p: int, offset: int, user: str, intent: str, place: int, entrants: int) -> Fact:
+    return Fact(p, offset, "EntryQueued", {
+        "intent_id": intent, "sale_id": "s", "sku": f"k{p}", "user_id": user, "quantity": 1,
+        "kind": "ENTRY", "entrants": entrants, "queued": place, "sequence": offset,
+        "decided_at": 1_800_000_000_100})  # fmt: skip
+
+
+def test_a_queued_intent_is_pushed_and_answered_as_queued_until_its_drawn_decision():
+    async def scenario() -> None:
+        a = feed(window=3)
+        stream, _ = a.subscribe("u", None)
+        a.apply([queued(0, 0, "u", "q", 7, 12)])
+        views = IntentViews(_Rows(), Receipts("s" * 48), decisions=a.decision)
+        waiting = json.loads((await views.get("u", "q", None)).body)
+        assert (waiting["status"], waiting["position"], waiting["entrants"]) == ("queued", 7, 12)
+        assert waiting["queue_kind"] == "entry"
+        ranked = decision(0, 1, "u", "q")
+        ranked.record.update(draw_rank=3, draw_size=12)
+        a.apply([ranked])
+        assert [intent for _, intent in drain(stream)] == ["q", "q"]  # queued, then drawn
+        drawn = json.loads((await views.get("u", "q", None)).body)  # queued was not kept
+        assert (drawn["status"], drawn["draw_rank"], drawn["draw_size"]) == ("accepted", 3, 12)
+        a.apply([decision(0, 2, "v", "x"), decision(0, 3, "v", "y")])  # "q"'s queueing leaves
+        assert a.decision("q") == ranked  # the window: its decision is still there
 
     asyncio.run(scenario())
