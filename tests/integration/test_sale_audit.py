@@ -178,12 +178,16 @@ def test_each_sale_is_audited_under_the_rules_version_it_opened_with(
 
 
 def _copy_topics(p: Pipeline, forge: Forge) -> TopicNames:
-    """Copy the namespace's topics into a new one, forging the decisions on the way."""
+    """Copy the namespace's topics into a new one, forging the decisions on the way. The
+    copy keeps each command's log time: its command topic stamps the producer's time (the
+    original append time, given with each record) instead of its own append time."""
     bootstrap = p.endpoints.bootstrap
     settings = dataclasses.replace(p.settings, namespace=f"t-copy-{uuid.uuid4().hex[:8]}")
     dst = TopicNames.of(settings)
     wanted = {dst.sku_commands, dst.decisions, dst.dead_letters}
-    provision.ensure_topics(bootstrap, [t for t in catalogue(settings) if t.name in wanted])
+    specs = [dataclasses.replace(t, timestamp_type="CreateTime") if t.name == dst.sku_commands
+             else t for t in catalogue(settings) if t.name in wanted]  # fmt: skip
+    provision.ensure_topics(bootstrap, specs)
     src = p.names
     registry = SchemaRegistry.load_default()
     producer = Producer({"bootstrap.servers": bootstrap, "log_level": 3})
@@ -191,7 +195,7 @@ def _copy_topics(p: Pipeline, forge: Forge) -> TopicNames:
     for topic, to in ((src.sku_commands, dst.sku_commands), (src.dead_letters, dst.dead_letters)):
         for m in read(bootstrap, topic, False, 30):
             producer.produce(to, m.value(), m.key(), partition=m.partition(),
-                             headers=m.headers())  # fmt: skip
+                             headers=m.headers(), timestamp=m.timestamp()[1])  # fmt: skip
     msgs = read(bootstrap, src.decisions, True, 30)
     [(key, partition)] = {(m.key(), m.partition()) for m in msgs}  # the sale's one SKU
     events = [registry.decode(m.value()) for m in msgs]

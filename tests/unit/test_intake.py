@@ -387,6 +387,7 @@ def test_a_receipt_answers_queued_until_the_projection_has_the_intent(tmp_path: 
     assert status.json() | {"intent_id": None} == {
         "intent_id": None, "sale_id": "s", "sku": "k", "quantity": 2, "status": "queued",
         "position": None, "order_id": None, "reason": None, "detail": None, "decided_at": None,
+        "entrants": None, "queue_kind": None, "draw_rank": None, "draw_size": None,
     }  # fmt: skip
     views = client.app.state.edge.intent_views  # type: ignore[attr-defined]
     before = views.queries
