@@ -27,7 +27,8 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -64,13 +65,32 @@ class DrawSeeds:
     def __init__(self, dsn: str, namespace: str) -> None:
         self.dsn = dsn
         self.namespace = namespace
+        self._conn: psycopg.Connection[Any] | None = None  # kept: the clock asks every tick
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """The kept connection (opened on first use); dropped after an error, so the next
+        call connects again."""
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self.dsn, autocommit=True)
+        try:
+            yield self._conn
+        except psycopg.Error:
+            self._conn.close()
+            self._conn = None
+            raise
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def commit(self, sale_id: str, skus: Sequence[str], reveal_at_ms: int, ends_at_ms: int) -> str:
         """The commitment of the sale's seed, made now, or the one made for it before (a
         retried opening gets the same seed; its window, which may have moved, replaces the
         old one while the seed is unrevealed)."""
         seed = secrets.token_hex(32)
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
+        with self._connection() as conn:
             conn.execute(
                 "INSERT INTO draw_seeds (namespace, sale_id, skus, seed, commitment, reveal_at, "
                 "ends_at) VALUES (%s, %s, %s, %s, %s, to_timestamp(%s / 1000.0), "
@@ -90,7 +110,7 @@ class DrawSeeds:
 
     def armed(self, sale_id: str) -> None:
         """Every SKU's SaleOpened is in the log: the seed may be revealed (behind them)."""
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
+        with self._connection() as conn:
             conn.execute(
                 "UPDATE draw_seeds SET armed_at = now() WHERE namespace = %s AND sale_id = %s "
                 "AND armed_at IS NULL",
@@ -99,7 +119,7 @@ class DrawSeeds:
 
     def due(self, log_time_ms: int) -> list[Due]:
         """Armed seeds whose reveal time the broker's clock has passed, not revealed yet."""
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
+        with self._connection() as conn:
             rows = conn.execute(
                 "SELECT sale_id, skus, seed FROM draw_seeds WHERE namespace = %s "
                 "AND revealed_at IS NULL AND armed_at IS NOT NULL "
@@ -110,7 +130,7 @@ class DrawSeeds:
 
     def revealed(self, sale_ids: Sequence[str]) -> None:
         """The reveals are in the log (acknowledged): stop revealing them."""
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
+        with self._connection() as conn:
             conn.execute(
                 "UPDATE draw_seeds SET revealed_at = now() WHERE namespace = %s "
                 "AND sale_id = ANY(%s) AND revealed_at IS NULL",
@@ -119,7 +139,7 @@ class DrawSeeds:
 
     def ticking(self, now_ms: int, after_end_ms: int = 10_000) -> bool:
         """Whether a pre-queue sale of the namespace is open or just ended (ticks needed)."""
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
+        with self._connection() as conn:
             row = conn.execute(
                 "SELECT EXISTS (SELECT 1 FROM draw_seeds WHERE namespace = %s "
                 "AND ends_at >= to_timestamp(%s / 1000.0))",
@@ -185,6 +205,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             log.warning("clock.step_failed", error=str(exc))
         stopping.wait(max(0.0, tick_ms / 1000 - (time.monotonic() - started)))
     producer.close()
+    clock.seeds.close()
     return 0
 
 
