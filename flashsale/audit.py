@@ -17,7 +17,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from flashsale.input_audit import read_topic
 from flashsale.topics import TopicNames
-from processors.records import DECISION_RECORDS
+from processors.records import DECISION_RECORDS, PROGRESS
 from schemas.codec import SchemaRegistry, UndecodableRecord
 
 
@@ -123,6 +123,8 @@ class DecisionAudit:
             except UndecodableRecord:
                 continue
             if record.get("sale_id") != self.sale_id or name in DECISION_RECORDS:
+                continue
+            if name == PROGRESS:  # not a numbered fact of the sale
                 continue
             facts.append(record)
             if name == "SaleOpened":

@@ -25,6 +25,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from flashsale import input_audit, sale_audit
 from flashsale.topics import TopicNames
 from processors.core.prequeue import commitment, draw_order, entries_digest
+from processors.records import PROGRESS
 from schemas.codec import SchemaRegistry
 
 Fact = tuple[str, dict[str, Any]]
@@ -170,7 +171,7 @@ def audit_fairness(
     msgs = input_audit.read_topic(bootstrap, names.decisions, True, timeout)
     by_sku: dict[str, list[Fact]] = defaultdict(list)
     for _, _, name, record in input_audit.decode_all(registry, msgs):
-        if name and record.get("sale_id") == sale_id:
+        if name and name != PROGRESS and record.get("sale_id") == sale_id:
             by_sku[record["sku"]].append((name, record))
     out = FairnessAudit(sale_id)
     if not by_sku:

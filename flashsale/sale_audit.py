@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flashsale import input_audit
+from flashsale.progress_audit import check_progress
 from flashsale.settings import Settings
 from flashsale.topics import TopicNames
 from processors.core import (
@@ -45,7 +46,7 @@ from processors.core import (
     decide,
     evolve,
 )
-from processors.records import DECISION_RECORDS, event_from_record
+from processors.records import DECISION_RECORDS, PROGRESS, event_from_record
 from schemas.codec import SchemaRegistry
 
 Fact = tuple[str, dict[str, Any]]
@@ -58,7 +59,8 @@ class Violation:
 
     kind: str  # oversell, user-limit, second-decision, conflicting-decision, undecided-intent,
     # unaccounted-offset, orphan-decision, sequence-gap, remaining-mismatch, no-terms,
-    # rules-mismatch (the sale's rules version would not decide so), unfoldable
+    # rules-mismatch (the sale's rules version would not decide so), unfoldable,
+    # log-time-mismatch, progress-missing / -unexpected / -mismatch / -offset
     detail: str
 
 
@@ -125,9 +127,13 @@ def audit_sale(
     decided = input_audit.decode_all(registry, decided_msgs)
 
     events: list[tuple[str, dict[str, Any]]] = []  # the sale's facts, each decision once
+    progress: list[dict[str, Any]] = []  # its QueueProgress facts (not numbered)
     first: dict[str, bytes] = {}  # intent id -> its decision's bytes
     for msg, (_, _, name, rec) in zip(decided_msgs, decided, strict=True):
         if not name or rec.get("sale_id") != sale_id:
+            continue
+        if name == PROGRESS:
+            progress.append(rec)
             continue
         if name in DECISION_RECORDS:
             value, intent = msg.value() or b"", rec["intent_id"]
@@ -147,6 +153,9 @@ def audit_sale(
              for msg, (_, _, name, rec) in zip(commands_msgs, commands, strict=True)
              if rec.get("sale_id") == sale_id]  # fmt: skip
     check_log_times(out, timed, events)
+    appended = {(m.partition(), m.offset()): m.timestamp()[1] for m in commands_msgs}
+    for kind, detail in check_progress(events, progress, appended):
+        out.violations.append(Violation(kind, detail))
 
     dead = input_audit.dead_letter_sources(names, dead_msgs)
     out.inputs = account = input_audit.account_records(commands, decided, dead, sale_id)

@@ -22,6 +22,7 @@ from processors.core import (
     PlaceIntent,
     QueueExpired,
     QueueKind,
+    QueueProgress,
     RejectionReason,
     ReturnUnits,
     RevealDraw,
@@ -46,7 +47,9 @@ DECISION_RECORDS = frozenset({"IntentAccepted", "IntentRejected"})
 EVENT_RECORDS = DECISION_RECORDS | {"SaleOpened", "SaleRefused", "SaleClosed", "UnitsReturned",
                                     "SaleSettled", "EntryQueued", "DrawRevealed",
                                     "QueueExpired"}  # fmt: skip
-"""Records of the decisions topic: every fact of a (sale, SKU)."""
+"""Records of the decisions topic that are a (sale, SKU)'s numbered facts."""
+PROGRESS = "QueueProgress"
+"""The decisions topic's one record that is not a numbered fact (see ``QueueProgress``)."""
 
 
 def record_name(event: Event) -> str:
@@ -54,7 +57,7 @@ def record_name(event: Event) -> str:
     return type(event).__name__
 
 
-def to_record(event: Event) -> dict[str, Any]:
+def to_record(event: Event | QueueProgress) -> dict[str, Any]:
     """Avro body fields of an event (no envelope)."""
     if type(event) is SaleOpened:
         t = event.terms
@@ -63,7 +66,8 @@ def to_record(event: Event) -> dict[str, Any]:
                 "starts_at": t.starts_at_ms, "ends_at": t.ends_at_ms, "rules_version": t.rules,
                 "sequence": event.sequence, "decided_at": event.decided_at,
                 "prequeue_opens_at": t.prequeue_opens_at_ms,
-                "draw_commitment": t.draw_commitment}  # fmt: skip
+                "draw_commitment": t.draw_commitment,
+                "progress_every": t.progress_every}  # fmt: skip
     if isinstance(event, IntentAccepted | IntentRejected):
         record: dict[str, Any] = {
             "intent_id": event.intent_id,
@@ -99,7 +103,12 @@ def terms_from_record(record: dict[str, Any]) -> SaleTerms:
     return SaleTerms(r["sale_id"], r["sku"], r["allocation"], r["per_user_limit"],
                      r["per_order_max"], r["starts_at"], r["ends_at"],
                      FIRST_RULES if rules is None else rules, r.get("prequeue_opens_at"),
-                     r.get("draw_commitment"))  # fmt: skip
+                     r.get("draw_commitment"), r.get("progress_every"))  # fmt: skip
+
+
+def progress_from_record(record: dict[str, Any]) -> QueueProgress:
+    """``QueueProgress`` from a decoded decisions-topic record."""
+    return QueueProgress(*(record[f] for f in QueueProgress.__slots__))
 
 
 def event_from_record(name: str, record: dict[str, Any]) -> Event:

@@ -129,7 +129,7 @@ def book_ops(
         t = book.terms
         ops.append([TERMS, sku, sale_id, t.allocation, t.per_user_limit, t.per_order_max,
                     t.starts_at_ms, t.ends_at_ms, t.rules, t.prequeue_opens_at_ms,
-                    t.draw_commitment])  # fmt: skip
+                    t.draw_commitment, t.progress_every])  # fmt: skip
     if book.settled:
         ops.append([SETTLED, sku, sale_id, book.remaining, book.sequence])
         if ids:  # intents decided after settlement (SALE_ENDED) are remembered as ids

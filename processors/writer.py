@@ -21,6 +21,7 @@ from processors.core import (
     IntentAccepted,
     IntentRejected,
     PlaceIntent,
+    QueueProgress,
     SaleOpened,
     SaleRefused,
     SaleSettled,
@@ -29,10 +30,18 @@ from processors.core import (
     UnitsReturned,
     decide,
     evolve,
+    progress_due,
 )
 from processors.hot_codec import DecisionEncoder
-from processors.records import COMMAND_RECORDS, command_from_record, record_name, to_record
-from producers.identity import fact_event_id
+from processors.records import (
+    COMMAND_RECORDS,
+    PROGRESS,
+    command_from_record,
+    record_name,
+    to_record,
+)
+from processors.writer_delta import Touched
+from producers.identity import fact_event_id, progress_event_id
 from schemas.codec import SchemaRegistry, UndecodableRecord
 
 log = structlog.get_logger("processors.writer")
@@ -88,7 +97,7 @@ class BatchResult:
     writes: list[tuple[bytes, bytes | None]] = field(default_factory=list)  # None deletes
     repeats: int = 0  # intents already decided earlier in the log: no second decision
     checkpoint: bool = False
-    touched: _Touched | None = None
+    touched: Touched | None = None
 
 
 class StateMissing(RuntimeError):
@@ -259,7 +268,7 @@ class PartitionWriter:
     def open_batch(self) -> BatchResult:
         """Start a batch; feed it with ``decide`` in chunks, then ``close_batch``."""
         out = BatchResult()
-        out.touched = _Touched()
+        out.touched = Touched()
         return out
 
     def decide(self, batch: BatchResult, records: Iterable[InputRecord]) -> None:
@@ -346,7 +355,7 @@ class PartitionWriter:
         return None
 
     def _decide_one(
-        self, record: InputRecord, out: BatchResult | None, touched: _Touched | None
+        self, record: InputRecord, out: BatchResult | None, touched: Touched | None
     ) -> None:
         self.position = record.offset
         command = self._command(record, out)
@@ -368,12 +377,25 @@ class PartitionWriter:
         command: Command,
         record: InputRecord,
         out: BatchResult | None,
-        touched: _Touched | None,
+        touched: Touched | None,
     ) -> None:
         sku = ledger.sku
         events = decide(ledger, command, record.timestamp)
-        for event in events:
+        progress: dict[int, QueueProgress] = {}  # after the event at this index
+        sales = ledger.sales
+        for i, event in enumerate(events):
+            book = sales.get(event.sale_id)
+            before = 0 if book is None else book.remaining
             evolve(ledger, event)
+            book = book or sales.get(event.sale_id)
+            if (
+                book is not None
+                and book.terms.progress_every
+                and progress_due(book.terms.progress_every, event.sequence, before, book.remaining)
+            ):
+                progress[i] = QueueProgress(event.sale_id, sku, event.sequence, book.remaining,
+                                            before > 0 >= book.remaining, self.partition,
+                                            record.offset, record.timestamp)  # fmt: skip
         if touched is None or out is None:
             self._replayed_settlements += [
                 (e, record.offset) for e in events if type(e) is SaleSettled
@@ -384,10 +406,12 @@ class PartitionWriter:
                 out.repeats += 1
             return
         key = sku.encode()
-        for event in events:
+        for i, event in enumerate(events):
             if type(event) is IntentAccepted or type(event) is IntentRejected:
                 out.events.append((key, self._encoder.encode(event)))
                 touched.decided(sku, event, event.sale_id in ledger.sales)
+                if progress and i in progress:
+                    out.events.append((key, self.encode_progress(progress[i])))
                 continue
             out.events.append((key, self.encode_fact(event)))
             if type(event) is SaleSettled:
@@ -406,6 +430,8 @@ class PartitionWriter:
             if type(event) is SaleRefused:
                 log.warning("sale.refused", sale_id=event.sale_id, sku=sku,
                             command=event.command, detail=event.detail)  # fmt: skip
+            if progress and i in progress:
+                out.events.append((key, self.encode_progress(progress[i])))
 
     def _settle(self, event: SaleSettled, offset: int, out: BatchResult) -> None:
         book = self.ledgers[event.sku].sales[event.sale_id]
@@ -422,56 +448,13 @@ class PartitionWriter:
                     "occurred_at": event.decided_at}  # fmt: skip
         return self._registry.encode(record_name(event), {**envelope, **to_record(event)})
 
+    def encode_progress(self, fact: QueueProgress) -> bytes:
+        """A progress fact with its envelope, deterministic (id from the event it follows)."""
+        envelope = {"event_id": progress_event_id(fact.sale_id, fact.sku, fact.after_sequence),
+                    "correlation_id": None, "producer": PRODUCER,
+                    "occurred_at": fact.decided_at}  # fmt: skip
+        return self._registry.encode(PROGRESS, {**envelope, **to_record(fact)})
+
     def encode_decision(self, event: Decision) -> bytes:
         """Deterministic bytes: the same decision always encodes identically."""
         return self._encoder.encode(event)
-
-
-# [is new], new intent ids, users whose bought count changed, new return refs, new queued
-# intents (intent id, user id, quantity, kind)
-_BookChange = tuple[list[bool], list[str], set[str], list[str], list[tuple[str, str, int, str]]]
-
-
-class _Touched:
-    """What one batch changed, to write as a delta."""
-
-    __slots__ = ("books", "orphan_sales", "orphans", "settled", "skus")
-
-    def __init__(self) -> None:
-        self.skus: set[str] = set()
-        self.orphans: dict[str, list[str]] = {}
-        self.orphan_sales: dict[str, set[str]] = {}  # sku -> unknown sale ids numbered
-        self.books: dict[tuple[str, str], _BookChange] = {}
-        self.settled = False
-
-    def book(self, sku: str, sale_id: str, new: bool = False) -> _BookChange:
-        self.skus.add(sku)
-        entry = self.books.get((sku, sale_id))
-        if entry is None:
-            entry = self.books[sku, sale_id] = ([new], [], set(), [], [])
-        elif new:
-            entry[0][0] = True
-        return entry
-
-    def decided(self, sku: str, event: Decision, in_book: bool) -> None:
-        if not in_book:
-            self.skus.add(sku)
-            self.orphans.setdefault(sku, []).append(event.intent_id)
-            self.orphan_sales.setdefault(sku, set()).add(event.sale_id)
-            return
-        _, ids, users, _, _ = self.book(sku, event.sale_id)
-        ids.append(event.intent_id)
-        if type(event) is IntentAccepted:
-            users.add(event.user_id)
-
-    def ops(self, ledgers: dict[str, SkuLedger]) -> list[list[Any]]:
-        ops: list[list[Any]] = [
-            layout.seq_op(sku, {s: ledgers[sku].orphan_sequences[s] for s in sales})
-            for sku, sales in self.orphan_sales.items()
-        ]
-        ops += [[layout.ORPHANS, sku, ids] for sku, ids in self.orphans.items()]
-        for (sku, sale_id), (new, ids, users, refs, queued) in self.books.items():
-            book = ledgers[sku].sales[sale_id]
-            ops += layout.book_ops(sku, sale_id, book, terms=new[0], ids=ids, users=users,
-                                   returns=refs, queued=queued)  # fmt: skip
-        return ops

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 
@@ -117,7 +118,7 @@ async def open_sale(
     from producers.clock import DrawSeeds
     from producers.http.livefeed import DecisionFeed
     from producers.http.rules import Refused
-    from producers.sales import PostgresClaims, SaleService
+    from producers.sales import PostgresClaims, SaleService, progress_every_from_env
     from schemas.codec import SchemaRegistry
 
     endpoints = Stack(settings).endpoints()
@@ -127,7 +128,8 @@ async def open_sale(
     try:
         async with AsyncConnectionPool(endpoints.dsn, min_size=1, max_size=1) as pool:
             service = SaleService(PostgresClaims(pool), producer, feed,
-                                  seeds=DrawSeeds(endpoints.dsn, settings.namespace))  # fmt: skip
+                                  seeds=DrawSeeds(endpoints.dsn, settings.namespace),
+                                  progress_every=progress_every_from_env(os.environ))  # fmt: skip
             opening = await service.open_sale(sale_id, skus, starts_ms, ends_ms, "cli",
                                               prequeue_opens_at_ms=prequeue_ms)  # fmt: skip
     except Refused as exc:

@@ -273,13 +273,15 @@ class CommandProducer:
         rules_version: int = CURRENT_RULES,
         prequeue_opens_at_ms: int | None = None,
         draw_commitment: str | None = None,
+        progress_every: int | None = None,
     ) -> None:
         """Publish one OpenSale per SKU (each to its own writer) and wait for all acks.
 
         The sale is decided under ``rules_version`` (this build's current one unless told):
         the command names it, so a rebuild after a rules change still applies it. With
         ``prequeue_opens_at_ms`` and ``draw_commitment`` (hex SHA-256 of the draw's seed) the
-        sale has a pre-queue (``processors.core.prequeue``).
+        sale has a pre-queue (``processors.core.prequeue``); with ``progress_every`` the writer
+        writes a ``QueueProgress`` every that many of its events (``processors.core.progress``).
         """
         futures = []
         for item in skus:
@@ -295,6 +297,7 @@ class CommandProducer:
                 "rules_version": rules_version,
                 "prequeue_opens_at": prequeue_opens_at_ms,
                 "draw_commitment": draw_commitment,
+                "progress_every": progress_every,
             }
             futures.append(self._ack_future(item.sku, "OpenSale", record))
         self.wait(futures)

@@ -20,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from flashsale.settings import env_int
 from producers.commands import SkuAllocation
 from producers.http.rules import Refused
 
@@ -40,6 +41,15 @@ class FactSource(Protocol):
     def knows(self, sale_id: str, sku: str) -> bool:
         """Whether a fact of (sale, SKU) was read (an opened SKU, maybe not projected yet)."""
         ...
+
+
+PROGRESS_EVERY = 1000
+"""Sales open with a ``QueueProgress`` every this many of their events unless set otherwise."""
+
+
+def progress_every_from_env(env: Mapping[str, str]) -> int | None:
+    """``FLASHSALE_PROGRESS_EVERY`` (0: sales open without progress facts)."""
+    return env_int(env, "FLASHSALE_PROGRESS_EVERY", PROGRESS_EVERY, 0, 1_000_000) or None
 
 
 class SaleClaims(Protocol):
@@ -62,6 +72,7 @@ class SaleCommands(Protocol):
         *,
         prequeue_opens_at_ms: int | None = None,
         draw_commitment: str | None = None,
+        progress_every: int | None = None,
     ) -> None: ...
 
 
@@ -182,12 +193,14 @@ class SaleService:
         facts: FactSource,
         wait_s: float = 20.0,
         seeds: SeedKeeper | None = None,
+        progress_every: int | None = PROGRESS_EVERY,
     ) -> None:
         self.claims = claims
         self.commands = commands
         self.facts = facts
         self.wait_s = wait_s
         self.seeds = seeds
+        self.progress_every = progress_every  # the writer's QueueProgress cadence per sale
 
     async def open_sale(
         self,
@@ -244,6 +257,7 @@ class SaleService:
                 self.commands.open_sale,
                 prequeue_opens_at_ms=prequeue_opens_at_ms,
                 draw_commitment=committed,
+                progress_every=self.progress_every,
             )
             await asyncio.to_thread(write, sale_id, todo, starts_at_ms, ends_at_ms)
             await asyncio.wait(list(waits.values()), timeout=self.wait_s)

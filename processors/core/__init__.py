@@ -10,7 +10,8 @@ log describes is one function of it.
 
 Rule families live in their own modules: ``sales`` (open, close, return, settle),
 ``intents`` (judged by the versioned ``rules`` of each sale) and ``prequeue`` (queued entries,
-the commit-reveal draw, the sale clock's ticks); later holds and the waitlist.
+the commit-reveal draw, the sale clock's ticks); later holds and the waitlist. ``progress``
+names the events after which the writer says how far through its input it is.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from processors.core.model import (
     PlaceIntent,
     QueueExpired,
     QueueKind,
+    QueueProgress,
     RejectionReason,
     ReturnUnits,
     RevealDraw,
@@ -51,6 +53,7 @@ from processors.core.model import (
     order_id_for,
 )
 from processors.core.prequeue import decide_reveal, decide_tick, evolve_drawn, evolve_queued
+from processors.core.progress import progress_due
 from processors.core.rules import RULES
 from processors.core.sales import (
     decide_close,
@@ -68,10 +71,10 @@ from processors.core.sales import (
 __all__ = [
     "CURRENT_RULES", "RULES", "CloseSale", "Command", "Decision", "DrawRevealed", "EntryQueued",
     "Event", "IntentAccepted", "IntentRejected", "OpenSale", "PlaceIntent", "QueueExpired",
-    "QueueKind", "RejectionReason", "ReturnUnits", "RevealDraw", "SaleBook", "SaleClosed",
-    "SaleOpened", "SaleRefused", "SaleSettled", "SaleTerms", "SettleSale", "SkuLedger", "Tick",
-    "UnitsReturned", "WrongLedger", "decide", "evolve", "fold", "intent_digest", "order_id_for",
-    "terms_problem",
+    "QueueKind", "QueueProgress", "RejectionReason", "ReturnUnits", "RevealDraw", "SaleBook",
+    "SaleClosed", "SaleOpened", "SaleRefused", "SaleSettled", "SaleTerms", "SettleSale",
+    "SkuLedger", "Tick", "UnitsReturned", "WrongLedger", "decide", "evolve", "fold",
+    "intent_digest", "order_id_for", "progress_due", "terms_problem",
 ]  # fmt: skip
 
 _DECIDE: dict[type, Callable[[SkuLedger, Any, int], list[Any]]] = {

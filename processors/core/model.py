@@ -62,6 +62,9 @@ class SaleTerms:
     # once a seed matching ``draw_commitment`` (hex SHA-256 of the seed) is revealed.
     prequeue_opens_at_ms: int | None = None
     draw_commitment: str | None = None
+    # Every this many sequence numbers (and when the allocation runs out) the writer says how
+    # far through its input log it is: ``QueueProgress`` (None: never, as in older sales).
+    progress_every: int | None = None
 
 
 # -- commands ---------------------------------------------------------------------------
@@ -286,6 +289,27 @@ class IntentRejected:
     decided_at: int
     draw_rank: int = 0
     draw_size: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class QueueProgress:
+    """How far the writer of ``sku`` is through its input partition, after the event
+    ``after_sequence`` of (sale, SKU): every intent of the partition at an offset above
+    ``input_offset`` is still waiting; ``sold_out`` when that event took the last unit.
+
+    Not one of the sale's numbered events (it changes no state, it has no ``sequence`` of its
+    own): the writer adds it after each event ``processors.core.progress.progress_due`` names,
+    with the offset and log time of the command that caused the event, so a replay of the
+    same log writes the same facts."""
+
+    sale_id: str
+    sku: str
+    after_sequence: int
+    remaining: int
+    sold_out: bool
+    input_partition: int
+    input_offset: int
+    decided_at: int
 
 
 Decision = IntentAccepted | IntentRejected

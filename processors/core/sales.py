@@ -24,6 +24,7 @@ from processors.core.model import (
     UnitsReturned,
 )
 from processors.core.prequeue import expire, is_sha256_hex
+from processors.core.progress import progress_problem
 from processors.core.rules import RULES
 
 
@@ -44,7 +45,7 @@ def terms_problem(terms: SaleTerms) -> str | None:
         return "prequeue_opens_at must be before starts_at"
     if committed is not None and not is_sha256_hex(committed):
         return "draw_commitment must be 64 lowercase hex characters (SHA-256 of the seed)"
-    return None
+    return progress_problem(terms.progress_every)
 
 
 def decide_open(ledger: SkuLedger, cmd: OpenSale, now: int) -> list[Event]:

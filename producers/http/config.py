@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 from flashsale.settings import env_int, env_number
+from producers.sales import progress_every_from_env
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class EdgeSettings:
     lean_intents: bool = True  # FLASHSALE_HTTP_LEAN_INTENTS (0: the FastAPI route serves it)
     recent_intents: int = 200_000  # FLASHSALE_RECENT_INTENTS: retries answered from memory
     feed_window: int = 20_000  # FLASHSALE_FEED_WINDOW: decisions kept per partition to resume
+    progress_every: int | None = 1000  # FLASHSALE_PROGRESS_EVERY: sales opened here (0: none)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> EdgeSettings:
@@ -44,4 +46,5 @@ class EdgeSettings:
             lean_intents=env_int(e, "FLASHSALE_HTTP_LEAN_INTENTS", 1, 0, 1) == 1,
             recent_intents=env_int(e, "FLASHSALE_RECENT_INTENTS", 200_000, 1, 10_000_000),
             feed_window=env_int(e, "FLASHSALE_FEED_WINDOW", 20_000, 1, 10_000_000),
+            progress_every=progress_every_from_env(e),
         )

@@ -89,7 +89,8 @@ def build_app(
             intent_views=IntentViews(store, intake.receipts, decisions=feed.decision,
                                      undecided=feed.undecided),
             sales=SaleService(PostgresClaims(pool), producer, feed,
-                              seeds=DrawSeeds(endpoints.dsn, settings.namespace)),
+                              seeds=DrawSeeds(endpoints.dsn, settings.namespace),
+                              progress_every=cfg.progress_every),
         )  # fmt: skip
         if on_started is not None:
             on_started()

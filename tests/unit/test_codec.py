@@ -20,6 +20,7 @@ from processors.core import (
     IntentRejected,
     QueueExpired,
     QueueKind,
+    QueueProgress,
     RejectionReason,
     SaleClosed,
     SaleOpened,
@@ -62,7 +63,7 @@ DECISIONS: list[IntentAccepted | IntentRejected] = [
     ),
 ]
 TERMS = SaleTerms("s-1", "SKU", 100, 2, 1, 1, 2**42, rules=1)
-QUEUED_TERMS = SaleTerms("s-2", "SKU", 100, 2, 1, 50, 2**42, 1, 10, "ab" * 32)
+QUEUED_TERMS = SaleTerms("s-2", "SKU", 100, 2, 1, 50, 2**42, 1, 10, "ab" * 32, 500)
 FACTS: list[Event] = [
     SaleOpened(TERMS, 1, 1_700_000_000_000),
     SaleOpened(QUEUED_TERMS, 1, 1_700_000_000_000),
@@ -86,6 +87,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "rules_version": None,
         "prequeue_opens_at": 0,
         "draw_commitment": "ab" * 32,
+        "progress_every": 100,
     },
     "CloseSale": {"sale_id": "s-1", "sku": "SKU", "reason": "ops"},
     "SettleSale": {"sale_id": "s-1", "sku": "SKU"},
@@ -103,6 +105,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "IntentAccepted": to_record(DECISIONS[0]),
     "IntentRejected": to_record(DECISIONS[1]),
     **{type(e).__name__: to_record(e) for e in FACTS},
+    "QueueProgress": to_record(QueueProgress("s-2", "SKU", 500, 0, True, 3, 123_456, 17)),
 }
 
 

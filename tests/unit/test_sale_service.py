@@ -50,6 +50,7 @@ class FakeWriters:
         *,
         prequeue_opens_at_ms: int | None = None,
         draw_commitment: str | None = None,
+        progress_every: int | None = None,
     ) -> None:
         facts = []
         record: dict[str, Any]

@@ -77,7 +77,8 @@ def command_value(command: Command, n: int = 0) -> bytes:
                 "per_user_limit": t.per_user_limit, "per_order_max": t.per_order_max,
                 "starts_at": t.starts_at_ms, "ends_at": t.ends_at_ms,
                 "rules_version": t.rules, "prequeue_opens_at": t.prequeue_opens_at_ms,
-                "draw_commitment": t.draw_commitment}  # fmt: skip
+                "draw_commitment": t.draw_commitment,
+                "progress_every": t.progress_every}  # fmt: skip
         return REGISTRY.encode("OpenSale", {**envelope, **body})
     if isinstance(command, RevealDraw):
         body = {"sale_id": command.sale_id, "sku": command.sku, "seed": command.seed}

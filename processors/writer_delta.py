@@ -1,0 +1,57 @@
+"""What one batch of the writer changed, written to its store as a delta."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from processors import state_layout as layout
+from processors.core import Decision, IntentAccepted, SkuLedger
+
+# [is new], new intent ids, users whose bought count changed, new return refs, new queued
+# intents (intent id, user id, quantity, kind)
+BookChange = tuple[list[bool], list[str], set[str], list[str], list[tuple[str, str, int, str]]]
+
+
+class Touched:
+    """What one batch changed, to write as a delta."""
+
+    __slots__ = ("books", "orphan_sales", "orphans", "settled", "skus")
+
+    def __init__(self) -> None:
+        self.skus: set[str] = set()
+        self.orphans: dict[str, list[str]] = {}
+        self.orphan_sales: dict[str, set[str]] = {}  # sku -> unknown sale ids numbered
+        self.books: dict[tuple[str, str], BookChange] = {}
+        self.settled = False
+
+    def book(self, sku: str, sale_id: str, new: bool = False) -> BookChange:
+        self.skus.add(sku)
+        entry = self.books.get((sku, sale_id))
+        if entry is None:
+            entry = self.books[sku, sale_id] = ([new], [], set(), [], [])
+        elif new:
+            entry[0][0] = True
+        return entry
+
+    def decided(self, sku: str, event: Decision, in_book: bool) -> None:
+        if not in_book:
+            self.skus.add(sku)
+            self.orphans.setdefault(sku, []).append(event.intent_id)
+            self.orphan_sales.setdefault(sku, set()).add(event.sale_id)
+            return
+        _, ids, users, _, _ = self.book(sku, event.sale_id)
+        ids.append(event.intent_id)
+        if type(event) is IntentAccepted:
+            users.add(event.user_id)
+
+    def ops(self, ledgers: dict[str, SkuLedger]) -> list[list[Any]]:
+        ops: list[list[Any]] = [
+            layout.seq_op(sku, {s: ledgers[sku].orphan_sequences[s] for s in sales})
+            for sku, sales in self.orphan_sales.items()
+        ]
+        ops += [[layout.ORPHANS, sku, ids] for sku, ids in self.orphans.items()]
+        for (sku, sale_id), (new, ids, users, refs, queued) in self.books.items():
+            book = ledgers[sku].sales[sale_id]
+            ops += layout.book_ops(sku, sale_id, book, terms=new[0], ids=ids, users=users,
+                                   returns=refs, queued=queued)  # fmt: skip
+        return ops
