@@ -12,24 +12,24 @@ from processors.core import progress_due
 Fact = tuple[str, dict[str, Any]]
 
 
-def expected_progress(events: list[Fact]) -> dict[tuple[str, int], tuple[int, bool, int]]:
-    """(SKU, the sequence it follows) -> (remaining, sold out, log time) of every progress
+def expected_progress(events: list[Fact]) -> dict[tuple[str, int], tuple[int, bool, Fact]]:
+    """(SKU, the sequence it follows) -> (remaining, sold out, that event) of every progress
     fact the sale's events call for."""
-    by_sku: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    by_sku: dict[str, list[Fact]] = defaultdict(list)
     opened: dict[str, int | None] = {}
     for name, rec in events:
-        by_sku[rec["sku"]].append(rec)
+        by_sku[rec["sku"]].append((name, rec))
         if name == "SaleOpened":
             opened[rec["sku"]] = rec.get("progress_every")
-    due: dict[tuple[str, int], tuple[int, bool, int]] = {}
-    for sku, recs in by_sku.items():
+    due: dict[tuple[str, int], tuple[int, bool, Fact]] = {}
+    for sku, facts in by_sku.items():
         every = opened.get(sku)
         if not every:
             continue
         remaining: int | None = None  # no book before the sale opened: nothing is due
-        for rec in sorted(recs, key=lambda r: r["sequence"]):
+        for name, rec in sorted(facts, key=lambda f: f[1]["sequence"]):
             before = remaining
-            if "allocation" in rec:  # SaleOpened
+            if name == "SaleOpened":
                 remaining = rec["allocation"]
             elif "remaining" in rec and remaining is not None:
                 remaining = rec["remaining"]
@@ -37,16 +37,23 @@ def expected_progress(events: list[Fact]) -> dict[tuple[str, int], tuple[int, bo
                 continue
             was = 0 if before is None else before
             if progress_due(every, rec["sequence"], was, remaining):
-                due[sku, rec["sequence"]] = (remaining, was > 0 >= remaining, rec["decided_at"])
+                due[sku, rec["sequence"]] = (remaining, was > 0 >= remaining, (name, rec))
     return due
 
 
 def check_progress(
-    events: list[Fact], progress: list[dict[str, Any]], appended: dict[tuple[int, int], int]
+    events: list[Fact],
+    progress: list[dict[str, Any]],
+    commands: dict[tuple[int, int], tuple[str, dict[str, Any], int]],
 ) -> list[tuple[str, str]]:
-    """(kind, detail) of each way the progress facts differ from what the events call for:
-    each must be in the log once, with the right remaining count, naming an input offset
-    whose append time is its own log time; none other."""
+    """(kind, detail) of each way the progress facts differ from what the events call for.
+
+    Each must be in the log once, with the remaining count its event left, naming the input
+    record (partition, offset) of the command that caused that event: appended at the
+    event's log time, and, for an intent, that intent's own record (an intent causes the
+    decision of another only when it finds a pre-queue expired). None other may be there.
+    ``commands`` maps (partition, offset) to the command topic's (name, record, append time).
+    """
     found: list[tuple[str, str]] = []
     due = expected_progress(events)
     seen: set[tuple[str, int]] = set()
@@ -58,18 +65,30 @@ def check_progress(
             found.append(("progress-unexpected", f"{where}: no progress fact belongs here"))
             continue
         seen.add(key)
-        got = (rec["remaining"], rec["sold_out"], rec["decided_at"])
-        if got != want:
-            found.append(("progress-mismatch", f"{where}: says {got}, the events say {want}"))
-        at = appended.get((rec["input_partition"], rec["input_offset"]))
-        if at != rec["decided_at"]:
-            found.append(
-                (
-                    "progress-offset",
-                    f"{where}: input {rec['input_partition']}:{rec['input_offset']} was appended "
-                    f"at {at}, the fact says {rec['decided_at']}",
-                )
-            )
+        got = (rec["remaining"], rec["sold_out"])
+        if got != want[:2] or rec["decided_at"] != want[2][1]["decided_at"]:
+            found.append(("progress-mismatch", f"{where}: says {got} at {rec['decided_at']}, "
+                          f"the events say {want[:2]} at {want[2][1]['decided_at']}"))  # fmt: skip
+        place = (rec["input_partition"], rec["input_offset"])
+        problem = _not_its_cause(commands.get(place), want[2])
+        if problem is not None:
+            found.append(("progress-offset", f"{where}: input {place[0]}:{place[1]} {problem}"))
     for key in sorted(set(due) - seen):
         found.append(("progress-missing", f"{key[0]} after #{key[1]}: no progress fact"))
     return found
+
+
+def _not_its_cause(command: tuple[str, dict[str, Any], int] | None, event: Fact) -> str | None:
+    """Why the input record ``command`` cannot be what caused ``event``, or None."""
+    if command is None:
+        return "is not a record of the command topic"
+    name, rec, at = command
+    ev_name, ev = event
+    if at != ev["decided_at"]:
+        return f"was appended at {at}, the event it follows at {ev['decided_at']}"
+    if rec.get("sku") not in (None, ev["sku"]):
+        return f"is a command for {rec['sku']!r}"
+    other = name == "PurchaseIntent" and rec["intent_id"] != ev.get("intent_id", rec["intent_id"])
+    if other and ev.get("reason") != "DRAW_NOT_REVEALED":  # an expiry decides other intents
+        return f"is intent {rec['intent_id']}, the event is {ev_name} of {ev['intent_id']}"
+    return None

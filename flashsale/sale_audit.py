@@ -153,8 +153,9 @@ def audit_sale(
              for msg, (_, _, name, rec) in zip(commands_msgs, commands, strict=True)
              if rec.get("sale_id") == sale_id]  # fmt: skip
     check_log_times(out, timed, events)
-    appended = {(m.partition(), m.offset()): m.timestamp()[1] for m in commands_msgs}
-    for kind, detail in check_progress(events, progress, appended):
+    by_place = {(p, o): (name, rec, m.timestamp()[1])
+                for m, (p, o, name, rec) in zip(commands_msgs, commands, strict=True)}  # fmt: skip
+    for kind, detail in check_progress(events, progress, by_place):
         out.violations.append(Violation(kind, detail))
 
     dead = input_audit.dead_letter_sources(names, dead_msgs)

@@ -108,6 +108,7 @@ def catalogue(settings: Settings) -> tuple[TopicSpec, ...]:
                 "EntryQueued",
                 "DrawRevealed",
                 "QueueExpired",
+                "QueueProgress",
             ),
             partitions=n,
             replication_factor=rf,
@@ -118,7 +119,9 @@ def catalogue(settings: Settings) -> tuple[TopicSpec, ...]:
             description="Every fact of a (sale, SKU), numbered gap-free by sequence: the sale "
             "opened (its terms and rules version), exactly one decision per intent id (a "
             "repeated intent gets none), units returned, closed, settled, refused commands; "
-            "for a pre-queue sale, intents queued, the draw revealed or the queue expired.",
+            "for a pre-queue sale, intents queued, the draw revealed or the queue expired; "
+            "and, not numbered, QueueProgress: how far through its input the writer is, after "
+            "every progress_every-th event of a sale and after the one that took its last unit.",
         ),
         TopicSpec(
             name=names.dead_letters,

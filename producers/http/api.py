@@ -167,6 +167,12 @@ async def my_events(
     (and one when an intent is queued in a pre-queue: `status` queued, its `position` and the
     pre-queue's `entrants`; its decision then carries its `draw_rank` of `draw_size`).
 
+    While an intent this server answered 202 waits for the writer, `event: intent` with
+    `status` queued, `ahead` (input records the writer decides first), `eta_s` (an estimate
+    from the writer's recent rate; the queue is not throttled) and `sold_out`, at most once a
+    second per intent as the writer's progress facts arrive, and at once for everyone
+    waiting when the allocation is gone.
+
     Event ids are log positions: reconnect with `Last-Event-ID` (to any server) for exactly
     the events after it; `event: reset` when it is older than the server's window. A comment
     heartbeat every 15 s carries the current position as an `id:`.
@@ -213,7 +219,8 @@ async def _stream(
 )
 async def sale_events(request: Request, sale_id: Ident, ctx: Ctx) -> StreamingResponse:
     """`event: sale` with the units remaining per SKU when they change (at most twice a
-    second), as of the decisions this server has read. Opening one takes a token from the
+    second), as of the decisions this server has read; for a pre-queue sale, also the
+    pre-queue's size (`entrants`) as it fills. Opening one takes a token from the
     reads' bucket of the client's address."""
     read_limit(ctx, request, None)
     return _event_stream(_sale_stream(ctx, sale_id, request))
@@ -226,9 +233,12 @@ async def _sale_stream(ctx: EdgeContext, sale_id: str, request: Request) -> Asyn
         progress = ctx.feed.sale_progress(sale_id)
         if progress is not None and progress.version != sent:
             sent = progress.version
-            skus = [
+            skus: list[dict[str, Any]] = [
                 {"sku": k, "remaining": max(0, v)} for k, v in sorted(progress.remaining.items())
             ]
+            for sku in skus:  # a pre-queue's size so far, while it fills
+                if sku["sku"] in progress.entrants:
+                    sku["entrants"] = progress.entrants[sku["sku"]]
             data = json.dumps({"sale_id": sale_id, "skus": skus})
             yield f"event: sale\ndata: {data}\n\n".encode()
             idle = 0.0

@@ -90,6 +90,7 @@ class Receipt:
 
     partition: int | None = None
     log_time_ms: int | None = None
+    offset: int | None = None  # where in the partition (receipts signed before had none)
 
 
 class Receipts:
@@ -97,8 +98,9 @@ class Receipts:
 
     A 16-byte keyed BLAKE2b MAC (RFC 7693's keyed mode: ~1 µs where HMAC-SHA256 took 5-6)
     with a key derived from the edge's signing secret, so every app server checks what any
-    other signed; base64url (22 characters), then ``.<partition>.<log append time in ms>``
-    when the log's place is known (covered by the MAC too). A plain 22-character receipt
+    other signed; base64url (22 characters), then
+    ``.<partition>.<log append time in ms>.<offset>`` when the log's place is known (covered by
+    the MAC too; receipts signed before the offset was added lack it). A plain 22-character receipt
     signed by an earlier version (HMAC-SHA256) is still accepted.
     """
 
@@ -128,7 +130,7 @@ class Receipts:
         fields = _fields(intent_id, user_id, sale_id, sku, quantity)
         if place is None or place.log_time_ms is None:
             return self._mac(fields)
-        where = f"{place.partition}.{place.log_time_ms}"
+        where = f"{place.partition}.{place.log_time_ms}.{place.offset}"
         return f"{self._mac(fields + chr(0x1F) + where)}.{where}"
 
     def verify(
@@ -142,8 +144,8 @@ class Receipts:
         if where:
             if not hmac.compare_digest(self._mac(fields + "\x1f" + where).encode(), given):
                 return None
-            partition, _, at = where.partition(".")
-            return Receipt(int(partition), int(at))
+            partition, at, *offset = where.split(".")
+            return Receipt(int(partition), int(at), int(offset[0]) if offset else None)
         if hmac.compare_digest(self._mac(fields).encode(), given) or hmac.compare_digest(
             self._legacy_mac(fields).encode(), given
         ):
@@ -226,6 +228,7 @@ class IntakeService:
         ack_timeout_s: float,
         clock: Callable[[], datetime] = _now,
         in_log: Callable[[str, str], bool] = lambda sale_id, sku: False,
+        on_placed: Callable[[str, str, str, str, int, Appended], None] | None = None,
     ) -> None:
         self.sales = sales
         self.log = log
@@ -234,6 +237,7 @@ class IntakeService:
         self.ack_timeout_s = ack_timeout_s
         self.clock = clock
         self.in_log = in_log  # a SKU the log has opened, maybe not projected yet
+        self.on_placed = on_placed  # (user, intent, sale, SKU, quantity, where the log put it)
 
     async def place_intent(
         self, user_id: str, sale_id: str, sku: str, quantity: int, key: str | None
@@ -332,4 +336,6 @@ class IntakeService:
         self, intent_id: str, user_id: str, sale_id: str, sku: str, q: int, place: Appended | None
     ) -> Placed:
         receipt = self.receipts.sign(intent_id, user_id, sale_id, sku, q, place)
+        if place is not None and self.on_placed is not None:
+            self.on_placed(user_id, intent_id, sale_id, sku, q, place)
         return Placed(intent_id, sale_id, sku, q, receipt)

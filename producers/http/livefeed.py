@@ -30,6 +30,8 @@ from typing import Any, NamedTuple
 import structlog
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
+from processors.records import PROGRESS
+from producers.http.waiting import WAITING, WaitingRoom
 from projections.rows import utc
 from schemas.codec import SchemaRegistry, UndecodableRecord
 
@@ -96,10 +98,12 @@ class UserStream:
 
 @dataclass
 class SaleProgress:
-    """A sale's units remaining per SKU, as of the last fact of each in the log."""
+    """A sale's units remaining per SKU, as of the last fact of each in the log, and the
+    size of its pre-queue per SKU while intents are queued."""
 
     version: int = 0
     remaining: dict[str, int] = field(default_factory=dict)
+    entrants: dict[str, int] = field(default_factory=dict)  # a pre-queue's size per SKU
 
 
 class DecisionFeed:
@@ -143,6 +147,8 @@ class DecisionFeed:
         )
         self._sales: dict[str, SaleProgress] = {}
         self._decided: dict[str, Kept] = {}  # the window's decisions by intent id
+        # Intents answered 202 here and not decided yet: "n ahead of you" (producers.http.waiting)
+        self.waiting = WaitingRoom()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -271,15 +277,21 @@ class DecisionFeed:
         self.applied += 1
         if own:
             self._decided[record["intent_id"]] = kept
+            self.waiting.resolved(record["intent_id"])
             if name in DECISIONS:
                 reached = self._reached[p]
                 if reached is None or record["decided_at"] > reached:
                     self._reached[p] = record["decided_at"]
-                self._progress(name, record)
+            self._progress(name, record)
             streams = self._users.get(record["user_id"])
             if streams:
                 self._push(streams, Fact(*raw))
         elif "sku" in record and "sale_id" in record:
+            if name == PROGRESS:
+                for user_id, status in self.waiting.progress(record):
+                    streams = self._users.get(user_id)
+                    if streams:
+                        self._tell(streams, Fact(p, offset, WAITING, status))
             self._progress(name, record)
             key = (record["sale_id"], record["sku"])
             waiting = self._waiters.get(key)
@@ -315,6 +327,13 @@ class DecisionFeed:
                 continue
             stream.queue.put_nowait((position, fact))
 
+    def _tell(self, streams: set[UserStream], fact: Fact) -> None:
+        """Push a status that is not one of the user's log facts (its position stays)."""
+        for stream in list(streams):
+            if stream.queue.qsize() >= QUEUE_MAX - 1:
+                continue  # a stalled client: the next status or its decision will do
+            stream.queue.put_nowait((self.position_for(stream), fact))
+
     def _progress(self, name: str, r: dict[str, Any]) -> None:
         progress = self._sales.get(r["sale_id"])
         if progress is None:
@@ -325,6 +344,8 @@ class DecisionFeed:
             progress.remaining[r["sku"]] = r["remaining"]
         elif name == "SaleOpened":
             progress.remaining[r["sku"]] = r["allocation"]
+        elif name == "EntryQueued":
+            progress.entrants[r["sku"]] = r["entrants"]
         else:
             return
         progress.version += 1
@@ -404,6 +425,15 @@ class DecisionFeed:
             and time.time() * 1000 - log_time_ms <= self.trust_ms
         )
 
+    def placed(
+        self, user_id: str, intent_id: str, sale_id: str, sku: str, quantity: int, at: Any
+    ) -> None:
+        """An intent answered 202 at ``at`` (its ``Appended`` place in the input log): its
+        owner is told how far ahead of it the writer is until its decision is read."""
+        if intent_id not in self._decided:
+            self.waiting.register(user_id, intent_id, sale_id, sku, quantity, at.partition,
+                                  at.offset)  # fmt: skip
+
     def knows(self, sale_id: str, sku: str) -> bool:
         """Whether this server has read a fact of (sale, SKU) (e.g. its SaleOpened)."""
         progress = self._sales.get(sale_id)
@@ -440,6 +470,8 @@ def status_of_fact(fact: Fact) -> dict[str, Any]:
     decided (with its rank k of n when it was drawn), or queued in a pre-queue (its place
     among the queued intents and the pre-queue's size when it was queued)."""
     r = fact.record
+    if fact.name == WAITING:  # pushed while it waits for the writer (producers.http.waiting)
+        return dict(r)
     common = {"intent_id": r["intent_id"], "sale_id": r["sale_id"], "sku": r["sku"],
               "quantity": r["quantity"]}  # fmt: skip
     if fact.name == "EntryQueued":

@@ -13,7 +13,7 @@ Identifier = Annotated[str, Field(min_length=1, max_length=128, pattern=IDENT)]
 IDEMPOTENCY_KEY = r"^[A-Za-z0-9_.:-]{1,128}$"
 # producers.http.intake.Receipts: the HMAC, then where the log put the intent (partition and
 # broker append time in ms) when known.
-RECEIPT = r"^[A-Za-z0-9_-]{22}(\.[0-9]{1,6}\.[0-9]{1,16})?$"
+RECEIPT = r"^[A-Za-z0-9_-]{22}(\.[0-9]{1,6}\.[0-9]{1,16}(\.[0-9]{1,19})?)?$"
 
 
 class Strict(BaseModel):
@@ -63,6 +63,23 @@ class IntentStatus(Strict):
     )
     draw_rank: int | None = Field(default=None, description="Its rank k in the draw, if drawn.")
     draw_size: int | None = Field(default=None, description="The draw's entries n, if drawn.")
+    ahead: int | None = Field(
+        default=None,
+        description="While waiting for the writer: input records ahead of it, which the "
+        "writer decides first (an upper bound: other SKUs of its partition count), as of the "
+        "writer's latest progress fact.",
+    )
+    eta_s: float | None = Field(
+        default=None,
+        description="While waiting: `ahead` over the rate the writer has moved through its "
+        "input lately, as this server measured it. An estimate, not a slot: the queue is not "
+        "throttled.",
+    )
+    sold_out: bool | None = Field(
+        default=None,
+        description="While waiting: the allocation is gone as of the log; it will be rejected "
+        "unless units come back.",
+    )
 
 
 class SkuState(Strict):

@@ -79,7 +79,7 @@ def build_app(
         limiter = RateLimiter(cfg.rate_per_s, cfg.rate_burst)
         intake = IntakeService(
             store, producer, Receipts(secret), RecentIntents(cfg.recent_intents),
-            cfg.ack_timeout_ms / 1000, in_log=feed.knows,
+            cfg.ack_timeout_ms / 1000, in_log=feed.knows, on_placed=feed.placed,
         )  # fmt: skip
         readers = RateLimiter(cfg.read_rate_per_s, cfg.read_rate_burst)
         app.state.edge = EdgeContext(
@@ -87,7 +87,7 @@ def build_app(
             limiter=limiter, metrics=metrics, intake=intake, readers=readers,
             sale_views=SaleViews(store),
             intent_views=IntentViews(store, intake.receipts, decisions=feed.decision,
-                                     undecided=feed.undecided),
+                                     undecided=feed.undecided, waiting=feed.waiting.status),
             sales=SaleService(PostgresClaims(pool), producer, feed,
                               seeds=DrawSeeds(endpoints.dsn, settings.namespace),
                               progress_every=cfg.progress_every),

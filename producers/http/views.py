@@ -14,7 +14,7 @@ from fastapi import Request, Response
 from pydantic import BaseModel
 
 from producers.http.errors import ApiError
-from producers.http.intake import Receipts
+from producers.http.intake import Receipt, Receipts
 from producers.http.livefeed import status_of_fact
 from producers.http.models import IntentStatus, SaleState
 from producers.http.rules import state_of
@@ -71,11 +71,14 @@ class IntentViews:
         miss_ttl_s: float = 0.5,
         decisions: Callable[[str], Any] | None = None,
         undecided: Callable[[int, int], bool] | None = None,
+        waiting: Callable[[str, str, int | None, int | None], dict[str, Any]] | None = None,
     ) -> None:
         self.store = store
         self.decisions = decisions  # the live feed's window: a decision before it is projected
         # The live feed: the writer of this partition has not reached this log time yet.
         self.undecided = undecided
+        # The live feed: how far ahead of a waiting intent the writer is (its receipt's place).
+        self.waiting = waiting
         self.receipts = receipts
         self.capacity = capacity
         self.miss_ttl_s = miss_ttl_s
@@ -119,7 +122,7 @@ class IntentViews:
                 and self.undecided is not None
                 and self.undecided(proven.partition, proven.log_time_ms)
             ):
-                return self._queued(intent_id, sale_id, sku, quantity)  # no query needed
+                return self._queued(intent_id, sale_id, sku, quantity, proven)  # no query
         now = time.monotonic()
         if hit is None and now - self._misses.get(intent_id, -1e9) >= self.miss_ttl_s:
             self.queries += 1
@@ -138,13 +141,17 @@ class IntentViews:
             return hit[1]
         if receipt is not None and proven is not None:
             sale_id, sku, quantity, _ = receipt
-            return self._queued(intent_id, sale_id, sku, quantity)
+            return self._queued(intent_id, sale_id, sku, quantity, proven)
         raise ApiError(404, "unknown_intent", f"no intent {intent_id!r}")
 
-    @staticmethod
-    def _queued(intent_id: str, sale_id: str, sku: str, quantity: int) -> Rendered:
+    def _queued(
+        self, intent_id: str, sale_id: str, sku: str, quantity: int, proven: Receipt
+    ) -> Rendered:
+        """Not decided yet: queued, with how far ahead of it the writer is when known."""
+        ahead = {} if self.waiting is None else self.waiting(
+            sale_id, sku, proven.partition, proven.offset)  # fmt: skip
         queued = IntentStatus(intent_id=intent_id, sale_id=sale_id, sku=sku,
-                              quantity=quantity, status="queued")  # fmt: skip
+                              quantity=quantity, status="queued", **ahead)  # fmt: skip
         return Rendered.of(queued, "private, no-cache")
 
 

@@ -35,9 +35,16 @@ class Pipeline:
     def audit(self, sale_id: str, committed_only: bool = True) -> DecisionAudit:
         return DecisionAudit(self.endpoints.bootstrap, self.names, sale_id, committed_only)
 
-    def open_sale(self, sale_id: str, skus: list[SkuAllocation], starts_in_ms: int = -1000) -> None:
+    def open_sale(
+        self,
+        sale_id: str,
+        skus: list[SkuAllocation],
+        starts_in_ms: int = -1000,
+        progress_every: int | None = None,
+    ) -> None:
         now = int(time.time() * 1000)
-        self.producer().open_sale(sale_id, skus, now + starts_in_ms, now + 3_600_000)
+        self.producer().open_sale(sale_id, skus, now + starts_in_ms, now + 3_600_000,
+                                  progress_every=progress_every)  # fmt: skip
 
     def stop(self) -> None:
         self.projector.stop()

@@ -42,12 +42,13 @@ Forge = Callable[[list[Decision]], list[Decision]]
 
 @pytest.fixture(scope="module")
 def sale(settings: Settings, endpoints: Endpoints) -> Iterator[tuple[Pipeline, str]]:
-    """A decided sale: 20 units, one per user, 60 users asking, 6 retries."""
+    """A decided sale: 20 units, one per user, 60 users asking, 6 retries; a progress fact
+    after every 7th event."""
     local_only(settings)
     p = start_pipeline(settings, endpoints, uuid.uuid4().hex[:8])
     try:
         sale_id, sku = f"audit-{uuid.uuid4().hex[:6]}", f"sku-audit-{uuid.uuid4().hex[:6]}"
-        p.open_sale(sale_id, [SkuAllocation(sku, 20, 1, 1)])
+        p.open_sale(sale_id, [SkuAllocation(sku, 20, 1, 1)], progress_every=7)
         producer = p.producer()
         sends = [(f"u{i}", f"k{i}") for i in range(60)]
         futures = [producer.submit_intent(sale_id, sku, u, 1, k)[1] for u, k in sends + sends[:6]]
@@ -70,6 +71,14 @@ def test_a_clean_sale_passes_with_its_figures(sale: tuple[Pipeline, str]):
     assert fig.rules_version == CURRENT_RULES
     assert fig.remaining == 0
     assert (audit.decisions, audit.input_offsets, audit.repeats) == (60, 67, 6)  # + SaleOpened
+    # 61 events (SaleOpened, 60 decisions): after #7, #14, ... #56, and after the 20th unit.
+    facts = input_audit.decode_all(SchemaRegistry.load_default(), input_audit.read_topic(
+        p.endpoints.bootstrap, p.names.decisions, True, 30))  # fmt: skip
+    progress = [r for _, _, n, r in facts if n == "QueueProgress" and r["sale_id"] == sale_id]
+    assert len(progress) == 8 + sum(
+        1 for r in progress if r["sold_out"] and r["after_sequence"] % 7
+    )
+    assert sum(1 for r in progress if r["sold_out"]) == 1
 
 
 def test_the_command_prints_json_and_exits_by_verdict(sale: tuple[Pipeline, str]):
@@ -103,7 +112,7 @@ def _second_decision(ds: list[Decision]) -> list[Decision]:
 
 
 def _sequence_gap(ds: list[Decision]) -> list[Decision]:
-    last = max(range(len(ds)), key=lambda i: ds[i][1]["sequence"])
+    last = max(range(len(ds)), key=lambda i: ds[i][1].get("sequence", 0))
     name, rec = ds[last]
     return [*ds[:last], (name, {**rec, "sequence": rec["sequence"] + 1}), *ds[last + 1 :]]
 
@@ -119,6 +128,21 @@ def _dropped_decision(ds: list[Decision]) -> list[Decision]:
     return ds[:i] + ds[i + 1 :]
 
 
+def _progress(ds: list[Decision]) -> list[int]:
+    return [i for i, (name, _) in enumerate(ds) if name == "QueueProgress"]
+
+
+def _dropped_progress(ds: list[Decision]) -> list[Decision]:
+    i = _progress(ds)[2]
+    return ds[:i] + ds[i + 1 :]
+
+
+def _progress_elsewhere(ds: list[Decision]) -> list[Decision]:
+    i = _progress(ds)[3]  # it names another input record than the one it followed
+    name, rec = ds[i]
+    return [*ds[:i], (name, {**rec, "input_offset": rec["input_offset"] - 1}), *ds[i + 1 :]]
+
+
 @pytest.mark.parametrize(
     ("forge", "kinds"),
     [
@@ -128,6 +152,8 @@ def _dropped_decision(ds: list[Decision]) -> list[Decision]:
         (_sequence_gap, {"sequence-gap"}),
         (_user_over_limit, {"user-limit"}),
         (_dropped_decision, {"undecided-intent", "sequence-gap"}),
+        (_dropped_progress, {"progress-missing"}),
+        (_progress_elsewhere, {"progress-offset"}),
     ],
     ids=[
         "unchanged",
@@ -136,6 +162,8 @@ def _dropped_decision(ds: list[Decision]) -> list[Decision]:
         "sequence-gap",
         "user-over-limit",
         "dropped-decision",
+        "dropped-progress",
+        "progress-elsewhere",
     ],
 )
 def test_a_forged_copy_fails_naming_the_violation(

@@ -144,7 +144,7 @@ def test_a_retry_while_the_first_waits_for_its_ack_waits_for_the_same_ack():
         assert not first.done() and not second.done()
         log.pending[0].set_result(Appended(2, 7, LOG_TIME_MS))
         a, b = await first, await second
-        assert a == b and a.receipt.endswith(f".2.{LOG_TIME_MS}")
+        assert a == b and a.receipt.endswith(f".2.{LOG_TIME_MS}.7")
 
     run(scenario())
     assert len(log.produced) == 1
@@ -262,11 +262,16 @@ def test_receipts_prove_exactly_the_fields_they_were_signed_for():
 def test_a_receipt_proves_where_the_log_put_the_intent_and_that_cannot_be_moved():
     r = Receipts(SECRET)
     sig = r.sign("i", "u", "s", "k", 2, Appended(3, 41, 1_700_000_000_123))
-    assert sig.endswith(".3.1700000000123") and len(sig) == 22 + len(".3.1700000000123")
-    assert r.verify(sig, "i", "u", "s", "k", 2) == Receipt(3, 1_700_000_000_123)
+    assert sig.endswith(".3.1700000000123.41") and len(sig) == 22 + len(".3.1700000000123.41")
+    assert r.verify(sig, "i", "u", "s", "k", 2) == Receipt(3, 1_700_000_000_123, 41)
     mac = sig.split(".")[0]
-    for moved in (f"{mac}.4.1700000000123", f"{mac}.3.1700000009999", mac):
+    for moved in (f"{mac}.4.1700000000123.41", f"{mac}.3.1700000009999.41",
+                  f"{mac}.3.1700000000123.40", f"{mac}.3.1700000000123", mac):  # fmt: skip
         assert r.verify(moved, "i", "u", "s", "k", 2) is None
+    # A receipt signed before receipts carried the offset still proves partition and time.
+    fields = "i\x1fu\x1fs\x1fk\x1f2"
+    older = f"{r._mac(fields + chr(0x1F) + '3.1700000000123')}.3.1700000000123"
+    assert r.verify(older, "i", "u", "s", "k", 2) == Receipt(3, 1_700_000_000_123)
     # A topic that does not stamp the broker's time: the receipt proves the fields only.
     assert r.verify(r.sign("i", "u", "s", "k", 2, Appended(3, 41, None)), "i", "u", "s", "k", 2) \
         == Receipt()  # fmt: skip
@@ -388,6 +393,7 @@ def test_a_receipt_answers_queued_until_the_projection_has_the_intent(tmp_path: 
         "intent_id": None, "sale_id": "s", "sku": "k", "quantity": 2, "status": "queued",
         "position": None, "order_id": None, "reason": None, "detail": None, "decided_at": None,
         "entrants": None, "queue_kind": None, "draw_rank": None, "draw_size": None,
+        "ahead": None, "eta_s": None, "sold_out": None,
     }  # fmt: skip
     views = client.app.state.edge.intent_views  # type: ignore[attr-defined]
     before = views.queries

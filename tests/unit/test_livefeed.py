@@ -300,3 +300,52 @@ def test_a_queued_intent_is_pushed_and_answered_as_queued_until_its_drawn_decisi
         assert a.decision("q") == ranked  # the window: its decision is still there
 
     asyncio.run(scenario())
+
+
+def progress(
+    p: int, offset: int, input_offset: int, remaining: int, sold_out: bool = False
+) -> Fact:
+    record = {"sale_id": "s", "sku": "k0", "after_sequence": offset, "remaining": remaining,
+              "sold_out": sold_out, "input_partition": 0, "input_offset": input_offset,
+              "decided_at": 1_800_000_000_000 + input_offset}  # fmt: skip
+    return Fact(p, offset, "QueueProgress", record)
+
+
+def test_waiting_intents_learn_how_far_ahead_the_writer_is_and_all_at_once_when_it_is_gone():
+    async def scenario() -> None:
+        f = feed()
+        receipts, rows = Receipts("s" * 48), _Rows()
+        views = IntentViews(rows, receipts, decisions=f.decision, waiting=f.waiting.status)
+        streams = {u: f.subscribe(u, None)[0] for u in ("u", "v", "w")}
+        for n, user in enumerate(("u", "v", "w")):  # 202s at input offsets 500, 600, 700
+            f.placed(user, f"i-{user}", "s", "k0", 1, Appended(0, 500 + 100 * n, 1))
+        f.apply([progress(0, 0, 99, remaining=5)])
+        pushed = {u: [fact.record for _, fact in drain_facts(s)] for u, s in streams.items()}
+        assert [r["ahead"] for r in pushed["u"]] == [400] and pushed["w"][0]["ahead"] == 600
+        assert pushed["u"][0]["eta_s"] is None  # one sample: no rate yet
+        IntentStatus.model_validate(status_of_fact(Fact(0, 0, "Waiting", pushed["u"][0])))
+        # A receipt without the feed's help: the same numbers from the GET.
+        sig = receipts.sign("i-v", "v", "s", "k0", 1, Appended(0, 600, 1))
+        answer = json.loads((await views.get("v", "i-v", ("s", "k0", 1, sig))).body)
+        assert (answer["status"], answer["ahead"], answer["sold_out"]) == ("queued", 500, False)
+        time.sleep(0.05)
+        f.apply([progress(0, 1, 299, remaining=3)])  # within a second: nobody pushed again
+        assert all(not drain_facts(s) for s in streams.values())
+        answer = json.loads((await views.get("v", "i-v", ("s", "k0", 1, sig))).body)
+        assert answer["ahead"] == 300 and 0 < answer["eta_s"] < 300 / 1000  # ~4,000 records/s
+        f.apply([decision(0, 2, "u", "i-u")])  # u is decided: no longer waiting
+        assert [fact.name for _, fact in drain_facts(streams["u"])] == ["IntentAccepted"]
+        f.apply([progress(0, 3, 550, remaining=0, sold_out=True)])  # the last unit went
+        told = {u: [fact.record for _, fact in drain_facts(s)] for u, s in streams.items()}
+        assert told["u"] == []
+        assert [(r["sold_out"], r["ahead"]) for r in told["v"]] == [(True, 49)]
+        assert [(r["sold_out"], r["ahead"]) for r in told["w"]] == [(True, 149)]
+
+    asyncio.run(scenario())
+
+
+def drain_facts(stream: Any) -> list[tuple[str, Fact]]:
+    out = []
+    while not stream.queue.empty():
+        out.append(stream.queue.get_nowait())
+    return out
