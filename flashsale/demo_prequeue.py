@@ -75,6 +75,10 @@ def run_prequeue_sale(
     verdict = "PASS" if audit.passed else "FAIL"
     print(f"revealed seed {drawn['seed']}; {len(winners)} winners, {bot_wins} of them bots "
           f"({bots} of {entrants} entrants); fairness audit {verdict}")  # fmt: skip
+    progress = [r for n, r in facts if n == "QueueProgress"]
+    sold_out = next((r["after_sequence"] for r in progress if r["sold_out"]), None)
+    print(f"writer progress facts: {len(progress)} (every progress_every events; the last unit "
+          f"went at event #{sold_out}, when everyone still waiting was told)")  # fmt: skip
     return {
         "prequeue_sale_id": sale_id,
         "draw_commitment": committed,
@@ -87,6 +91,7 @@ def run_prequeue_sale(
         "draw_served_ms": served_ms,
         "fairness_audit": "pass" if audit.passed else "fail",
         "fairness_violations": audit.violations[:10],
+        "prequeue_progress_facts": len(progress),
     }
 
 

@@ -55,6 +55,8 @@ class MemoryOutcomeStore:
                 for o in self.outcomes.values()
                 if o[5] == "accepted"
             ),
-            "intent_outcomes": sorted((*o[:11], utc(o[11])) for o in self.outcomes.values()),
+            "intent_outcomes": sorted(
+                (*o[:11], utc(o[11]), *o[12:]) for o in self.outcomes.values()
+            ),
             "sale_counters": sorted((*k, *c) for k, c in self.counters.items()),
         }

@@ -24,9 +24,12 @@ SaleRow = tuple[str, str, int, int, int, datetime, datetime, str]
 ClosureRow = tuple[str, str]
 """sale_id, sku."""
 
-OutcomeRow = tuple[str, str, str, str, int, str, str | None, str, str | None, int, int, int]
+OutcomeRow = tuple[
+    str, str, str, str, int, str, str | None, str, str | None, int, int, int, int | None, int | None
+]
 """intent_id, sale_id, sku, user_id, quantity, outcome, reason, detail, order_id, remaining,
-sequence, decided_at (epoch ms: turned into timestamptz text by ``outcomes_copy``)."""
+sequence, decided_at (epoch ms: turned into timestamptz text by ``outcomes_copy``), draw_rank,
+draw_size (its rank k of n in a pre-queue's draw; None when it was not drawn)."""
 
 
 def utc(millis: int) -> datetime:
@@ -71,6 +74,8 @@ def outcome_row(name: str, record: dict[str, Any]) -> OutcomeRow:
         r["remaining"],
         r["sequence"],
         r["decided_at"],
+        r.get("draw_rank") or None,
+        r.get("draw_size") or None,
     )
 
 
@@ -157,7 +162,7 @@ def counter_rows(outcomes: Iterable[OutcomeRow], marks: Iterable[Mark] = ()) -> 
     the rows are written in.
     """
     acc: dict[tuple[str, str], list[Any]] = {}
-    for _, sale_id, sku, _, quantity, outcome, reason, _, _, remaining, sequence, _ in outcomes:
+    for _, sale_id, sku, _, quantity, outcome, reason, _, _, remaining, sequence, *_ in outcomes:
         c = acc.get((sale_id, sku))
         if c is None:
             c = acc[(sale_id, sku)] = [0, 0, 0, {}, 0, 0]
@@ -201,6 +206,9 @@ def _text(value: str | None) -> str:
     return value.translate(_ESCAPE) if _SPECIAL.search(value) else value
 
 
+_NULL = "\\N"
+
+
 def outcomes_copy(rows: Iterable[OutcomeRow]) -> str:
     """Outcome rows as ``COPY intent_outcomes (<OutcomeRow columns>) FROM STDIN`` text.
 
@@ -209,6 +217,7 @@ def outcomes_copy(rows: Iterable[OutcomeRow]) -> str:
     """
     t, ts = _text, _timestamp
     return "".join(
-        f"{t(i)}\t{t(s)}\t{t(k)}\t{t(u)}\t{q}\t{o}\t{t(r)}\t{t(d)}\t{t(oid)}\t{rem}\t{seq}\t{ts(at)}\n"
-        for i, s, k, u, q, o, r, d, oid, rem, seq, at in rows
+        f"{t(i)}\t{t(s)}\t{t(k)}\t{t(u)}\t{q}\t{o}\t{t(r)}\t{t(d)}\t{t(oid)}\t{rem}\t{seq}\t{ts(at)}"
+        f"\t{_NULL if rank is None else rank}\t{_NULL if size is None else size}\n"
+        for i, s, k, u, q, o, r, d, oid, rem, seq, at, rank, size in rows
     )

@@ -38,7 +38,7 @@ READ_MODELS = ("sales", "orders", "intent_outcomes", "sale_counters")
 
 _OUTCOME_COLUMNS = (
     "intent_id, sale_id, sku, user_id, quantity, outcome, reason, detail, order_id, remaining,"
-    " sequence, decided_at"
+    " sequence, decided_at, draw_rank, draw_size"
 )
 _ORDER_COLUMNS = "order_id, intent_id, sale_id, sku, user_id, quantity, decided_at, sequence"
 
@@ -48,13 +48,13 @@ _EPOCH_MS = "(extract(epoch FROM {}) * 1000)::bigint"
 
 _OUTCOMES_SLOW_SQL = f"""
 INSERT INTO intent_outcomes ({_OUTCOME_COLUMNS})
-SELECT i, s, k, u, q, o, r, d, oid, rem, seq, {_MILLIS.format("at")} FROM unnest(
+SELECT i, s, k, u, q, o, r, d, oid, rem, seq, {_MILLIS.format("at")}, rank, size FROM unnest(
     %s::text[], %s::text[], %s::text[], %s::text[], %s::int[], %s::text[], %s::text[],
-    %s::text[], %s::text[], %s::int[], %s::bigint[], %s::bigint[])
-    AS t(i, s, k, u, q, o, r, d, oid, rem, seq, at)
+    %s::text[], %s::text[], %s::int[], %s::bigint[], %s::bigint[], %s::int[], %s::int[])
+    AS t(i, s, k, u, q, o, r, d, oid, rem, seq, at, rank, size)
 ON CONFLICT (intent_id) DO NOTHING
 RETURNING intent_id, sale_id, sku, user_id, quantity, outcome, reason, detail, order_id,
-          remaining, sequence, {_EPOCH_MS.format("decided_at")}
+          remaining, sequence, {_EPOCH_MS.format("decided_at")}, draw_rank, draw_size
 """
 
 _COUNTERS_SQL = """

@@ -20,7 +20,8 @@ WHERE s.sale_id = %s
 """
 
 _OUTCOME_SQL = """
-SELECT intent_id, user_id, sale_id, sku, quantity, outcome, reason, detail, order_id, decided_at
+SELECT intent_id, user_id, sale_id, sku, quantity, outcome, reason, detail, order_id, decided_at,
+       draw_rank, draw_size
 FROM intent_outcomes WHERE intent_id = %s
 """
 
@@ -104,4 +105,6 @@ def status_of(row: dict[str, Any]) -> dict[str, Any]:
         "reason": row.get("reason"),
         "detail": row.get("detail") or None,
         "decided_at": decided.isoformat() if decided else None,
+        "draw_rank": row.get("draw_rank"),
+        "draw_size": row.get("draw_size"),
     }

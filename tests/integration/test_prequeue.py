@@ -117,6 +117,19 @@ def test_entries_survive_a_writer_sigkill_and_are_drawn_once_in_the_seeds_order(
         60,
         20,
     )
+    # The projection keeps each drawn intent's rank, for when the live feed has moved on.
+    import psycopg
+
+    sql = "SELECT intent_id, draw_rank, draw_size FROM intent_outcomes WHERE sale_id = %s"
+
+    def projected() -> list[tuple[str, int | None, int | None]]:
+        with psycopg.connect(pipeline.endpoints.dsn) as conn:
+            return conn.execute(sql, (sale,)).fetchall()
+
+    assert processes.wait_until(lambda: len(projected()) == 70, 30)
+    ranks = {r["intent_id"]: (r["draw_rank"] or None, r["draw_size"] or None)
+             for _, r in decisions}  # fmt: skip
+    assert {i: (k, n) for i, k, n in projected()} == ranks
 
 
 def test_without_a_reveal_every_queued_intent_is_rejected_draw_not_revealed(

@@ -59,9 +59,11 @@ def opened(sale: str, sku: str, allocation: int, seq: int = 1) -> dict:
 
 
 def decision(intent: str, seq: int, remaining: int, *, q: int = 1, reason: str | None = None,
-             user: str = "u1", sku: str = "A") -> tuple[str, dict]:  # fmt: skip
+             user: str = "u1", sku: str = "A", drawn: tuple[int, int] = (0, 0),
+             ) -> tuple[str, dict]:  # fmt: skip
     record = {"intent_id": intent, "sale_id": "s", "sku": sku, "user_id": user, "quantity": q,
-              "remaining": remaining, "sequence": seq, "decided_at": T + seq}  # fmt: skip
+              "remaining": remaining, "sequence": seq, "decided_at": T + seq,
+              "draw_rank": drawn[0], "draw_size": drawn[1]}  # fmt: skip
     if reason is None:
         return "IntentAccepted", {**record, "order_id": f"ord-{intent}"}
     return "IntentRejected", {**record, "reason": reason, "detail": reason.lower()}
@@ -77,16 +79,21 @@ def batch(*items: tuple[str, dict]) -> BatchRows:
 def test_a_batch_projects_outcomes_orders_and_counters_from_the_allocation(adapter: Adapter):
     assert adapter.write(batch(("SaleOpened", opened("s", "A", 5)))) == 0
     assert (
-        adapter.write(batch(decision("i1", 2, 3, q=2), decision("i2", 3, 3, reason="USER_LIMIT")))
+        adapter.write(
+            batch(
+                decision("i1", 2, 3, q=2), decision("i2", 3, 3, reason="USER_LIMIT", drawn=(7, 9))
+            )
+        )
         == 2
     )
     got = adapter.dump()
     assert got["sales"] == [("s", "A", 5, 2, 2, at(T), at(T + 60_000), False, "open-A")]
     assert got["orders"] == [("ord-i1", "i1", "s", "A", "u1", 2, at(T + 2), 2)]
     assert got["intent_outcomes"] == [
-        ("i1", "s", "A", "u1", 2, "accepted", None, "", "ord-i1", 3, 2, at(T + 2)),
-        ("i2", "s", "A", "u1", 1, "rejected", "USER_LIMIT", "user_limit", None, 3, 3, at(T + 3)),
-    ]
+        ("i1", "s", "A", "u1", 2, "accepted", None, "", "ord-i1", 3, 2, at(T + 2), None, None),
+        ("i2", "s", "A", "u1", 1, "rejected", "USER_LIMIT", "user_limit", None, 3, 3, at(T + 3),
+         7, 9),
+    ]  # fmt: skip
     assert got["sale_counters"] == [("s", "A", 1, 2, 1, {"USER_LIMIT": 1}, 3, 3)]
 
 

@@ -49,8 +49,11 @@ def test_utc_keeps_milliseconds():
 def test_accepted_outcome_carries_its_order():
     row = outcome_row("IntentAccepted", accepted("i1", 3))
     assert row == (
-        "i1", "s1", "k1", "u1", 2, "accepted", None, "", "o-i1", 8, 3, 1_700_000_000_123,
+        "i1", "s1", "k1", "u1", 2, "accepted", None, "", "o-i1", 8, 3, 1_700_000_000_123, None,
+        None,
     )  # fmt: skip
+    drawn = outcome_row("IntentAccepted", accepted("i1", 3, draw_rank=4, draw_size=70))
+    assert drawn[12:] == (4, 70)
 
 
 def test_rejected_outcome_has_reason_and_no_order():
@@ -102,11 +105,11 @@ def test_copy_text_escapes_and_stamps_exactly():
     row = outcome_row("IntentRejected", {**rejected("i\t3", 5), "user_id": "a\\b\nc"})
     assert outcomes_copy([row]) == (
         "i\\t3\ts1\tk1\ta\\\\b\\nc\t2\trejected\tUSER_LIMIT\tlimit 2\t\\N\t8\t5"
-        "\t2023-11-14 22:13:20.123+00\n"
+        "\t2023-11-14 22:13:20.123+00\t\\N\t\\N\n"
     )
-    row = outcome_row("IntentAccepted", accepted("i4", 6, decided_at=7))
+    row = outcome_row("IntentAccepted", accepted("i4", 6, decided_at=7, draw_rank=2, draw_size=9))
     assert outcomes_copy([row]) == (
-        "i4\ts1\tk1\tu1\t2\taccepted\t\\N\t\to-i4\t8\t6\t1970-01-01 00:00:00.007+00\n"
+        "i4\ts1\tk1\tu1\t2\taccepted\t\\N\t\to-i4\t8\t6\t1970-01-01 00:00:00.007+00\t2\t9\n"
     )
 
 
