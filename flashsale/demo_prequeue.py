@@ -77,8 +77,9 @@ def run_prequeue_sale(
           f"({bots} of {entrants} entrants); fairness audit {verdict}")  # fmt: skip
     progress = [r for n, r in facts if n == "QueueProgress"]
     sold_out = next((r["after_sequence"] for r in progress if r["sold_out"]), None)
-    print(f"writer progress facts: {len(progress)} (every progress_every events; the last unit "
-          f"went at event #{sold_out}, when everyone still waiting was told)")  # fmt: skip
+    went = "" if sold_out is None else f"; the last unit went at event #{sold_out}, and " \
+        "everyone still waiting was told then"  # fmt: skip
+    print(f"writer progress facts seen: {len(progress)} (every progress_every events{went})")
     return {
         "prequeue_sale_id": sale_id,
         "draw_commitment": committed,

@@ -78,6 +78,17 @@ def check_progress(
     return found
 
 
+# The command each kind of event comes from (None: whichever command saw the sale's end).
+_CAUSE = {
+    "SaleOpened": "OpenSale",
+    "SaleClosed": "CloseSale",
+    "UnitsReturned": "ReturnUnits",
+    "SaleSettled": "SettleSale",
+    "DrawRevealed": "RevealDraw",
+    "QueueExpired": None,
+}
+
+
 def _not_its_cause(command: tuple[str, dict[str, Any], int] | None, event: Fact) -> str | None:
     """Why the input record ``command`` cannot be what caused ``event``, or None."""
     if command is None:
@@ -88,7 +99,13 @@ def _not_its_cause(command: tuple[str, dict[str, Any], int] | None, event: Fact)
         return f"was appended at {at}, the event it follows at {ev['decided_at']}"
     if rec.get("sku") not in (None, ev["sku"]):
         return f"is a command for {rec['sku']!r}"
-    other = name == "PurchaseIntent" and rec["intent_id"] != ev.get("intent_id", rec["intent_id"])
-    if other and ev.get("reason") != "DRAW_NOT_REVEALED":  # an expiry decides other intents
-        return f"is intent {rec['intent_id']}, the event is {ev_name} of {ev['intent_id']}"
+    if "intent_id" in ev:  # a decision or a queued intent: its own intent, or the draw
+        if ev.get("reason") == "DRAW_NOT_REVEALED" or name == "RevealDraw":
+            return None
+        if name == "PurchaseIntent" and rec["intent_id"] == ev["intent_id"]:
+            return None
+        return f"is a {name}, not intent {ev['intent_id']} of the {ev_name} it follows"
+    want = ev["command"] if ev_name == "SaleRefused" else _CAUSE.get(ev_name)
+    if want is not None and name != want:
+        return f"is a {name}, the {ev_name} it follows comes from a {want}"
     return None

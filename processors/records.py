@@ -106,11 +106,6 @@ def terms_from_record(record: dict[str, Any]) -> SaleTerms:
                      r.get("draw_commitment"), r.get("progress_every"))  # fmt: skip
 
 
-def progress_from_record(record: dict[str, Any]) -> QueueProgress:
-    """``QueueProgress`` from a decoded decisions-topic record."""
-    return QueueProgress(*(record[f] for f in QueueProgress.__slots__))
-
-
 def event_from_record(name: str, record: dict[str, Any]) -> Event:
     """Core event from a decoded decisions-topic record."""
     r = record

@@ -150,13 +150,19 @@ class PostgresClaims:
 
 
 def _terms(
-    skus: Sequence[SkuAllocation], starts_at_ms: int, ends_at_ms: int, prequeue: int | None
+    skus: Sequence[SkuAllocation],
+    starts_at_ms: int,
+    ends_at_ms: int,
+    prequeue: int | None,
+    progress_every: int | None,
 ) -> str:
     """The claimed terms, canonical JSON (PostgreSQL's jsonb text is compared)."""
     body: dict[str, Any] = {"skus": [asdict(s) for s in skus], "starts_at": starts_at_ms,
                             "ends_at": ends_at_ms}  # fmt: skip
     if prequeue is not None:
         body["prequeue_opens_at"] = prequeue
+    if progress_every is not None:
+        body["progress_every"] = progress_every
     return json.dumps(body, sort_keys=True)
 
 
@@ -218,13 +224,17 @@ class SaleService:
         """
         if prequeue_opens_at_ms is not None and self.seeds is None:
             raise Refused("no_prequeue", "this service keeps no draw seeds: no pre-queue here")
-        terms = _terms(skus, starts_at_ms, ends_at_ms, prequeue_opens_at_ms)
+        cadence = self.progress_every
+        terms = _terms(skus, starts_at_ms, ends_at_ms, prequeue_opens_at_ms, cadence)
         held = await self.claims.claim(sale_id, terms, by)
         opening = Opening(sale_id)
         if held is not None:
             # The same SKUs and numbers, with or without a pre-queue (a window given relative
             # to "now" moves on a retry).
             was, now = json.loads(held), json.loads(terms)
+            # A retry writes the cadence of the first attempt (another server, another
+            # setting): the writer refuses an OpenSale whose terms differ in anything.
+            cadence = was.get("progress_every")
             if (was["skus"], "prequeue_opens_at" in was) != (
                 now["skus"],
                 "prequeue_opens_at" in now,
@@ -257,7 +267,7 @@ class SaleService:
                 self.commands.open_sale,
                 prequeue_opens_at_ms=prequeue_opens_at_ms,
                 draw_commitment=committed,
-                progress_every=self.progress_every,
+                progress_every=cadence,
             )
             await asyncio.to_thread(write, sale_id, todo, starts_at_ms, ends_at_ms)
             await asyncio.wait(list(waits.values()), timeout=self.wait_s)

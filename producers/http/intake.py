@@ -247,7 +247,7 @@ class IntakeService:
             await self._check(user_id, sale_id, sku, quantity, None)
             intent_id, ack = self._submit(user_id, sale_id, sku, quantity, uuid.uuid4().hex)
             placed_at = await self._acknowledged(ack)
-            return self._placed(intent_id, user_id, sale_id, sku, quantity, placed_at)
+            return self._placed(intent_id, user_id, sale_id, sku, quantity, placed_at, fresh=True)
         slot = (user_id, sale_id, key)
         seen = self.recent.get(slot)
         if seen is not None:
@@ -283,7 +283,7 @@ class IntakeService:
         assert produced_id == intent_id
         ack.add_done_callback(lambda f: _settle_from(done, f))
         place = await self._acknowledged(done)
-        return self._placed(intent_id, user_id, sale_id, sku, quantity, place)
+        return self._placed(intent_id, user_id, sale_id, sku, quantity, place, fresh=True)
 
     async def _check(
         self, user_id: str, sale_id: str, sku: str, quantity: int, key: str | None
@@ -333,9 +333,18 @@ class IntakeService:
             raise Unacknowledged(str(exc)) from None
 
     def _placed(
-        self, intent_id: str, user_id: str, sale_id: str, sku: str, q: int, place: Appended | None
+        self,
+        intent_id: str,
+        user_id: str,
+        sale_id: str,
+        sku: str,
+        q: int,
+        place: Appended | None,
+        fresh: bool = False,
     ) -> Placed:
+        """The 202's answer; a ``fresh`` one (just acknowledged, not a retry answered from
+        memory) starts waiting for its decision (``on_placed``)."""
         receipt = self.receipts.sign(intent_id, user_id, sale_id, sku, q, place)
-        if place is not None and self.on_placed is not None:
+        if fresh and place is not None and self.on_placed is not None:
             self.on_placed(user_id, intent_id, sale_id, sku, q, place)
         return Placed(intent_id, sale_id, sku, q, receipt)

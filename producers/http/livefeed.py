@@ -239,6 +239,8 @@ class DecisionFeed:
                         name, record = self._registry.decode(m.value() or b"")
                     except UndecodableRecord:
                         name, record = "", {}  # its position still counts
+                    if name == PROGRESS:  # when the writer wrote it: its pace, for eta_s
+                        record["written_at"] = m.timestamp()[1]
                     batch.append((m.partition() or 0, m.offset() or 0, name, record))
                 if batch or ends:
                     try:
@@ -340,6 +342,8 @@ class DecisionFeed:
             if len(self._sales) > 10_000:
                 self._sales.clear()
             progress = self._sales[r["sale_id"]] = SaleProgress()
+        if name == "UnitsReturned":
+            self.waiting.returned(r["sale_id"], r["sku"])
         if "remaining" in r:
             progress.remaining[r["sku"]] = r["remaining"]
         elif name == "SaleOpened":

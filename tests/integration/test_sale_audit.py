@@ -43,12 +43,12 @@ Forge = Callable[[list[Decision]], list[Decision]]
 @pytest.fixture(scope="module")
 def sale(settings: Settings, endpoints: Endpoints) -> Iterator[tuple[Pipeline, str]]:
     """A decided sale: 20 units, one per user, 60 users asking, 6 retries; a progress fact
-    after every 7th event."""
+    after every 8th event (and after the 20th unit went, event #21)."""
     local_only(settings)
     p = start_pipeline(settings, endpoints, uuid.uuid4().hex[:8])
     try:
         sale_id, sku = f"audit-{uuid.uuid4().hex[:6]}", f"sku-audit-{uuid.uuid4().hex[:6]}"
-        p.open_sale(sale_id, [SkuAllocation(sku, 20, 1, 1)], progress_every=7)
+        p.open_sale(sale_id, [SkuAllocation(sku, 20, 1, 1)], progress_every=8)
         producer = p.producer()
         sends = [(f"u{i}", f"k{i}") for i in range(60)]
         futures = [producer.submit_intent(sale_id, sku, u, 1, k)[1] for u, k in sends + sends[:6]]
@@ -71,14 +71,13 @@ def test_a_clean_sale_passes_with_its_figures(sale: tuple[Pipeline, str]):
     assert fig.rules_version == CURRENT_RULES
     assert fig.remaining == 0
     assert (audit.decisions, audit.input_offsets, audit.repeats) == (60, 67, 6)  # + SaleOpened
-    # 61 events (SaleOpened, 60 decisions): after #7, #14, ... #56, and after the 20th unit.
+    # 61 events (SaleOpened, then 60 decisions in the order sent: the first 20 accepted).
     facts = input_audit.decode_all(SchemaRegistry.load_default(), input_audit.read_topic(
         p.endpoints.bootstrap, p.names.decisions, True, 30))  # fmt: skip
     progress = [r for _, _, n, r in facts if n == "QueueProgress" and r["sale_id"] == sale_id]
-    assert len(progress) == 8 + sum(
-        1 for r in progress if r["sold_out"] and r["after_sequence"] % 7
-    )
-    assert sum(1 for r in progress if r["sold_out"]) == 1
+    assert [(r["after_sequence"], r["sold_out"]) for r in progress] == [
+        (8, False), (16, False), (21, True), (24, False), (32, False), (40, False), (48, False),
+        (56, False)]  # fmt: skip
 
 
 def test_the_command_prints_json_and_exits_by_verdict(sale: tuple[Pipeline, str]):

@@ -16,7 +16,7 @@ from flashsale.progress_audit import check_progress
 from processors.core import OpenSale, PlaceIntent, SaleTerms, progress_due
 from processors.records import PROGRESS
 from processors.writer import PartitionWriter
-from tests.unit.writer_fakes import REGISTRY, InputLog, MemoryStore, persist
+from tests.unit.writer_fakes import REGISTRY, InputLog, MemoryStore, loaded, persist
 
 EVERY = 3
 
@@ -32,11 +32,16 @@ def _log(allocation: int, intents: int, every: int | None = EVERY) -> InputLog:
 
 
 def _records(log: InputLog, cuts: list[int]) -> list[tuple[str, dict[str, Any]]]:
+    """The writer's output over ``log``, restarted from its store at every cut (a crash
+    after each committed batch: the next batch is decided by a writer loaded from disk)."""
     writer, store = PartitionWriter(REGISTRY, 4), MemoryStore()
     out: list[bytes] = []
     edges = [0, *sorted(set(cuts)), len(log.records)]
     for a, b in itertools.pairwise(edges):
         if a < b:
+            if a > 0:
+                writer = loaded(store, a)
+                writer.partition = 4
             out += [value for _, value in persist(writer, store, log.between(a, b)).events]
     return [REGISTRY.decode(v) for v in out]
 
@@ -48,20 +53,20 @@ def test_the_rule_is_every_nth_sequence_and_the_last_unit() -> None:
 
 
 def test_the_writer_follows_every_nth_event_and_the_sell_out_with_its_input_place() -> None:
-    log = _log(allocation=4, intents=10)
+    log = _log(allocation=5, intents=10)
     records = _records(log, [])
     progress = [(i, r) for i, (n, r) in enumerate(records) if n == PROGRESS]
     # The sale's events: the early rejection (#1), SaleOpened (#2), ten decisions (#3..#12);
-    # the fourth accepted intent (#6) takes the last unit.
-    assert [r["after_sequence"] for _, r in progress] == [3, 6, 9, 12]
+    # the fifth accepted intent (#7) takes the last unit.
+    assert [r["after_sequence"] for _, r in progress] == [3, 6, 7, 9, 12]
     for i, r in progress:
         before = records[i - 1][1]  # each follows the event it names, at once
         assert before["sequence"] == r["after_sequence"]
         assert (r["remaining"], r["decided_at"]) == (before["remaining"], before["decided_at"])
         assert r["input_partition"] == 4
         assert log.records[r["input_offset"]].timestamp == r["decided_at"]
-    assert [r["sold_out"] for _, r in progress] == [False, True, False, False]
-    assert [r["remaining"] for _, r in progress] == [3, 0, 0, 0]
+    assert [r["sold_out"] for _, r in progress] == [False, False, True, False, False]
+    assert [r["remaining"] for _, r in progress] == [4, 1, 0, 0, 0]
 
 
 def test_a_sale_without_a_cadence_and_an_older_one_get_none() -> None:
@@ -71,7 +76,7 @@ def test_a_sale_without_a_cadence_and_an_older_one_get_none() -> None:
 @settings(max_examples=40, deadline=None)
 @given(cuts=st.lists(st.integers(1, 14), max_size=5))
 def test_the_facts_are_the_same_however_the_log_is_cut_into_batches(cuts: list[int]) -> None:
-    log = _log(allocation=4, intents=12)
+    log = _log(allocation=5, intents=12)
     assert _records(log, cuts) == _records(log, [])
 
 
@@ -84,7 +89,7 @@ def _audit(records: list[tuple[str, dict[str, Any]]], log: InputLog) -> list[str
 
 
 def test_the_audit_passes_the_writers_facts_and_names_each_tampering() -> None:
-    log = _log(allocation=4, intents=10)
+    log = _log(allocation=5, intents=10)
     records = _records(log, [5])
     assert _audit(records, log) == []
     at = next(i for i, (n, _) in enumerate(records) if n == PROGRESS)

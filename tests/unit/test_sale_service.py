@@ -37,6 +37,7 @@ class FakeWriters:
     def __init__(self, feed: DecisionFeed, loop: asyncio.AbstractEventLoop) -> None:
         self.feed, self.loop = feed, loop
         self.written: list[tuple[str, str]] = []
+        self.cadences: list[int | None] = []
         self.refuse: set[str] = set()
         self.silent: set[str] = set()
         self.offset = 0
@@ -56,6 +57,7 @@ class FakeWriters:
         record: dict[str, Any]
         for s in skus:
             self.written.append((sale_id, s.sku))
+            self.cadences.append(progress_every)
             self.offset += 1
             if s.sku in self.silent:
                 continue
@@ -166,3 +168,18 @@ async def _no_keeper_scenario() -> None:
         await svc.open_sale("q", SKUS, 1000, 2000, "ops", prequeue_opens_at_ms=500)
     assert refused.value.code == "no_prequeue"
     assert writers.written == [] and claims.rows == {}
+
+
+def test_a_retry_on_a_server_with_another_cadence_writes_the_first_attempts_terms() -> None:
+    async def scenario() -> None:
+        svc, claims, writers = setup()
+        assert svc.progress_every == 1000  # the default cadence of a sale's progress facts
+        writers.silent = {"b"}  # the first attempt's b is lost (no fact: pending)
+        first = await svc.open_sale("r", SKUS, 1000, 2000, "ops")
+        assert first.pending == ["b"]
+        writers.silent = set()
+        other = SaleService(claims, writers, svc.facts, wait_s=0.5, progress_every=None)
+        again = await other.open_sale("r", SKUS, 1000, 2000, "ops")
+        assert again.complete and writers.cadences == [1000, 1000, 1000]
+
+    asyncio.run(scenario())
