@@ -10,7 +10,8 @@ log describes is one function of it.
 
 Rule families live in their own modules: ``sales`` (open, close, return, settle),
 ``intents`` (judged by the versioned ``rules`` of each sale) and ``prequeue`` (queued entries,
-the commit-reveal draw, the sale clock's ticks); later holds and the waitlist. ``progress``
+the commit-reveal draw, the sale clock's ticks) and ``lifecycle`` (holds, payments, expiry,
+cancellation); later the waitlist. ``progress``
 names the events after which the writer says how far through its input it is.
 """
 
@@ -21,6 +22,30 @@ from typing import Any
 
 from processors.core.intents import decide_place, evolve_accepted, evolve_rejected
 from processors.core.intents import intent_digest as intent_digest
+from processors.core.lifecycle import (
+    decide_cancel,
+    decide_record,
+    decide_start,
+    evolve_declined,
+    evolve_paid,
+    evolve_released,
+    evolve_started,
+    evolve_voided,
+)
+from processors.core.lifecycle import evolve_refused as evolve_order_refused
+from processors.core.lifecycle_model import (
+    CancelHold,
+    Hold,
+    HoldCancelled,
+    HoldExpired,
+    OrderPaid,
+    OrderRefused,
+    PaymentDeclined,
+    PaymentStarted,
+    PaymentVoided,
+    RecordPayment,
+    StartPayment,
+)
 from processors.core.model import (
     CURRENT_RULES,
     CloseSale,
@@ -69,12 +94,53 @@ from processors.core.sales import (
 )
 
 __all__ = [
-    "CURRENT_RULES", "RULES", "CloseSale", "Command", "Decision", "DrawRevealed", "EntryQueued",
-    "Event", "IntentAccepted", "IntentRejected", "OpenSale", "PlaceIntent", "QueueExpired",
-    "QueueKind", "QueueProgress", "RejectionReason", "ReturnUnits", "RevealDraw", "SaleBook",
-    "SaleClosed", "SaleOpened", "SaleRefused", "SaleSettled", "SaleTerms", "SettleSale",
-    "SkuLedger", "Tick", "UnitsReturned", "WrongLedger", "decide", "evolve", "fold",
-    "intent_digest", "order_id_for", "progress_due", "terms_problem",
+    "CURRENT_RULES",
+    "RULES",
+    "CancelHold",
+    "CloseSale",
+    "Command",
+    "Decision",
+    "DrawRevealed",
+    "EntryQueued",
+    "Event",
+    "Hold",
+    "HoldCancelled",
+    "HoldExpired",
+    "IntentAccepted",
+    "IntentRejected",
+    "OpenSale",
+    "OrderPaid",
+    "OrderRefused",
+    "PaymentDeclined",
+    "PaymentStarted",
+    "PaymentVoided",
+    "PlaceIntent",
+    "QueueExpired",
+    "QueueKind",
+    "QueueProgress",
+    "RecordPayment",
+    "RejectionReason",
+    "ReturnUnits",
+    "RevealDraw",
+    "SaleBook",
+    "SaleClosed",
+    "SaleOpened",
+    "SaleRefused",
+    "SaleSettled",
+    "SaleTerms",
+    "SettleSale",
+    "SkuLedger",
+    "StartPayment",
+    "Tick",
+    "UnitsReturned",
+    "WrongLedger",
+    "decide",
+    "evolve",
+    "fold",
+    "intent_digest",
+    "order_id_for",
+    "progress_due",
+    "terms_problem",
 ]  # fmt: skip
 
 _DECIDE: dict[type, Callable[[SkuLedger, Any, int], list[Any]]] = {
@@ -85,6 +151,9 @@ _DECIDE: dict[type, Callable[[SkuLedger, Any, int], list[Any]]] = {
     SettleSale: decide_settle,
     RevealDraw: decide_reveal,
     Tick: decide_tick,
+    StartPayment: decide_start,
+    RecordPayment: decide_record,
+    CancelHold: decide_cancel,
 }
 _EVOLVE: dict[type, Callable[[SkuLedger, Any], None]] = {
     IntentAccepted: evolve_accepted,
@@ -97,6 +166,13 @@ _EVOLVE: dict[type, Callable[[SkuLedger, Any], None]] = {
     EntryQueued: evolve_queued,
     DrawRevealed: evolve_drawn,
     QueueExpired: evolve_drawn,
+    PaymentStarted: evolve_started,
+    OrderRefused: evolve_order_refused,
+    PaymentDeclined: evolve_declined,
+    OrderPaid: evolve_paid,
+    PaymentVoided: evolve_voided,
+    HoldExpired: evolve_released,
+    HoldCancelled: evolve_released,
 }
 
 

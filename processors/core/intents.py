@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 
+from processors.core.lifecycle import evolve_held, pay_by
 from processors.core.model import (
     Event,
     IntentAccepted,
@@ -61,18 +62,21 @@ def decide_place(ledger: SkuLedger, cmd: PlaceIntent, now: int) -> list[Event]:
     if fault is None:
         return [IntentAccepted(cmd.intent_id, cmd.sale_id, cmd.sku, cmd.user_id, cmd.quantity,
                                order_id_for(cmd.intent_id), book.remaining - cmd.quantity, seq,
-                               now)]  # fmt: skip
+                               now, pay_by=pay_by(book, now))]  # fmt: skip
     return [IntentRejected(cmd.intent_id, cmd.sale_id, cmd.sku, cmd.user_id, cmd.quantity,
                            fault[0], fault[1], book.remaining, seq, now)]  # fmt: skip
 
 
 def evolve_accepted(ledger: SkuLedger, event: IntentAccepted) -> None:
-    """The units left the sale and count against the user's limit."""
+    """The units left the sale and count against the user's limit; in a sale with holds
+    its order is held until ``pay_by``."""
     book = ledger.sales[event.sale_id]
     book.remaining = event.remaining
     book.sequence = event.sequence
     book.bought[event.user_id] = book.bought.get(event.user_id, 0) + event.quantity
     book.decided.add(event.intent_id)
+    if event.pay_by:
+        evolve_held(book, event)
 
 
 def evolve_rejected(ledger: SkuLedger, event: IntentRejected) -> None:

@@ -12,6 +12,8 @@ from collections.abc import Container
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from processors.core.lifecycle_model import Hold, LifecycleCommand, LifecycleEvent
+
 CURRENT_RULES = 1
 """The rules version a sale opens under unless its OpenSale names another."""
 
@@ -65,6 +67,11 @@ class SaleTerms:
     # Every this many sequence numbers (and when the allocation runs out) the writer says how
     # far through its input log it is: ``QueueProgress`` (None: never, as in older sales).
     progress_every: int | None = None
+    # Holds: an accepted intent's order is held for this long (ms of log time) for its owner
+    # to pay (None: accepted is final, as in sales opened before holds); a payment started in
+    # time may still succeed up to ``pay_grace_ms`` after the deadline.
+    hold_ms: int | None = None
+    pay_grace_ms: int = 0
 
 
 # -- commands ---------------------------------------------------------------------------
@@ -136,7 +143,10 @@ class Tick:
     sku: str
 
 
-Command = OpenSale | CloseSale | PlaceIntent | ReturnUnits | SettleSale | RevealDraw | Tick
+Command = (
+    OpenSale | CloseSale | PlaceIntent | ReturnUnits | SettleSale | RevealDraw | Tick
+    | LifecycleCommand
+)  # fmt: skip
 
 # -- events -----------------------------------------------------------------------------
 
@@ -271,6 +281,7 @@ class IntentAccepted:
     decided_at: int
     draw_rank: int = 0
     draw_size: int = 0
+    pay_by: int = 0  # in a sale with holds: the order is held until then (log time), else 0
 
 
 @dataclass(slots=True, frozen=True)
@@ -316,7 +327,7 @@ Decision = IntentAccepted | IntentRejected
 """The final accept or reject of an intent: exactly one per intent id."""
 Event = (
     SaleOpened | SaleRefused | SaleClosed | UnitsReturned | SaleSettled | EntryQueued
-    | DrawRevealed | QueueExpired | Decision
+    | DrawRevealed | QueueExpired | Decision | LifecycleEvent
 )  # fmt: skip
 
 # -- state ------------------------------------------------------------------------------
@@ -344,6 +355,12 @@ class SaleBook:
     queued_ids: set[str] = field(default_factory=set)
     entrants: set[str] = field(default_factory=set)
     queue_done: bool = False
+    # The order lifecycle (a sale with ``terms.hold_ms``): held orders by order id, orders
+    # that left their hold ("paid", "expired", "cancelled") and every payment attempt seen
+    # ("started", "declined", "paid", "voided", "refused"), so each is decided once.
+    holds: dict[str, Hold] = field(default_factory=dict)
+    orders: dict[str, str] = field(default_factory=dict)
+    attempts: dict[str, str] = field(default_factory=dict)
 
     @property
     def queueing(self) -> bool:

@@ -24,6 +24,7 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 
+from processors.core.lifecycle import expire_due, pay_by
 from processors.core.model import (
     Decision,
     DrawRevealed,
@@ -197,11 +198,14 @@ def draw(book: SaleBook, sale_id: str, sku: str, seed: str, now: int) -> list[Ev
 
 
 def decide_tick(ledger: SkuLedger, cmd: Tick, now: int) -> list[Event]:
-    """Expire every pre-queue of the ledger that is over by ``now`` and still undrawn."""
+    """Expire every pre-queue of the ledger that is over by ``now`` and still undrawn, and
+    every hold past its deadline (``processors.core.lifecycle``)."""
     events: list[Event] = []
     for sale_id, book in ledger.sales.items():
         if book.queueing and has_ended(book, now):
             events += expire(book, sale_id, ledger.sku, now, "the sale ended before the draw")
+        if book.holds:
+            events += expire_due(book, sale_id, ledger.sku, now)
     return events
 
 
@@ -220,7 +224,7 @@ def _decided(
     scratch.bought[cmd.user_id] = scratch.bought.get(cmd.user_id, 0) + cmd.quantity
     return IntentAccepted(cmd.intent_id, cmd.sale_id, cmd.sku, cmd.user_id, cmd.quantity,
                           order_id_for(cmd.intent_id), scratch.remaining, seq, now, rank,
-                          size)  # fmt: skip
+                          size, pay_by(scratch, now))  # fmt: skip
 
 
 def _rejected(

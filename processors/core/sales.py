@@ -45,6 +45,10 @@ def terms_problem(terms: SaleTerms) -> str | None:
         return "prequeue_opens_at must be before starts_at"
     if committed is not None and not is_sha256_hex(committed):
         return "draw_commitment must be 64 lowercase hex characters (SHA-256 of the seed)"
+    if terms.hold_ms is not None and not 1_000 <= terms.hold_ms <= 86_400_000:
+        return "hold_ms must be between 1000 (1 s) and 86400000 (a day)"
+    if not 0 <= terms.pay_grace_ms <= 3_600_000:
+        return "pay_grace_ms must be between 0 and 3600000 (an hour)"
     return progress_problem(terms.progress_every)
 
 
@@ -97,6 +101,9 @@ def decide_settle(ledger: SkuLedger, cmd: SettleSale, now: int) -> list[Event]:
     if not (book.closed or now >= book.terms.ends_at_ms):
         return [SaleRefused(cmd.sale_id, cmd.sku, "SettleSale",
                             "sale still open: close it before settling", seq, now)]  # fmt: skip
+    if book.holds:  # a held order may still be paid: its state stays until it is decided
+        return [SaleRefused(cmd.sale_id, cmd.sku, "SettleSale",
+                            f"{len(book.holds)} holds outstanding", seq, now)]  # fmt: skip
     events: list[Event] = []
     if book.queueing:  # ended undrawn, and nothing told the queue yet
         events = expire(book, cmd.sale_id, cmd.sku, now, "the sale ended before the draw")

@@ -1,0 +1,241 @@
+"""The order lifecycle (holds, payments, expiry, cancellation) against a reference model.
+
+The model below restates the rules in the plainest terms (a dict per order with its state)
+and shares no code with ``processors.core.lifecycle``; hypothesis drives both with the same
+random commands at increasing log times and compares what each says after every command.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from processors.core import (
+    CancelHold,
+    CloseSale,
+    Command,
+    Event,
+    OpenSale,
+    PlaceIntent,
+    RecordPayment,
+    SaleTerms,
+    SettleSale,
+    SkuLedger,
+    StartPayment,
+    Tick,
+    decide,
+    evolve,
+    terms_problem,
+)
+
+HOLD, GRACE, LIMIT = 10_000, 2_000, 2
+USERS = ["u0", "u1", "u2", "u3"]
+
+
+def terms(allocation: int) -> SaleTerms:
+    return SaleTerms("s", "A", allocation, LIMIT, 2, 0, 10**12, hold_ms=HOLD, pay_grace_ms=GRACE)
+
+
+@dataclass
+class Model:
+    """What the rules say, order by order."""
+
+    remaining: int
+    orders: dict[str, dict[str, Any]] = field(default_factory=dict)
+    attempts: dict[str, str] = field(default_factory=dict)
+    bought: Counter[str] = field(default_factory=Counter)
+    charges: int = 0
+
+    def overdue(self, order: dict[str, Any], now: int) -> bool:
+        if order["attempt"] is None:
+            return now >= order["pay_by"]
+        return now > order["pay_by"] + GRACE
+
+    def release(self, order: dict[str, Any], state: str) -> None:
+        order["state"] = state
+        self.remaining += order["q"]
+
+    def place(self, intent: str, user: str, q: int, now: int) -> list[str]:
+        if self.remaining >= q and self.bought[user] + q <= LIMIT:
+            self.remaining -= q
+            self.bought[user] += q
+            self.orders["ord-" + intent] = {"user": user, "q": q, "pay_by": now + HOLD,
+                                            "state": "held", "attempt": None}  # fmt: skip
+            return ["IntentAccepted"]
+        return ["IntentRejected"]
+
+    def tick(self, now: int) -> list[str]:
+        out = []
+        for order in sorted(self.orders.values(), key=lambda o: o["pay_by"]):
+            if order["state"] == "held" and self.overdue(order, now):
+                self.release(order, "expired")
+                out.append("HoldExpired")
+        return out
+
+    def start(self, order_id: str, user: str, attempt: str, now: int) -> list[str]:
+        if attempt in self.attempts:
+            return []
+        order = self.orders.get(order_id)
+        refused = ["OrderRefused"]
+        if order is None or order["state"] != "held" or order["user"] != user:
+            self.attempts[attempt] = "refused"
+            return refused
+        if order["attempt"] is not None:
+            self.attempts[attempt] = "refused"
+            return refused
+        if now >= order["pay_by"]:
+            self.release(order, "expired")
+            self.attempts[attempt] = "refused"
+            return ["HoldExpired", *refused]
+        order["attempt"] = attempt
+        self.attempts[attempt] = "started"
+        return ["PaymentStarted"]
+
+    def record(self, order_id: str, attempt: str, ok: bool, now: int) -> list[str]:
+        state = self.attempts.get(attempt)
+        if state not in (None, "started"):
+            return []
+        order = self.orders.get(order_id)
+        mine = order is not None and order["state"] == "held" and order["attempt"] == attempt
+        if not ok:
+            if state is None:
+                return []
+            self.attempts[attempt] = "declined"
+            if mine:
+                order["attempt"] = None  # type: ignore[index]
+            return ["PaymentDeclined"]
+        self.charges += 1  # the provider took the money: paid or refunded, nothing else
+        self.attempts[attempt] = "voided"
+        if state is None or not mine:
+            return ["PaymentVoided"]
+        assert order is not None
+        if now <= order["pay_by"] + GRACE:
+            order["state"] = "paid"
+            self.attempts[attempt] = "paid"
+            return ["OrderPaid"]
+        self.release(order, "expired")
+        return ["PaymentVoided", "HoldExpired"]
+
+    def cancel(self, order_id: str, user: str) -> list[str]:
+        order = self.orders.get(order_id)
+        if order is not None and order["state"] == "cancelled":
+            return []
+        if order is None or order["state"] != "held" or order["user"] != user:
+            return ["OrderRefused"]
+        if order["attempt"] is not None:
+            return ["OrderRefused"]
+        self.release(order, "cancelled")
+        return ["HoldCancelled"]
+
+
+OP = st.one_of(
+    st.tuples(st.just("place"), st.sampled_from(USERS), st.integers(1, 2)),
+    st.tuples(st.just("start"), st.integers(0, 9), st.booleans()),
+    st.tuples(st.just("record"), st.integers(0, 9), st.booleans()),
+    st.tuples(st.just("cancel"), st.integers(0, 9), st.booleans()),
+    st.tuples(st.just("tick")),
+)
+
+
+def _apply(ledger: SkuLedger, command: Command, now: int) -> list[Event]:
+    events = decide(ledger, command, now)
+    for event in events:
+        evolve(ledger, event)
+    return events
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    allocation=st.integers(1, 5),
+    # Steps of whole seconds: deadlines (10 s, grace 2 s) are hit exactly, not only passed.
+    steps=st.lists(st.tuples(st.sampled_from([0, 1_000, 2_000, 5_000]), OP), max_size=60),
+)
+def test_the_lifecycle_follows_the_reference_model(
+    allocation: int, steps: list[tuple[int, tuple[Any, ...]]]
+) -> None:
+    ledger, model = SkuLedger("A"), Model(allocation)
+    _apply(ledger, OpenSale(terms(allocation)), 0)
+    now, placed, attempts = 0, 0, []
+    all_events: list[Event] = []
+    for dt, op in steps:
+        now += dt
+        orders = sorted(model.orders)
+        picks = orders and op[0] not in ("place", "tick")
+        pick = orders[op[1] % len(orders)] if picks else "ord-none"
+        owner = model.orders[pick]["user"] if pick in model.orders else "nobody"
+        if op[0] == "place":
+            placed += 1
+            cmd: Command = PlaceIntent(f"i{placed:03d}", op[1], "s", "A", op[2])
+            want = model.place(f"i{placed:03d}", op[1], op[2], now)
+        elif op[0] == "start":
+            attempt = f"a{len(attempts)}"
+            attempts.append((pick, attempt))
+            user = owner if op[2] else "intruder"
+            cmd, want = (
+                StartPayment("s", "A", pick, user, attempt),
+                model.start(pick, user, attempt, now),
+            )
+        elif op[0] == "record":
+            # a started attempt's result (maybe again), or one the writer never saw started
+            order, attempt = attempts[op[1] % len(attempts)] if attempts else (pick, "a-never")
+            ok = op[2] or op[1] % 3 == 0
+            cmd = RecordPayment("s", "A", order, attempt, ok)
+            want = model.record(order, attempt, ok, now)
+        elif op[0] == "cancel":
+            user = owner if op[2] else "intruder"
+            cmd, want = CancelHold("s", "A", pick, user), model.cancel(pick, user)
+        else:
+            cmd, want = Tick("A"), model.tick(now)
+        got = _apply(ledger, cmd, now)
+        all_events += got
+        assert [type(e).__name__ for e in got] == want, (cmd, got)
+        book = ledger.sales["s"]
+        held = {o for o, m in model.orders.items() if m["state"] == "held"}
+        assert set(book.holds) == held
+        assert book.orders == {o: m["state"] for o, m in model.orders.items() if o not in held}
+        assert book.remaining == model.remaining
+        # Every unit in exactly one place: for sale, held or paid.
+        paid = sum(m["q"] for m in model.orders.values() if m["state"] == "paid")
+        assert book.remaining + sum(h.quantity for h in book.holds.values()) + paid == allocation
+    names = Counter(type(e).__name__ for e in all_events)
+    assert model.charges == names["OrderPaid"] + names["PaymentVoided"]  # paid or refunded
+    sequences = [e.sequence for e in all_events]
+    assert sequences == list(range(2, 2 + len(all_events)))  # after SaleOpened, gap-free
+
+
+def test_a_payment_started_in_time_may_finish_within_the_grace_and_not_after() -> None:
+    ledger = SkuLedger("A")
+    _apply(ledger, OpenSale(terms(2)), 0)
+    _apply(ledger, PlaceIntent("i1", "u0", "s", "A", 1), 100)
+    _apply(ledger, PlaceIntent("i2", "u1", "s", "A", 1), 100)
+    assert [h.pay_by for h in ledger.sales["s"].holds.values()] == [100 + HOLD] * 2
+    for order, user, attempt in (("ord-i1", "u0", "a1"), ("ord-i2", "u1", "a2")):
+        started = _apply(ledger, StartPayment("s", "A", order, user, attempt), 100 + HOLD - 1)
+        assert [type(e).__name__ for e in started] == ["PaymentStarted"]
+    assert _apply(ledger, Tick("A"), 100 + HOLD + GRACE) == []  # in progress: not yet
+    paid = _apply(ledger, RecordPayment("s", "A", "ord-i1", "a1", True), 100 + HOLD + GRACE)
+    assert [type(e).__name__ for e in paid] == ["OrderPaid"]
+    late = _apply(ledger, RecordPayment("s", "A", "ord-i2", "a2", True), 100 + HOLD + GRACE + 1)
+    assert [type(e).__name__ for e in late] == ["PaymentVoided", "HoldExpired"]
+    assert _apply(ledger, RecordPayment("s", "A", "ord-i2", "a2", True), 10**9) == []  # once
+    book = ledger.sales["s"]
+    assert book.orders == {"ord-i1": "paid", "ord-i2": "expired"} and book.remaining == 1
+
+
+def test_a_sale_with_a_hold_outstanding_does_not_settle_and_terms_are_checked() -> None:
+    ledger = SkuLedger("A")
+    _apply(ledger, OpenSale(terms(1)), 0)
+    _apply(ledger, PlaceIntent("i1", "u0", "s", "A", 1), 1)
+    _apply(ledger, CloseSale("s", "A"), 2)
+    refused = _apply(ledger, SettleSale("s", "A"), 3)
+    assert [type(e).__name__ for e in refused] == ["SaleRefused"]
+    assert "holds outstanding" in refused[0].detail  # type: ignore[union-attr]
+    assert [type(e).__name__ for e in _apply(ledger, Tick("A"), 1 + HOLD)] == ["HoldExpired"]
+    assert [type(e).__name__ for e in _apply(ledger, SettleSale("s", "A"), 2 + HOLD)] == [
+        "SaleSettled"]  # fmt: skip
+    assert terms_problem(SaleTerms("s", "A", 1, 1, 1, 0, 1, hold_ms=10)) is not None
+    assert terms_problem(SaleTerms("s", "A", 1, 1, 1, 0, 1, hold_ms=1000, pay_grace_ms=-1))
