@@ -74,7 +74,7 @@ class DecisionEncoder:
         if type(event) is IntentAccepted:
             return b"".join((self._accepted, common, _str(event.order_id),
                              _long(event.remaining), _long(event.sequence), at,
-                             drawn))  # fmt: skip
+                             drawn, _long(event.pay_by)))  # fmt: skip
         rejected: Any = event
         return b"".join((self._rejected, common, self._reasons[rejected.reason],
                          _str(rejected.detail), _long(event.remaining), _long(event.sequence),

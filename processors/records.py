@@ -11,18 +11,27 @@ from __future__ import annotations
 from typing import Any
 
 from processors.core import (
+    CancelHold,
     CloseSale,
     Command,
     DrawRevealed,
     EntryQueued,
     Event,
+    HoldCancelled,
+    HoldExpired,
     IntentAccepted,
     IntentRejected,
     OpenSale,
+    OrderPaid,
+    OrderRefused,
+    PaymentDeclined,
+    PaymentStarted,
+    PaymentVoided,
     PlaceIntent,
     QueueExpired,
     QueueKind,
     QueueProgress,
+    RecordPayment,
     RejectionReason,
     ReturnUnits,
     RevealDraw,
@@ -32,6 +41,7 @@ from processors.core import (
     SaleSettled,
     SaleTerms,
     SettleSale,
+    StartPayment,
     Tick,
     UnitsReturned,
 )
@@ -39,14 +49,17 @@ from processors.core import (
 FIRST_RULES = 1
 ENVELOPE_FIELDS = ("event_id", "correlation_id", "producer", "occurred_at")
 COMMAND_RECORDS = frozenset({"OpenSale", "CloseSale", "SettleSale", "ReturnUnits",
-                             "PurchaseIntent", "RevealDraw", "ClockTick"})  # fmt: skip
+                             "PurchaseIntent", "RevealDraw", "ClockTick", "StartPayment",
+                             "RecordPayment", "CancelHold"})  # fmt: skip
 """Records of the SKU command topic."""
 TICK = "ClockTick"
 """The one command that is not a SKU's: the writer hands it to every ledger of its partition."""
 DECISION_RECORDS = frozenset({"IntentAccepted", "IntentRejected"})
 EVENT_RECORDS = DECISION_RECORDS | {"SaleOpened", "SaleRefused", "SaleClosed", "UnitsReturned",
                                     "SaleSettled", "EntryQueued", "DrawRevealed",
-                                    "QueueExpired"}  # fmt: skip
+                                    "QueueExpired", "PaymentStarted", "OrderRefused",
+                                    "PaymentDeclined", "OrderPaid", "PaymentVoided",
+                                    "HoldExpired", "HoldCancelled"}  # fmt: skip
 """Records of the decisions topic that are a (sale, SKU)'s numbered facts."""
 PROGRESS = "QueueProgress"
 """The decisions topic's one record that is not a numbered fact (see ``QueueProgress``)."""
@@ -67,7 +80,8 @@ def to_record(event: Event | QueueProgress) -> dict[str, Any]:
                 "sequence": event.sequence, "decided_at": event.decided_at,
                 "prequeue_opens_at": t.prequeue_opens_at_ms,
                 "draw_commitment": t.draw_commitment,
-                "progress_every": t.progress_every}  # fmt: skip
+                "progress_every": t.progress_every, "hold_ms": t.hold_ms,
+                "pay_grace_ms": t.pay_grace_ms}  # fmt: skip
     if isinstance(event, IntentAccepted | IntentRejected):
         record: dict[str, Any] = {
             "intent_id": event.intent_id,
@@ -78,6 +92,7 @@ def to_record(event: Event | QueueProgress) -> dict[str, Any]:
         }
         if isinstance(event, IntentAccepted):
             record["order_id"] = event.order_id
+            record["pay_by"] = event.pay_by
         else:
             record["reason"] = event.reason.value
             record["detail"] = event.detail
@@ -103,7 +118,8 @@ def terms_from_record(record: dict[str, Any]) -> SaleTerms:
     return SaleTerms(r["sale_id"], r["sku"], r["allocation"], r["per_user_limit"],
                      r["per_order_max"], r["starts_at"], r["ends_at"],
                      FIRST_RULES if rules is None else rules, r.get("prequeue_opens_at"),
-                     r.get("draw_commitment"), r.get("progress_every"))  # fmt: skip
+                     r.get("draw_commitment"), r.get("progress_every"), r.get("hold_ms"),
+                     r.get("pay_grace_ms") or 0)  # fmt: skip
 
 
 def event_from_record(name: str, record: dict[str, Any]) -> Event:
@@ -113,7 +129,7 @@ def event_from_record(name: str, record: dict[str, Any]) -> Event:
         return IntentAccepted(r["intent_id"], r["sale_id"], r["sku"], r["user_id"],
                               r["quantity"], r["order_id"], r["remaining"], r["sequence"],
                               r["decided_at"], r.get("draw_rank", 0),
-                              r.get("draw_size", 0))  # fmt: skip
+                              r.get("draw_size", 0), r.get("pay_by", 0))  # fmt: skip
     if name == "IntentRejected":
         return IntentRejected(r["intent_id"], r["sale_id"], r["sku"], r["user_id"],
                               r["quantity"], RejectionReason(r["reason"]), r.get("detail", ""),
@@ -137,6 +153,13 @@ _FLAT: dict[str, Any] = {
     "SaleSettled": SaleSettled,
     "DrawRevealed": DrawRevealed,
     "QueueExpired": QueueExpired,
+    "PaymentStarted": PaymentStarted,
+    "OrderRefused": OrderRefused,
+    "PaymentDeclined": PaymentDeclined,
+    "OrderPaid": OrderPaid,
+    "PaymentVoided": PaymentVoided,
+    "HoldExpired": HoldExpired,
+    "HoldCancelled": HoldCancelled,
 }
 
 
@@ -155,6 +178,13 @@ def command_from_record(name: str, record: dict[str, Any]) -> Command:
         return ReturnUnits(r["sale_id"], r["sku"], r["quantity"], r["ref"])
     if name == "RevealDraw":
         return RevealDraw(r["sale_id"], r["sku"], r["seed"])
+    if name == "StartPayment":
+        return StartPayment(r["sale_id"], r["sku"], r["order_id"], r["user_id"], r["attempt_id"])
+    if name == "RecordPayment":
+        return RecordPayment(r["sale_id"], r["sku"], r["order_id"], r["attempt_id"],
+                             r["succeeded"])  # fmt: skip
+    if name == "CancelHold":
+        return CancelHold(r["sale_id"], r["sku"], r["order_id"], r["user_id"])
     if name == TICK:
         return Tick("")  # the writer gives it each ledger's SKU
     raise ValueError(f"not a command record: {name!r}")

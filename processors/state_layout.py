@@ -25,8 +25,9 @@ sort in batch order)::
 A delta and a checkpoint chunk have one format: a list of operations (``ops``) whose fold onto
 empty ledgers rebuilds the state. State = fold(latest complete checkpoint below the committed
 offset, then every delta from that checkpoint's offset up to the committed offset). Entries
-that change after they were written (remaining units, a user's bought count; later holds)
-are written as absolute values, so the latest op wins. The pre-queue is appended to
+that change after they were written (remaining units, a user's bought count, an order's
+state and hold, a payment attempt's state) are written as absolute values, so the latest op
+wins. The pre-queue is appended to
 (``QUEUED``: the intents queued by a batch) until ``QUEUE_DONE`` (drawn or expired) clears it.
 Settling a sale writes its digests under ``Z/`` and takes a checkpoint without its intents:
 settled intents cost disk, not start-up time or memory. Each value stays below Kafka's 1 MB
@@ -43,7 +44,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from processors.core import SaleBook, SaleTerms, SkuLedger
+from processors.core import Hold, SaleBook, SaleTerms, SkuLedger
 
 LAYOUT = b"flashsale-ledger-v4"  # v4: terms carry their rules version; v3: sequence per sale
 LAYOUT_KEY = b"L"
@@ -53,7 +54,10 @@ _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder()
 
 # Operation codes (first element of each op list).
-SEQ, ORPHANS, TERMS, BOOK, BOUGHT, IDS, RETURNS, SETTLED, QUEUED, QUEUE_DONE = range(10)
+SEQ, ORPHANS, TERMS, BOOK, BOUGHT, IDS, RETURNS, SETTLED, QUEUED, QUEUE_DONE, ORDERS, ATTEMPTS = (
+    range(12)
+)
+HELD = "held"  # an ORDERS entry's state while its order is held
 
 
 class StoreReader(Protocol):
@@ -99,7 +103,8 @@ def ledger_ops(ledger: SkuLedger) -> list[list[Any]]:
         ops.append([ORPHANS, sku, sorted(ledger.orphans)])
     for sale_id, book in ledger.sales.items():
         ops += book_ops(sku, sale_id, book, terms=True, ids=book.decided, users=book.bought,
-                        returns=book.returns, queued=book.queue)  # fmt: skip
+                        returns=book.returns, queued=book.queue,
+                        orders=[*book.holds, *book.orders], attempts=book.attempts)  # fmt: skip
     return ops
 
 
@@ -121,15 +126,23 @@ def book_ops(
     users: Any,
     returns: Any = (),
     queued: Any = (),
+    orders: Any = (),
+    attempts: Any = (),
 ) -> list[list[Any]]:
     """Operations recording ``book``: its terms (if asked), counters, given ids, users, refs,
-    and the given queued intents (or the end of its queue)."""
+    the given queued intents (or the end of its queue), and the given orders and payment
+    attempts as they stand now."""
     ops: list[list[Any]] = []
     if terms:
         t = book.terms
         ops.append([TERMS, sku, sale_id, t.allocation, t.per_user_limit, t.per_order_max,
                     t.starts_at_ms, t.ends_at_ms, t.rules, t.prequeue_opens_at_ms,
-                    t.draw_commitment, t.progress_every])  # fmt: skip
+                    t.draw_commitment, t.progress_every, t.hold_ms,
+                    t.pay_grace_ms])  # fmt: skip
+    if orders:
+        ops.append([ORDERS, sku, sale_id, _orders_flat(book, orders)])
+    if attempts:
+        ops.append([ATTEMPTS, sku, sale_id, [x for a in attempts for x in (a, book.attempts[a])]])
     if book.settled:
         ops.append([SETTLED, sku, sale_id, book.remaining, book.sequence])
         if ids:  # intents decided after settlement (SALE_ENDED) are remembered as ids
@@ -155,12 +168,30 @@ def book_ops(
     return ops
 
 
+def _orders_flat(book: SaleBook, order_ids: Any) -> list[Any]:
+    """(order id, state, intent id, user id, quantity, pay_by, attempt) per order, flat: the
+    hold's fields while held, empty ones once it left its hold."""
+    flat: list[Any] = []
+    for order_id in dict.fromkeys(order_ids):  # each once, in the order given
+        hold = book.holds.get(order_id)
+        if hold is not None:
+            flat += (order_id, HELD, hold.intent_id, hold.user_id, hold.quantity, hold.pay_by,
+                     hold.attempt or "")  # fmt: skip
+        elif order_id in book.orders:
+            flat += (order_id, book.orders[order_id], "", "", 0, 0, "")
+    return flat
+
+
 def _size(item: Any) -> int:
     """Most bytes msgpack takes for ``item`` (a str, an int or a bool)."""
     if isinstance(item, str):
         n = len(item) if item.isascii() else len(item.encode())
         return n + (2 if n < 256 else 5)
     return 9
+
+
+# Items per entry of the ops whose last element is a flat list of entries (1 when not named).
+_STEP = {BOUGHT: 2, SEQ: 2, QUEUED: 4, ORDERS: 7, ATTEMPTS: 2}
 
 
 def chunk_ops(ops: list[list[Any]], limit: int = CHUNK_BYTES) -> list[bytes]:
@@ -173,7 +204,7 @@ def chunk_ops(ops: list[list[Any]], limit: int = CHUNK_BYTES) -> list[bytes]:
     current: list[list[Any]] = []
     size = 5  # the chunk's own list header
     for op in ops:
-        split = op[0] in (SEQ, ORPHANS, BOUGHT, IDS, RETURNS, QUEUED)
+        split = op[0] in (SEQ, ORPHANS, BOUGHT, IDS, RETURNS, QUEUED, ORDERS, ATTEMPTS)
         head = op[:-1] if split else op
         head_size = 10 + sum(map(_size, head))  # with the op's list header (and its items')
         if not split:
@@ -184,7 +215,7 @@ def chunk_ops(ops: list[list[Any]], limit: int = CHUNK_BYTES) -> list[bytes]:
             size += head_size
             continue
         items = op[-1]
-        step = 2 if op[0] in (BOUGHT, SEQ) else 4 if op[0] == QUEUED else 1
+        step = _STEP.get(op[0], 1)
         start = 0
         while start < len(items):
             room = limit - size - head_size
@@ -248,6 +279,20 @@ def fold(ledgers: dict[str, SkuLedger], value: bytes) -> None:
                     book.queued_ids.add(intent_id)
                     if kind == "ENTRY":
                         book.entrants.add(user_id)
+            elif code == ORDERS:
+                flat = op[3]
+                for i in range(0, len(flat), 7):
+                    order_id, state, intent_id, user_id, quantity, pay_by, attempt = flat[i : i + 7]
+                    if state == HELD:
+                        book.holds[order_id] = Hold(intent_id, user_id, quantity, pay_by,
+                                                    attempt or None)  # fmt: skip
+                        book.orders.pop(order_id, None)
+                    else:
+                        book.holds.pop(order_id, None)
+                        book.orders[order_id] = state
+            elif code == ATTEMPTS:
+                flat = op[3]
+                book.attempts.update(zip(flat[::2], flat[1::2], strict=True))
             elif code == QUEUE_DONE:
                 book.queue, book.queued_ids, book.entrants = [], set(), set()
                 book.queue_done = True

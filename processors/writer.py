@@ -40,7 +40,7 @@ from processors.records import (
     record_name,
     to_record,
 )
-from processors.writer_delta import Touched
+from processors.writer_delta import LIFECYCLE_EVENTS, Touched
 from producers.identity import fact_event_id, progress_event_id
 from schemas.codec import SchemaRegistry, UndecodableRecord
 
@@ -427,6 +427,8 @@ class PartitionWriter:
                 elif type(event) is EntryQueued:
                     change[4].append((event.intent_id, event.user_id, event.quantity,
                                       event.kind.value))  # fmt: skip
+                elif type(event) in LIFECYCLE_EVENTS:
+                    touched.lifecycle(change, event)  # type: ignore[arg-type]
             if type(event) is SaleRefused:
                 log.warning("sale.refused", sale_id=event.sale_id, sku=sku,
                             command=event.command, detail=event.detail)  # fmt: skip

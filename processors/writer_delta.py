@@ -5,11 +5,27 @@ from __future__ import annotations
 from typing import Any
 
 from processors import state_layout as layout
-from processors.core import Decision, IntentAccepted, SkuLedger
+from processors.core import Decision, IntentAccepted, OrderRefused, SkuLedger
+from processors.core.lifecycle_model import (
+    HoldCancelled,
+    HoldExpired,
+    LifecycleEvent,
+    OrderPaid,
+    PaymentDeclined,
+    PaymentStarted,
+    PaymentVoided,
+)
+
+LIFECYCLE_EVENTS = frozenset({PaymentStarted, OrderRefused, PaymentDeclined, OrderPaid,
+                              PaymentVoided, HoldExpired, HoldCancelled})  # fmt: skip
 
 # [is new], new intent ids, users whose bought count changed, new return refs, new queued
-# intents (intent id, user id, quantity, kind)
-BookChange = tuple[list[bool], list[str], set[str], list[str], list[tuple[str, str, int, str]]]
+# intents (intent id, user id, quantity, kind), orders whose state changed, payment attempts
+# whose state changed
+BookChange = tuple[
+    list[bool], list[str], set[str], list[str], list[tuple[str, str, int, str]], list[str],
+    list[str],
+]  # fmt: skip
 
 
 class Touched:
@@ -28,7 +44,7 @@ class Touched:
         self.skus.add(sku)
         entry = self.books.get((sku, sale_id))
         if entry is None:
-            entry = self.books[sku, sale_id] = ([new], [], set(), [], [])
+            entry = self.books[sku, sale_id] = ([new], [], set(), [], [], [], [])
         elif new:
             entry[0][0] = True
         return entry
@@ -39,10 +55,21 @@ class Touched:
             self.orphans.setdefault(sku, []).append(event.intent_id)
             self.orphan_sales.setdefault(sku, set()).add(event.sale_id)
             return
-        _, ids, users, _, _ = self.book(sku, event.sale_id)
-        ids.append(event.intent_id)
+        change = self.book(sku, event.sale_id)
+        change[1].append(event.intent_id)
         if type(event) is IntentAccepted:
-            users.add(event.user_id)
+            change[2].add(event.user_id)
+            if event.pay_by:  # its order is held
+                change[5].append(event.order_id)
+
+    def lifecycle(self, change: BookChange, event: LifecycleEvent) -> None:
+        """An order's state or a payment attempt's changed (a refusal or a voided payment
+        changes no order: the order may not even exist)."""
+        if type(event) is not OrderRefused and type(event) is not PaymentVoided:
+            change[5].append(event.order_id)
+        attempt = event.ref if type(event) is OrderRefused else getattr(event, "attempt_id", "")
+        if attempt:
+            change[6].append(attempt)
 
     def ops(self, ledgers: dict[str, SkuLedger]) -> list[list[Any]]:
         ops: list[list[Any]] = [
@@ -50,8 +77,9 @@ class Touched:
             for sku, sales in self.orphan_sales.items()
         ]
         ops += [[layout.ORPHANS, sku, ids] for sku, ids in self.orphans.items()]
-        for (sku, sale_id), (new, ids, users, refs, queued) in self.books.items():
+        for (sku, sale_id), (new, ids, users, refs, queued, orders, tries) in self.books.items():
             book = ledgers[sku].sales[sale_id]
             ops += layout.book_ops(sku, sale_id, book, terms=new[0], ids=ids, users=users,
-                                   returns=refs, queued=queued)  # fmt: skip
+                                   returns=refs, queued=queued, orders=orders,
+                                   attempts=tries)  # fmt: skip
         return ops

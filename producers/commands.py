@@ -274,6 +274,8 @@ class CommandProducer:
         prequeue_opens_at_ms: int | None = None,
         draw_commitment: str | None = None,
         progress_every: int | None = None,
+        hold_ms: int | None = None,
+        pay_grace_ms: int = 0,
     ) -> None:
         """Publish one OpenSale per SKU (each to its own writer) and wait for all acks.
 
@@ -298,6 +300,8 @@ class CommandProducer:
                 "prequeue_opens_at": prequeue_opens_at_ms,
                 "draw_commitment": draw_commitment,
                 "progress_every": progress_every,
+                "hold_ms": hold_ms,
+                "pay_grace_ms": pay_grace_ms,
             }
             futures.append(self._ack_future(item.sku, "OpenSale", record))
         self.wait(futures)

@@ -16,8 +16,15 @@ from processors.core import (
     DrawRevealed,
     EntryQueued,
     Event,
+    HoldCancelled,
+    HoldExpired,
     IntentAccepted,
     IntentRejected,
+    OrderPaid,
+    OrderRefused,
+    PaymentDeclined,
+    PaymentStarted,
+    PaymentVoided,
     QueueExpired,
     QueueKind,
     QueueProgress,
@@ -58,6 +65,9 @@ DECISIONS: list[IntentAccepted | IntentRejected] = [
         1_700_000_000_001,
     ),
     IntentAccepted("i-3", "s-2", "SKU", "u-3", 1, "ord-i-3", 2, 9, 1_700_000_000_009, 4, 70),
+    IntentAccepted(
+        "i-9", "s-3", "SKU", "u-9", 2, "ord-i-9", 2, 2, 1_700_000_000_009, pay_by=1_700_000_600_009
+    ),
     IntentRejected(
         "i-4", "s-2", "SKU", "u-4", 1, RejectionReason.DRAW_NOT_REVEALED, "ended", 2, 10, 17
     ),
@@ -74,7 +84,15 @@ FACTS: list[Event] = [
     SaleClosed("s-1", "SKU", 3, 10, 1_700_000_000_003),
     UnitsReturned("s-1", "SKU", "hold-1", 3, 1, 4, 11, 1_700_000_000_004),
     SaleSettled("s-1", "SKU", 2, 4, 12, 1_700_000_000_005),
-]
+    PaymentStarted("s-3", "SKU", "ord-i-9", "a-1", "u-9", 1_700_000_600_000, 3, 1_700_000_000_010),
+    OrderRefused("s-3", "SKU", "ord-i-9", "StartPayment", "a-2", "payment a-1 is in progress",
+                 4, 1_700_000_000_011),
+    PaymentDeclined("s-3", "SKU", "ord-i-9", "a-1", 5, 1_700_000_000_012),
+    OrderPaid("s-3", "SKU", "ord-i-9", "a-3", "u-9", 2, 6, 1_700_000_000_013),
+    PaymentVoided("s-3", "SKU", "ord-i-8", "a-4", "the order is expired", 7, 1_700_000_000_014),
+    HoldExpired("s-3", "SKU", "ord-i-8", "u-8", 1, 5, 8, 1_700_000_000_015),
+    HoldCancelled("s-3", "SKU", "ord-i-7", "u-7", 1, 6, 9, 1_700_000_000_016),
+]  # fmt: skip
 SAMPLES: dict[str, dict[str, Any]] = {
     "OpenSale": {
         "sale_id": "s-1",
@@ -88,7 +106,24 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "prequeue_opens_at": 0,
         "draw_commitment": "ab" * 32,
         "progress_every": 100,
+        "hold_ms": 600_000,
+        "pay_grace_ms": 30_000,
     },
+    "StartPayment": {
+        "sale_id": "s-3",
+        "sku": "SKU",
+        "order_id": "ord-i-9",
+        "user_id": "u-9",
+        "attempt_id": "a-1",
+    },
+    "RecordPayment": {
+        "sale_id": "s-3",
+        "sku": "SKU",
+        "order_id": "ord-i-9",
+        "attempt_id": "a-1",
+        "succeeded": True,
+    },
+    "CancelHold": {"sale_id": "s-3", "sku": "SKU", "order_id": "ord-i-9", "user_id": "u-9"},
     "CloseSale": {"sale_id": "s-1", "sku": "SKU", "reason": "ops"},
     "SettleSale": {"sale_id": "s-1", "sku": "SKU"},
     "ReturnUnits": {"sale_id": "s-1", "sku": "SKU", "quantity": 2, "ref": "hold-1"},

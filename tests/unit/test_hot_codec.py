@@ -42,7 +42,7 @@ def registry_bytes(registry: SchemaRegistry, event: IntentAccepted | IntentRejec
 
 accepted = st.builds(IntentAccepted, intent_id=TEXT, sale_id=TEXT, sku=TEXT, user_id=TEXT,
                      quantity=INT, order_id=TEXT, remaining=INT, sequence=LONG,
-                     decided_at=LONG, draw_rank=INT, draw_size=INT)  # fmt: skip
+                     decided_at=LONG, draw_rank=INT, draw_size=INT, pay_by=LONG)  # fmt: skip
 rejected = st.builds(IntentRejected, intent_id=TEXT, sale_id=TEXT, sku=TEXT, user_id=TEXT,
                      quantity=INT, reason=st.sampled_from(RejectionReason), detail=TEXT,
                      remaining=INT, sequence=LONG, decided_at=LONG, draw_rank=INT,

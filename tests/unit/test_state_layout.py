@@ -20,14 +20,17 @@ from hypothesis import strategies as st
 from processors import state_layout as layout
 from processors import writer as writer_mod
 from processors.core import (
+    CancelHold,
     CloseSale,
     OpenSale,
     PlaceIntent,
+    RecordPayment,
     RevealDraw,
     SaleBook,
     SaleTerms,
     SettleSale,
     SkuLedger,
+    StartPayment,
     Tick,
     intent_digest,
 )
@@ -77,16 +80,20 @@ def input_logs(draw: st.DrawFn) -> InputLog:
             queued = draw(st.booleans())
             opens = start if queued else None
             starts = start + draw(st.integers(1, 20)) if queued else start
+            held = draw(st.sampled_from([None, None, 1_000]))  # holds: paid, expired, cancelled
             terms.append(SaleTerms(f"s{k}", sku, allocation, limit, order_max, starts,
                                    max(end, starts + 1), 1, opens,
-                                   commitment(SEED) if queued else None))  # fmt: skip
+                                   commitment(SEED) if queued else None, None, held,
+                                   draw(st.sampled_from([0, 300]))))  # fmt: skip
     log = InputLog()
     now = 0
     for t in terms:
         log.add(OpenSale(t), now)
     placed: list[PlaceIntent] = []
     kinds = ["intent"] * 6 + ["burst", "resend", "resend", "close", "settle", "junk",
-                              "reveal", "reveal", "tick"]  # fmt: skip
+                              "reveal", "reveal", "tick", "pay", "pay", "result", "result",
+                              "cancel", "wait"]  # fmt: skip
+    attempts: list[tuple[PlaceIntent, str]] = []
     for _ in range(draw(st.integers(1, 50))):
         now += draw(st.integers(0, 3))
         kind = draw(st.sampled_from(kinds))
@@ -102,6 +109,24 @@ def input_logs(draw: st.DrawFn) -> InputLog:
                     now)  # fmt: skip
         elif kind == "tick":
             log.add(Tick(""), now)
+        elif kind == "wait":  # long enough for holds to expire at the next tick
+            now += draw(st.sampled_from([400, 1_000]))
+        elif kind == "pay" and placed:
+            intent = draw(st.sampled_from(placed))
+            user = draw(st.sampled_from([intent.user_id, intent.user_id, "intruder"]))
+            attempt = f"a{len(attempts)}" if draw(st.booleans()) or not attempts else \
+                draw(st.sampled_from(attempts))[1]  # fmt: skip
+            attempts.append((intent, attempt))
+            log.add(StartPayment(intent.sale_id, intent.sku, f"ord-{intent.intent_id}", user,
+                                 attempt), now)  # fmt: skip
+        elif kind == "result" and attempts:
+            intent, attempt = draw(st.sampled_from(attempts))
+            log.add(RecordPayment(intent.sale_id, intent.sku, f"ord-{intent.intent_id}",
+                                  attempt, draw(st.booleans())), now)  # fmt: skip
+        elif kind == "cancel" and placed:
+            intent = draw(st.sampled_from(placed))
+            log.add(CancelHold(intent.sale_id, intent.sku, f"ord-{intent.intent_id}",
+                               intent.user_id), now)  # fmt: skip
         elif kind == "resend" and placed:
             log.add(draw(st.sampled_from(placed)), now)
         else:

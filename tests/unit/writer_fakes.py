@@ -9,15 +9,18 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from processors.core import (
+    CancelHold,
     CloseSale,
     Command,
     OpenSale,
     PlaceIntent,
+    RecordPayment,
     ReturnUnits,
     RevealDraw,
     SaleBook,
     SettleSale,
     SkuLedger,
+    StartPayment,
     Tick,
     intent_digest,
 )
@@ -78,7 +81,8 @@ def command_value(command: Command, n: int = 0) -> bytes:
                 "starts_at": t.starts_at_ms, "ends_at": t.ends_at_ms,
                 "rules_version": t.rules, "prequeue_opens_at": t.prequeue_opens_at_ms,
                 "draw_commitment": t.draw_commitment,
-                "progress_every": t.progress_every}  # fmt: skip
+                "progress_every": t.progress_every, "hold_ms": t.hold_ms,
+                "pay_grace_ms": t.pay_grace_ms}  # fmt: skip
         return REGISTRY.encode("OpenSale", {**envelope, **body})
     if isinstance(command, RevealDraw):
         body = {"sale_id": command.sale_id, "sku": command.sku, "seed": command.seed}
@@ -95,6 +99,9 @@ def command_value(command: Command, n: int = 0) -> bytes:
         body = {"sale_id": command.sale_id, "sku": command.sku, "quantity": command.quantity,
                 "ref": command.ref}  # fmt: skip
         return REGISTRY.encode("ReturnUnits", {**envelope, **body})
+    if isinstance(command, StartPayment | RecordPayment | CancelHold):
+        body = {f: getattr(command, f) for f in command.__slots__}  # type: ignore[union-attr]
+        return REGISTRY.encode(type(command).__name__, {**envelope, **body})
     raise TypeError(f"no input record for {command!r}")
 
 
