@@ -86,6 +86,12 @@ _CAUSE = {
     "SaleSettled": "SettleSale",
     "DrawRevealed": "RevealDraw",
     "QueueExpired": None,
+    "PaymentStarted": "StartPayment",
+    "PaymentDeclined": "RecordPayment",
+    "OrderPaid": "RecordPayment",
+    "PaymentVoided": "RecordPayment",
+    "HoldCancelled": "CancelHold",
+    "HoldExpired": None,
 }
 
 
@@ -105,7 +111,7 @@ def _not_its_cause(command: tuple[str, dict[str, Any], int] | None, event: Fact)
         if name == "PurchaseIntent" and rec["intent_id"] == ev["intent_id"]:
             return None
         return f"is a {name}, not intent {ev['intent_id']} of the {ev_name} it follows"
-    want = ev["command"] if ev_name == "SaleRefused" else _CAUSE.get(ev_name)
+    want = ev["command"] if ev_name in ("SaleRefused", "OrderRefused") else _CAUSE.get(ev_name)
     if want is not None and name != want:
         return f"is a {name}, the {ev_name} it follows comes from a {want}"
     return None

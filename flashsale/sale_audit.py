@@ -20,33 +20,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flashsale import input_audit
+from flashsale.lifecycle_audit import RELEASES, check_lifecycle
 from flashsale.progress_audit import check_progress
+from flashsale.rules_audit import check_rules
+from flashsale.rules_audit import command_for as command_for
 from flashsale.settings import Settings
 from flashsale.topics import TopicNames
-from processors.core import (
-    CloseSale,
-    Command,
-    DrawRevealed,
-    EntryQueued,
-    Event,
-    IntentAccepted,
-    IntentRejected,
-    OpenSale,
-    PlaceIntent,
-    QueueExpired,
-    ReturnUnits,
-    RevealDraw,
-    SaleClosed,
-    SaleOpened,
-    SaleSettled,
-    SettleSale,
-    SkuLedger,
-    Tick,
-    UnitsReturned,
-    decide,
-    evolve,
-)
-from processors.records import DECISION_RECORDS, PROGRESS, event_from_record
+from processors.records import DECISION_RECORDS, PROGRESS
 from schemas.codec import SchemaRegistry
 
 Fact = tuple[str, dict[str, Any]]
@@ -60,7 +40,7 @@ class Violation:
     kind: str  # oversell, user-limit, second-decision, conflicting-decision, undecided-intent,
     # unaccounted-offset, orphan-decision, sequence-gap, remaining-mismatch, no-terms,
     # rules-mismatch (the sale's rules version would not decide so), unfoldable,
-    # log-time-mismatch, progress-missing / -unexpected / -mismatch / -offset
+    # log-time-mismatch, progress-missing / -unexpected / -mismatch / -offset, lifecycle
     detail: str
 
 
@@ -74,6 +54,8 @@ class SkuFigures:
     rejected: int = 0
     units_sold: int = 0
     units_returned: int = 0
+    units_released: int = 0  # of holds that expired or were cancelled (back in the sale)
+    units_paid: int = 0  # of holds paid
     remaining: int | None = None  # as the last event says
 
 
@@ -241,6 +223,12 @@ def _check_events(
                 fig.units_returned += rec["quantity"]
                 if remaining is not None:
                     remaining += rec["quantity"]
+            elif name in RELEASES:  # a hold expired or was cancelled: its units came back
+                fig.units_released += rec["quantity"]
+                if remaining is not None:
+                    remaining += rec["quantity"]
+            elif name == "OrderPaid":
+                fig.units_paid += rec["quantity"]
             if "remaining" not in rec or remaining is None:
                 continue  # no count yet: before SaleOpened there is nothing to sell
             if rec["remaining"] != remaining:
@@ -249,80 +237,18 @@ def _check_events(
                     f"the events before it leave {remaining}"))  # fmt: skip
                 remaining = rec["remaining"]  # report each break once, not every later event
             fig.remaining = rec["remaining"]
-        if t is not None and fig.units_sold - fig.units_returned > t["allocation"]:
+        out.violations += [Violation("lifecycle", p) for p in check_lifecycle(sku, t, items)]
+        if (
+            t is not None
+            and fig.units_sold - fig.units_returned - fig.units_released > t["allocation"]
+        ):
             sold = f"{sku}: {fig.units_sold} units sold of {t['allocation']}"
             out.violations.append(Violation("oversell", sold))
-        _check_rules(out, sku, items)
+        out.violations += [Violation(kind, detail) for kind, detail in check_rules(sku, items)]
     for (sku, user), units in sorted(bought.items()):
         limit = terms.get(sku, {}).get("per_user_limit")
         if limit is not None and units > limit:
             out.violations.append(Violation("user-limit", f"{sku}: {user} got {units} > {limit}"))
-
-
-def _check_rules(out: SaleAudit, sku: str, items: list[tuple[str, dict[str, Any]]]) -> None:
-    """Re-decide every event of one (sale, SKU) from the state its predecessors fold to.
-
-    A command may yield several events (a reveal: the draw and every queued intent's decision
-    in the draw's order; a close or the end of a pre-queue sale: the queue's expiry): the
-    events the rules yield must be exactly the next ones in the log. So the draw is
-    recomputed from the queued entries the log holds and the seed it revealed, checked
-    against the sale's commitment, and every drawn decision must follow it.
-    """
-    ledger = SkuLedger(sku)
-    events = [event_from_record(name, rec) for name, rec in items]
-    i = 0
-    while i < len(events):
-        event, rec = events[i], items[i][1]
-        command = command_for(event)
-        group = [event]
-        if command is not None:
-            try:
-                again = decide(ledger, command, event.decided_at)
-                said = ", ".join(map(str, again[:3])) if again else "nothing"
-            except (KeyError, ValueError) as exc:  # e.g. a rules version this build lacks
-                again, said = [], f"an error: {exc!r}"
-            if again and again == events[i : i + len(again)]:
-                group = again
-            else:
-                out.violations.append(Violation(
-                    "rules-mismatch", f"{sku} #{rec['sequence']}: the log says {event}; "
-                    f"the rules (version {_version(ledger, event)}) say {said}"))  # fmt: skip
-        for k, folded in enumerate(group):
-            try:
-                evolve(ledger, folded)
-            except (KeyError, ValueError) as exc:  # e.g. a decision for a sale never opened
-                where = f"{sku} #{items[i + k][1]['sequence']}"
-                name = items[i + k][0]
-                out.violations.append(Violation("unfoldable", f"{where}: {name} fails: {exc!r}"))
-        i += len(group)
-
-
-def _version(ledger: SkuLedger, event: Event) -> int | str:
-    book = ledger.sales.get(event.sale_id)
-    return book.terms.rules if book is not None else "-"
-
-
-def command_for(event: Event) -> Command | None:
-    """The command that yields ``event``, rebuilt from it (None for a refused command)."""
-    if isinstance(event, IntentAccepted | IntentRejected):
-        return PlaceIntent(event.intent_id, event.user_id, event.sale_id, event.sku,
-                           event.quantity)  # fmt: skip
-    if isinstance(event, SaleOpened):
-        return OpenSale(event.terms)
-    if isinstance(event, SaleClosed):
-        return CloseSale(event.sale_id, event.sku)
-    if isinstance(event, UnitsReturned):
-        return ReturnUnits(event.sale_id, event.sku, event.requested, event.ref)
-    if isinstance(event, SaleSettled):
-        return SettleSale(event.sale_id, event.sku)
-    if isinstance(event, EntryQueued):
-        return PlaceIntent(event.intent_id, event.user_id, event.sale_id, event.sku,
-                           event.quantity)  # fmt: skip
-    if isinstance(event, DrawRevealed):
-        return RevealDraw(event.sale_id, event.sku, event.seed)
-    if isinstance(event, QueueExpired):
-        return Tick(event.sku)  # whatever command saw the end, the expiry is the same
-    return None
 
 
 def render(audit: SaleAudit) -> str:

@@ -158,7 +158,7 @@ def test_the_lifecycle_follows_the_reference_model(
     allocation: int, steps: list[tuple[int, tuple[Any, ...]]]
 ) -> None:
     ledger, model = SkuLedger("A"), Model(allocation)
-    _apply(ledger, OpenSale(terms(allocation)), 0)
+    opened = _apply(ledger, OpenSale(terms(allocation)), 0)
     now, placed, attempts = 0, 0, []
     all_events: list[Event] = []
     for dt, op in steps:
@@ -205,6 +205,49 @@ def test_the_lifecycle_follows_the_reference_model(
     assert model.charges == names["OrderPaid"] + names["PaymentVoided"]  # paid or refunded
     sequences = [e.sequence for e in all_events]
     assert sequences == list(range(2, 2 + len(all_events)))  # after SaleOpened, gap-free
+    assert audited([*opened, *all_events]) == []  # and the audit finds nothing wrong
+
+
+def audited(events: list[Event]) -> list[str]:
+    """The sale audit's violations (kind: detail) of ``events`` as records."""
+    from flashsale.sale_audit import SaleAudit, _check_events
+    from processors.records import record_name, to_record
+
+    items = [(record_name(e), to_record(e)) for e in events]
+    out = SaleAudit("s")
+    _check_events(out, {r["sku"]: r for n, r in items if n == "SaleOpened"}, items)
+    return [f"{v.kind}: {v.detail}" for v in out.violations]
+
+
+def _paid_and_expired() -> list[Event]:
+    ledger, events = SkuLedger("A"), []
+    for at, cmd in [(0, OpenSale(terms(2))), (100, PlaceIntent("i1", "u0", "s", "A", 1)),
+                    (100, PlaceIntent("i2", "u1", "s", "A", 1)),
+                    (200, StartPayment("s", "A", "ord-i1", "u0", "a1")),
+                    (300, RecordPayment("s", "A", "ord-i1", "a1", True)),
+                    (100 + HOLD, Tick("A"))]:  # fmt: skip
+        events += _apply(ledger, cmd, at)
+    assert [type(e).__name__ for e in events[-3:]] == ["PaymentStarted", "OrderPaid",
+                                                       "HoldExpired"]  # fmt: skip
+    return events
+
+
+def test_the_audit_names_a_late_payment_an_early_expiry_and_a_revived_hold() -> None:
+    from dataclasses import replace
+
+    events = _paid_and_expired()
+    assert audited(events) == []
+    late = [replace(e, decided_at=100 + HOLD + GRACE + 1) if type(e).__name__ == "OrderPaid"
+            else e for e in events]  # fmt: skip
+    assert any("after the deadline" in v for v in audited(late))
+    early = [replace(e, decided_at=100 + HOLD - 1) if type(e).__name__ == "HoldExpired"
+             else e for e in events]  # fmt: skip
+    assert any("before its deadline" in v for v in audited(early))
+    paid, expired = events[-2], events[-1]
+    revived = [*events, replace(paid, order_id=expired.order_id, sequence=expired.sequence + 1)]  # type: ignore[union-attr]
+    found = audited(revived)
+    assert any("paid an order expired" in v for v in found), found
+    assert any(v.startswith("rules-mismatch") for v in found)
 
 
 def test_a_payment_started_in_time_may_finish_within_the_grace_and_not_after() -> None:

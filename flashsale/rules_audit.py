@@ -1,0 +1,137 @@
+"""The sale audit's rules check: every event decided again by the core.
+
+The core's ``evolve`` is folded over a (sale, SKU)'s events in sequence order, and ``decide``
+is asked what each event's command (rebuilt from the event: an intent from its decision, an
+opening from its terms, a payment's result from its outcome, ...) yields at the event's log
+time under the sale's rules version: what the rules would not have decided is a
+``rules-mismatch``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from processors.core import (
+    CancelHold,
+    CloseSale,
+    Command,
+    DrawRevealed,
+    EntryQueued,
+    Event,
+    HoldCancelled,
+    HoldExpired,
+    IntentAccepted,
+    IntentRejected,
+    OpenSale,
+    OrderPaid,
+    PaymentDeclined,
+    PaymentStarted,
+    PaymentVoided,
+    PlaceIntent,
+    QueueExpired,
+    RecordPayment,
+    ReturnUnits,
+    RevealDraw,
+    SaleClosed,
+    SaleOpened,
+    SaleSettled,
+    SettleSale,
+    SkuLedger,
+    StartPayment,
+    Tick,
+    UnitsReturned,
+    decide,
+    evolve,
+)
+from processors.core.lifecycle import overdue
+from processors.records import event_from_record
+
+
+def check_rules(sku: str, items: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, str]]:
+    """Re-decide every event of one (sale, SKU) from the state its predecessors fold to.
+
+    A command may yield several events (a reveal: the draw and every queued intent's decision
+    in the draw's order; a close or the end of a pre-queue sale: the queue's expiry): the
+    events the rules yield must be exactly the next ones in the log. So the draw is
+    recomputed from the queued entries the log holds and the seed it revealed, checked
+    against the sale's commitment, and every drawn decision must follow it.
+    """
+    found: list[tuple[str, str]] = []
+    ledger = SkuLedger(sku)
+    events = [event_from_record(name, rec) for name, rec in items]
+    i = 0
+    while i < len(events):
+        event, rec = events[i], items[i][1]
+        command = command_for(event)
+        group = [event]
+        if command is not None:
+            try:
+                again = decide(ledger, command, event.decided_at)
+                said = ", ".join(map(str, again[:3])) if again else "nothing"
+            except (KeyError, ValueError) as exc:  # e.g. a rules version this build lacks
+                again, said = [], f"an error: {exc!r}"
+            if again and again == events[i : i + len(again)]:
+                group = again
+            elif isinstance(event, HoldExpired) and _expires_alone(ledger, event):
+                pass  # the one hold an order command found overdue (``lifecycle.decide_*``)
+            else:
+                found.append((
+                    "rules-mismatch", f"{sku} #{rec['sequence']}: the log says {event}; "
+                    f"the rules (version {_version(ledger, event)}) say {said}"))  # fmt: skip
+        for k, folded in enumerate(group):
+            try:
+                evolve(ledger, folded)
+            except (KeyError, ValueError) as exc:  # e.g. a decision for a sale never opened
+                where = f"{sku} #{items[i + k][1]['sequence']}"
+                name = items[i + k][0]
+                found.append(("unfoldable", f"{where}: {name} fails: {exc!r}"))
+        i += len(group)
+    return found
+
+
+def _expires_alone(ledger: SkuLedger, event: HoldExpired) -> bool:
+    """Whether ``event`` is what an order command (paying or recording a payment late) says
+    of its own overdue hold: that hold, overdue by then, its units back."""
+    book = ledger.sales.get(event.sale_id)
+    hold = None if book is None else book.holds.get(event.order_id)
+    if book is None or hold is None or not overdue(book, hold, event.decided_at):
+        return False
+    return event == HoldExpired(event.sale_id, event.sku, event.order_id, hold.user_id,
+                                hold.quantity, book.remaining + hold.quantity,
+                                book.sequence + 1, event.decided_at)  # fmt: skip
+
+
+def _version(ledger: SkuLedger, event: Event) -> int | str:
+    book = ledger.sales.get(event.sale_id)
+    return book.terms.rules if book is not None else "-"
+
+
+def command_for(event: Event) -> Command | None:
+    """The command that yields ``event``, rebuilt from it (None for a refused command)."""
+    if isinstance(event, IntentAccepted | IntentRejected):
+        return PlaceIntent(event.intent_id, event.user_id, event.sale_id, event.sku,
+                           event.quantity)  # fmt: skip
+    if isinstance(event, SaleOpened):
+        return OpenSale(event.terms)
+    if isinstance(event, SaleClosed):
+        return CloseSale(event.sale_id, event.sku)
+    if isinstance(event, UnitsReturned):
+        return ReturnUnits(event.sale_id, event.sku, event.requested, event.ref)
+    if isinstance(event, SaleSettled):
+        return SettleSale(event.sale_id, event.sku)
+    if isinstance(event, EntryQueued):
+        return PlaceIntent(event.intent_id, event.user_id, event.sale_id, event.sku,
+                           event.quantity)  # fmt: skip
+    if isinstance(event, DrawRevealed):
+        return RevealDraw(event.sale_id, event.sku, event.seed)
+    if isinstance(event, QueueExpired | HoldExpired):
+        return Tick(event.sku)  # whatever command saw the end, the expiry is the same
+    if isinstance(event, PaymentStarted):
+        return StartPayment(event.sale_id, event.sku, event.order_id, event.user_id,
+                            event.attempt_id)  # fmt: skip
+    if isinstance(event, OrderPaid | PaymentVoided | PaymentDeclined):
+        return RecordPayment(event.sale_id, event.sku, event.order_id, event.attempt_id,
+                             type(event) is not PaymentDeclined)  # fmt: skip
+    if isinstance(event, HoldCancelled):
+        return CancelHold(event.sale_id, event.sku, event.order_id, event.user_id)
+    return None
