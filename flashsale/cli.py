@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     from infra import supervise_command
     from processors import commands as processor_commands
     from producers import cli as producer_commands
-    from producers import clock, load
+    from producers import clock, load, payments
     from producers.http import auth as http_auth
     from producers.http import server as http_server
     from projections import commands as projector_commands
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     http_server.register(sub)
     load.register(sub)
     clock.register(sub)
+    payments.register(sub)
     bench.register(sub)
     sale_audit.register(sub)
     replay.register(sub)

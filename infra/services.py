@@ -1,5 +1,5 @@
-"""The project's own long-running services (processor, projector, sale clock) as detached
-processes."""
+"""The project's own long-running services (processor, projector, sale clock, payment
+service) as detached processes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from flashsale.settings import Settings
 from infra import processes
 from infra.errors import InfraError
 
-SERVICES = ("processor", "projector", "clock")
+SERVICES = ("processor", "projector", "clock", "payments")
 
 
 def run_dir(settings: Settings) -> Path:

@@ -49,6 +49,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     op.add_argument("--duration", type=_positive, default=3600, help="seconds")
     op.add_argument("--prequeue", type=_positive, metavar="SECONDS",
                     help="a pre-queue opening this long before the start, drawn at it")  # fmt: skip
+    op.add_argument("--hold", type=_positive, metavar="SECONDS",
+                    help="hold each accepted order this long for its owner to pay")  # fmt: skip
+    op.add_argument("--pay-grace", type=float, default=0.0, metavar="SECONDS",
+                    help="with --hold: a payment begun in time may end this late")  # fmt: skip
     cl = cmds.add_parser("close", help="close a sale's SKUs now")
     cl.add_argument("--sale", required=True)
     cl.add_argument("--sku", required=True, action="append")
@@ -86,8 +90,10 @@ def run_sale(args: argparse.Namespace, settings: Settings) -> int:
         starts = int((time.time() + args.starts_in) * 1000)
         prequeue = None if args.prequeue is None else starts - int(args.prequeue * 1000)
         ends = starts + int(args.duration * 1000)
+        holds = None if args.hold is None else (int(args.hold * 1000),
+                                                int(args.pay_grace * 1000))  # fmt: skip
         opening = asyncio.run(open_sale(settings, producer, args.sale, args.sku, starts, ends,
-                                        prequeue))  # fmt: skip
+                                        prequeue, holds))  # fmt: skip
         if opening is None:
             return 1
         print(f"opened sale {args.sale} for {', '.join(sorted(opening.opened))}")
@@ -109,6 +115,7 @@ async def open_sale(
     starts_ms: int,
     ends_ms: int,
     prequeue_ms: int | None = None,
+    holds: tuple[int, int] | None = None,
 ) -> Opening | None:
     """The admin API's service: claim, write, wait for every SKU's fact (reported)."""
     from psycopg_pool import AsyncConnectionPool
@@ -131,7 +138,8 @@ async def open_sale(
                                   seeds=DrawSeeds(endpoints.dsn, settings.namespace),
                                   progress_every=progress_every_from_env(os.environ))  # fmt: skip
             opening = await service.open_sale(sale_id, skus, starts_ms, ends_ms, "cli",
-                                              prequeue_opens_at_ms=prequeue_ms)  # fmt: skip
+                                              prequeue_opens_at_ms=prequeue_ms,
+                                              holds=holds)  # fmt: skip
     except Refused as exc:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
         return None

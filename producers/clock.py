@@ -6,7 +6,8 @@ than 10 s ago), the clock writes a ``ClockTick`` to every partition every
 ``FLASHSALE_CLOCK_TICK_MS`` (1 s by default), so a pre-queue that nobody reveals expires at
 its sale's end even when no intent arrives. (Ticks only while needed: the command topic is
 kept forever and every audit and rebuild reads it. ``FLASHSALE_CLOCK_ALWAYS=1`` ticks
-always; the order lifecycle's deadlines will widen "needed".)
+always.) A sale with holds needs ticks until its end plus the payment window and grace (its
+last deadline): ``clock_windows``, written when it opens.
 
 It also keeps the draws' seeds (``DrawSeeds``, in PostgreSQL, per namespace: made when a
 pre-queue sale is opened; only the SHA-256 commitment goes into the log) and writes each seed
@@ -137,13 +138,27 @@ class DrawSeeds:
                 (self.namespace, list(sale_ids)),
             )
 
+    def keep_ticking(self, sale_id: str, until_ms: int) -> None:
+        """The sale's deadlines need ticks until ``until_ms`` (its holds' last deadline)."""
+        with self._connection() as conn:
+            conn.execute(
+                "INSERT INTO clock_windows (namespace, sale_id, tick_until) VALUES "
+                "(%s, %s, to_timestamp(%s / 1000.0)) ON CONFLICT (namespace, sale_id) DO "
+                "UPDATE SET tick_until = greatest(clock_windows.tick_until, "
+                "EXCLUDED.tick_until)",
+                (self.namespace, sale_id, until_ms),
+            )
+
     def ticking(self, now_ms: int, after_end_ms: int = 10_000) -> bool:
-        """Whether a pre-queue sale of the namespace is open or just ended (ticks needed)."""
+        """Whether a pre-queue sale of the namespace is open or just ended, or a sale's
+        holds may still expire (ticks needed)."""
+        since = now_ms - after_end_ms
         with self._connection() as conn:
             row = conn.execute(
                 "SELECT EXISTS (SELECT 1 FROM draw_seeds WHERE namespace = %s "
-                "AND ends_at >= to_timestamp(%s / 1000.0))",
-                (self.namespace, now_ms - after_end_ms),
+                "AND ends_at >= to_timestamp(%s / 1000.0)) OR EXISTS (SELECT 1 FROM "
+                "clock_windows WHERE namespace = %s AND tick_until >= to_timestamp(%s / 1000.0))",
+                (self.namespace, since, self.namespace, since),
             ).fetchone()
         return bool(row and row[0])
 

@@ -351,6 +351,12 @@ class CommandProducer:
         ]
         self.wait(futures)
 
+    def order_command(self, name: str, sale_id: str, sku: str, **fields: Any) -> None:
+        """Publish an order command (StartPayment, RecordPayment, CancelHold) to the SKU's
+        writer and wait for its ack."""
+        record = {**self._envelope(None), "sale_id": sale_id, "sku": sku, **fields}
+        self.wait([self._ack_future(sku, name, record)])
+
     def return_units(self, sale_id: str, sku: str, quantity: int, ref: str) -> None:
         """Publish one ReturnUnits (idempotent per ``ref``) and wait for its ack."""
         record = {**self._envelope(None), "sale_id": sale_id, "sku": sku,

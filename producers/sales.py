@@ -73,6 +73,8 @@ class SaleCommands(Protocol):
         prequeue_opens_at_ms: int | None = None,
         draw_commitment: str | None = None,
         progress_every: int | None = None,
+        hold_ms: int | None = None,
+        pay_grace_ms: int = 0,
     ) -> None: ...
 
 
@@ -83,6 +85,10 @@ class SeedKeeper(Protocol):
 
     def armed(self, sale_id: str) -> None:
         """Every SKU's SaleOpened is in the log: the seed may be revealed at the start."""
+        ...
+
+    def keep_ticking(self, sale_id: str, until_ms: int) -> None:
+        """The sale clock must tick until ``until_ms`` (a sale's last hold deadline)."""
         ...
 
 
@@ -155,6 +161,7 @@ def _terms(
     ends_at_ms: int,
     prequeue: int | None,
     progress_every: int | None,
+    holds: tuple[int, int] | None = None,
 ) -> str:
     """The claimed terms, canonical JSON (PostgreSQL's jsonb text is compared)."""
     body: dict[str, Any] = {"skus": [asdict(s) for s in skus], "starts_at": starts_at_ms,
@@ -163,11 +170,17 @@ def _terms(
         body["prequeue_opens_at"] = prequeue
     if progress_every is not None:
         body["progress_every"] = progress_every
+    if holds is not None:
+        body["hold_ms"], body["pay_grace_ms"] = holds
     return json.dumps(body, sort_keys=True)
 
 
 def _answers(
-    sku: SkuAllocation, starts_at_ms: int, ends_at_ms: int, committed: str | None
+    sku: SkuAllocation,
+    starts_at_ms: int,
+    ends_at_ms: int,
+    committed: str | None,
+    holds: tuple[int, int] | None = None,
 ) -> Callable[[Any], bool]:
     """Which fact answers this SKU's OpenSale: a SaleOpened with exactly these terms (another
     one is someone else's opening), or a refusal of an OpenSale."""
@@ -183,8 +196,9 @@ def _answers(
             r["starts_at"],
             r["ends_at"],
             r.get("draw_commitment"),
+            r.get("hold_ms"),
         ) == (sku.allocation, sku.per_user_limit, sku.per_order_max, starts_at_ms, ends_at_ms,
-              committed)  # fmt: skip
+              committed, None if holds is None else holds[0])  # fmt: skip
 
     return accept
 
@@ -216,16 +230,21 @@ class SaleService:
         ends_at_ms: int,
         by: str,
         prequeue_opens_at_ms: int | None = None,
+        holds: tuple[int, int] | None = None,
     ) -> Opening:
         """Every SKU's outcome; Refused("sale_exists") when the id is taken by other terms.
+        ``holds``: (payment window, grace) in ms, for a sale whose orders are held for
+        payment (``processors.core.lifecycle``).
 
         Raises what the producer raises when Kafka does not acknowledge (the claim stays:
         a retry with the same terms goes on).
         """
         if prequeue_opens_at_ms is not None and self.seeds is None:
             raise Refused("no_prequeue", "this service keeps no draw seeds: no pre-queue here")
+        if holds is not None and self.seeds is None:
+            raise Refused("no_holds", "this service keeps no clock windows: no holds here")
         cadence = self.progress_every
-        terms = _terms(skus, starts_at_ms, ends_at_ms, prequeue_opens_at_ms, cadence)
+        terms = _terms(skus, starts_at_ms, ends_at_ms, prequeue_opens_at_ms, cadence, holds)
         held = await self.claims.claim(sale_id, terms, by)
         opening = Opening(sale_id)
         if held is not None:
@@ -235,9 +254,10 @@ class SaleService:
             # A retry writes the cadence of the first attempt (another server, another
             # setting): the writer refuses an OpenSale whose terms differ in anything.
             cadence = was.get("progress_every")
-            if (was["skus"], "prequeue_opens_at" in was) != (
+            if (was["skus"], "prequeue_opens_at" in was, was.get("hold_ms")) != (
                 now["skus"],
                 "prequeue_opens_at" in now,
+                now.get("hold_ms"),
             ):
                 raise Refused("sale_exists", f"sale {sale_id!r} already exists with other terms")
             # The same opening again (its first answer was lost): what is open stays open,
@@ -248,6 +268,9 @@ class SaleService:
                     window = {"starts_at": starts_at_ms, "ends_at": ends_at_ms}
                     opening.opened[s.sku] = {**asdict(s), "sale_id": sale_id, **window}
         todo = [s for s in skus if s.sku not in opening.opened]
+        if holds is not None and self.seeds is not None:  # before any order can be held
+            last_deadline = ends_at_ms + holds[0] + holds[1]
+            await asyncio.to_thread(self.seeds.keep_ticking, sale_id, last_deadline)
         if not todo:
             return await self._armed(opening, prequeue_opens_at_ms)
         committed = None
@@ -258,7 +281,7 @@ class SaleService:
             )
         waits = {
             s.sku: self.facts.expect(
-                sale_id, s.sku, _answers(s, starts_at_ms, ends_at_ms, committed)
+                sale_id, s.sku, _answers(s, starts_at_ms, ends_at_ms, committed, holds)
             )
             for s in todo
         }
@@ -268,6 +291,8 @@ class SaleService:
                 prequeue_opens_at_ms=prequeue_opens_at_ms,
                 draw_commitment=committed,
                 progress_every=cadence,
+                hold_ms=None if holds is None else holds[0],
+                pay_grace_ms=0 if holds is None else holds[1],
             )
             await asyncio.to_thread(write, sale_id, todo, starts_at_ms, ends_at_ms)
             await asyncio.wait(list(waits.values()), timeout=self.wait_s)

@@ -58,9 +58,16 @@ async def open_sale(
     ]
     starts_ms, ends_ms = int(starts.timestamp() * 1000), int(ends.timestamp() * 1000)
     prequeue_ms = None if body.prequeue_s is None else starts_ms - int(body.prequeue_s * 1000)
+    holds = None if body.hold_s is None else (int(body.hold_s * 1000), int(body.pay_grace_s * 1000))
     try:
         opening = await ctx.sales.open_sale(
-            body.sale_id, skus, starts_ms, ends_ms, who.user_id, prequeue_opens_at_ms=prequeue_ms
+            body.sale_id,
+            skus,
+            starts_ms,
+            ends_ms,
+            who.user_id,
+            prequeue_opens_at_ms=prequeue_ms,
+            holds=holds,
         )
     except Refused as exc:
         raise refusal(exc.code, exc.message) from None
@@ -96,6 +103,8 @@ def _opened_reply(opening: Opening) -> SaleOpenedReply:
         ],
         prequeue_opens_at=None if prequeue is None else utc(prequeue),
         draw_commitment=facts[0].get("draw_commitment"),
+        hold_s=None if facts[0].get("hold_ms") is None else facts[0]["hold_ms"] / 1000,
+        pay_grace_s=(facts[0].get("pay_grace_ms") or 0) / 1000,
     )
 
 

@@ -130,6 +130,17 @@ class OpenSaleRequest(Strict):
         description="Open a pre-queue this many seconds before the start: intents in it are "
         "queued and drawn at the start, in an order anyone can recompute from the log.",
     )
+    hold_s: Annotated[StrictFloat, Field(ge=1, le=86_400)] | None = Field(
+        default=None,
+        description="Hold each accepted intent's order this many seconds for its owner to pay "
+        "(POST /v1/orders/{id}/pay); unpaid, it expires and its units go back on sale. "
+        "Without it an accepted intent is final.",
+    )
+    pay_grace_s: Annotated[StrictFloat, Field(ge=0, le=3_600)] = Field(
+        default=0.0,
+        description="With holds: a payment started before the deadline may still succeed "
+        "this long after it.",
+    )
 
     @model_validator(mode="after")
     def _one_of_each(self) -> OpenSaleRequest:
@@ -158,6 +169,16 @@ class SaleOpenedReply(Strict):
     draw_commitment: str | None = Field(
         default=None, description="SHA-256 (hex) of the draw's secret seed, revealed at the start."
     )
+    hold_s: float | None = Field(default=None, description="Orders are held this long to pay.")
+    pay_grace_s: float = 0.0
+
+
+class OrderCommandAccepted(Strict):
+    """202 to paying or cancelling an order: the command is in the log; its writer decides."""
+
+    order_id: str
+    attempt_id: str | None = Field(default=None, description="The payment attempt (pay).")
+    status: Literal["payment_requested", "cancel_requested"]
 
 
 class CloseSaleRequest(Strict):

@@ -52,6 +52,8 @@ class FakeWriters:
         prequeue_opens_at_ms: int | None = None,
         draw_commitment: str | None = None,
         progress_every: int | None = None,
+        hold_ms: int | None = None,
+        pay_grace_ms: int = 0,
     ) -> None:
         facts = []
         record: dict[str, Any]
@@ -70,7 +72,8 @@ class FakeWriters:
                           "per_user_limit": s.per_user_limit, "per_order_max": s.per_order_max,
                           "starts_at": starts_at_ms, "ends_at": ends_at_ms,
                           "prequeue_opens_at": prequeue_opens_at_ms,
-                          "draw_commitment": draw_commitment}  # fmt: skip
+                          "draw_commitment": draw_commitment, "hold_ms": hold_ms,
+                          "pay_grace_ms": pay_grace_ms}  # fmt: skip
                 facts.append(Fact(0, self.offset, "SaleOpened", record))
         self.loop.call_soon_threadsafe(self.feed.apply, facts)
 
