@@ -40,6 +40,7 @@ REFUSAL_STATUS = {
     "idempotency_conflict": 409,
     "sale_exists": 409,
     "no_prequeue": 422,
+    "no_holds": 422,
 }
 
 
