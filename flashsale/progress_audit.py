@@ -105,12 +105,15 @@ def _not_its_cause(command: tuple[str, dict[str, Any], int] | None, event: Fact)
         return f"was appended at {at}, the event it follows at {ev['decided_at']}"
     if rec.get("sku") not in (None, ev["sku"]):
         return f"is a command for {rec['sku']!r}"
-    if "intent_id" in ev:  # a decision or a queued intent: its own intent, or the draw
-        if ev.get("reason") == "DRAW_NOT_REVEALED" or name == "RevealDraw":
+    if "intent_id" in ev:  # a decision or a queued or waitlisted intent
+        # An intent's own record decides it, or a command that decides intents waiting
+        # (the draw, a tick or a payment or cancel that moved the waitlist, a return of
+        # units); another intent's record only rejects a queue the sale's end expired.
+        if name != "PurchaseIntent" or rec["intent_id"] == ev["intent_id"]:
             return None
-        if name == "PurchaseIntent" and rec["intent_id"] == ev["intent_id"]:
+        if ev.get("reason") == "DRAW_NOT_REVEALED":
             return None
-        return f"is a {name}, not intent {ev['intent_id']} of the {ev_name} it follows"
+        return f"is intent {rec['intent_id']}, not {ev['intent_id']} of the {ev_name} it follows"
     want = ev["command"] if ev_name in ("SaleRefused", "OrderRefused") else _CAUSE.get(ev_name)
     if want is not None and name != want:
         return f"is a {name}, the {ev_name} it follows comes from a {want}"

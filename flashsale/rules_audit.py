@@ -40,10 +40,11 @@ from processors.core import (
     StartPayment,
     Tick,
     UnitsReturned,
+    Waitlisted,
     decide,
     evolve,
 )
-from processors.core.lifecycle import overdue
+from processors.core.lifecycle import overdue, serve_waitlist
 from processors.records import event_from_record
 
 
@@ -52,7 +53,8 @@ def check_rules(sku: str, items: list[tuple[str, dict[str, Any]]]) -> list[tuple
 
     A command may yield several events (a reveal: the draw and every queued intent's decision
     in the draw's order; a close or the end of a pre-queue sale: the queue's expiry): the
-    events the rules yield must be exactly the next ones in the log. So the draw is
+    events the rules yield must be exactly the next ones in the log (a release or a payment:
+    then what the waitlist does). So the draw is
     recomputed from the queued entries the log holds and the seed it revealed, checked
     against the sale's commitment, and every drawn decision must follow it.
     """
@@ -66,7 +68,9 @@ def check_rules(sku: str, items: list[tuple[str, dict[str, Any]]]) -> list[tuple
         group = [event]
         if command is not None:
             try:
-                again = decide(ledger, command, event.decided_at)
+                again = _waitlist_moves(ledger, event)
+                if again is None:
+                    again = decide(ledger, command, event.decided_at)
                 said = ", ".join(map(str, again[:3])) if again else "nothing"
             except (KeyError, ValueError) as exc:  # e.g. a rules version this build lacks
                 again, said = [], f"an error: {exc!r}"
@@ -87,6 +91,18 @@ def check_rules(sku: str, items: list[tuple[str, dict[str, Any]]]) -> list[tuple
                 found.append(("unfoldable", f"{where}: {name} fails: {exc!r}"))
         i += len(group)
     return found
+
+
+def _waitlist_moves(ledger: SkuLedger, event: Event) -> list[Event] | None:
+    """For the decision of a waitlisted intent: what the line does at that point (served in
+    order, or everyone told when no hold is left), else None. It follows the events of the
+    command that moved it (a release or a payment), whichever command that was."""
+    book = ledger.sales.get(event.sale_id)
+    intent_id = getattr(event, "intent_id", None)
+    if book is None or intent_id is None or intent_id not in book.waitlisted_ids:
+        return None
+    return serve_waitlist(book, event.sale_id, event.sku, event.decided_at, book.sequence,
+                          book.remaining, len(book.holds))  # fmt: skip
 
 
 def _expires_alone(ledger: SkuLedger, event: HoldExpired) -> bool:
@@ -119,7 +135,7 @@ def command_for(event: Event) -> Command | None:
         return ReturnUnits(event.sale_id, event.sku, event.requested, event.ref)
     if isinstance(event, SaleSettled):
         return SettleSale(event.sale_id, event.sku)
-    if isinstance(event, EntryQueued):
+    if isinstance(event, EntryQueued | Waitlisted):
         return PlaceIntent(event.intent_id, event.user_id, event.sale_id, event.sku,
                            event.quantity)  # fmt: skip
     if isinstance(event, DrawRevealed):

@@ -44,6 +44,7 @@ from processors.core import (
     StartPayment,
     Tick,
     UnitsReturned,
+    Waitlisted,
 )
 
 FIRST_RULES = 1
@@ -59,7 +60,7 @@ EVENT_RECORDS = DECISION_RECORDS | {"SaleOpened", "SaleRefused", "SaleClosed", "
                                     "SaleSettled", "EntryQueued", "DrawRevealed",
                                     "QueueExpired", "PaymentStarted", "OrderRefused",
                                     "PaymentDeclined", "OrderPaid", "PaymentVoided",
-                                    "HoldExpired", "HoldCancelled"}  # fmt: skip
+                                    "HoldExpired", "HoldCancelled", "Waitlisted"}  # fmt: skip
 """Records of the decisions topic that are a (sale, SKU)'s numbered facts."""
 PROGRESS = "QueueProgress"
 """The decisions topic's one record that is not a numbered fact (see ``QueueProgress``)."""
@@ -81,7 +82,7 @@ def to_record(event: Event | QueueProgress) -> dict[str, Any]:
                 "prequeue_opens_at": t.prequeue_opens_at_ms,
                 "draw_commitment": t.draw_commitment,
                 "progress_every": t.progress_every, "hold_ms": t.hold_ms,
-                "pay_grace_ms": t.pay_grace_ms}  # fmt: skip
+                "pay_grace_ms": t.pay_grace_ms, "waitlist_depth": t.waitlist_depth}  # fmt: skip
     if isinstance(event, IntentAccepted | IntentRejected):
         record: dict[str, Any] = {
             "intent_id": event.intent_id,
@@ -119,7 +120,7 @@ def terms_from_record(record: dict[str, Any]) -> SaleTerms:
                      r["per_order_max"], r["starts_at"], r["ends_at"],
                      FIRST_RULES if rules is None else rules, r.get("prequeue_opens_at"),
                      r.get("draw_commitment"), r.get("progress_every"), r.get("hold_ms"),
-                     r.get("pay_grace_ms") or 0)  # fmt: skip
+                     r.get("pay_grace_ms") or 0, r.get("waitlist_depth") or 0)  # fmt: skip
 
 
 def event_from_record(name: str, record: dict[str, Any]) -> Event:
@@ -160,6 +161,7 @@ _FLAT: dict[str, Any] = {
     "PaymentVoided": PaymentVoided,
     "HoldExpired": HoldExpired,
     "HoldCancelled": HoldCancelled,
+    "Waitlisted": Waitlisted,
 }
 
 

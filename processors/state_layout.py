@@ -54,9 +54,8 @@ _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder()
 
 # Operation codes (first element of each op list).
-SEQ, ORPHANS, TERMS, BOOK, BOUGHT, IDS, RETURNS, SETTLED, QUEUED, QUEUE_DONE, ORDERS, ATTEMPTS = (
-    range(12)
-)
+(SEQ, ORPHANS, TERMS, BOOK, BOUGHT, IDS, RETURNS, SETTLED, QUEUED, QUEUE_DONE, ORDERS, ATTEMPTS,
+ WAITLIST) = range(13)  # fmt: skip
 HELD = "held"  # an ORDERS entry's state while its order is held
 
 
@@ -138,11 +137,13 @@ def book_ops(
         ops.append([TERMS, sku, sale_id, t.allocation, t.per_user_limit, t.per_order_max,
                     t.starts_at_ms, t.ends_at_ms, t.rules, t.prequeue_opens_at_ms,
                     t.draw_commitment, t.progress_every, t.hold_ms,
-                    t.pay_grace_ms])  # fmt: skip
+                    t.pay_grace_ms, t.waitlist_depth])  # fmt: skip
     if orders:
         ops.append([ORDERS, sku, sale_id, _orders_flat(book, orders)])
     if attempts:
         ops.append([ATTEMPTS, sku, sale_id, [x for a in attempts for x in (a, book.attempts[a])]])
+    if book.terms.waitlist_depth:  # the whole line, as it stands (it is at most that deep)
+        ops.append([WAITLIST, sku, sale_id, [x for entry in book.waitlist for x in entry]])
     if book.settled:
         ops.append([SETTLED, sku, sale_id, book.remaining, book.sequence])
         if ids:  # intents decided after settlement (SALE_ENDED) are remembered as ids
@@ -290,6 +291,12 @@ def fold(ledgers: dict[str, SkuLedger], value: bytes) -> None:
                     else:
                         book.holds.pop(order_id, None)
                         book.orders[order_id] = state
+            elif code == WAITLIST:
+                flat = op[3]
+                book.waitlist = [
+                    (flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)
+                ]
+                book.waitlisted_ids = {e[0] for e in book.waitlist}
             elif code == ATTEMPTS:
                 flat = op[3]
                 book.attempts.update(zip(flat[::2], flat[1::2], strict=True))

@@ -9,12 +9,18 @@ from processors.core import Decision, IntentAccepted, OrderRefused, SkuLedger
 from processors.core.lifecycle_model import (
     HoldCancelled,
     HoldExpired,
-    LifecycleEvent,
     OrderPaid,
     PaymentDeclined,
     PaymentStarted,
     PaymentVoided,
 )
+
+# The lifecycle facts about one order (a Waitlisted intent has none yet: the book's waitlist
+# is written whole with the book, see ``state_layout.book_ops``).
+OrderEvent = (
+    PaymentStarted | OrderRefused | PaymentDeclined | OrderPaid | PaymentVoided | HoldExpired
+    | HoldCancelled
+)  # fmt: skip
 
 LIFECYCLE_EVENTS = frozenset({PaymentStarted, OrderRefused, PaymentDeclined, OrderPaid,
                               PaymentVoided, HoldExpired, HoldCancelled})  # fmt: skip
@@ -62,7 +68,7 @@ class Touched:
             if event.pay_by:  # its order is held
                 change[5].append(event.order_id)
 
-    def lifecycle(self, change: BookChange, event: LifecycleEvent) -> None:
+    def lifecycle(self, change: BookChange, event: OrderEvent) -> None:
         """An order's state or a payment attempt's changed (a refusal or a voided payment
         changes no order: the order may not even exist)."""
         if type(event) is not OrderRefused and type(event) is not PaymentVoided:

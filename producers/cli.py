@@ -53,6 +53,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                     help="hold each accepted order this long for its owner to pay")  # fmt: skip
     op.add_argument("--pay-grace", type=float, default=0.0, metavar="SECONDS",
                     help="with --hold: a payment begun in time may end this late")  # fmt: skip
+    op.add_argument("--waitlist", type=int, default=0, metavar="DEPTH",
+                    help="with --hold: this many intents may wait for a unit")  # fmt: skip
     cl = cmds.add_parser("close", help="close a sale's SKUs now")
     cl.add_argument("--sale", required=True)
     cl.add_argument("--sku", required=True, action="append")
@@ -91,7 +93,8 @@ def run_sale(args: argparse.Namespace, settings: Settings) -> int:
         prequeue = None if args.prequeue is None else starts - int(args.prequeue * 1000)
         ends = starts + int(args.duration * 1000)
         holds = None if args.hold is None else (int(args.hold * 1000),
-                                                int(args.pay_grace * 1000))  # fmt: skip
+                                                int(args.pay_grace * 1000),
+                                                args.waitlist)  # fmt: skip
         opening = asyncio.run(open_sale(settings, producer, args.sale, args.sku, starts, ends,
                                         prequeue, holds))  # fmt: skip
         if opening is None:
@@ -115,7 +118,7 @@ async def open_sale(
     starts_ms: int,
     ends_ms: int,
     prequeue_ms: int | None = None,
-    holds: tuple[int, int] | None = None,
+    holds: tuple[int, int, int] | None = None,
 ) -> Opening | None:
     """The admin API's service: claim, write, wait for every SKU's fact (reported)."""
     from psycopg_pool import AsyncConnectionPool

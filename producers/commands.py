@@ -276,6 +276,7 @@ class CommandProducer:
         progress_every: int | None = None,
         hold_ms: int | None = None,
         pay_grace_ms: int = 0,
+        waitlist_depth: int = 0,
     ) -> None:
         """Publish one OpenSale per SKU (each to its own writer) and wait for all acks.
 
@@ -302,6 +303,7 @@ class CommandProducer:
                 "progress_every": progress_every,
                 "hold_ms": hold_ms,
                 "pay_grace_ms": pay_grace_ms,
+                "waitlist_depth": waitlist_depth,
             }
             futures.append(self._ack_future(item.sku, "OpenSale", record))
         self.wait(futures)

@@ -52,6 +52,10 @@ def progress_every_from_env(env: Mapping[str, str]) -> int | None:
     return env_int(env, "FLASHSALE_PROGRESS_EVERY", PROGRESS_EVERY, 0, 1_000_000) or None
 
 
+Holds = tuple[int, int, int]
+"""A sale's order holds: payment window (ms), grace (ms), waitlist depth."""
+
+
 class SaleClaims(Protocol):
     async def claim(self, sale_id: str, terms: str, by: str) -> str | None:
         """None when the id is now ours, else the terms it was claimed with."""
@@ -75,6 +79,7 @@ class SaleCommands(Protocol):
         progress_every: int | None = None,
         hold_ms: int | None = None,
         pay_grace_ms: int = 0,
+        waitlist_depth: int = 0,
     ) -> None: ...
 
 
@@ -161,7 +166,7 @@ def _terms(
     ends_at_ms: int,
     prequeue: int | None,
     progress_every: int | None,
-    holds: tuple[int, int] | None = None,
+    holds: Holds | None = None,
 ) -> str:
     """The claimed terms, canonical JSON (PostgreSQL's jsonb text is compared)."""
     body: dict[str, Any] = {"skus": [asdict(s) for s in skus], "starts_at": starts_at_ms,
@@ -171,7 +176,7 @@ def _terms(
     if progress_every is not None:
         body["progress_every"] = progress_every
     if holds is not None:
-        body["hold_ms"], body["pay_grace_ms"] = holds
+        body["hold_ms"], body["pay_grace_ms"], body["waitlist_depth"] = holds
     return json.dumps(body, sort_keys=True)
 
 
@@ -180,7 +185,7 @@ def _answers(
     starts_at_ms: int,
     ends_at_ms: int,
     committed: str | None,
-    holds: tuple[int, int] | None = None,
+    holds: Holds | None = None,
 ) -> Callable[[Any], bool]:
     """Which fact answers this SKU's OpenSale: a SaleOpened with exactly these terms (another
     one is someone else's opening), or a refusal of an OpenSale."""
@@ -230,11 +235,11 @@ class SaleService:
         ends_at_ms: int,
         by: str,
         prequeue_opens_at_ms: int | None = None,
-        holds: tuple[int, int] | None = None,
+        holds: Holds | None = None,
     ) -> Opening:
         """Every SKU's outcome; Refused("sale_exists") when the id is taken by other terms.
-        ``holds``: (payment window, grace) in ms, for a sale whose orders are held for
-        payment (``processors.core.lifecycle``).
+        ``holds``: (payment window ms, grace ms, waitlist depth), for a sale whose orders
+        are held for payment (``processors.core.lifecycle``).
 
         Raises what the producer raises when Kafka does not acknowledge (the claim stays:
         a retry with the same terms goes on).
@@ -293,6 +298,7 @@ class SaleService:
                 progress_every=cadence,
                 hold_ms=None if holds is None else holds[0],
                 pay_grace_ms=0 if holds is None else holds[1],
+                waitlist_depth=0 if holds is None else holds[2],
             )
             await asyncio.to_thread(write, sale_id, todo, starts_at_ms, ends_at_ms)
             await asyncio.wait(list(waits.values()), timeout=self.wait_s)

@@ -31,6 +31,7 @@ from processors.core.lifecycle import (
     evolve_released,
     evolve_started,
     evolve_voided,
+    evolve_waitlisted,
 )
 from processors.core.lifecycle import evolve_refused as evolve_order_refused
 from processors.core.lifecycle_model import (
@@ -45,6 +46,7 @@ from processors.core.lifecycle_model import (
     PaymentVoided,
     RecordPayment,
     StartPayment,
+    Waitlisted,
 )
 from processors.core.model import (
     CURRENT_RULES,
@@ -133,6 +135,7 @@ __all__ = [
     "StartPayment",
     "Tick",
     "UnitsReturned",
+    "Waitlisted",
     "WrongLedger",
     "decide",
     "evolve",
@@ -173,6 +176,7 @@ _EVOLVE: dict[type, Callable[[SkuLedger, Any], None]] = {
     PaymentVoided: evolve_voided,
     HoldExpired: evolve_released,
     HoldCancelled: evolve_released,
+    Waitlisted: evolve_waitlisted,
 }
 
 

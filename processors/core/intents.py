@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 
-from processors.core.lifecycle import evolve_held, pay_by
+from processors.core.lifecycle import evolve_held, leave_waitlist, pay_by, waitlisted
 from processors.core.model import (
     Event,
     IntentAccepted,
@@ -37,6 +37,8 @@ def _known(ledger: SkuLedger, book: SaleBook | None, intent_id: str) -> bool:
         return True
     if book is not None and intent_id in book.queued_ids:
         return True  # queued: its one decision comes with the draw
+    if book is not None and intent_id in book.waitlisted_ids:
+        return True  # waitlisted: its one decision comes when a unit returns (or cannot)
     if book is not None and book.settled and intent_digest(intent_id) in book.settled_digests:
         return True  # decided before settlement: that decision stands, none is added
     # Intent ids embed the sale, so only a forged or corrupted record reaches this loop with
@@ -63,6 +65,9 @@ def decide_place(ledger: SkuLedger, cmd: PlaceIntent, now: int) -> list[Event]:
         return [IntentAccepted(cmd.intent_id, cmd.sale_id, cmd.sku, cmd.user_id, cmd.quantity,
                                order_id_for(cmd.intent_id), book.remaining - cmd.quantity, seq,
                                now, pay_by=pay_by(book, now))]  # fmt: skip
+    waiting = waitlisted(book, cmd, fault[0], now) if book.terms.waitlist_depth else None
+    if waiting is not None:
+        return [waiting]
     return [IntentRejected(cmd.intent_id, cmd.sale_id, cmd.sku, cmd.user_id, cmd.quantity,
                            fault[0], fault[1], book.remaining, seq, now)]  # fmt: skip
 
@@ -77,6 +82,8 @@ def evolve_accepted(ledger: SkuLedger, event: IntentAccepted) -> None:
     book.decided.add(event.intent_id)
     if event.pay_by:
         evolve_held(book, event)
+    if book.waitlisted_ids and event.intent_id in book.waitlisted_ids:
+        leave_waitlist(book, event.intent_id)
 
 
 def evolve_rejected(ledger: SkuLedger, event: IntentRejected) -> None:
@@ -88,3 +95,5 @@ def evolve_rejected(ledger: SkuLedger, event: IntentRejected) -> None:
         return
     book.sequence = event.sequence
     book.decided.add(event.intent_id)
+    if book.waitlisted_ids and event.intent_id in book.waitlisted_ids:
+        leave_waitlist(book, event.intent_id)

@@ -34,8 +34,88 @@ from processors.core.lifecycle_model import (
     PaymentVoided,
     RecordPayment,
     StartPayment,
+    Waitlisted,
 )
-from processors.core.model import Event, IntentAccepted, SaleBook, SkuLedger
+from processors.core.model import (
+    Event,
+    IntentAccepted,
+    IntentRejected,
+    PlaceIntent,
+    RejectionReason,
+    SaleBook,
+    SkuLedger,
+    order_id_for,
+)
+
+_NO_UNIT = (RejectionReason.SOLD_OUT, RejectionReason.INSUFFICIENT_STOCK)
+
+
+def waitlisted(
+    book: SaleBook, cmd: PlaceIntent, fault: RejectionReason, now: int
+) -> Waitlisted | None:
+    """The intent waits instead of being rejected for ``fault`` when it found no unit, held
+    units may still come back, the waitlist has room and the user's limit leaves room."""
+    if (
+        fault not in _NO_UNIT
+        or not book.holds
+        or len(book.waitlist) >= book.terms.waitlist_depth
+        or book.bought.get(cmd.user_id, 0) + cmd.quantity > book.terms.per_user_limit
+    ):
+        return None
+    return Waitlisted(cmd.intent_id, cmd.sale_id, cmd.sku, cmd.user_id, cmd.quantity,
+                      len(book.waitlist) + 1, book.sequence + 1, now)  # fmt: skip
+
+
+def serve_waitlist(
+    book: SaleBook, sale_id: str, sku: str, now: int, seq: int, remaining: int, holds: int
+) -> list[Event]:
+    """After a command's own events (numbered up to ``seq``) left ``remaining`` units and
+    ``holds`` holds: the waitlist's decisions. Its head is served in order while its
+    quantity fits (a hold each; ``USER_LIMIT`` if the user got units meanwhile); when no
+    hold is left, no unit can come back: everyone still waiting is rejected at once."""
+    events: list[Event] = []
+    bought: dict[str, int] = {}
+    served = 0
+    limit = book.terms.per_user_limit
+    for intent_id, user_id, q in book.waitlist:
+        if q > remaining:
+            break
+        served += 1
+        seq += 1
+        had = book.bought.get(user_id, 0) + bought.get(user_id, 0)
+        if had + q > limit:
+            events.append(IntentRejected(intent_id, sale_id, sku, user_id, q,
+                                         RejectionReason.USER_LIMIT,
+                                         f"{had} + {q} > limit {limit}", remaining, seq,
+                                         now))  # fmt: skip
+            continue
+        remaining -= q
+        holds += 1
+        bought[user_id] = bought.get(user_id, 0) + q
+        events.append(IntentAccepted(intent_id, sale_id, sku, user_id, q, order_id_for(intent_id),
+                                     remaining, seq, now, pay_by=pay_by(book, now)))  # fmt: skip
+    if holds == 0:
+        for intent_id, user_id, q in book.waitlist[served:]:
+            seq += 1
+            events.append(IntentRejected(intent_id, sale_id, sku, user_id, q,
+                                         RejectionReason.SOLD_OUT, "no unit can come back",
+                                         remaining, seq, now))  # fmt: skip
+    return events
+
+
+def _then_serve(book: SaleBook, events: list[Event], now: int) -> list[Event]:
+    """``events`` of one command, followed by what they make of the waitlist."""
+    if not book.waitlist or not events:
+        return events
+    remaining, holds = book.remaining, len(book.holds)
+    for e in events:
+        if type(e) is HoldExpired or type(e) is HoldCancelled:
+            remaining, holds = e.remaining, holds - 1
+        elif type(e) is OrderPaid:
+            holds -= 1
+    last = events[-1]
+    return [*events, *serve_waitlist(book, last.sale_id, last.sku, now, last.sequence,
+                                     remaining, holds)]  # fmt: skip
 
 
 def pay_by(book: SaleBook, now: int) -> int:
@@ -83,7 +163,8 @@ def decide_start(ledger: SkuLedger, cmd: StartPayment, now: int) -> list[Event]:
         return [_refused(cmd, f"payment {hold.attempt} is in progress", seq, now)]
     if now >= hold.pay_by:
         expired = _expired(book, cmd.sale_id, cmd.sku, cmd.order_id, now, seq)
-        return [expired, _refused(cmd, "the payment deadline passed", seq + 1, now)]
+        refused = _refused(cmd, "the payment deadline passed", seq + 1, now)
+        return _then_serve(book, [expired, refused], now)
     return [PaymentStarted(cmd.sale_id, cmd.sku, cmd.order_id, cmd.attempt_id, cmd.user_id,
                            hold.pay_by, seq, now)]  # fmt: skip
 
@@ -109,12 +190,14 @@ def decide_record(ledger: SkuLedger, cmd: RecordPayment, now: int) -> list[Event
     elif not current:
         detail = _gone(book, cmd.order_id)
     elif hold is not None and now <= hold.pay_by + book.terms.pay_grace_ms:
-        return [OrderPaid(cmd.sale_id, cmd.sku, cmd.order_id, cmd.attempt_id, hold.user_id,
-                          hold.quantity, seq, now)]  # fmt: skip
+        paid = OrderPaid(cmd.sale_id, cmd.sku, cmd.order_id, cmd.attempt_id, hold.user_id,
+                         hold.quantity, seq, now)  # fmt: skip
+        return _then_serve(book, [paid], now)
     else:  # charged too late: refunded, and the hold it was for expires now
         voided = PaymentVoided(cmd.sale_id, cmd.sku, cmd.order_id, cmd.attempt_id,
                                "paid after the deadline and its grace", seq, now)  # fmt: skip
-        return [voided, _expired(book, cmd.sale_id, cmd.sku, cmd.order_id, now, seq + 1)]
+        expired = _expired(book, cmd.sale_id, cmd.sku, cmd.order_id, now, seq + 1)
+        return _then_serve(book, [voided, expired], now)
     return [PaymentVoided(cmd.sale_id, cmd.sku, cmd.order_id, cmd.attempt_id, detail, seq, now)]
 
 
@@ -133,8 +216,9 @@ def decide_cancel(ledger: SkuLedger, cmd: CancelHold, now: int) -> list[Event]:
         return [_refused(cmd, "the order belongs to another user", seq, now)]
     if hold.attempt is not None:
         return [_refused(cmd, f"payment {hold.attempt} is in progress", seq, now)]
-    return [HoldCancelled(cmd.sale_id, cmd.sku, cmd.order_id, hold.user_id, hold.quantity,
-                          book.remaining + hold.quantity, seq, now)]  # fmt: skip
+    cancelled = HoldCancelled(cmd.sale_id, cmd.sku, cmd.order_id, hold.user_id, hold.quantity,
+                              book.remaining + hold.quantity, seq, now)  # fmt: skip
+    return _then_serve(book, [cancelled], now)
 
 
 def expire_due(book: SaleBook, sale_id: str, sku: str, now: int) -> list[Event]:
@@ -148,7 +232,7 @@ def expire_due(book: SaleBook, sale_id: str, sku: str, now: int) -> list[Event]:
         seq, remaining = seq + 1, remaining + hold.quantity
         events.append(HoldExpired(sale_id, sku, order_id, hold.user_id, hold.quantity, remaining,
                                   seq, now))  # fmt: skip
-    return events
+    return _then_serve(book, events, now)
 
 
 # -- evolve -----------------------------------------------------------------------------
@@ -195,6 +279,23 @@ def evolve_voided(ledger: SkuLedger, event: PaymentVoided) -> None:
     book = ledger.sales[event.sale_id]
     book.attempts[event.attempt_id] = "voided"
     book.sequence = event.sequence
+
+
+def evolve_waitlisted(ledger: SkuLedger, event: Waitlisted) -> None:
+    """The intent waits at the end of the line."""
+    book = ledger.sales[event.sale_id]
+    book.waitlist.append((event.intent_id, event.user_id, event.quantity))
+    book.waitlisted_ids.add(event.intent_id)
+    book.sequence = event.sequence
+
+
+def leave_waitlist(book: SaleBook, intent_id: str) -> None:
+    """A waitlisted intent got its decision (in line order: almost always the head)."""
+    book.waitlisted_ids.discard(intent_id)
+    if book.waitlist and book.waitlist[0][0] == intent_id:
+        book.waitlist.pop(0)
+    else:
+        book.waitlist = [e for e in book.waitlist if e[0] != intent_id]
 
 
 def evolve_released(ledger: SkuLedger, event: HoldExpired | HoldCancelled) -> None:

@@ -134,6 +134,22 @@ class PaymentVoided:
 
 
 @dataclass(slots=True, frozen=True)
+class Waitlisted:
+    """An intent found no unit while held units may still come back: it waits, ``position``
+    in line (not a decision: its one decision comes when a unit returns to it, or when none
+    can come back any more)."""
+
+    intent_id: str
+    sale_id: str
+    sku: str
+    user_id: str
+    quantity: int
+    position: int
+    sequence: int
+    decided_at: int
+
+
+@dataclass(slots=True, frozen=True)
 class HoldExpired:
     """A hold's deadline passed (by log time) unpaid: its units are back in the sale."""
 
@@ -164,5 +180,5 @@ class HoldCancelled:
 LifecycleCommand = StartPayment | RecordPayment | CancelHold
 LifecycleEvent = (
     PaymentStarted | OrderRefused | PaymentDeclined | OrderPaid | PaymentVoided | HoldExpired
-    | HoldCancelled
+    | HoldCancelled | Waitlisted
 )  # fmt: skip

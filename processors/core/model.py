@@ -72,6 +72,9 @@ class SaleTerms:
     # time may still succeed up to ``pay_grace_ms`` after the deadline.
     hold_ms: int | None = None
     pay_grace_ms: int = 0
+    # With holds: up to this many intents that find no unit while units may still come back
+    # wait (``Waitlisted``) instead of being rejected, served in order as units return.
+    waitlist_depth: int = 0
 
 
 # -- commands ---------------------------------------------------------------------------
@@ -361,6 +364,9 @@ class SaleBook:
     holds: dict[str, Hold] = field(default_factory=dict)
     orders: dict[str, str] = field(default_factory=dict)
     attempts: dict[str, str] = field(default_factory=dict)
+    # The waitlist, in order: (intent id, user id, quantity), and its intent ids.
+    waitlist: list[tuple[str, str, int]] = field(default_factory=list)
+    waitlisted_ids: set[str] = field(default_factory=set)
 
     @property
     def queueing(self) -> bool:

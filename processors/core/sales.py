@@ -8,6 +8,7 @@ sequence number of its (sale, SKU), a refused command too (it is still an answer
 from __future__ import annotations
 
 from processors.core.intents import intent_digest
+from processors.core.lifecycle import serve_waitlist
 from processors.core.model import (
     CloseSale,
     Event,
@@ -49,6 +50,10 @@ def terms_problem(terms: SaleTerms) -> str | None:
         return "hold_ms must be between 1000 (1 s) and 86400000 (a day)"
     if not 0 <= terms.pay_grace_ms <= 3_600_000:
         return "pay_grace_ms must be between 0 and 3600000 (an hour)"
+    if not 0 <= terms.waitlist_depth <= 10_000:
+        return "waitlist_depth must be between 0 and 10000"
+    if terms.waitlist_depth and terms.hold_ms is None:
+        return "a waitlist needs holds (hold_ms): only a held unit can come back to it"
     return progress_problem(terms.progress_every)
 
 
@@ -87,9 +92,12 @@ def decide_return(ledger: SkuLedger, cmd: ReturnUnits, now: int) -> list[Event]:
     if book is None or book.settled or cmd.quantity <= 0 or cmd.ref in book.returns:
         return []
     applied = min(cmd.quantity, book.terms.allocation - book.remaining)
-    return [UnitsReturned(cmd.sale_id, cmd.sku, cmd.ref, cmd.quantity, applied,
-                          book.remaining + applied,
-                          book.sequence + 1, now)]  # fmt: skip
+    returned = UnitsReturned(cmd.sale_id, cmd.sku, cmd.ref, cmd.quantity, applied,
+                             book.remaining + applied, book.sequence + 1, now)  # fmt: skip
+    if not book.waitlist:
+        return [returned]
+    return [returned, *serve_waitlist(book, cmd.sale_id, cmd.sku, now, returned.sequence,
+                                      returned.remaining, len(book.holds))]  # fmt: skip
 
 
 def decide_settle(ledger: SkuLedger, cmd: SettleSale, now: int) -> list[Event]:

@@ -58,7 +58,11 @@ async def open_sale(
     ]
     starts_ms, ends_ms = int(starts.timestamp() * 1000), int(ends.timestamp() * 1000)
     prequeue_ms = None if body.prequeue_s is None else starts_ms - int(body.prequeue_s * 1000)
-    holds = None if body.hold_s is None else (int(body.hold_s * 1000), int(body.pay_grace_s * 1000))
+    holds = (
+        None
+        if body.hold_s is None
+        else (int(body.hold_s * 1000), int(body.pay_grace_s * 1000), body.waitlist_depth)
+    )
     try:
         opening = await ctx.sales.open_sale(
             body.sale_id,
@@ -105,6 +109,7 @@ def _opened_reply(opening: Opening) -> SaleOpenedReply:
         draw_commitment=facts[0].get("draw_commitment"),
         hold_s=None if facts[0].get("hold_ms") is None else facts[0]["hold_ms"] / 1000,
         pay_grace_s=(facts[0].get("pay_grace_ms") or 0) / 1000,
+        waitlist_depth=facts[0].get("waitlist_depth") or 0,
     )
 
 

@@ -141,6 +141,11 @@ class OpenSaleRequest(Strict):
         description="With holds: a payment started before the deadline may still succeed "
         "this long after it.",
     )
+    waitlist_depth: Annotated[StrictInt, Field(ge=0, le=10_000)] = Field(
+        default=0,
+        description="With holds: up to this many intents that find no unit while held units "
+        "may come back wait in line instead of being rejected.",
+    )
 
     @model_validator(mode="after")
     def _one_of_each(self) -> OpenSaleRequest:
@@ -171,6 +176,7 @@ class SaleOpenedReply(Strict):
     )
     hold_s: float | None = Field(default=None, description="Orders are held this long to pay.")
     pay_grace_s: float = 0.0
+    waitlist_depth: int = 0
 
 
 class OrderCommandAccepted(Strict):

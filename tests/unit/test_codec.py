@@ -35,6 +35,7 @@ from processors.core import (
     SaleSettled,
     SaleTerms,
     UnitsReturned,
+    Waitlisted,
 )
 from processors.records import event_from_record, to_record
 from schemas import SCHEMA_DIR
@@ -92,6 +93,7 @@ FACTS: list[Event] = [
     PaymentVoided("s-3", "SKU", "ord-i-8", "a-4", "the order is expired", 7, 1_700_000_000_014),
     HoldExpired("s-3", "SKU", "ord-i-8", "u-8", 1, 5, 8, 1_700_000_000_015),
     HoldCancelled("s-3", "SKU", "ord-i-7", "u-7", 1, 6, 9, 1_700_000_000_016),
+    Waitlisted("i-6", "s-3", "SKU", "u-6", 1, 3, 10, 1_700_000_000_017),
 ]  # fmt: skip
 SAMPLES: dict[str, dict[str, Any]] = {
     "OpenSale": {
@@ -108,6 +110,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "progress_every": 100,
         "hold_ms": 600_000,
         "pay_grace_ms": 30_000,
+        "waitlist_depth": 50,
     },
     "StartPayment": {
         "sale_id": "s-3",

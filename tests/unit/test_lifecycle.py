@@ -32,12 +32,13 @@ from processors.core import (
     terms_problem,
 )
 
-HOLD, GRACE, LIMIT = 10_000, 2_000, 2
+HOLD, GRACE, LIMIT, DEPTH = 10_000, 2_000, 2, 2
 USERS = ["u0", "u1", "u2", "u3"]
 
 
 def terms(allocation: int) -> SaleTerms:
-    return SaleTerms("s", "A", allocation, LIMIT, 2, 0, 10**12, hold_ms=HOLD, pay_grace_ms=GRACE)
+    return SaleTerms("s", "A", allocation, LIMIT, 2, 0, 10**12, hold_ms=HOLD, pay_grace_ms=GRACE,
+                     waitlist_depth=DEPTH)  # fmt: skip
 
 
 @dataclass
@@ -49,6 +50,32 @@ class Model:
     attempts: dict[str, str] = field(default_factory=dict)
     bought: Counter[str] = field(default_factory=Counter)
     charges: int = 0
+    waitlist: list[tuple[str, str, int]] = field(default_factory=list)
+
+    def held(self) -> int:
+        return sum(1 for o in self.orders.values() if o["state"] == "held")
+
+    def hold(self, intent: str, user: str, q: int, now: int) -> None:
+        self.remaining -= q
+        self.bought[user] += q
+        self.orders["ord-" + intent] = {"user": user, "q": q, "pay_by": now + HOLD,
+                                        "state": "held", "attempt": None}  # fmt: skip
+
+    def serve(self, out: list[str], now: int) -> list[str]:
+        """After a command that may have brought units back or left no hold: the line moves."""
+        if not out:
+            return out
+        while self.waitlist and self.waitlist[0][2] <= self.remaining:
+            intent, user, q = self.waitlist.pop(0)
+            if self.bought[user] + q > LIMIT:
+                out.append("IntentRejected")
+            else:
+                self.hold(intent, user, q, now)
+                out.append("IntentAccepted")
+        if not self.held():
+            out += ["IntentRejected"] * len(self.waitlist)  # nothing can come back
+            self.waitlist = []
+        return out
 
     def overdue(self, order: dict[str, Any], now: int) -> bool:
         if order["attempt"] is None:
@@ -61,11 +88,12 @@ class Model:
 
     def place(self, intent: str, user: str, q: int, now: int) -> list[str]:
         if self.remaining >= q and self.bought[user] + q <= LIMIT:
-            self.remaining -= q
-            self.bought[user] += q
-            self.orders["ord-" + intent] = {"user": user, "q": q, "pay_by": now + HOLD,
-                                            "state": "held", "attempt": None}  # fmt: skip
+            self.hold(intent, user, q, now)
             return ["IntentAccepted"]
+        if (self.remaining < q and self.bought[user] + q <= LIMIT and self.held()
+                and len(self.waitlist) < DEPTH):  # fmt: skip
+            self.waitlist.append((intent, user, q))
+            return ["Waitlisted"]
         return ["IntentRejected"]
 
     def tick(self, now: int) -> list[str]:
@@ -74,7 +102,7 @@ class Model:
             if order["state"] == "held" and self.overdue(order, now):
                 self.release(order, "expired")
                 out.append("HoldExpired")
-        return out
+        return self.serve(out, now)
 
     def start(self, order_id: str, user: str, attempt: str, now: int) -> list[str]:
         if attempt in self.attempts:
@@ -90,7 +118,7 @@ class Model:
         if now >= order["pay_by"]:
             self.release(order, "expired")
             self.attempts[attempt] = "refused"
-            return ["HoldExpired", *refused]
+            return self.serve(["HoldExpired", *refused], now)
         order["attempt"] = attempt
         self.attempts[attempt] = "started"
         return ["PaymentStarted"]
@@ -116,11 +144,11 @@ class Model:
         if now <= order["pay_by"] + GRACE:
             order["state"] = "paid"
             self.attempts[attempt] = "paid"
-            return ["OrderPaid"]
+            return self.serve(["OrderPaid"], now)
         self.release(order, "expired")
-        return ["PaymentVoided", "HoldExpired"]
+        return self.serve(["PaymentVoided", "HoldExpired"], now)
 
-    def cancel(self, order_id: str, user: str) -> list[str]:
+    def cancel(self, order_id: str, user: str, now: int) -> list[str]:
         order = self.orders.get(order_id)
         if order is not None and order["state"] == "cancelled":
             return []
@@ -129,7 +157,7 @@ class Model:
         if order["attempt"] is not None:
             return ["OrderRefused"]
         self.release(order, "cancelled")
-        return ["HoldCancelled"]
+        return self.serve(["HoldCancelled"], now)
 
 
 OP = st.one_of(
@@ -187,7 +215,7 @@ def test_the_lifecycle_follows_the_reference_model(
             want = model.record(order, attempt, ok, now)
         elif op[0] == "cancel":
             user = owner if op[2] else "intruder"
-            cmd, want = CancelHold("s", "A", pick, user), model.cancel(pick, user)
+            cmd, want = CancelHold("s", "A", pick, user), model.cancel(pick, user, now)
         else:
             cmd, want = Tick("A"), model.tick(now)
         got = _apply(ledger, cmd, now)
@@ -198,6 +226,7 @@ def test_the_lifecycle_follows_the_reference_model(
         assert set(book.holds) == held
         assert book.orders == {o: m["state"] for o, m in model.orders.items() if o not in held}
         assert book.remaining == model.remaining
+        assert book.waitlist == model.waitlist
         # Every unit in exactly one place: for sale, held or paid.
         paid = sum(m["q"] for m in model.orders.values() if m["state"] == "paid")
         assert book.remaining + sum(h.quantity for h in book.holds.values()) + paid == allocation
@@ -282,3 +311,27 @@ def test_a_sale_with_a_hold_outstanding_does_not_settle_and_terms_are_checked() 
         "SaleSettled"]  # fmt: skip
     assert terms_problem(SaleTerms("s", "A", 1, 1, 1, 0, 1, hold_ms=10)) is not None
     assert terms_problem(SaleTerms("s", "A", 1, 1, 1, 0, 1, hold_ms=1000, pay_grace_ms=-1))
+
+
+def test_units_that_come_back_go_to_the_waitlist_in_order_and_the_rest_hear_at_once() -> None:
+    ledger, events = SkuLedger("A"), []
+    steps: list[tuple[int, Command]] = [
+        (0, OpenSale(terms(1))),
+        (100, PlaceIntent("i1", "u0", "s", "A", 1)),  # held
+        (200, PlaceIntent("i2", "u1", "s", "A", 1)),  # waits, first in line
+        (300, PlaceIntent("i3", "u2", "s", "A", 1)),  # waits, second
+        (400, PlaceIntent("i4", "u3", "s", "A", 1)),  # the line is full: rejected
+        (100 + HOLD, StartPayment("s", "A", "ord-i1", "u0", "a1")),  # too late: expires, i2 in
+        (200 + HOLD, StartPayment("s", "A", "ord-i2", "u1", "a2")),
+        (300 + HOLD, RecordPayment("s", "A", "ord-i2", "a2", True)),  # no hold left: i3 hears
+    ]
+    for at, cmd in steps:
+        events += _apply(ledger, cmd, at)
+    names = [type(e).__name__ for e in events]
+    assert names == ["SaleOpened", "IntentAccepted", "Waitlisted", "Waitlisted",
+                     "IntentRejected", "HoldExpired", "OrderRefused", "IntentAccepted",
+                     "PaymentStarted", "OrderPaid", "IntentRejected"]  # fmt: skip
+    served, last = events[7], events[-1]
+    assert (served.intent_id, served.pay_by) == ("i2", 100 + HOLD + HOLD)  # type: ignore[union-attr]
+    assert (last.intent_id, last.reason) == ("i3", "SOLD_OUT")  # type: ignore[union-attr]
+    assert ledger.sales["s"].waitlist == [] and audited(events) == []

@@ -54,6 +54,7 @@ class FakeWriters:
         progress_every: int | None = None,
         hold_ms: int | None = None,
         pay_grace_ms: int = 0,
+        waitlist_depth: int = 0,
     ) -> None:
         facts = []
         record: dict[str, Any]

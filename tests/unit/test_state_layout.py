@@ -25,6 +25,7 @@ from processors.core import (
     OpenSale,
     PlaceIntent,
     RecordPayment,
+    ReturnUnits,
     RevealDraw,
     SaleBook,
     SaleTerms,
@@ -84,7 +85,8 @@ def input_logs(draw: st.DrawFn) -> InputLog:
             terms.append(SaleTerms(f"s{k}", sku, allocation, limit, order_max, starts,
                                    max(end, starts + 1), 1, opens,
                                    commitment(SEED) if queued else None, None, held,
-                                   draw(st.sampled_from([0, 300]))))  # fmt: skip
+                                   draw(st.sampled_from([0, 300])),
+                                   draw(st.sampled_from([0, 2])) if held else 0))  # fmt: skip
     log = InputLog()
     now = 0
     for t in terms:
@@ -140,6 +142,49 @@ def input_logs(draw: st.DrawFn) -> InputLog:
 
 
 @st.composite
+def lifecycle_logs(draw: st.DrawFn) -> InputLog:
+    """Sales with holds and a waitlist on two SKUs: many people, payments started, charged,
+    declined and late, cancels, expiries (waits and ticks) and returned units."""
+    log = InputLog()
+    terms = [SaleTerms("h", sku, draw(st.integers(1, 3)), 1, 1, 0, 10**9, hold_ms=1_000,
+                       pay_grace_ms=draw(st.sampled_from([0, 300])),
+                       waitlist_depth=draw(st.sampled_from([0, 2, 3])))
+             for sku in SKUS]  # fmt: skip
+    for t in terms:
+        log.add(OpenSale(t), 0)
+    now, placed, attempts = 0, [], []
+    kinds = ["intent"] * 4 + ["pay", "pay", "result", "result", "cancel", "wait", "tick",
+                              "return"]  # fmt: skip
+    for _ in range(draw(st.integers(1, 40))):
+        now += draw(st.integers(0, 50))
+        kind, sku = draw(st.sampled_from(kinds)), draw(st.sampled_from(SKUS))
+        if kind == "intent" or not placed:
+            cmd = PlaceIntent(f"i{len(placed)}", f"u{len(placed)}", "h", sku, 1)
+            placed.append(cmd)
+            log.add(cmd, now)
+        elif kind == "pay":
+            intent = draw(st.sampled_from(placed))
+            attempt = f"a{len(attempts)}"
+            attempts.append((intent, attempt))
+            log.add(StartPayment("h", intent.sku, f"ord-{intent.intent_id}", intent.user_id,
+                                 attempt), now)  # fmt: skip
+        elif kind == "result" and attempts:
+            intent, attempt = draw(st.sampled_from(attempts))
+            log.add(RecordPayment("h", intent.sku, f"ord-{intent.intent_id}", attempt,
+                                  draw(st.booleans())), now)  # fmt: skip
+        elif kind == "cancel":
+            intent = draw(st.sampled_from(placed))
+            log.add(CancelHold("h", intent.sku, f"ord-{intent.intent_id}", intent.user_id), now)
+        elif kind == "wait":
+            now += draw(st.sampled_from([500, 1_000]))
+        elif kind == "return":
+            log.add(ReturnUnits("h", sku, 1, f"r{now}"), now)
+        else:
+            log.add(Tick(""), now)
+    return log
+
+
+@st.composite
 def batch_bounds(draw: st.DrawFn, size: int) -> list[tuple[int, int]]:
     """Random consecutive batches [first, end) covering offsets 0..size-1."""
     cuts = draw(st.sets(st.integers(1, max(size - 1, 1)), max_size=size)) - {size}
@@ -148,7 +193,11 @@ def batch_bounds(draw: st.DrawFn, size: int) -> list[tuple[int, int]]:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data(), log=input_logs(), every=st.sampled_from([0, 1, 2, 3, 2_000]))
+@given(
+    data=st.data(),
+    log=st.one_of(input_logs(), lifecycle_logs()),
+    every=st.sampled_from([0, 1, 2, 3, 2_000]),
+)
 def test_state_loaded_after_a_crash_at_any_committed_offset_equals_the_live_state(
     data: st.DataObject, log: InputLog, every: int
 ) -> None:

@@ -82,7 +82,7 @@ def command_value(command: Command, n: int = 0) -> bytes:
                 "rules_version": t.rules, "prequeue_opens_at": t.prequeue_opens_at_ms,
                 "draw_commitment": t.draw_commitment,
                 "progress_every": t.progress_every, "hold_ms": t.hold_ms,
-                "pay_grace_ms": t.pay_grace_ms}  # fmt: skip
+                "pay_grace_ms": t.pay_grace_ms, "waitlist_depth": t.waitlist_depth}  # fmt: skip
         return REGISTRY.encode("OpenSale", {**envelope, **body})
     if isinstance(command, RevealDraw):
         body = {"sale_id": command.sale_id, "sku": command.sku, "seed": command.seed}
