@@ -25,7 +25,7 @@ class MemoryOutcomeStore:
         """Apply one batch; return the outcomes that were new."""
         for sale in rows.sales:
             key = (sale[0], sale[1])
-            self.sales.setdefault(key, [*sale[:7], False, sale[7]])
+            self.sales.setdefault(key, [*sale[:7], False, sale[7], sale[8]])
             self.counters.setdefault(key, [0, 0, 0, {}, sale[2], 0])
         for sale_id, sku in rows.closures:
             if (sale_id, sku) in self.sales:

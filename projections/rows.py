@@ -18,8 +18,9 @@ from processors.records import DECISION_RECORDS
 
 MARKED_FACTS = ("SaleClosed", "UnitsReturned", "SaleSettled")  # they carry a remaining count
 
-SaleRow = tuple[str, str, int, int, int, datetime, datetime, str]
-"""sale_id, sku, allocation, per_user_limit, per_order_max, starts_at, ends_at, event_id."""
+SaleRow = tuple[str, str, int, int, int, datetime, datetime, str, int | None]
+"""sale_id, sku, allocation, per_user_limit, per_order_max, starts_at, ends_at, event_id,
+hold_ms (None: no holds)."""
 
 ClosureRow = tuple[str, str]
 """sale_id, sku."""
@@ -49,6 +50,7 @@ def sale_row(record: dict[str, Any]) -> SaleRow:
         utc(r["starts_at"]),
         utc(r["ends_at"]),
         r["event_id"],
+        r.get("hold_ms"),
     )
 
 

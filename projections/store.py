@@ -81,8 +81,8 @@ ON CONFLICT (sale_id, sku) DO UPDATE SET
 
 _SALES_SQL = """
 INSERT INTO sales (sale_id, sku, allocation, per_user_limit, per_order_max, starts_at,
-                   ends_at, opened_event_id)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING
+                   ends_at, opened_event_id, hold_ms)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING
 """
 
 # A sale's counters row exists from its opening; its remaining is the allocation (the
@@ -138,7 +138,7 @@ def _insert_outcomes(
 
 _DUMPS = {
     "sales": "SELECT sale_id, sku, allocation, per_user_limit, per_order_max, starts_at, ends_at,"
-    " closed, opened_event_id FROM sales",
+    " closed, opened_event_id, hold_ms FROM sales",
     "orders": f"SELECT {_ORDER_COLUMNS} FROM orders",
     "intent_outcomes": f"SELECT {_OUTCOME_COLUMNS} FROM intent_outcomes",
     "sale_counters": "SELECT sale_id, sku, accepted_intents, accepted_units, rejected_intents,"

@@ -36,15 +36,14 @@ class SkuTerms:
     ends_at: datetime
     closed: bool
     remaining: int
+    holds: bool = False  # orders are held for payment: a held unit may come back
 
 
 def hopeless(sale_state: SkuTerms) -> bool:
-    """No unit can come back: today always true when remaining == 0.
-
-    Holds (on the roadmap) may return units after an expiry; this is the one place to
-    change when they do (e.g. remaining == 0 and no hold outstanding).
-    """
-    return sale_state.remaining <= 0
+    """No unit can come back: remaining 0 in a sale without holds. With holds an expired or
+    cancelled hold returns its unit (to the waitlist, or to whoever asks next), so the edge
+    leaves the verdict to the writer."""
+    return sale_state.remaining <= 0 and not sale_state.holds
 
 
 def state_of(terms: SkuTerms, now: datetime) -> str:

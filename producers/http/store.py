@@ -14,7 +14,8 @@ from producers.http.rules import SkuTerms
 
 _SALE_SQL = """
 SELECT s.sale_id, s.sku, s.allocation, s.per_user_limit, s.per_order_max, s.starts_at,
-       s.ends_at, s.closed, coalesce(c.remaining, s.allocation) AS remaining
+       s.ends_at, s.closed, coalesce(c.remaining, s.allocation) AS remaining,
+       s.hold_ms IS NOT NULL AS holds
 FROM sales s LEFT JOIN sale_counters c USING (sale_id, sku)
 WHERE s.sale_id = %s
 """

@@ -87,7 +87,7 @@ def test_a_batch_projects_outcomes_orders_and_counters_from_the_allocation(adapt
         == 2
     )
     got = adapter.dump()
-    assert got["sales"] == [("s", "A", 5, 2, 2, at(T), at(T + 60_000), False, "open-A")]
+    assert got["sales"] == [("s", "A", 5, 2, 2, at(T), at(T + 60_000), False, "open-A", None)]
     assert got["orders"] == [("ord-i1", "i1", "s", "A", "u1", 2, at(T + 2), 2)]
     assert got["intent_outcomes"] == [
         ("i1", "s", "A", "u1", 2, "accepted", None, "", "ord-i1", 3, 2, at(T + 2), None, None),

@@ -199,9 +199,11 @@ def terms(**over) -> SkuTerms:
     return SkuTerms(**{**base, **over})
 
 
-def test_hopeless_is_exactly_nothing_remaining():
+def test_hopeless_is_nothing_remaining_and_nothing_held_that_could_come_back():
     assert hopeless(terms(remaining=0))
     assert not hopeless(terms(remaining=1))
+    assert not hopeless(terms(remaining=0, holds=True))  # a held unit may expire and return
+    assert state_of(terms(remaining=0, holds=True), NOW) == "open"
 
 
 def test_states():

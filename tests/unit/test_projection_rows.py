@@ -77,7 +77,8 @@ def test_sale_row():
         "starts_at": 1000,
         "ends_at": 2000,
     }
-    assert sale_row(record) == ("s1", "k1", 10, 2, 2, utc(1000), utc(2000), "e1")
+    assert sale_row(record) == ("s1", "k1", 10, 2, 2, utc(1000), utc(2000), "e1", None)
+    assert sale_row({**record, "hold_ms": 600_000})[8] == 600_000
 
 
 def test_batch_keeps_first_decision_per_intent_and_skips_intents():
