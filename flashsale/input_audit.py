@@ -130,6 +130,7 @@ def account_records(
     decisions: Counter[str] = Counter()
     queued: dict[str, tuple[str, str]] = {}  # intent id -> its (sale, SKU)
     resolved: set[tuple[str, str]] = set()  # pre-queues drawn or expired
+    waiting: set[str] = set()  # waitlisted intents: decided when a unit returns or cannot
     for _, _, name, record in decided:
         if sale_id is not None and record.get("sale_id") != sale_id:
             continue
@@ -139,6 +140,8 @@ def account_records(
             queued[record["intent_id"]] = (record["sale_id"], record["sku"])
         elif name in ("DrawRevealed", "QueueExpired"):
             resolved.add((record["sale_id"], record["sku"]))
+        elif name == "Waitlisted":
+            waiting.add(record["intent_id"])
     acc = InputAccount()
     asked: set[str] = set()
     for partition, offset, name, record in commands:
@@ -154,6 +157,8 @@ def account_records(
                 acc.decided += 1
             elif intent in queued and queued[intent] not in resolved:
                 acc.queued += 1  # its pre-queue is not drawn yet: its decision comes with it
+            elif intent in waiting:
+                acc.queued += 1  # waitlisted: its decision comes when a unit returns (or not)
             else:
                 acc.unaccounted.append(where)
                 acc.undecided[intent] = where

@@ -169,7 +169,8 @@ def check_log_times(
             intent_at.setdefault(rec["intent_id"], at)
         elif name == "RevealDraw":
             reveals.add((rec["sku"], at))
-    queued = {rec["intent_id"] for name, rec in events if name == "EntryQueued"}
+    # Queued or waitlisted intents are decided later, by the command that drew or served them.
+    queued = {rec["intent_id"] for name, rec in events if name in ("EntryQueued", "Waitlisted")}
     for name, rec in events:
         where = f"{rec['sku']} #{rec['sequence']}"
         if name == "DrawRevealed" or (name in DECISION_RECORDS and rec.get("draw_rank")):
@@ -177,7 +178,9 @@ def check_log_times(
                 out.violations.append(Violation(
                     "log-time-mismatch", f"{where}: {name} at {rec['decided_at']}, when no "
                     "RevealDraw of this SKU was appended"))  # fmt: skip
-        elif name == "EntryQueued" or (name in DECISION_RECORDS and rec["intent_id"] not in queued):
+        elif name in ("EntryQueued", "Waitlisted") or (
+            name in DECISION_RECORDS and rec["intent_id"] not in queued
+        ):
             appended = intent_at.get(rec["intent_id"])
             if appended is not None and appended != rec["decided_at"]:
                 out.violations.append(Violation(

@@ -184,10 +184,13 @@ def _orders_flat(book: SaleBook, order_ids: Any) -> list[Any]:
 
 
 def _size(item: Any) -> int:
-    """Most bytes msgpack takes for ``item`` (a str, an int or a bool)."""
+    """Most bytes msgpack takes for ``item`` (a str, an int, a bool, or a list of them: the
+    waitlist, written whole and never split)."""
     if isinstance(item, str):
         n = len(item) if item.isascii() else len(item.encode())
         return n + (2 if n < 256 else 5)
+    if isinstance(item, list):
+        return 5 + sum(map(_size, item))
     return 9
 
 

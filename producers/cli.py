@@ -89,6 +89,11 @@ def run_sale(args: argparse.Namespace, settings: Settings) -> int:
     """Open or close a sale."""
     producer = _producer(settings, "flashsale-cli")
     if args.sale_cmd == "open":
+        if args.waitlist and args.hold is None:
+            print(
+                "error: --waitlist needs --hold (only a held unit can come back)", file=sys.stderr
+            )
+            return 2
         starts = int((time.time() + args.starts_in) * 1000)
         prequeue = None if args.prequeue is None else starts - int(args.prequeue * 1000)
         ends = starts + int(args.duration * 1000)

@@ -74,7 +74,7 @@ class StubProvider:
             .execute(
                 "UPDATE stub_payment_ledger SET refunded = true, refunded_at = now() "
                 "WHERE namespace = %s AND attempt_id = %s AND outcome = 'succeeded' "
-                "RETURNING attempt_id",
+                "AND NOT refunded RETURNING attempt_id",
                 (self.namespace, attempt_id),
             )
             .fetchone()

@@ -202,8 +202,10 @@ def _answers(
             r["ends_at"],
             r.get("draw_commitment"),
             r.get("hold_ms"),
+            r.get("pay_grace_ms") or 0,
+            r.get("waitlist_depth") or 0,
         ) == (sku.allocation, sku.per_user_limit, sku.per_order_max, starts_at_ms, ends_at_ms,
-              committed, None if holds is None else holds[0])  # fmt: skip
+              committed, *((None, 0, 0) if holds is None else holds))  # fmt: skip
 
     return accept
 
@@ -259,10 +261,11 @@ class SaleService:
             # A retry writes the cadence of the first attempt (another server, another
             # setting): the writer refuses an OpenSale whose terms differ in anything.
             cadence = was.get("progress_every")
-            if (was["skus"], "prequeue_opens_at" in was, was.get("hold_ms")) != (
+            holding = ("hold_ms", "pay_grace_ms", "waitlist_depth")
+            if (was["skus"], "prequeue_opens_at" in was, [was.get(k) for k in holding]) != (
                 now["skus"],
                 "prequeue_opens_at" in now,
-                now.get("hold_ms"),
+                [now.get(k) for k in holding],
             ):
                 raise Refused("sale_exists", f"sale {sale_id!r} already exists with other terms")
             # The same opening again (its first answer was lost): what is open stays open,

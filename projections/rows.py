@@ -16,7 +16,9 @@ from typing import Any
 
 from processors.records import DECISION_RECORDS
 
-MARKED_FACTS = ("SaleClosed", "UnitsReturned", "SaleSettled")  # they carry a remaining count
+MARKED_FACTS = ("SaleClosed", "UnitsReturned", "SaleSettled", "HoldExpired", "HoldCancelled")
+"""Sale facts that carry a remaining count (closing ones close the SKU too)."""
+_CLOSING = ("SaleClosed", "SaleSettled")
 
 SaleRow = tuple[str, str, int, int, int, datetime, datetime, str, int | None]
 """sale_id, sku, allocation, per_user_limit, per_order_max, starts_at, ends_at, event_id,
@@ -128,7 +130,7 @@ class BatchRows:
             self.sales.append(sale_row(r))
             self.marks.append((r["sale_id"], r["sku"], r["allocation"], r["sequence"]))
         elif name in MARKED_FACTS:
-            if name != "UnitsReturned":  # closed, or settled (after its end: closed too)
+            if name in _CLOSING:  # closed, or settled (after its end: closed too)
                 self.closures.append((r["sale_id"], r["sku"]))
             else:
                 self.counts_only += 1

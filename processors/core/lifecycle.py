@@ -67,20 +67,29 @@ def waitlisted(
 
 
 def serve_waitlist(
-    book: SaleBook, sale_id: str, sku: str, now: int, seq: int, remaining: int, holds: int
+    book: SaleBook,
+    sale_id: str,
+    sku: str,
+    now: int,
+    seq: int,
+    remaining: int,
+    holds: int,
+    ended: bool = False,
 ) -> list[Event]:
     """After a command's own events (numbered up to ``seq``) left ``remaining`` units and
-    ``holds`` holds: the waitlist's decisions. Its head is served in order while its
-    quantity fits (a hold each; ``USER_LIMIT`` if the user got units meanwhile); when no
-    hold is left, no unit can come back: everyone still waiting is rejected at once."""
+    ``holds`` holds: the waitlist's decisions. Every waiting intent whose quantity fits is
+    served, in line order (a hold each; ``USER_LIMIT`` if the user got units meanwhile);
+    when no hold is left no unit can come back, and once the sale is over (``ended``, or by
+    ``now``) none is served: everyone still waiting is rejected at once."""
     events: list[Event] = []
+    over = ended or book.closed or now >= book.terms.ends_at_ms
     bought: dict[str, int] = {}
-    served = 0
     limit = book.terms.per_user_limit
+    left: list[tuple[str, str, int]] = []
     for intent_id, user_id, q in book.waitlist:
-        if q > remaining:
-            break
-        served += 1
+        if over or q > remaining:
+            left.append((intent_id, user_id, q))
+            continue
         seq += 1
         had = book.bought.get(user_id, 0) + bought.get(user_id, 0)
         if had + q > limit:
@@ -94,11 +103,12 @@ def serve_waitlist(
         bought[user_id] = bought.get(user_id, 0) + q
         events.append(IntentAccepted(intent_id, sale_id, sku, user_id, q, order_id_for(intent_id),
                                      remaining, seq, now, pay_by=pay_by(book, now)))  # fmt: skip
-    if holds == 0:
-        for intent_id, user_id, q in book.waitlist[served:]:
+    if over or holds == 0:
+        reason, detail = ((RejectionReason.SALE_ENDED, "the sale ended") if over
+                          else (RejectionReason.SOLD_OUT, "no unit can come back"))  # fmt: skip
+        for intent_id, user_id, q in left:
             seq += 1
-            events.append(IntentRejected(intent_id, sale_id, sku, user_id, q,
-                                         RejectionReason.SOLD_OUT, "no unit can come back",
+            events.append(IntentRejected(intent_id, sale_id, sku, user_id, q, reason, detail,
                                          remaining, seq, now))  # fmt: skip
     return events
 

@@ -24,7 +24,7 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 
-from processors.core.lifecycle import expire_due, pay_by
+from processors.core.lifecycle import expire_due, pay_by, serve_waitlist
 from processors.core.model import (
     Decision,
     DrawRevealed,
@@ -204,8 +204,11 @@ def decide_tick(ledger: SkuLedger, cmd: Tick, now: int) -> list[Event]:
     for sale_id, book in ledger.sales.items():
         if book.queueing and has_ended(book, now):
             events += expire(book, sale_id, ledger.sku, now, "the sale ended before the draw")
-        if book.holds:
-            events += expire_due(book, sale_id, ledger.sku, now)
+        expired = expire_due(book, sale_id, ledger.sku, now) if book.holds else []
+        if not expired and book.waitlist and has_ended(book, now):  # the line ends with it
+            expired = serve_waitlist(book, sale_id, ledger.sku, now, book.sequence,
+                                     book.remaining, len(book.holds))  # fmt: skip
+        events += expired
     return events
 
 

@@ -83,6 +83,9 @@ def decide_close(ledger: SkuLedger, cmd: CloseSale, now: int) -> list[Event]:
     if book.queueing:  # closed before the draw: the queue expires with it
         detail = "the sale was closed before the draw"
         return [closed, *expire(book, cmd.sale_id, cmd.sku, now, detail, closed.sequence + 1)]
+    if book.waitlist:  # and so does the waitlist
+        return [closed, *serve_waitlist(book, cmd.sale_id, cmd.sku, now, closed.sequence,
+                                        book.remaining, len(book.holds), ended=True)]  # fmt: skip
     return [closed]
 
 
@@ -91,7 +94,9 @@ def decide_return(ledger: SkuLedger, cmd: ReturnUnits, now: int) -> list[Event]:
     book = ledger.sales.get(cmd.sale_id)
     if book is None or book.settled or cmd.quantity <= 0 or cmd.ref in book.returns:
         return []
-    applied = min(cmd.quantity, book.terms.allocation - book.remaining)
+    # Never more than went out for good: held units come back by their own expiry or cancel.
+    held = sum(h.quantity for h in book.holds.values())
+    applied = max(0, min(cmd.quantity, book.terms.allocation - book.remaining - held))
     returned = UnitsReturned(cmd.sale_id, cmd.sku, cmd.ref, cmd.quantity, applied,
                              book.remaining + applied, book.sequence + 1, now)  # fmt: skip
     if not book.waitlist:

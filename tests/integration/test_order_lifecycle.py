@@ -120,3 +120,56 @@ def test_payments_expiry_and_a_writer_crash_keep_every_unit_and_every_charge_acc
     assert refunded == {"att-slow-e"}
     audit = sale_audit.audit_sale(p.endpoints.bootstrap, p.names, sale)
     assert audit.passed, audit.violations
+
+
+def test_winners_who_never_pay_free_their_units_for_the_waitlist_and_the_allocation_sells(
+    settings: Settings, pipeline: Pipeline
+) -> None:
+    p = pipeline
+    sale, sku = f"wait-{uuid.uuid4().hex[:6]}", f"sku-wait-{uuid.uuid4().hex[:6]}"
+    producer = p.producer()
+    now = int(time.time() * 1000)
+    allocation, people = 10, 25
+    producer.open_sale(sale, [SkuAllocation(sku, allocation, 1, 1)], now - 1_000,
+                       now + 3_600_000, hold_ms=2_000, pay_grace_ms=500,
+                       waitlist_depth=20)  # fmt: skip
+    users = [f"idle-{n}" if n in (1, 4, 7) else f"buyer-{n}" for n in range(people)]
+    producer.wait([producer.submit_intent(sale, sku, u, 1, "k")[1] for u in users])
+    part = partition_of(sku, settings.partitions)
+    paying: set[str] = set()
+    deadline = time.monotonic() + 60
+    facts: list[tuple[str, dict[str, Any]]] = []
+    while time.monotonic() < deadline:
+        facts = _facts(p, sale, lambda fs: len(fs) > 0)
+        for name, rec in facts:  # every held order of a buyer is paid, at once
+            if name == "IntentAccepted" and rec["user_id"].startswith("buyer") \
+                    and rec["order_id"] not in paying:  # fmt: skip
+                paying.add(rec["order_id"])
+                producer.order_command("StartPayment", sale, sku, order_id=rec["order_id"],
+                                       user_id=rec["user_id"],
+                                       attempt_id="att-" + rec["order_id"])  # fmt: skip
+        decided = Counter(n for n, _ in facts)
+        if decided["IntentAccepted"] + decided["IntentRejected"] == people:
+            break
+        producer.tick([part])  # the sale clock's job: deadlines pass on log time
+        time.sleep(0.5)
+    names = Counter(n for n, _ in facts)
+    assert names["Waitlisted"] == people - allocation  # 15 waited (depth 20)
+    assert names["HoldExpired"] == 3  # the three who never paid
+    assert names["OrderPaid"] == allocation  # the whole allocation sold to people who paid
+    # Exactly one decision per intent: 13 accepted (10 + 3 served), 12 told no unit came back.
+    decisions = [r["intent_id"] for n, r in facts if n in ("IntentAccepted", "IntentRejected")]
+    assert len(decisions) == len(set(decisions)) == people
+    rejected = [r for n, r in facts if n == "IntentRejected"]
+    assert {r["detail"] for r in rejected} == {"no unit can come back"} and len(rejected) == 12
+    served = [r for n, r in facts if n == "IntentAccepted"][allocation:]
+    waited = [r["intent_id"] for n, r in facts if n == "Waitlisted"]
+    assert [r["intent_id"] for r in served] == waited[:3]  # in line order
+    with psycopg.connect(p.endpoints.dsn) as conn:
+        charged = conn.execute(
+            "SELECT count(*) FROM stub_payment_ledger WHERE namespace = %s AND order_id = ANY(%s)"
+            " AND outcome = 'succeeded'", (p.settings.namespace, sorted(paying)),
+        ).fetchone()[0]  # fmt: skip
+    assert charged == names["OrderPaid"] + names["PaymentVoided"]
+    audit = sale_audit.audit_sale(p.endpoints.bootstrap, p.names, sale)
+    assert audit.passed, audit.violations

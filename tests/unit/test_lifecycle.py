@@ -65,9 +65,11 @@ class Model:
         """After a command that may have brought units back or left no hold: the line moves."""
         if not out:
             return out
-        while self.waitlist and self.waitlist[0][2] <= self.remaining:
-            intent, user, q = self.waitlist.pop(0)
-            if self.bought[user] + q > LIMIT:
+        waiting, self.waitlist = self.waitlist, []
+        for intent, user, q in waiting:  # whoever fits, in line order; the others wait on
+            if q > self.remaining:
+                self.waitlist.append((intent, user, q))
+            elif self.bought[user] + q > LIMIT:
                 out.append("IntentRejected")
             else:
                 self.hold(intent, user, q, now)
@@ -335,3 +337,26 @@ def test_units_that_come_back_go_to_the_waitlist_in_order_and_the_rest_hear_at_o
     assert (served.intent_id, served.pay_by) == ("i2", 100 + HOLD + HOLD)  # type: ignore[union-attr]
     assert (last.intent_id, last.reason) == ("i3", "SOLD_OUT")  # type: ignore[union-attr]
     assert ledger.sales["s"].waitlist == [] and audited(events) == []
+
+
+def test_a_too_big_head_does_not_block_the_line_and_the_line_ends_with_the_sale() -> None:
+    from processors.core import ReturnUnits
+
+    ledger, events = SkuLedger("A"), []
+    wide = SaleTerms("s", "A", 2, 2, 2, 0, 50_000, hold_ms=HOLD, waitlist_depth=DEPTH)
+    for at, cmd in [(0, OpenSale(wide)), (1, PlaceIntent("i1", "u0", "s", "A", 1)),
+                    (2, PlaceIntent("i2", "u1", "s", "A", 1)),
+                    (3, PlaceIntent("w1", "u2", "s", "A", 2)),  # waits for 2
+                    (4, PlaceIntent("w2", "u3", "s", "A", 1)),  # waits for 1
+                    (5, ReturnUnits("s", "A", 1, "r1")),  # nothing went out for good yet
+                    (1 + HOLD, Tick("A"))]:  # fmt: skip
+        events += _apply(ledger, cmd, at)
+    names = [(type(e).__name__, getattr(e, "intent_id", "")) for e in events]
+    # i1 expires: one unit, too few for w1 but enough for w2, served behind w1's back.
+    assert names[-2:] == [("HoldExpired", ""), ("IntentAccepted", "w2")]
+    returned = next(e for e in events if type(e).__name__ == "UnitsReturned")
+    assert returned.quantity == 0  # type: ignore[union-attr]
+    closed = _apply(ledger, CloseSale("s", "A"), 3 + HOLD)
+    assert [(type(e).__name__, getattr(e, "reason", None)) for e in closed] == [
+        ("SaleClosed", None), ("IntentRejected", "SALE_ENDED")]  # fmt: skip
+    assert ledger.sales["s"].waitlist == [] and audited([*events, *closed]) == []
