@@ -186,7 +186,7 @@ def core(args: argparse.Namespace, settings: Settings, stack: Stack) -> None:
     }
     _show("in-process PartitionWriter (decode + decide + encode, no broker)", results["in_process"])
     for mix, skus in (("accept-heavy", 1), ("accept-heavy", 1000), ("oversubscribed", 1),
-                      ("oversubscribed", 1000)):  # fmt: skip
+                      ("oversubscribed", 1000), ("accept-heavy-holds", 1)):  # fmt: skip
         label = f"backlog_{mix}_{skus}_sku"
         results[label] = wb.backlog(settings, broker, n, skus, mix)
         _show(f"backlog of {n} intents, {mix}, {skus} SKU(s), one worker", results[label])

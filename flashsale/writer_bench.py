@@ -90,10 +90,13 @@ class Namespace:
             "FLASHSALE_SUPERVISE_BACKOFF_S": "0.2",
         }
 
-    def open_sale(self, skus: list[str], allocation: int, per_user: int) -> None:
+    def open_sale(
+        self, skus: list[str], allocation: int, per_user: int, hold_ms: int | None = None
+    ) -> None:
         now = int(time.time() * 1000)
         allocations = [SkuAllocation(k, allocation, per_user, 1) for k in skus]
-        self.producer.open_sale("bench", allocations, now - 1000, now + 3_600_000)
+        self.producer.open_sale("bench", allocations, now - 1000, now + 3_600_000,
+                                hold_ms=hold_ms)  # fmt: skip
 
     def intents(self, n: int, skus: list[str], users: int, prefix: str = "k") -> None:
         futures = []
@@ -253,15 +256,18 @@ def backlog(
     fsync_per_write: bool = False,
 ) -> dict:
     """n intents already in the topic, then one fresh worker decides them all (with
-    ``fsync_per_write``, the broker fsyncs every write of the namespace's topics)."""
+    ``fsync_per_write``, the broker fsyncs every write of the namespace's topics). The mix
+    ``accept-heavy-holds`` is accept-heavy in a sale whose orders are held for payment:
+    every acceptance also creates a hold the writer keeps and persists."""
     flush = {"flush.messages": "1"} if fsync_per_write else None
     ns = Namespace(settings, f"{mix}-{skus}", broker_pid, topic_config=flush)
     try:
         names = [f"sku-{i:04d}" for i in range(skus)]
         users = max(1, n // 4)
-        if mix == "accept-heavy":  # every intent is accepted: every decision decrements stock
+        if mix.startswith("accept-heavy"):  # every intent accepted: each decrements stock
             allocation = n // skus + 1
-            ns.open_sale(names, allocation=allocation, per_user=n)
+            ns.open_sale(names, allocation=allocation, per_user=n,
+                         hold_ms=600_000 if mix.endswith("holds") else None)  # fmt: skip
         else:  # oversubscribed: one unit in ten finds stock
             allocation = max(1, n // (10 * skus))
             ns.open_sale(names, allocation=allocation, per_user=2)

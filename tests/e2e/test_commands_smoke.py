@@ -90,7 +90,8 @@ def test_bench_smoke_prints_and_writes_every_writer_figure(
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     figures = json.loads(out.read_text())
     for name in ("backlog_accept-heavy_1_sku", "backlog_accept-heavy_1000_sku",
-                 "backlog_oversubscribed_1_sku", "backlog_oversubscribed_1000_sku"):  # fmt: skip
+                 "backlog_oversubscribed_1_sku", "backlog_oversubscribed_1000_sku",
+                 "backlog_accept-heavy-holds_1_sku"):  # fmt: skip
         assert figures[name]["decisions"] == figures[name]["intents"], name
         assert f"{figures[name]['decisions_per_s']}" in done.stdout
     assert figures["latency_at_half_max"]["decided"] > 0
