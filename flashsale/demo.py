@@ -50,6 +50,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--no-prequeue", dest="prequeue", action="store_false",
                    help="skip the second sale (a fair pre-queue drawn at the start)")  # fmt: skip
+    p.add_argument("--no-holds", dest="holds", action="store_false",
+                   help="skip the third sale (orders held for payment, a waitlist)")  # fmt: skip
     p.set_defaults(run=run)
 
 
@@ -79,6 +81,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
             summary.update(run_prequeue_sale(settings, stack, None if args.direct else edge))
             summary["invariants_hold"] &= summary["fairness_audit"] == "pass"
+        if args.holds:
+            from flashsale.demo_orders import run_orders_sale
+
+            summary.update(run_orders_sale(settings, stack, None if args.direct else edge))
+            summary["invariants_hold"] &= summary["holds_invariants_hold"]
     finally:
         if edge_started:
             edge.down()
@@ -339,6 +346,19 @@ def _print(s: dict[str, Any]) -> None:
                 *(("  violation", v) for v in s["fairness_violations"]),
             ]
             if "draw_seed" in s
+            else []
+        ),
+        *(
+            [
+                ("sale with holds", s["holds_sale_id"]),
+                ("  held / paid / expired", f"{s['held']} / {s['paid']} / {s['expired']}"),
+                ("  declined / refunded", f"{s['declined']} / {s['refunded']}"),
+                ("  waitlisted (served)", f"{s['waitlisted']} ({s['waitlist_served']})"),
+                ("  provider charges", s["provider_charges"]),
+                ("  sale audit", s["holds_audit"].upper()),
+                *(("  violation", v) for v in s["holds_violations"]),
+            ]
+            if "holds_sale_id" in s
             else []
         ),
     ]

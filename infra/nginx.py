@@ -134,6 +134,7 @@ http {{
         hash $jwt_sub consistent;
 {servers}
         keepalive 128;
+        keepalive_timeout 60s;  # shorter than the app servers' (75 s): they never close first
     }}
 
     server {{

@@ -162,6 +162,10 @@ def serve(port: int, host: str = DEFAULT_HOST) -> int:
         log_config=None,
         backlog=4096,
         timeout_graceful_shutdown=5,
+        # Longer than nginx keeps an idle upstream connection (60 s): otherwise uvicorn (5 s
+        # by default) closes one nginx is about to reuse, and the request on it gets a 502
+        # (nginx does not retry a POST). Seen in the demo after a few idle seconds.
+        timeout_keep_alive=75,
     )
     return 0
 

@@ -63,6 +63,11 @@ def test_demo_runs_a_small_sale_over_http_and_its_audit_holds(
     assert summary["prequeue_entrants"] == 2_050 and summary["prequeue_winners"] == 200
     assert summary["prequeue_bot_winners"] <= 20  # ~4.9 expected: their share of people
     assert "fairness audit" in done.stdout and "revealed seed" in done.stdout
+    # The third: orders held for payment; unpaid holds expire and their units go to the
+    # waitlist until the whole allocation is paid for (charges = paid + refunded).
+    assert summary["holds_audit"] == "pass" and summary["holds_invariants_hold"]
+    assert summary["paid"] == 100 and summary["expired"] > 0 and summary["waitlist_served"] > 0
+    assert summary["held"] == summary["paid"] + summary["expired"]
     # And `flashsale replay` after the demo, its services stopped: every table the same.
     again = subprocess.run(
         [sys.executable, "-m", "flashsale.cli", "replay", "--json"],
@@ -70,10 +75,11 @@ def test_demo_runs_a_small_sale_over_http_and_its_audit_holds(
     )  # fmt: skip
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     result = json.loads(again.stdout)
-    assert result["verdict"] == "same" and result["sales"] == 2
+    assert result["verdict"] == "same" and result["sales"] == 3
     rows = {t["table"]: t["live_rows"] for t in result["tables"]}
-    assert rows["orders"] == summary["accepted"] + summary["prequeue_winners"]
-    assert rows["intent_outcomes"] == summary["unique_intents"] + summary["prequeue_intents"]
+    assert rows["orders"] == summary["accepted"] + summary["prequeue_winners"] + summary["held"]
+    assert rows["intent_outcomes"] == (summary["unique_intents"] + summary["prequeue_intents"]
+                                       + summary["holds_intents"])  # fmt: skip
 
 
 def test_bench_smoke_prints_and_writes_every_writer_figure(
