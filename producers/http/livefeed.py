@@ -40,7 +40,8 @@ log = structlog.get_logger(__name__)
 DECISIONS = frozenset({"IntentAccepted", "IntentRejected"})
 # What a shopper is told about their own intent: its decision, or that it is queued in a
 # pre-queue (its place and the pre-queue's size), pushed and answered like a decision.
-PER_INTENT = DECISIONS | {"EntryQueued"}
+PER_INTENT = DECISIONS | {"EntryQueued", "Waitlisted"}
+NOT_FINAL = frozenset({"EntryQueued", "Waitlisted"})  # its decision comes later
 Accept = Callable[["Fact"], bool]
 QUEUE_MAX = 1000
 STALE_S = 5.0  # a reader thread silent this long is not trusted to say "undecided"
@@ -478,6 +479,8 @@ def status_of_fact(fact: Fact) -> dict[str, Any]:
         return dict(r)
     common = {"intent_id": r["intent_id"], "sale_id": r["sale_id"], "sku": r["sku"],
               "quantity": r["quantity"]}  # fmt: skip
+    if fact.name == "Waitlisted":  # waits for a held unit to come back
+        return {**common, "status": "waitlisted", "position": r["position"]}
     if fact.name == "EntryQueued":
         return {**common, "status": "queued", "position": r["queued"],
                 "entrants": r["entrants"], "queue_kind": r["kind"].lower()}  # fmt: skip

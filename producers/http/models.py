@@ -44,9 +44,11 @@ class IntentStatus(Strict):
     sale_id: str
     sku: str
     quantity: int
-    status: Literal["queued", "accepted", "rejected"]
+    status: Literal["queued", "waitlisted", "accepted", "rejected"]
     position: int | None = Field(
-        default=None, description="While queued in a pre-queue: its place among the queued."
+        default=None,
+        description="While queued in a pre-queue: its place among the queued; while "
+        "waitlisted (a sale with holds): its place in line when it joined.",
     )
     order_id: str | None = None
     reason: str | None = None

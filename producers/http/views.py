@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from producers.http.errors import ApiError
 from producers.http.intake import Receipt, Receipts
-from producers.http.livefeed import status_of_fact
+from producers.http.livefeed import NOT_FINAL, status_of_fact
 from producers.http.models import IntentStatus, SaleState
 from producers.http.rules import state_of
 from producers.http.store import EdgeStore, status_of
@@ -107,7 +107,7 @@ class IntentViews:
             fact = self.decisions(intent_id)  # decided (or queued), read from the log here
             if fact is not None:
                 status = IntentStatus.model_validate(status_of_fact(fact))
-                if fact.name == "EntryQueued":  # not final: its decision comes with the draw
+                if fact.name in NOT_FINAL:  # its decision comes with the draw, or a unit
                     hit = (fact.record["user_id"], Rendered.of(status, "private, no-cache"))
                 else:
                     hit = self._keep(intent_id, fact.record["user_id"], status)

@@ -364,3 +364,20 @@ def drain_facts(stream: Any) -> list[tuple[str, Fact]]:
     while not stream.queue.empty():
         out.append(stream.queue.get_nowait())
     return out
+
+
+def test_a_waitlisted_intent_is_pushed_and_answered_as_waitlisted_until_a_unit_comes_back():
+    async def scenario() -> None:
+        a = feed()
+        stream, _ = a.subscribe("u", None)
+        record = {"intent_id": "w", "sale_id": "s", "sku": "k0", "user_id": "u", "quantity": 1,
+                  "position": 4, "sequence": 9, "decided_at": 1_800_000_000_000}  # fmt: skip
+        a.apply([Fact(0, 0, "Waitlisted", record)])
+        views = IntentViews(_Rows(), Receipts("s" * 48), decisions=a.decision)
+        waiting = json.loads((await views.get("u", "w", None)).body)
+        assert (waiting["status"], waiting["position"]) == ("waitlisted", 4)
+        a.apply([decision(0, 1, "u", "w")])  # a held unit came back to it
+        assert [fact.name for _, fact in drain_facts(stream)] == ["Waitlisted", "IntentAccepted"]
+        assert json.loads((await views.get("u", "w", None)).body)["status"] == "accepted"
+
+    asyncio.run(scenario())
