@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import threading
-from types import FrameType
 
 import structlog
 
 from flashsale.settings import Settings
 from infra.restart_policy import SupervisorConfig
 from infra.services import SERVICES
+from infra.signals import stop_on_signals
 
 log = structlog.get_logger(__name__)
 
@@ -39,12 +37,5 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     config = SupervisorConfig.from_env()
     names = list(dict.fromkeys(args.services))  # in the order given, each once
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("supervisor.signal", signal=signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals(log, "supervisor.signal")
     return Supervisor(settings, names, config).run(stop)

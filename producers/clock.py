@@ -25,13 +25,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import secrets
-import signal
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any
 
 import psycopg
@@ -39,6 +36,7 @@ import structlog
 from confluent_kafka import KafkaException
 
 from flashsale.settings import Settings, env_int
+from infra.signals import stop_on_signals
 from processors.core.prequeue import commitment
 from producers.commands import NotAcknowledged
 
@@ -202,14 +200,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     tick_ms = env_int(os.environ, "FLASHSALE_CLOCK_TICK_MS", TICK_MS, 10)
     producer = CommandProducer(ep.bootstrap, "flashsale-clock", topic=names.sku_commands)
     clock = SaleClock(producer, DrawSeeds(ep.dsn, settings.namespace), settings.partitions)
-    stopping = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("clock.signal", signal=signal.Signals(signum).name)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stopping = stop_on_signals(log, "clock.signal")
     log.info("clock.started", tick_ms=tick_ms, partitions=settings.partitions)
     always = os.environ.get("FLASHSALE_CLOCK_ALWAYS", "0") == "1"
     while not stopping.is_set():

@@ -20,16 +20,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import signal
 import threading
 import uuid
-from types import FrameType
 from typing import Any
 
 import structlog
 from confluent_kafka import Consumer, KafkaError
 
 from flashsale.settings import Settings, env_number
+from infra.signals import stop_on_signals
 from producers.payment_provider import PaymentProvider, ProviderTimeout
 from schemas.codec import SchemaRegistry, UndecodableRecord
 
@@ -97,14 +96,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                          "enable.auto.commit": False, "auto.offset.reset": "earliest",
                          "isolation.level": "read_committed", "log_level": 3})  # fmt: skip
     consumer.subscribe([names.decisions])
-    stopping = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("payments.signal", signal=signal.Signals(signum).name)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stopping = stop_on_signals(log, "payments.signal")
     log.info("payments.started", topic=names.decisions)
     try:
         while not stopping.is_set():

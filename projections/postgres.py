@@ -10,11 +10,8 @@ Run one: ``python -m projections.postgres [--group G] [--projection P] [--only-s
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
-import threading
 from collections.abc import Collection, Sequence
-from types import FrameType
 
 import psycopg
 import structlog
@@ -22,6 +19,7 @@ import structlog
 from flashsale import logs
 from flashsale.settings import Settings
 from flashsale.topics import DEAD_LETTERS, DECISIONS, SKU_COMMANDS, TopicNames
+from infra.signals import stop_on_signals
 from projections import store
 from projections.rows import BatchRows
 from projections.runner import (
@@ -123,14 +121,7 @@ def main(
         only_sales=only_sales,
         batch_size=batch_size,
     )
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("projection.signal", signal=signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = stop_on_signals(log, "projection.signal")
     projector.run(stop)
 
 
