@@ -24,6 +24,7 @@ from processors.core import (
     IntentRejected,
     OpenSale,
     OrderPaid,
+    OrderRefused,
     PaymentDeclined,
     PaymentStarted,
     PaymentVoided,
@@ -76,7 +77,7 @@ def check_rules(sku: str, items: list[tuple[str, dict[str, Any]]]) -> list[tuple
                 again, said = [], f"an error: {exc!r}"
             if again and again == events[i : i + len(again)]:
                 group = again
-            elif isinstance(event, HoldExpired) and _expires_alone(ledger, event):
+            elif isinstance(event, HoldExpired) and _expires_alone(ledger, event, events[i + 1 :]):
                 pass  # the one hold an order command found overdue (``lifecycle.decide_*``)
             else:
                 found.append((
@@ -105,9 +106,14 @@ def _waitlist_moves(ledger: SkuLedger, event: Event) -> list[Event] | None:
                           book.remaining, len(book.holds))  # fmt: skip
 
 
-def _expires_alone(ledger: SkuLedger, event: HoldExpired) -> bool:
-    """Whether ``event`` is what an order command (paying or recording a payment late) says
-    of its own overdue hold: that hold, overdue by then, its units back."""
+def _expires_alone(ledger: SkuLedger, event: HoldExpired, after: list[Event]) -> bool:
+    """Whether ``event`` is what a payment started too late says of its own overdue hold:
+    that hold, overdue by then, its units back, and the refusal of that payment next (a
+    tick expires every overdue hold, so a lone expiry anywhere else is not the rules')."""
+    nxt = after[0] if after else None
+    if not (isinstance(nxt, OrderRefused) and nxt.order_id == event.order_id
+            and nxt.command == "StartPayment"):  # fmt: skip
+        return False
     book = ledger.sales.get(event.sale_id)
     hold = None if book is None else book.holds.get(event.order_id)
     if book is None or hold is None or not overdue(book, hold, event.decided_at):

@@ -360,3 +360,21 @@ def test_a_too_big_head_does_not_block_the_line_and_the_line_ends_with_the_sale(
     assert [(type(e).__name__, getattr(e, "reason", None)) for e in closed] == [
         ("SaleClosed", None), ("IntentRejected", "SALE_ENDED")]  # fmt: skip
     assert ledger.sales["s"].waitlist == [] and audited([*events, *closed]) == []
+
+
+def test_the_audit_refuses_a_tick_that_expired_only_some_of_the_overdue_holds() -> None:
+    from dataclasses import replace
+
+    ledger, events = SkuLedger("A"), []
+    for at, cmd in [(0, OpenSale(terms(3))), (100, PlaceIntent("i1", "u0", "s", "A", 1)),
+                    (100, PlaceIntent("i2", "u1", "s", "A", 1)), (100 + HOLD, Tick("A")),
+                    (200 + HOLD, PlaceIntent("i3", "u2", "s", "A", 1))]:  # fmt: skip
+        events += _apply(ledger, cmd, at)
+    assert [type(e).__name__ for e in events][-3:] == ["HoldExpired", "HoldExpired",
+                                                       "IntentAccepted"]  # fmt: skip
+    assert audited(events) == []
+    # A writer that let one overdue hold live on: drop its expiry, renumber what follows.
+    kept = events[:-2]
+    last = events[-1]
+    forged = [*kept, replace(last, sequence=last.sequence - 1, remaining=last.remaining - 1)]  # type: ignore[type-var]
+    assert any(v.startswith("rules-mismatch") for v in audited(forged))
