@@ -113,7 +113,7 @@ class DecisionAudit:
             missing = intent_ids - self.decisions.keys()
         return missing
 
-    def sale_facts(self, timeout: float = 10.0) -> tuple[dict[str, dict[str, Any]], list[Any]]:
+    def sale_facts(self, timeout: float = 120.0) -> tuple[dict[str, dict[str, Any]], list[Any]]:
         """The sale's SaleOpened records per SKU, and every other fact that is not a decision."""
         terms: dict[str, dict[str, Any]] = {}
         facts: list[Any] = []
