@@ -29,6 +29,7 @@ def check_lifecycle(sku: str, terms: dict[str, Any] | None, items: list[Fact]) -
     orders: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
     allocation, returned = terms["allocation"], 0
+    held = paid = 0  # units in each state, kept as orders move (not summed per event)
     for name, rec in items:
         where = f"{sku} #{rec['sequence']}"
         order = orders.get(rec.get("order_id", ""))
@@ -37,6 +38,7 @@ def check_lifecycle(sku: str, terms: dict[str, Any] | None, items: list[Fact]) -
         if name == "IntentAccepted":
             orders[rec["order_id"]] = {"state": "held", "q": rec["quantity"],
                                        "pay_by": rec["pay_by"], "attempt": None}  # fmt: skip
+            held += rec["quantity"]
             if rec["pay_by"] != at + terms["hold_ms"]:
                 problems.append(f"{where}: held until {rec['pay_by']}, the terms say "
                                 f"{at + terms['hold_ms']}")  # fmt: skip
@@ -61,6 +63,7 @@ def check_lifecycle(sku: str, terms: dict[str, Any] | None, items: list[Fact]) -
                     problems.append(f"{where}: paid at {at}, after the deadline "
                                     f"{order['pay_by']} and its grace")  # fmt: skip
                 order["state"] = "paid"
+                held, paid = held - order["q"], paid + order["q"]
         elif name in RELEASES:
             if state != "held" or order is None:
                 problems.append(f"{where}: {name} of an order {state or 'unknown'}")
@@ -70,10 +73,9 @@ def check_lifecycle(sku: str, terms: dict[str, Any] | None, items: list[Fact]) -
                 if name == "HoldExpired" and early:
                     problems.append(f"{where}: expired at {at}, before its deadline {due}")
                 order["state"] = "expired" if name == "HoldExpired" else "cancelled"
-        if "remaining" in rec and name != "SaleOpened":
-            held = sum(o["q"] for o in orders.values() if o["state"] == "held")
-            paid = sum(o["q"] for o in orders.values() if o["state"] == "paid")
-            if rec["remaining"] + held + paid != allocation + returned:
-                problems.append(f"{where}: {rec['remaining']} remaining + {held} held + {paid} "
-                                f"paid != {allocation} + {returned} returned")  # fmt: skip
+                held -= order["q"]
+        balanced = rec.get("remaining", 0) + held + paid == allocation + returned
+        if "remaining" in rec and name != "SaleOpened" and not balanced:
+            problems.append(f"{where}: {rec['remaining']} remaining + {held} held + {paid} "
+                            f"paid != {allocation} + {returned} returned")  # fmt: skip
     return problems
