@@ -140,7 +140,7 @@ def account_records(
             queued[record["intent_id"]] = (record["sale_id"], record["sku"])
         elif name in ("DrawRevealed", "QueueExpired"):
             resolved.add((record["sale_id"], record["sku"]))
-        elif name == "Waitlisted":
+        elif name == "Waitlisted" or name == "IntentDeferred":
             waiting.add(record["intent_id"])
     acc = InputAccount()
     asked: set[str] = set()
@@ -158,7 +158,7 @@ def account_records(
             elif intent in queued and queued[intent] not in resolved:
                 acc.queued += 1  # its pre-queue is not drawn yet: its decision comes with it
             elif intent in waiting:
-                acc.queued += 1  # waitlisted: its decision comes when a unit returns (or not)
+                acc.queued += 1  # waitlisted or deferred by a pause: its decision comes later
             else:
                 acc.unaccounted.append(where)
                 acc.undecided[intent] = where

@@ -6,7 +6,8 @@ Per SKU of a sale with holds, walking its facts in sequence order with a state p
 - every transition starts from the state it must (a payment pays a held order once; a hold
   expires or is cancelled only while held; nothing revives a released order);
 - every unit is in exactly one place at every point: remaining + held + paid = allocation
-  + units returned by operators, so paid + held never exceeds what the sale had;
+  + units added and returned by operators, so paid + held never exceeds what the sale had;
+- only a paid order is refunded (a cancelled sale's), once;
 - no payment is accepted after its order's deadline plus the sale's grace, and no hold
   expires before its deadline (plus the grace while a payment is in progress);
 - a payment is started only before its order's deadline.
@@ -28,7 +29,7 @@ def check_lifecycle(sku: str, terms: dict[str, Any] | None, items: list[Fact]) -
     grace = terms.get("pay_grace_ms") or 0
     orders: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
-    allocation, returned = terms["allocation"], 0
+    allocation, returned = terms["allocation"], 0  # returned: by ReturnUnits and AddUnits
     held = paid = 0  # units in each state, kept as orders move (not summed per event)
     for name, rec in items:
         where = f"{sku} #{rec['sequence']}"
@@ -42,8 +43,14 @@ def check_lifecycle(sku: str, terms: dict[str, Any] | None, items: list[Fact]) -
             if rec["pay_by"] != at + terms["hold_ms"]:
                 problems.append(f"{where}: held until {rec['pay_by']}, the terms say "
                                 f"{at + terms['hold_ms']}")  # fmt: skip
-        elif name == "UnitsReturned":
+        elif name == "UnitsReturned" or name == "UnitsAdded":
             returned += rec["quantity"]
+        elif name == "OrderRefunded":
+            if state != "paid" or order is None:
+                problems.append(f"{where}: refunded an order {state or 'unknown'}")
+            else:
+                order["state"] = "refunded"
+                paid -= order["q"]
         elif name == "PaymentStarted":
             if state != "held" or order is None or at >= order["pay_by"]:
                 problems.append(f"{where}: a payment started for an order {state or 'unknown'}"
@@ -77,5 +84,5 @@ def check_lifecycle(sku: str, terms: dict[str, Any] | None, items: list[Fact]) -
         balanced = rec.get("remaining", 0) + held + paid == allocation + returned
         if "remaining" in rec and name != "SaleOpened" and not balanced:
             problems.append(f"{where}: {rec['remaining']} remaining + {held} held + {paid} "
-                            f"paid != {allocation} + {returned} returned")  # fmt: skip
+                            f"paid != {allocation} + {returned} added or returned")  # fmt: skip
     return problems

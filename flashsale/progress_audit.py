@@ -78,8 +78,8 @@ def check_progress(
     return found
 
 
-# The command each kind of event comes from (None: whichever command saw the sale's end).
-_CAUSE = {
+# The command(s) each kind of event comes from (None: whichever command saw the sale's end).
+_CAUSE: dict[str, str | tuple[str, ...] | None] = {
     "SaleOpened": "OpenSale",
     "SaleClosed": "CloseSale",
     "UnitsReturned": "ReturnUnits",
@@ -90,8 +90,13 @@ _CAUSE = {
     "PaymentDeclined": "RecordPayment",
     "OrderPaid": "RecordPayment",
     "PaymentVoided": "RecordPayment",
-    "HoldCancelled": "CancelHold",
+    "HoldCancelled": ("CancelHold", "CancelSale"),
     "HoldExpired": None,
+    "SalePaused": "PauseSale",
+    "SaleResumed": None,  # resumed, or the sale closed, ended, was cancelled or settled
+    "UnitsAdded": "AddUnits",
+    "SaleCancelled": "CancelSale",
+    "OrderRefunded": "CancelSale",
 }
 
 
@@ -115,6 +120,7 @@ def _not_its_cause(command: tuple[str, dict[str, Any], int] | None, event: Fact)
             return None
         return f"is intent {rec['intent_id']}, not {ev['intent_id']} of the {ev_name} it follows"
     want = ev["command"] if ev_name in ("SaleRefused", "OrderRefused") else _CAUSE.get(ev_name)
-    if want is not None and name != want:
-        return f"is a {name}, the {ev_name} it follows comes from a {want}"
+    wanted = (want,) if isinstance(want, str) else want
+    if wanted is not None and name not in wanted:
+        return f"is a {name}, the {ev_name} it follows comes from a {' or '.join(wanted)}"
     return None

@@ -12,7 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from processors.core import (
+    AddUnits,
     CancelHold,
+    CancelSale,
     CloseSale,
     Command,
     DrawRevealed,
@@ -21,25 +23,33 @@ from processors.core import (
     HoldCancelled,
     HoldExpired,
     IntentAccepted,
+    IntentDeferred,
     IntentRejected,
     OpenSale,
     OrderPaid,
+    OrderRefunded,
     OrderRefused,
+    PauseSale,
     PaymentDeclined,
     PaymentStarted,
     PaymentVoided,
     PlaceIntent,
     QueueExpired,
     RecordPayment,
+    ResumeSale,
     ReturnUnits,
     RevealDraw,
+    SaleCancelled,
     SaleClosed,
     SaleOpened,
+    SalePaused,
+    SaleResumed,
     SaleSettled,
     SettleSale,
     SkuLedger,
     StartPayment,
     Tick,
+    UnitsAdded,
     UnitsReturned,
     Waitlisted,
     decide,
@@ -141,7 +151,7 @@ def command_for(event: Event) -> Command | None:
         return ReturnUnits(event.sale_id, event.sku, event.requested, event.ref)
     if isinstance(event, SaleSettled):
         return SettleSale(event.sale_id, event.sku)
-    if isinstance(event, EntryQueued | Waitlisted):
+    if isinstance(event, EntryQueued | Waitlisted | IntentDeferred):
         return PlaceIntent(event.intent_id, event.user_id, event.sale_id, event.sku,
                            event.quantity)  # fmt: skip
     if isinstance(event, DrawRevealed):
@@ -156,4 +166,20 @@ def command_for(event: Event) -> Command | None:
                              type(event) is not PaymentDeclined)  # fmt: skip
     if isinstance(event, HoldCancelled):
         return CancelHold(event.sale_id, event.sku, event.order_id, event.user_id)
+    return _operator_command(event)
+
+
+def _operator_command(event: Event) -> Command | None:
+    """The operator's command behind ``event`` (a refund only ever follows a cancel: alone
+    it is re-decided as one, and found not to be what a cancel yields)."""
+    if isinstance(event, SalePaused):
+        return PauseSale(event.sale_id, event.sku)
+    if isinstance(event, SaleResumed):
+        return ResumeSale(event.sale_id, event.sku)
+    if isinstance(event, UnitsAdded):
+        return AddUnits(event.sale_id, event.sku, event.quantity, event.ref)
+    if isinstance(event, SaleCancelled):
+        return CancelSale(event.sale_id, event.sku, event.reason)
+    if isinstance(event, OrderRefunded):
+        return CancelSale(event.sale_id, event.sku, "")
     return None

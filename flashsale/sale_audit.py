@@ -31,6 +31,7 @@ from schemas.codec import SchemaRegistry
 
 Fact = tuple[str, dict[str, Any]]
 SHOWN = 5  # examples listed per kind of violation in the human report
+WAITING = ("EntryQueued", "Waitlisted", "IntentDeferred")  # not decisions: they come later
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class SkuFigures:
     units_returned: int = 0
     units_released: int = 0  # of holds that expired or were cancelled (back in the sale)
     units_paid: int = 0  # of holds paid
+    units_added: int = 0  # to the allocation by the operator
+    units_refunded: int = 0  # of paid orders of a cancelled sale (back in the sale)
     remaining: int | None = None  # as the last event says
 
 
@@ -170,7 +173,7 @@ def check_log_times(
         elif name == "RevealDraw":
             reveals.add((rec["sku"], at))
     # Queued or waitlisted intents are decided later, by the command that drew or served them.
-    queued = {rec["intent_id"] for name, rec in events if name in ("EntryQueued", "Waitlisted")}
+    queued = {rec["intent_id"] for name, rec in events if name in WAITING}
     for name, rec in events:
         where = f"{rec['sku']} #{rec['sequence']}"
         if name == "DrawRevealed" or (name in DECISION_RECORDS and rec.get("draw_rank")):
@@ -178,9 +181,7 @@ def check_log_times(
                 out.violations.append(Violation(
                     "log-time-mismatch", f"{where}: {name} at {rec['decided_at']}, when no "
                     "RevealDraw of this SKU was appended"))  # fmt: skip
-        elif name in ("EntryQueued", "Waitlisted") or (
-            name in DECISION_RECORDS and rec["intent_id"] not in queued
-        ):
+        elif name in WAITING or (name in DECISION_RECORDS and rec["intent_id"] not in queued):
             appended = intent_at.get(rec["intent_id"])
             if appended is not None and appended != rec["decided_at"]:
                 out.violations.append(Violation(
@@ -230,6 +231,13 @@ def _check_events(
                 fig.units_released += rec["quantity"]
                 if remaining is not None:
                     remaining += rec["quantity"]
+            elif name == "UnitsAdded" or name == "OrderRefunded":
+                if name == "UnitsAdded":
+                    fig.units_added += rec["quantity"]
+                else:
+                    fig.units_refunded += rec["quantity"]
+                if remaining is not None:
+                    remaining += rec["quantity"]
             elif name == "OrderPaid":
                 fig.units_paid += rec["quantity"]
             if "remaining" not in rec or remaining is None:
@@ -243,9 +251,11 @@ def _check_events(
         out.violations += [Violation("lifecycle", p) for p in check_lifecycle(sku, t, items)]
         if (
             t is not None
-            and fig.units_sold - fig.units_returned - fig.units_released > t["allocation"]
+            and fig.units_sold - fig.units_returned - fig.units_released - fig.units_refunded
+            > t["allocation"] + fig.units_added
         ):
-            sold = f"{sku}: {fig.units_sold} units sold of {t['allocation']}"
+            had = t["allocation"] + fig.units_added
+            sold = f"{sku}: {fig.units_sold} units sold of {had}"
             out.violations.append(Violation("oversell", sold))
         out.violations += [Violation(kind, detail) for kind, detail in check_rules(sku, items)]
     for (sku, user), units in sorted(bought.items()):

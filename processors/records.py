@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from processors.core import (
+    AddUnits,
     CancelHold,
+    CancelSale,
     CloseSale,
     Command,
     DrawRevealed,
@@ -20,10 +22,13 @@ from processors.core import (
     HoldCancelled,
     HoldExpired,
     IntentAccepted,
+    IntentDeferred,
     IntentRejected,
     OpenSale,
     OrderPaid,
+    OrderRefunded,
     OrderRefused,
+    PauseSale,
     PaymentDeclined,
     PaymentStarted,
     PaymentVoided,
@@ -33,16 +38,21 @@ from processors.core import (
     QueueProgress,
     RecordPayment,
     RejectionReason,
+    ResumeSale,
     ReturnUnits,
     RevealDraw,
+    SaleCancelled,
     SaleClosed,
     SaleOpened,
+    SalePaused,
     SaleRefused,
+    SaleResumed,
     SaleSettled,
     SaleTerms,
     SettleSale,
     StartPayment,
     Tick,
+    UnitsAdded,
     UnitsReturned,
     Waitlisted,
 )
@@ -51,7 +61,8 @@ FIRST_RULES = 1
 ENVELOPE_FIELDS = ("event_id", "correlation_id", "producer", "occurred_at")
 COMMAND_RECORDS = frozenset({"OpenSale", "CloseSale", "SettleSale", "ReturnUnits",
                              "PurchaseIntent", "RevealDraw", "ClockTick", "StartPayment",
-                             "RecordPayment", "CancelHold"})  # fmt: skip
+                             "RecordPayment", "CancelHold", "PauseSale", "ResumeSale",
+                             "AddUnits", "CancelSale"})  # fmt: skip
 """Records of the SKU command topic."""
 TICK = "ClockTick"
 """The one command that is not a SKU's: the writer hands it to every ledger of its partition."""
@@ -60,7 +71,9 @@ EVENT_RECORDS = DECISION_RECORDS | {"SaleOpened", "SaleRefused", "SaleClosed", "
                                     "SaleSettled", "EntryQueued", "DrawRevealed",
                                     "QueueExpired", "PaymentStarted", "OrderRefused",
                                     "PaymentDeclined", "OrderPaid", "PaymentVoided",
-                                    "HoldExpired", "HoldCancelled", "Waitlisted"}  # fmt: skip
+                                    "HoldExpired", "HoldCancelled", "Waitlisted",
+                                    "SalePaused", "SaleResumed", "IntentDeferred",
+                                    "UnitsAdded", "SaleCancelled", "OrderRefunded"}  # fmt: skip
 """Records of the decisions topic that are a (sale, SKU)'s numbered facts."""
 PROGRESS = "QueueProgress"
 """The decisions topic's one record that is not a numbered fact (see ``QueueProgress``)."""
@@ -162,6 +175,12 @@ _FLAT: dict[str, Any] = {
     "HoldExpired": HoldExpired,
     "HoldCancelled": HoldCancelled,
     "Waitlisted": Waitlisted,
+    "SalePaused": SalePaused,
+    "SaleResumed": SaleResumed,
+    "IntentDeferred": IntentDeferred,
+    "UnitsAdded": UnitsAdded,
+    "SaleCancelled": SaleCancelled,
+    "OrderRefunded": OrderRefunded,
 }
 
 
@@ -187,6 +206,14 @@ def command_from_record(name: str, record: dict[str, Any]) -> Command:
                              r["succeeded"])  # fmt: skip
     if name == "CancelHold":
         return CancelHold(r["sale_id"], r["sku"], r["order_id"], r["user_id"])
+    if name == "PauseSale":
+        return PauseSale(r["sale_id"], r["sku"])
+    if name == "ResumeSale":
+        return ResumeSale(r["sale_id"], r["sku"])
+    if name == "AddUnits":
+        return AddUnits(r["sale_id"], r["sku"], r["quantity"], r["ref"])
+    if name == "CancelSale":
+        return CancelSale(r["sale_id"], r["sku"], r["reason"])
     if name == TICK:
         return Tick("")  # the writer gives it each ledger's SKU
     raise ValueError(f"not a command record: {name!r}")

@@ -28,7 +28,9 @@ offset, then every delta from that checkpoint's offset up to the committed offse
 that change after they were written (remaining units, a user's bought count, an order's
 state and hold, a payment attempt's state) are written as absolute values, so the latest op
 wins. The pre-queue is appended to
-(``QUEUED``: the intents queued by a batch) until ``QUEUE_DONE`` (drawn or expired) clears it.
+(``QUEUED``: the intents queued by a batch) until ``QUEUE_DONE`` (drawn or expired) clears it;
+so are the intents a pause deferred (``DEFERRED``) until the pause ends (``UNDEFER``). The
+``BOOK`` op carries the operator's flags (paused, units added, cancelled).
 Settling a sale writes its digests under ``Z/`` and takes a checkpoint without its intents:
 settled intents cost disk, not start-up time or memory. Each value stays below Kafka's 1 MB
 record limit (``CHUNK_BYTES``).
@@ -55,7 +57,7 @@ _dec = msgspec.msgpack.Decoder()
 
 # Operation codes (first element of each op list).
 (SEQ, ORPHANS, TERMS, BOOK, BOUGHT, IDS, RETURNS, SETTLED, QUEUED, QUEUE_DONE, ORDERS, ATTEMPTS,
- WAITLIST) = range(13)  # fmt: skip
+ WAITLIST, DEFERRED, UNDEFER) = range(15)  # fmt: skip
 HELD = "held"  # an ORDERS entry's state while its order is held
 
 
@@ -103,7 +105,8 @@ def ledger_ops(ledger: SkuLedger) -> list[list[Any]]:
     for sale_id, book in ledger.sales.items():
         ops += book_ops(sku, sale_id, book, terms=True, ids=book.decided, users=book.bought,
                         returns=book.returns, queued=book.queue,
-                        orders=[*book.holds, *book.orders], attempts=book.attempts)  # fmt: skip
+                        orders=[*book.holds, *book.orders], attempts=book.attempts,
+                        deferred=book.deferred)  # fmt: skip
     return ops
 
 
@@ -127,10 +130,13 @@ def book_ops(
     queued: Any = (),
     orders: Any = (),
     attempts: Any = (),
+    deferred: Any = (),
+    undeferred: bool = False,
 ) -> list[list[Any]]:
     """Operations recording ``book``: its terms (if asked), counters, given ids, users, refs,
-    the given queued intents (or the end of its queue), and the given orders and payment
-    attempts as they stand now."""
+    the given queued intents (or the end of its queue), the given orders and payment
+    attempts as they stand now, and the given deferred intents (after the end of a pause,
+    when ``undeferred``)."""
     ops: list[list[Any]] = []
     if terms:
         t = book.terms
@@ -151,7 +157,12 @@ def book_ops(
         if book.queue_done:
             ops.append([QUEUE_DONE, sku, sale_id])
         return ops
-    ops.append([BOOK, sku, sale_id, book.remaining, book.closed, book.sequence])
+    ops.append([BOOK, sku, sale_id, book.remaining, book.closed, book.sequence, book.paused,
+                book.added, book.cancelled])  # fmt: skip
+    if undeferred:
+        ops.append([UNDEFER, sku, sale_id])
+    if deferred:
+        ops.append([DEFERRED, sku, sale_id, [x for entry in deferred for x in entry]])
     if users:
         bought = book.bought
         flat: list[Any] = []
@@ -178,6 +189,10 @@ def _orders_flat(book: SaleBook, order_ids: Any) -> list[Any]:
         if hold is not None:
             flat += (order_id, HELD, hold.intent_id, hold.user_id, hold.quantity, hold.pay_by,
                      hold.attempt or "")  # fmt: skip
+        elif order_id in book.paid:  # kept whole: a cancel of the sale refunds it
+            paid = book.paid[order_id]
+            flat += (order_id, "paid", paid.intent_id, paid.user_id, paid.quantity, paid.pay_by,
+                     paid.attempt or "")  # fmt: skip
         elif order_id in book.orders:
             flat += (order_id, book.orders[order_id], "", "", 0, 0, "")
     return flat
@@ -195,7 +210,7 @@ def _size(item: Any) -> int:
 
 
 # Items per entry of the ops whose last element is a flat list of entries (1 when not named).
-_STEP = {BOUGHT: 2, SEQ: 2, QUEUED: 4, ORDERS: 7, ATTEMPTS: 2}
+_STEP = {BOUGHT: 2, SEQ: 2, QUEUED: 4, ORDERS: 7, ATTEMPTS: 2, DEFERRED: 3}
 
 
 def chunk_ops(ops: list[list[Any]], limit: int = CHUNK_BYTES) -> list[bytes]:
@@ -208,7 +223,7 @@ def chunk_ops(ops: list[list[Any]], limit: int = CHUNK_BYTES) -> list[bytes]:
     current: list[list[Any]] = []
     size = 5  # the chunk's own list header
     for op in ops:
-        split = op[0] in (SEQ, ORPHANS, BOUGHT, IDS, RETURNS, QUEUED, ORDERS, ATTEMPTS)
+        split = op[0] in (SEQ, ORPHANS, BOUGHT, IDS, RETURNS, QUEUED, ORDERS, ATTEMPTS, DEFERRED)
         head = op[:-1] if split else op
         head_size = 10 + sum(map(_size, head))  # with the op's list header (and its items')
         if not split:
@@ -268,6 +283,8 @@ def fold(ledgers: dict[str, SkuLedger], value: bytes) -> None:
             book = ledger.sales[op[2]]
             if code == BOOK:
                 book.remaining, book.closed, book.sequence = op[3], op[4], op[5]
+                if len(op) > 6:  # older stores: no operator's flags
+                    book.paused, book.added, book.cancelled = op[6], op[7], op[8]
             elif code == BOUGHT:
                 flat = op[3]
                 book.bought.update(zip(flat[::2], flat[1::2], strict=True))
@@ -287,19 +304,30 @@ def fold(ledgers: dict[str, SkuLedger], value: bytes) -> None:
                 flat = op[3]
                 for i in range(0, len(flat), 7):
                     order_id, state, intent_id, user_id, quantity, pay_by, attempt = flat[i : i + 7]
+                    hold = Hold(intent_id, user_id, quantity, pay_by, attempt or None)
                     if state == HELD:
-                        book.holds[order_id] = Hold(intent_id, user_id, quantity, pay_by,
-                                                    attempt or None)  # fmt: skip
+                        book.holds[order_id] = hold
                         book.orders.pop(order_id, None)
                     else:
                         book.holds.pop(order_id, None)
                         book.orders[order_id] = state
+                        if state == "paid" and user_id:
+                            book.paid[order_id] = hold
+                        else:
+                            book.paid.pop(order_id, None)
             elif code == WAITLIST:
                 flat = op[3]
                 book.waitlist = [
                     (flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)
                 ]
                 book.waitlisted_ids = {e[0] for e in book.waitlist}
+            elif code == DEFERRED:
+                flat = op[3]
+                for i in range(0, len(flat), 3):
+                    book.deferred.append((flat[i], flat[i + 1], flat[i + 2]))
+                    book.deferred_ids.add(flat[i])
+            elif code == UNDEFER:
+                book.deferred, book.deferred_ids = [], set()
             elif code == ATTEMPTS:
                 flat = op[3]
                 book.attempts.update(zip(flat[::2], flat[1::2], strict=True))

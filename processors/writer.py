@@ -16,7 +16,6 @@ from processors import state_layout as layout
 from processors.core import (
     Command,
     Decision,
-    EntryQueued,
     Event,
     IntentAccepted,
     IntentRejected,
@@ -27,7 +26,6 @@ from processors.core import (
     SaleSettled,
     SkuLedger,
     Tick,
-    UnitsReturned,
     decide,
     evolve,
     progress_due,
@@ -40,7 +38,7 @@ from processors.records import (
     record_name,
     to_record,
 )
-from processors.writer_delta import LIFECYCLE_EVENTS, Touched
+from processors.writer_delta import Touched
 from producers.identity import fact_event_id, progress_event_id
 from schemas.codec import SchemaRegistry, UndecodableRecord
 
@@ -422,13 +420,7 @@ class PartitionWriter:
                 touched.skus.add(sku)
             else:
                 change = touched.book(sku, event.sale_id, new=type(event) is SaleOpened)
-                if type(event) is UnitsReturned:
-                    change[3].append(event.ref)
-                elif type(event) is EntryQueued:
-                    change[4].append((event.intent_id, event.user_id, event.quantity,
-                                      event.kind.value))  # fmt: skip
-                elif type(event) in LIFECYCLE_EVENTS:
-                    touched.lifecycle(change, event)  # type: ignore[arg-type]
+                touched.fact(change, event)
             if type(event) is SaleRefused:
                 log.warning("sale.refused", sale_id=event.sale_id, sku=sku,
                             command=event.command, detail=event.detail)  # fmt: skip

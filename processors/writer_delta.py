@@ -5,7 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 from processors import state_layout as layout
-from processors.core import Decision, IntentAccepted, OrderRefused, SkuLedger
+from processors.core import (
+    Decision,
+    EntryQueued,
+    Event,
+    IntentAccepted,
+    IntentDeferred,
+    OrderRefunded,
+    OrderRefused,
+    SaleResumed,
+    SkuLedger,
+    UnitsAdded,
+    UnitsReturned,
+)
 from processors.core.lifecycle_model import (
     HoldCancelled,
     HoldExpired,
@@ -19,19 +31,33 @@ from processors.core.lifecycle_model import (
 # is written whole with the book, see ``state_layout.book_ops``).
 OrderEvent = (
     PaymentStarted | OrderRefused | PaymentDeclined | OrderPaid | PaymentVoided | HoldExpired
-    | HoldCancelled
+    | HoldCancelled | OrderRefunded
 )  # fmt: skip
 
 LIFECYCLE_EVENTS = frozenset({PaymentStarted, OrderRefused, PaymentDeclined, OrderPaid,
-                              PaymentVoided, HoldExpired, HoldCancelled})  # fmt: skip
+                              PaymentVoided, HoldExpired, HoldCancelled,
+                              OrderRefunded})  # fmt: skip
 
-# [is new], new intent ids, users whose bought count changed, new return refs, new queued
-# intents (intent id, user id, quantity, kind), orders whose state changed, payment attempts
-# whose state changed
-BookChange = tuple[
-    list[bool], list[str], set[str], list[str], list[tuple[str, str, int, str]], list[str],
-    list[str],
-]  # fmt: skip
+
+class BookChange:
+    """What a batch changed in one book: is it new, intent ids decided, users whose bought
+    count changed, return or add refs spent, intents queued (intent id, user id, quantity,
+    kind), orders and payment attempts whose state changed, intents deferred by a pause
+    (intent id, user id, quantity) since ``undeferred`` (a pause ended: the line is empty)."""
+
+    __slots__ = ("attempts", "deferred", "ids", "new", "orders", "queued", "refs",
+                 "undeferred", "users")  # fmt: skip
+
+    def __init__(self, new: bool) -> None:
+        self.new = new
+        self.ids: list[str] = []
+        self.users: set[str] = set()
+        self.refs: list[str] = []
+        self.queued: list[tuple[str, str, int, str]] = []
+        self.orders: list[str] = []
+        self.attempts: list[str] = []
+        self.deferred: list[tuple[str, str, int]] = []
+        self.undeferred = False
 
 
 class Touched:
@@ -50,9 +76,9 @@ class Touched:
         self.skus.add(sku)
         entry = self.books.get((sku, sale_id))
         if entry is None:
-            entry = self.books[sku, sale_id] = ([new], [], set(), [], [], [], [])
+            entry = self.books[sku, sale_id] = BookChange(new)
         elif new:
-            entry[0][0] = True
+            entry.new = True
         return entry
 
     def decided(self, sku: str, event: Decision, in_book: bool) -> None:
@@ -62,20 +88,35 @@ class Touched:
             self.orphan_sales.setdefault(sku, set()).add(event.sale_id)
             return
         change = self.book(sku, event.sale_id)
-        change[1].append(event.intent_id)
+        change.ids.append(event.intent_id)
         if type(event) is IntentAccepted:
-            change[2].add(event.user_id)
+            change.users.add(event.user_id)
             if event.pay_by:  # its order is held
-                change[5].append(event.order_id)
+                change.orders.append(event.order_id)
+
+    def fact(self, change: BookChange, event: Event) -> None:
+        """A book's fact other than a decision or an opening changed what ``change`` says."""
+        kind = type(event)
+        if kind is UnitsReturned or kind is UnitsAdded:
+            change.refs.append(event.ref)  # type: ignore[union-attr]
+        elif kind is EntryQueued:
+            change.queued.append((event.intent_id, event.user_id, event.quantity,  # type: ignore[union-attr]
+                                  event.kind.value))  # type: ignore[union-attr]  # fmt: skip
+        elif kind is IntentDeferred:
+            change.deferred.append((event.intent_id, event.user_id, event.quantity))  # type: ignore[union-attr]
+        elif kind is SaleResumed:
+            change.deferred, change.undeferred = [], True
+        elif kind in LIFECYCLE_EVENTS:
+            self.lifecycle(change, event)  # type: ignore[arg-type]
 
     def lifecycle(self, change: BookChange, event: OrderEvent) -> None:
         """An order's state or a payment attempt's changed (a refusal or a voided payment
         changes no order: the order may not even exist)."""
         if type(event) is not OrderRefused and type(event) is not PaymentVoided:
-            change[5].append(event.order_id)
+            change.orders.append(event.order_id)
         attempt = event.ref if type(event) is OrderRefused else getattr(event, "attempt_id", "")
         if attempt:
-            change[6].append(attempt)
+            change.attempts.append(attempt)
 
     def ops(self, ledgers: dict[str, SkuLedger]) -> list[list[Any]]:
         ops: list[list[Any]] = [
@@ -83,9 +124,10 @@ class Touched:
             for sku, sales in self.orphan_sales.items()
         ]
         ops += [[layout.ORPHANS, sku, ids] for sku, ids in self.orphans.items()]
-        for (sku, sale_id), (new, ids, users, refs, queued, orders, tries) in self.books.items():
+        for (sku, sale_id), c in self.books.items():
             book = ledgers[sku].sales[sale_id]
-            ops += layout.book_ops(sku, sale_id, book, terms=new[0], ids=ids, users=users,
-                                   returns=refs, queued=queued, orders=orders,
-                                   attempts=tries)  # fmt: skip
+            ops += layout.book_ops(sku, sale_id, book, terms=c.new, ids=c.ids, users=c.users,
+                                   returns=c.refs, queued=c.queued, orders=c.orders,
+                                   attempts=c.attempts, deferred=c.deferred,
+                                   undeferred=c.undeferred)  # fmt: skip
         return ops

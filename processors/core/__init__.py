@@ -11,7 +11,8 @@ log describes is one function of it.
 Rule families live in their own modules: ``sales`` (open, close, return, settle),
 ``intents`` (judged by the versioned ``rules`` of each sale) and ``prequeue`` (queued entries,
 the commit-reveal draw, the sale clock's ticks) and ``lifecycle`` (holds, payments, expiry,
-cancellation); later the waitlist. ``progress``
+cancellation, the waitlist) and ``operations`` (the operator's pause, resume, added units,
+cancel). ``progress``
 names the events after which the writer says how far through its input it is.
 """
 
@@ -79,6 +80,30 @@ from processors.core.model import (
     WrongLedger,
     order_id_for,
 )
+from processors.core.operations import (
+    decide_add,
+    decide_cancel_sale,
+    decide_pause,
+    decide_resume,
+    evolve_added,
+    evolve_cancelled,
+    evolve_deferred,
+    evolve_paused,
+    evolve_refunded,
+    evolve_resumed,
+)
+from processors.core.operations_model import (
+    AddUnits,
+    CancelSale,
+    IntentDeferred,
+    OrderRefunded,
+    PauseSale,
+    ResumeSale,
+    SaleCancelled,
+    SalePaused,
+    SaleResumed,
+    UnitsAdded,
+)
 from processors.core.prequeue import decide_reveal, decide_tick, evolve_drawn, evolve_queued
 from processors.core.progress import progress_due
 from processors.core.rules import RULES
@@ -98,7 +123,9 @@ from processors.core.sales import (
 __all__ = [
     "CURRENT_RULES",
     "RULES",
+    "AddUnits",
     "CancelHold",
+    "CancelSale",
     "CloseSale",
     "Command",
     "Decision",
@@ -109,10 +136,13 @@ __all__ = [
     "HoldCancelled",
     "HoldExpired",
     "IntentAccepted",
+    "IntentDeferred",
     "IntentRejected",
     "OpenSale",
     "OrderPaid",
+    "OrderRefunded",
     "OrderRefused",
+    "PauseSale",
     "PaymentDeclined",
     "PaymentStarted",
     "PaymentVoided",
@@ -122,18 +152,23 @@ __all__ = [
     "QueueProgress",
     "RecordPayment",
     "RejectionReason",
+    "ResumeSale",
     "ReturnUnits",
     "RevealDraw",
     "SaleBook",
+    "SaleCancelled",
     "SaleClosed",
     "SaleOpened",
+    "SalePaused",
     "SaleRefused",
+    "SaleResumed",
     "SaleSettled",
     "SaleTerms",
     "SettleSale",
     "SkuLedger",
     "StartPayment",
     "Tick",
+    "UnitsAdded",
     "UnitsReturned",
     "Waitlisted",
     "WrongLedger",
@@ -157,6 +192,10 @@ _DECIDE: dict[type, Callable[[SkuLedger, Any, int], list[Any]]] = {
     StartPayment: decide_start,
     RecordPayment: decide_record,
     CancelHold: decide_cancel,
+    PauseSale: decide_pause,
+    ResumeSale: decide_resume,
+    AddUnits: decide_add,
+    CancelSale: decide_cancel_sale,
 }
 _EVOLVE: dict[type, Callable[[SkuLedger, Any], None]] = {
     IntentAccepted: evolve_accepted,
@@ -177,6 +216,12 @@ _EVOLVE: dict[type, Callable[[SkuLedger, Any], None]] = {
     HoldExpired: evolve_released,
     HoldCancelled: evolve_released,
     Waitlisted: evolve_waitlisted,
+    SalePaused: evolve_paused,
+    SaleResumed: evolve_resumed,
+    IntentDeferred: evolve_deferred,
+    UnitsAdded: evolve_added,
+    SaleCancelled: evolve_cancelled,
+    OrderRefunded: evolve_refunded,
 }
 
 

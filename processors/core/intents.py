@@ -23,7 +23,8 @@ from processors.core.model import (
     SkuLedger,
     order_id_for,
 )
-from processors.core.prequeue import decide_queued
+from processors.core.operations_model import IntentDeferred
+from processors.core.prequeue import decide_queued, has_ended
 from processors.core.rules import RULES
 
 
@@ -39,6 +40,8 @@ def _known(ledger: SkuLedger, book: SaleBook | None, intent_id: str) -> bool:
         return True  # queued: its one decision comes with the draw
     if book is not None and intent_id in book.waitlisted_ids:
         return True  # waitlisted: its one decision comes when a unit returns (or cannot)
+    if book is not None and intent_id in book.deferred_ids:
+        return True  # deferred by a pause: its one decision comes when the pause ends
     if book is not None and book.settled and intent_digest(intent_id) in book.settled_digests:
         return True  # decided before settlement: that decision stands, none is added
     # Intent ids embed the sale, so only a forged or corrupted record reaches this loop with
@@ -59,6 +62,9 @@ def decide_place(ledger: SkuLedger, cmd: PlaceIntent, now: int) -> list[Event]:
                                seq, now)]  # fmt: skip
     if book.queueing:
         return decide_queued(book, cmd, now)
+    if book.paused and not has_ended(book, now):  # waits for the pause to end
+        return [IntentDeferred(cmd.intent_id, cmd.sale_id, cmd.sku, cmd.user_id, cmd.quantity,
+                               len(book.deferred) + 1, book.sequence + 1, now)]  # fmt: skip
     seq = book.sequence + 1
     fault = RULES[book.terms.rules](book, cmd, now)
     if fault is None:

@@ -279,7 +279,7 @@ def evolve_declined(ledger: SkuLedger, event: PaymentDeclined) -> None:
 
 def evolve_paid(ledger: SkuLedger, event: OrderPaid) -> None:
     book = ledger.sales[event.sale_id]
-    del book.holds[event.order_id]
+    book.paid[event.order_id] = book.holds.pop(event.order_id)
     book.orders[event.order_id] = "paid"
     book.attempts[event.attempt_id] = "paid"
     book.sequence = event.sequence

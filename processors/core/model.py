@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from processors.core.lifecycle_model import Hold, LifecycleCommand, LifecycleEvent
+from processors.core.operations_model import OperatorCommand, OperatorEvent
 
 CURRENT_RULES = 1
 """The rules version a sale opens under unless its OpenSale names another."""
@@ -148,7 +149,7 @@ class Tick:
 
 Command = (
     OpenSale | CloseSale | PlaceIntent | ReturnUnits | SettleSale | RevealDraw | Tick
-    | LifecycleCommand
+    | LifecycleCommand | OperatorCommand
 )  # fmt: skip
 
 # -- events -----------------------------------------------------------------------------
@@ -330,7 +331,7 @@ Decision = IntentAccepted | IntentRejected
 """The final accept or reject of an intent: exactly one per intent id."""
 Event = (
     SaleOpened | SaleRefused | SaleClosed | UnitsReturned | SaleSettled | EntryQueued
-    | DrawRevealed | QueueExpired | Decision | LifecycleEvent
+    | DrawRevealed | QueueExpired | Decision | LifecycleEvent | OperatorEvent
 )  # fmt: skip
 
 # -- state ------------------------------------------------------------------------------
@@ -360,13 +361,23 @@ class SaleBook:
     queue_done: bool = False
     # The order lifecycle (a sale with ``terms.hold_ms``): held orders by order id, orders
     # that left their hold ("paid", "expired", "cancelled") and every payment attempt seen
-    # ("started", "declined", "paid", "voided", "refused"), so each is decided once.
+    # ("started", "declined", "paid", "voided", "refused", "refunded"), so each is decided
+    # once.
     holds: dict[str, Hold] = field(default_factory=dict)
     orders: dict[str, str] = field(default_factory=dict)
+    paid: dict[str, Hold] = field(default_factory=dict)  # paid orders (refunded if cancelled)
     attempts: dict[str, str] = field(default_factory=dict)
     # The waitlist, in order: (intent id, user id, quantity), and its intent ids.
     waitlist: list[tuple[str, str, int]] = field(default_factory=list)
     waitlisted_ids: set[str] = field(default_factory=set)
+    # The operator's controls (``processors.core.operations``): paused, with the intents
+    # that arrived meanwhile in order (intent id, user id, quantity) and their ids; units
+    # added to the allocation; cancelled (closed for good, orders refunded).
+    paused: bool = False
+    deferred: list[tuple[str, str, int]] = field(default_factory=list)
+    deferred_ids: set[str] = field(default_factory=set)
+    added: int = 0
+    cancelled: bool = False
 
     @property
     def queueing(self) -> bool:

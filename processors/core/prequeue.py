@@ -199,7 +199,10 @@ def draw(book: SaleBook, sale_id: str, sku: str, seed: str, now: int) -> list[Ev
 
 def decide_tick(ledger: SkuLedger, cmd: Tick, now: int) -> list[Event]:
     """Expire every pre-queue of the ledger that is over by ``now`` and still undrawn, and
-    every hold past its deadline (``processors.core.lifecycle``)."""
+    every hold past its deadline (``processors.core.lifecycle``); end the pause of a sale
+    that is over (``processors.core.operations``)."""
+    from processors.core.operations import unpause  # it imports this module
+
     events: list[Event] = []
     for sale_id, book in ledger.sales.items():
         if book.queueing and has_ended(book, now):
@@ -208,6 +211,8 @@ def decide_tick(ledger: SkuLedger, cmd: Tick, now: int) -> list[Event]:
         if not expired and book.waitlist and has_ended(book, now):  # the line ends with it
             expired = serve_waitlist(book, sale_id, ledger.sku, now, book.sequence,
                                      book.remaining, len(book.holds))  # fmt: skip
+        if book.paused and has_ended(book, now):  # and the pause: what waited is decided
+            expired += unpause(ledger, sale_id, now, expired)
         events += expired
     return events
 

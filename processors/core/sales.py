@@ -24,6 +24,7 @@ from processors.core.model import (
     SkuLedger,
     UnitsReturned,
 )
+from processors.core.operations import unpause
 from processors.core.prequeue import expire, is_sha256_hex
 from processors.core.progress import progress_problem
 from processors.core.rules import RULES
@@ -83,10 +84,13 @@ def decide_close(ledger: SkuLedger, cmd: CloseSale, now: int) -> list[Event]:
     if book.queueing:  # closed before the draw: the queue expires with it
         detail = "the sale was closed before the draw"
         return [closed, *expire(book, cmd.sale_id, cmd.sku, now, detail, closed.sequence + 1)]
+    events: list[Event] = [closed]
     if book.waitlist:  # and so does the waitlist
-        return [closed, *serve_waitlist(book, cmd.sale_id, cmd.sku, now, closed.sequence,
-                                        book.remaining, len(book.holds), ended=True)]  # fmt: skip
-    return [closed]
+        events += serve_waitlist(book, cmd.sale_id, cmd.sku, now, closed.sequence,
+                                 book.remaining, len(book.holds), ended=True)  # fmt: skip
+    if book.paused:  # and the pause: what waited is decided (rejected: closed)
+        events += unpause(ledger, cmd.sale_id, now, events)
+    return events
 
 
 def decide_return(ledger: SkuLedger, cmd: ReturnUnits, now: int) -> list[Event]:
@@ -96,7 +100,8 @@ def decide_return(ledger: SkuLedger, cmd: ReturnUnits, now: int) -> list[Event]:
         return []
     # Never more than went out for good: held units come back by their own expiry or cancel.
     held = sum(h.quantity for h in book.holds.values())
-    applied = max(0, min(cmd.quantity, book.terms.allocation - book.remaining - held))
+    had = book.terms.allocation + book.added
+    applied = max(0, min(cmd.quantity, had - book.remaining - held))
     returned = UnitsReturned(cmd.sale_id, cmd.sku, cmd.ref, cmd.quantity, applied,
                              book.remaining + applied, book.sequence + 1, now)  # fmt: skip
     if not book.waitlist:
@@ -121,7 +126,10 @@ def decide_settle(ledger: SkuLedger, cmd: SettleSale, now: int) -> list[Event]:
     if book.queueing:  # ended undrawn, and nothing told the queue yet
         events = expire(book, cmd.sale_id, cmd.sku, now, "the sale ended before the draw")
         seq += len(events)
-    decided = len(book.decided) + len(book.queue)
+    elif book.paused:  # ended paused, and nothing decided what waited yet
+        events = unpause(ledger, cmd.sale_id, now, [])
+        seq += len(events)
+    decided = len(book.decided) + len(book.queue) + len(book.deferred)
     return [*events, SaleSettled(cmd.sale_id, cmd.sku, decided, book.remaining, seq, now)]
 
 

@@ -1,4 +1,5 @@
-"""The order lifecycle (holds, payments, expiry, cancellation) against a reference model.
+"""The order lifecycle (holds, payments, expiry, cancellation, the waitlist and the operator's
+pause, resume, added units and cancel) against a reference model.
 
 The model below restates the rules in the plainest terms (a dict per order with its state)
 and shares no code with ``processors.core.lifecycle``; hypothesis drives both with the same
@@ -15,13 +16,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from processors.core import (
+    AddUnits,
     CancelHold,
+    CancelSale,
     CloseSale,
     Command,
     Event,
     OpenSale,
+    PauseSale,
     PlaceIntent,
     RecordPayment,
+    ResumeSale,
     SaleTerms,
     SettleSale,
     SkuLedger,
@@ -51,6 +56,11 @@ class Model:
     bought: Counter[str] = field(default_factory=Counter)
     charges: int = 0
     waitlist: list[tuple[str, str, int]] = field(default_factory=list)
+    paused: bool = False
+    deferred: list[tuple[str, str, int]] = field(default_factory=list)
+    cancelled: bool = False
+    added: int = 0
+    refs: set[str] = field(default_factory=set)
 
     def held(self) -> int:
         return sum(1 for o in self.orders.values() if o["state"] == "held")
@@ -89,6 +99,11 @@ class Model:
         self.remaining += order["q"]
 
     def place(self, intent: str, user: str, q: int, now: int) -> list[str]:
+        if self.cancelled:
+            return ["IntentRejected"]
+        if self.paused:
+            self.deferred.append((intent, user, q))
+            return ["IntentDeferred"]
         if self.remaining >= q and self.bought[user] + q <= LIMIT:
             self.hold(intent, user, q, now)
             return ["IntentAccepted"]
@@ -150,6 +165,53 @@ class Model:
         self.release(order, "expired")
         return self.serve(["PaymentVoided", "HoldExpired"], now)
 
+    def pause(self) -> list[str]:
+        if self.paused:
+            return []
+        if self.cancelled:
+            return ["SaleRefused"]
+        self.paused = True
+        return ["SalePaused"]
+
+    def resume(self, now: int) -> list[str]:
+        if not self.paused:
+            return []
+        self.paused, waiting, self.deferred = False, self.deferred, []
+        out = ["SaleResumed"]
+        for intent, user, q in waiting:  # as if each arrived now, in arrival order
+            out += self.place(intent, user, q, now)
+        return out
+
+    def add(self, q: int, ref: str, now: int) -> list[str]:
+        if ref in self.refs:
+            return []
+        if self.cancelled:
+            return ["SaleRefused"]
+        self.refs.add(ref)
+        self.remaining += q
+        self.added += q
+        return self.serve(["UnitsAdded"], now)
+
+    def cancel_sale(self) -> list[str]:
+        if self.cancelled:
+            return []
+        self.cancelled = True
+        out = ["SaleCancelled"]
+        for order_id in sorted(self.orders, key=lambda o: (self.orders[o]["pay_by"], o)):
+            if self.orders[order_id]["state"] == "held":
+                self.release(self.orders[order_id], "cancelled")
+                out.append("HoldCancelled")
+        for order_id in sorted(self.orders):
+            if self.orders[order_id]["state"] == "paid":
+                self.release(self.orders[order_id], "refunded")
+                out.append("OrderRefunded")
+        out += ["IntentRejected"] * len(self.waitlist)
+        self.waitlist = []
+        if self.paused:
+            out += ["SaleResumed", *["IntentRejected"] * len(self.deferred)]
+            self.paused, self.deferred = False, []
+        return out
+
     def cancel(self, order_id: str, user: str, now: int) -> list[str]:
         order = self.orders.get(order_id)
         if order is not None and order["state"] == "cancelled":
@@ -162,12 +224,19 @@ class Model:
         return self.serve(["HoldCancelled"], now)
 
 
-OP = st.one_of(
-    st.tuples(st.just("place"), st.sampled_from(USERS), st.integers(1, 2)),
+PAY = st.one_of(
     st.tuples(st.just("start"), st.integers(0, 9), st.booleans()),
     st.tuples(st.just("record"), st.integers(0, 9), st.booleans()),
+)
+OP = st.one_of(
+    st.tuples(st.just("place"), st.sampled_from(USERS), st.integers(1, 2)),
+    PAY,
+    PAY,  # payments as often as the rest: a paid order is several steps in the making
     st.tuples(st.just("cancel"), st.integers(0, 9), st.booleans()),
     st.tuples(st.just("tick")),
+    # The operator, now and then (one_of flattens: a branch of its own, not four):
+    # 0-2 pause, 3-5 resume, 6-8 add units, 9 cancel the sale, else a tick.
+    st.tuples(st.just("operator"), st.integers(0, 15), st.integers(1, 2)),
 )
 
 
@@ -182,7 +251,9 @@ def _apply(ledger: SkuLedger, command: Command, now: int) -> list[Event]:
 @given(
     allocation=st.integers(1, 5),
     # Steps of whole seconds: deadlines (10 s, grace 2 s) are hit exactly, not only passed.
-    steps=st.lists(st.tuples(st.sampled_from([0, 1_000, 2_000, 5_000]), OP), max_size=60),
+    steps=st.lists(
+        st.tuples(st.sampled_from([0, 1_000, 2_000, 5_000]), OP), min_size=20, max_size=80
+    ),
 )
 def test_the_lifecycle_follows_the_reference_model(
     allocation: int, steps: list[tuple[int, tuple[Any, ...]]]
@@ -194,7 +265,10 @@ def test_the_lifecycle_follows_the_reference_model(
     for dt, op in steps:
         now += dt
         orders = sorted(model.orders)
-        picks = orders and op[0] not in ("place", "tick")
+        picks = orders and op[0] in ("start", "record", "cancel")
+        held = [o for o in orders if model.orders[o]["state"] == "held"]
+        if picks and held and op[1] < 7:  # mostly an order that can still move, or any
+            orders = held
         pick = orders[op[1] % len(orders)] if picks else "ord-none"
         owner = model.orders[pick]["user"] if pick in model.orders else "nobody"
         if op[0] == "place":
@@ -211,13 +285,24 @@ def test_the_lifecycle_follows_the_reference_model(
             )
         elif op[0] == "record":
             # a started attempt's result (maybe again), or one the writer never saw started
-            order, attempt = attempts[op[1] % len(attempts)] if attempts else (pick, "a-never")
+            started = [a for a in attempts if model.attempts.get(a[1]) == "started"]
+            pool = started if started and op[1] < 7 else attempts
+            order, attempt = pool[op[1] % len(pool)] if pool else (pick, "a-never")
             ok = op[2] or op[1] % 3 == 0
             cmd = RecordPayment("s", "A", order, attempt, ok)
             want = model.record(order, attempt, ok, now)
         elif op[0] == "cancel":
             user = owner if op[2] else "intruder"
             cmd, want = CancelHold("s", "A", pick, user), model.cancel(pick, user, now)
+        elif op[0] == "operator" and op[1] < 3:
+            cmd, want = PauseSale("s", "A"), model.pause()
+        elif op[0] == "operator" and op[1] < 6:
+            cmd, want = ResumeSale("s", "A"), model.resume(now)
+        elif op[0] == "operator" and op[1] < 9:
+            ref = f"r{op[1] % 2}{op[2]}"
+            cmd, want = AddUnits("s", "A", op[2], ref), model.add(op[2], ref, now)
+        elif op[0] == "operator" and op[1] == 9:
+            cmd, want = CancelSale("s", "A", "test"), model.cancel_sale()
         else:
             cmd, want = Tick("A"), model.tick(now)
         got = _apply(ledger, cmd, now)
@@ -229,11 +314,16 @@ def test_the_lifecycle_follows_the_reference_model(
         assert book.orders == {o: m["state"] for o, m in model.orders.items() if o not in held}
         assert book.remaining == model.remaining
         assert book.waitlist == model.waitlist
+        assert [d[0] for d in book.deferred] == [d[0] for d in model.deferred]
+        assert (book.paused, book.cancelled) == (model.paused, model.cancelled)
         # Every unit in exactly one place: for sale, held or paid.
         paid = sum(m["q"] for m in model.orders.values() if m["state"] == "paid")
-        assert book.remaining + sum(h.quantity for h in book.holds.values()) + paid == allocation
+        held_units = sum(h.quantity for h in book.holds.values())
+        assert book.remaining + held_units + paid == allocation + model.added
     names = Counter(type(e).__name__ for e in all_events)
-    assert model.charges == names["OrderPaid"] + names["PaymentVoided"]  # paid or refunded
+    paid_now = sum(1 for m in model.orders.values() if m["state"] == "paid")
+    # The provider's charges: orders paid, and refunds (voided, or of a cancelled sale).
+    assert model.charges == paid_now + names["PaymentVoided"] + names["OrderRefunded"]
     sequences = [e.sequence for e in all_events]
     assert sequences == list(range(2, 2 + len(all_events)))  # after SaleOpened, gap-free
     assert audited([*opened, *all_events]) == []  # and the audit finds nothing wrong

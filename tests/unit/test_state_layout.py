@@ -20,11 +20,15 @@ from hypothesis import strategies as st
 from processors import state_layout as layout
 from processors import writer as writer_mod
 from processors.core import (
+    AddUnits,
     CancelHold,
+    CancelSale,
     CloseSale,
     OpenSale,
+    PauseSale,
     PlaceIntent,
     RecordPayment,
+    ResumeSale,
     ReturnUnits,
     RevealDraw,
     SaleBook,
@@ -144,7 +148,8 @@ def input_logs(draw: st.DrawFn) -> InputLog:
 @st.composite
 def lifecycle_logs(draw: st.DrawFn) -> InputLog:
     """Sales with holds and a waitlist on two SKUs: many people, payments started, charged,
-    declined and late, cancels, expiries (waits and ticks) and returned units."""
+    declined and late, cancels, expiries (waits and ticks), returned units, and the
+    operator's pauses, resumes, added units and cancels."""
     log = InputLog()
     terms = [SaleTerms("h", sku, draw(st.integers(1, 3)), 1, 1, 0, 10**9, hold_ms=1_000,
                        pay_grace_ms=draw(st.sampled_from([0, 300])),
@@ -154,7 +159,7 @@ def lifecycle_logs(draw: st.DrawFn) -> InputLog:
         log.add(OpenSale(t), 0)
     now, placed, attempts = 0, [], []
     kinds = ["intent"] * 4 + ["pay", "pay", "result", "result", "cancel", "wait", "tick",
-                              "return"]  # fmt: skip
+                              "return", "pause", "resume", "add", "call-off"]  # fmt: skip
     for _ in range(draw(st.integers(1, 40))):
         now += draw(st.integers(0, 50))
         kind, sku = draw(st.sampled_from(kinds)), draw(st.sampled_from(SKUS))
@@ -179,6 +184,14 @@ def lifecycle_logs(draw: st.DrawFn) -> InputLog:
             now += draw(st.sampled_from([500, 1_000]))
         elif kind == "return":
             log.add(ReturnUnits("h", sku, 1, f"r{now}"), now)
+        elif kind == "pause":
+            log.add(PauseSale("h", sku), now)
+        elif kind == "resume":
+            log.add(ResumeSale("h", sku), now)
+        elif kind == "add":
+            log.add(AddUnits("h", sku, draw(st.integers(1, 2)), f"add{now % 3}"), now)
+        elif kind == "call-off" and draw(st.integers(0, 3)) == 0:
+            log.add(CancelSale("h", sku, "test"), now)
         else:
             log.add(Tick(""), now)
     return log

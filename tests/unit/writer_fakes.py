@@ -9,12 +9,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from processors.core import (
+    AddUnits,
     CancelHold,
+    CancelSale,
     CloseSale,
     Command,
     OpenSale,
+    PauseSale,
     PlaceIntent,
     RecordPayment,
+    ResumeSale,
     ReturnUnits,
     RevealDraw,
     SaleBook,
@@ -99,7 +103,8 @@ def command_value(command: Command, n: int = 0) -> bytes:
         body = {"sale_id": command.sale_id, "sku": command.sku, "quantity": command.quantity,
                 "ref": command.ref}  # fmt: skip
         return REGISTRY.encode("ReturnUnits", {**envelope, **body})
-    if isinstance(command, StartPayment | RecordPayment | CancelHold):
+    if isinstance(command, StartPayment | RecordPayment | CancelHold | PauseSale | ResumeSale
+                  | AddUnits | CancelSale):  # fmt: skip
         body = {f: getattr(command, f) for f in command.__slots__}  # type: ignore[union-attr]
         return REGISTRY.encode(type(command).__name__, {**envelope, **body})
     raise TypeError(f"no input record for {command!r}")
