@@ -8,9 +8,15 @@ up and follow the greatest sequence; a sale's counters start at its allocation.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
-from projections.rows import BatchRows, counter_rows, utc
+from projections.rows import BatchRows, LifecycleRow, counter_rows, utc
+
+# An order's final facts, in the order they win (migration 0013's ``order_status``).
+_FINAL = (("OrderRefunded", "refunded"), ("OrderPaid", "paid"), ("HoldExpired", "expired"),
+          ("HoldCancelled", "cancelled"))  # fmt: skip
+_PAYING = ("PaymentStarted", "PaymentDeclined")
 
 
 class MemoryOutcomeStore:
@@ -20,6 +26,7 @@ class MemoryOutcomeStore:
         self.sales: dict[tuple[str, str], list[Any]] = {}
         self.outcomes: dict[str, tuple[Any, ...]] = {}
         self.counters: dict[tuple[str, str], list[Any]] = {}
+        self.lifecycle: dict[tuple[str, str, int], LifecycleRow] = {}
 
     def write(self, rows: BatchRows) -> int:
         """Apply one batch; return the outcomes that were new."""
@@ -30,6 +37,8 @@ class MemoryOutcomeStore:
         for sale_id, sku in rows.closures:
             if (sale_id, sku) in self.sales:
                 self.sales[(sale_id, sku)][7] = True
+        for row in rows.lifecycle:
+            self.lifecycle.setdefault((row[0], row[1], row[2]), row)
         inserted = [o for o in rows.outcomes.values() if o[0] not in self.outcomes]
         for outcome in inserted:
             self.outcomes[outcome[0]] = outcome
@@ -51,7 +60,7 @@ class MemoryOutcomeStore:
         return {
             "sales": sorted(tuple(s) for s in self.sales.values()),
             "orders": sorted(  # a view over the accepted outcomes, as in PostgreSQL
-                (o[8], *o[:5], utc(o[11]), o[10])
+                (o[8], *o[:5], utc(o[11]), o[10], *self._status(o))
                 for o in self.outcomes.values()
                 if o[5] == "accepted"
             ),
@@ -59,4 +68,20 @@ class MemoryOutcomeStore:
                 (*o[:11], utc(o[11]), *o[12:]) for o in self.outcomes.values()
             ),
             "sale_counters": sorted((*k, *c) for k, c in self.counters.items()),
+            "lifecycle_events": sorted(self.lifecycle.values()),
         }
+
+    def _status(self, outcome: tuple[Any, ...]) -> tuple[str, Any]:
+        """(status, pay_by) of an accepted outcome's order, as the ``orders`` view says."""
+        sale = self.sales.get((outcome[1], outcome[2]))
+        hold_ms = None if sale is None else sale[9]
+        pay_by = None if hold_ms is None else utc(outcome[11]) + timedelta(milliseconds=hold_ms)
+        facts = sorted((r[2], r[3]) for r in self.lifecycle.values() if r[4] == outcome[8])
+        kinds = {kind for _, kind in facts}
+        for kind, status in _FINAL:
+            if kind in kinds:
+                return status, pay_by
+        paying = [kind for _, kind in facts if kind in _PAYING]
+        if paying:
+            return ("paying" if paying[-1] == "PaymentStarted" else "held"), pay_by
+        return ("confirmed" if hold_ms is None else "held"), pay_by

@@ -3,7 +3,8 @@
 Rows are tuples in the column order of the statements in ``projections.store``; the sales'
 timestamps become timezone-aware UTC datetimes, outcomes keep epoch milliseconds until
 ``outcomes_copy`` writes them as ``COPY`` text. Orders are a view over accepted outcomes
-(migration 0005), so they have no rows of their own here.
+(migration 0005) and their lifecycle facts (migration 0013), so they have no rows of their
+own here.
 """
 
 from __future__ import annotations
@@ -16,9 +17,22 @@ from typing import Any
 
 from processors.records import DECISION_RECORDS
 
-MARKED_FACTS = ("SaleClosed", "UnitsReturned", "SaleSettled", "HoldExpired", "HoldCancelled")
+MARKED_FACTS = ("SaleClosed", "UnitsReturned", "SaleSettled", "HoldExpired", "HoldCancelled",
+                "UnitsAdded", "OrderRefunded", "SaleCancelled", "SalePaused")  # fmt: skip
 """Sale facts that carry a remaining count (closing ones close the SKU too)."""
-_CLOSING = ("SaleClosed", "SaleSettled")
+_CLOSING = ("SaleClosed", "SaleSettled", "SaleCancelled")
+LIFECYCLE_FACTS = frozenset({"PaymentStarted", "PaymentDeclined", "OrderPaid", "PaymentVoided",
+                             "OrderRefused", "HoldExpired", "HoldCancelled", "OrderRefunded",
+                             "Waitlisted", "IntentDeferred", "SalePaused", "SaleResumed",
+                             "UnitsAdded", "SaleCancelled"})  # fmt: skip
+"""Facts of the order lifecycle and the operator's controls: one ``lifecycle_events`` row each."""
+
+LifecycleRow = tuple[
+    str, str, int, str, str | None, str | None, str | None, str | None, int | None, str | None,
+    datetime,
+]  # fmt: skip
+"""sale_id, sku, sequence, kind, order_id, intent_id, attempt_id, user_id, quantity, detail,
+decided_at (the fields a kind has; None for the others)."""
 
 SaleRow = tuple[str, str, int, int, int, datetime, datetime, str, int | None]
 """sale_id, sku, allocation, per_user_limit, per_order_max, starts_at, ends_at, event_id,
@@ -54,6 +68,16 @@ def sale_row(record: dict[str, Any]) -> SaleRow:
         r["event_id"],
         r.get("hold_ms"),
     )
+
+
+def lifecycle_row(name: str, record: dict[str, Any]) -> LifecycleRow:
+    """``lifecycle_events`` row from a lifecycle or operator fact."""
+    r = record
+    attempt = r.get("attempt_id") or (r.get("ref") if name == "OrderRefused" else None)
+    detail = r.get("detail") or r.get("reason") or r.get("ref") or None
+    return (r["sale_id"], r["sku"], r["sequence"], name, r.get("order_id"), r.get("intent_id"),
+            attempt or None, r.get("user_id"), r.get("quantity"), detail,
+            utc(r["decided_at"]))  # fmt: skip
 
 
 def outcome_row(name: str, record: dict[str, Any]) -> OutcomeRow:
@@ -111,7 +135,8 @@ class BatchRows:
     closures: list[ClosureRow] = field(default_factory=list)
     outcomes: dict[str, OutcomeRow] = field(default_factory=dict)
     marks: list[Mark] = field(default_factory=list)
-    counts_only: int = 0  # facts projected only as a remaining count (returns, settlements)
+    lifecycle: list[LifecycleRow] = field(default_factory=list)
+    facts: int = 0  # sale facts other than openings: closures, counts, lifecycle rows
     skipped: int = 0
     _prepared: Prepared | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -129,12 +154,14 @@ class BatchRows:
         if name == "SaleOpened":
             self.sales.append(sale_row(r))
             self.marks.append((r["sale_id"], r["sku"], r["allocation"], r["sequence"]))
-        elif name in MARKED_FACTS:
-            if name in _CLOSING:  # closed, or settled (after its end: closed too)
+        elif name in MARKED_FACTS or name in LIFECYCLE_FACTS:
+            self.facts += 1
+            if name in LIFECYCLE_FACTS:
+                self.lifecycle.append(lifecycle_row(name, r))
+            if name in _CLOSING:  # closed, cancelled, or settled (after its end: closed too)
                 self.closures.append((r["sale_id"], r["sku"]))
-            else:
-                self.counts_only += 1
-            self.marks.append((r["sale_id"], r["sku"], r["remaining"], r["sequence"]))
+            if name in MARKED_FACTS:
+                self.marks.append((r["sale_id"], r["sku"], r["remaining"], r["sequence"]))
         else:  # SaleRefused: nothing changed
             self.skipped += 1
             return False
@@ -149,7 +176,7 @@ class BatchRows:
 
     def __len__(self) -> int:
         """Records that carry projected state (a redelivered decision counted once)."""
-        return len(self.sales) + len(self.closures) + len(self.outcomes) + self.counts_only
+        return len(self.sales) + len(self.outcomes) + self.facts
 
 
 CounterRow = tuple[str, str, int, int, int, dict[str, int], int, int]

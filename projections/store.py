@@ -31,16 +31,30 @@ from psycopg import errors
 
 from projections.rows import BatchRows, OutcomeRow, counter_rows
 
-PROJECTION_TABLES = ("sales", "intent_outcomes", "sale_counters")
+PROJECTION_TABLES = ("sales", "intent_outcomes", "sale_counters", "lifecycle_events")
 """The tables the projection writes (and ``reset`` empties)."""
-READ_MODELS = ("sales", "orders", "intent_outcomes", "sale_counters")
-"""What a replay compares: the tables and the ``orders`` view over accepted outcomes."""
+READ_MODELS = ("sales", "orders", "intent_outcomes", "sale_counters", "lifecycle_events")
+"""What a replay compares: the tables and the ``orders`` view (accepted outcomes with their
+lifecycle status)."""
 
 _OUTCOME_COLUMNS = (
     "intent_id, sale_id, sku, user_id, quantity, outcome, reason, detail, order_id, remaining,"
     " sequence, decided_at, draw_rank, draw_size"
 )
-_ORDER_COLUMNS = "order_id, intent_id, sale_id, sku, user_id, quantity, decided_at, sequence"
+_ORDER_COLUMNS = (
+    "order_id, intent_id, sale_id, sku, user_id, quantity, decided_at, sequence, status, pay_by"
+)
+_LIFECYCLE_COLUMNS = (
+    "sale_id, sku, sequence, kind, order_id, intent_id, attempt_id, user_id, quantity, detail,"
+    " decided_at"
+)
+# Each fact once: a repeated one (a replay over rows kept, a second projection) adds nothing.
+_LIFECYCLE_SQL = f"""
+INSERT INTO lifecycle_events ({_LIFECYCLE_COLUMNS})
+SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[],
+                     %s::text[], %s::text[], %s::int[], %s::text[], %s::timestamptz[])
+ON CONFLICT DO NOTHING
+"""
 
 # Epoch milliseconds <-> timestamptz, exactly (no float on the way).
 _MILLIS = "(timestamptz 'epoch' + {} * interval '1 millisecond')"
@@ -105,6 +119,8 @@ def write(conn: psycopg.Connection, rows: BatchRows) -> int:
             cur.executemany(_SALE_COUNTERS_SQL, [(s[0], s[1], s[2]) for s in rows.sales])
         if rows.closures:
             cur.executemany(_CLOSE_SQL, rows.closures)
+        if rows.lifecycle:
+            cur.execute(_LIFECYCLE_SQL, [list(c) for c in zip(*rows.lifecycle, strict=True)])
         counters = rows.prepared().counters
         inserted: Sequence[OutcomeRow] = ()
         if rows.outcomes:
@@ -143,6 +159,7 @@ _DUMPS = {
     "intent_outcomes": f"SELECT {_OUTCOME_COLUMNS} FROM intent_outcomes",
     "sale_counters": "SELECT sale_id, sku, accepted_intents, accepted_units, rejected_intents,"
     " rejected_by_reason, remaining, last_sequence FROM sale_counters",
+    "lifecycle_events": f"SELECT {_LIFECYCLE_COLUMNS} FROM lifecycle_events",
 }
 
 

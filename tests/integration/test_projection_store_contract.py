@@ -88,7 +88,7 @@ def test_a_batch_projects_outcomes_orders_and_counters_from_the_allocation(adapt
     )
     got = adapter.dump()
     assert got["sales"] == [("s", "A", 5, 2, 2, at(T), at(T + 60_000), False, "open-A", None)]
-    assert got["orders"] == [("ord-i1", "i1", "s", "A", "u1", 2, at(T + 2), 2)]
+    assert got["orders"] == [("ord-i1", "i1", "s", "A", "u1", 2, at(T + 2), 2, "confirmed", None)]
     assert got["intent_outcomes"] == [
         ("i1", "s", "A", "u1", 2, "accepted", None, "", "ord-i1", 3, 2, at(T + 2), None, None),
         ("i2", "s", "A", "u1", 1, "rejected", "USER_LIMIT", "user_limit", None, 3, 3, at(T + 3),
@@ -163,3 +163,41 @@ def test_rejections_before_the_opening_in_the_same_batch_leave_its_allocation(ad
         )
     )
     assert adapter.dump()["sale_counters"] == [("s", "A", 0, 0, 1, {"UNKNOWN_SALE": 1}, 5, 2)]
+
+
+def fact(name: str, seq: int, **fields: Any) -> tuple[str, dict]:
+    return name, {"sale_id": "s", "sku": "A", "sequence": seq, "decided_at": T + seq, **fields}
+
+
+def test_order_status_follows_its_lifecycle_facts_once_each(adapter: Adapter):
+    held = {**opened("s", "A", 5), "hold_ms": 60_000}
+    adapter.write(batch(("SaleOpened", held), decision("i1", 2, 4), decision("i2", 3, 3),
+                        decision("i3", 4, 2)))  # fmt: skip
+    paying = [
+        fact("PaymentStarted", 5, order_id="ord-i1", attempt_id="a1", user_id="u1", pay_by=0),
+        fact("OrderPaid", 6, order_id="ord-i1", attempt_id="a1", user_id="u1", quantity=1),
+        fact("PaymentStarted", 7, order_id="ord-i2", attempt_id="a2", user_id="u1", pay_by=0),
+        fact("PaymentDeclined", 8, order_id="ord-i2", attempt_id="a2"),
+        fact("HoldExpired", 9, order_id="ord-i3", user_id="u1", quantity=1, remaining=3),
+        fact("PaymentStarted", 10, order_id="ord-i2", attempt_id="a3", user_id="u1", pay_by=0),
+    ]
+    adapter.write(batch(*paying[:4]))
+    adapter.write(batch(*paying[2:]))  # two facts again: each is kept once
+    status = {o[0]: (o[8], o[9]) for o in adapter.dump()["orders"]}
+    assert status == {"ord-i1": ("paid", at(T + 2 + 60_000)),
+                      "ord-i2": ("paying", at(T + 3 + 60_000)),
+                      "ord-i3": ("expired", at(T + 4 + 60_000))}  # fmt: skip
+    adapter.write(batch(
+        fact("SaleCancelled", 11, reason="mispriced", remaining=3),
+        fact("HoldCancelled", 12, order_id="ord-i2", user_id="u1", quantity=1, remaining=4),
+        fact("OrderRefunded", 13, order_id="ord-i1", attempt_id="a1", user_id="u1", quantity=1,
+             remaining=5),
+        fact("PaymentDeclined", 14, order_id="ord-i2", attempt_id="a3"),  # after the release
+    ))  # fmt: skip
+    got = adapter.dump()
+    assert {o[0]: o[8] for o in got["orders"]} == {
+        "ord-i1": "refunded", "ord-i2": "cancelled", "ord-i3": "expired"}  # fmt: skip
+    assert len(got["lifecycle_events"]) == 10
+    assert got["lifecycle_events"][6][3:] == ("SaleCancelled", None, None, None, None, None,
+                                              "mispriced", at(T + 11))  # fmt: skip
+    assert got["sale_counters"][0][6:] == (5, 13) and got["sales"][0][7] is True
