@@ -1,4 +1,4 @@
-"""`flashsale sale open|close` and `flashsale intent post`."""
+"""`flashsale sale open|close|settle|pause|resume|add-units|cancel` and `flashsale intent post`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import os
 import sys
 import time
+import uuid
 
 from flashsale.settings import Settings
 from producers.commands import CommandProducer, SkuAllocation
@@ -61,6 +62,21 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     st = cmds.add_parser("settle", help="settle a closed sale: its writer forgets per-intent state")
     st.add_argument("--sale", required=True)
     st.add_argument("--sku", required=True, action="append")
+    for name, helped in (
+        ("pause", "pause a sale: intents arriving meanwhile wait, none lost"),
+        ("resume", "resume a paused sale: what waited is decided in order"),
+        ("cancel", "cancel a sale: holds released, paid orders refunded"),
+    ):
+        c = cmds.add_parser(name, help=helped)
+        c.add_argument("--sale", required=True)
+        c.add_argument("--sku", required=True, action="append")
+        if name == "cancel":
+            c.add_argument("--reason", default="cancelled by admin")
+    add = cmds.add_parser("add-units", help="add units to a SKU's allocation")
+    add.add_argument("--sale", required=True)
+    add.add_argument("--sku", required=True, action="append")
+    add.add_argument("--quantity", required=True, type=_positive)
+    add.add_argument("--ref", help="idempotency reference (the same ref again adds nothing)")
     sale.set_defaults(run=run_sale)
 
     intent = sub.add_parser("intent", help="post purchase intents")
@@ -72,6 +88,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     post.add_argument("--quantity", type=int, default=1)
     post.add_argument("--key", help="idempotency key (a retry with the same key is one intent)")
     intent.set_defaults(run=run_intent)
+
+
+_OPERATOR = {"pause": "PauseSale", "resume": "ResumeSale", "add-units": "AddUnits",
+             "cancel": "CancelSale"}  # fmt: skip
 
 
 def _producer(settings: Settings, name: str) -> CommandProducer:
@@ -109,6 +129,17 @@ def run_sale(args: argparse.Namespace, settings: Settings) -> int:
     elif args.sale_cmd == "close":
         producer.close_sale(args.sale, args.sku)
         print(f"closed sale {args.sale} for {', '.join(args.sku)}")
+    elif args.sale_cmd in _OPERATOR:
+        name = _OPERATOR[args.sale_cmd]
+        fields: dict[str, object] = {}
+        if name == "CancelSale":
+            fields["reason"] = args.reason
+        elif name == "AddUnits":
+            fields = {"quantity": args.quantity, "ref": args.ref or f"add-{uuid.uuid4().hex}"}
+        producer.sale_command(name, args.sale, args.sku, **fields)
+        ref = f" (ref {fields['ref']})" if "ref" in fields else ""
+        print(f"{name} written for sale {args.sale}, {', '.join(args.sku)}{ref}: its writer "
+              "decides it (flashsale audit sale shows the facts)")  # fmt: skip
     else:
         producer.settle_sale(args.sale, args.sku)
         print(f"settled sale {args.sale} for {', '.join(args.sku)}")

@@ -353,6 +353,12 @@ class CommandProducer:
         ]
         self.wait(futures)
 
+    def sale_command(self, name: str, sale_id: str, skus: Iterable[str], **fields: Any) -> None:
+        """Publish one operator command (PauseSale, ResumeSale, AddUnits, CancelSale) per SKU
+        and wait for all acks."""
+        record = {**self._envelope(None), "sale_id": sale_id, **fields}
+        self.wait([self._ack_future(sku, name, {**record, "sku": sku}) for sku in skus])
+
     def order_command(self, name: str, sale_id: str, sku: str, **fields: Any) -> None:
         """Publish an order command (StartPayment, RecordPayment, CancelHold) to the SKU's
         writer and wait for its ack."""

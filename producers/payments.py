@@ -6,7 +6,8 @@ It reads the decisions topic in its own consumer group (read_committed) and, per
   not answer) and writes the result to the command topic as ``RecordPayment``, for the
   SKU's writer to decide (paid, voided for a refund, or declined);
 - ``PaymentVoided``: refunds the attempt (the writer refused a charge: late, or for a hold
-  that is gone).
+  that is gone);
+- ``OrderRefunded``: refunds the attempt that paid an order of a cancelled sale.
 
 Offsets are committed only after a batch's charges are recorded (Kafka acknowledged) and
 its refunds done, so a crash redoes the batch: the provider answers a repeated charge or
@@ -58,11 +59,12 @@ class PaymentService:
             self.recorded += 1
             log.info("payments.recorded", attempt_id=record["attempt_id"],
                      order_id=record["order_id"], charged=charged)  # fmt: skip
-        elif name == "PaymentVoided":
+        elif name == "PaymentVoided" or name == "OrderRefunded":
             if self.provider.refund(record["attempt_id"]):
                 self.refunded += 1
+            why = record["detail"] if name == "PaymentVoided" else "the sale was cancelled"
             log.info("payments.refunded", attempt_id=record["attempt_id"],
-                     order_id=record["order_id"], detail=record["detail"])  # fmt: skip
+                     order_id=record["order_id"], detail=why)  # fmt: skip
 
     def _charge(self, record: dict[str, Any], stopping: threading.Event) -> bool | None:
         while not stopping.is_set():

@@ -1,8 +1,10 @@
-"""Admin API: open and close sales (OpenSale/CloseSale commands, acknowledged by Kafka)."""
+"""Admin API: open, close, pause, resume, add units to and cancel sales (one command per SKU
+for its writer to decide, acknowledged by Kafka)."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
@@ -15,10 +17,14 @@ from producers.http.context import Admin, Ctx
 from producers.http.errors import ApiError, refusal, unavailable
 from producers.http.models import (
     IDENT,
+    AddUnitsRequest,
+    CancelSaleRequest,
     CloseSaleRequest,
     OpenSaleRequest,
     SaleClosedReply,
+    SaleCommandReply,
     SaleOpenedReply,
+    SaleSkusRequest,
     SkuSpec,
     error_responses,
 )
@@ -128,20 +134,85 @@ async def close_sale(
 ) -> SaleClosedReply:
     """Publish one CloseSale per SKU."""
     request = body or CloseSaleRequest()
-    known = await ctx.store.sale(sale_id, fresh=True)
-    if not known:
-        raise ApiError(404, "unknown_sale", f"sale {sale_id!r} does not exist")
-    skus = request.skus or sorted(known)
-    unknown = [s for s in skus if s not in known]
-    if unknown:
-        raise ApiError(404, "unknown_sku", f"sale {sale_id!r} has no SKU {unknown[0]!r}")
+    skus = await _skus(ctx, sale_id, request.skus)
     await _acknowledged(ctx.producer.close_sale, sale_id, skus, request.reason)
     return SaleClosedReply(sale_id=sale_id, skus=skus)
 
 
-async def _acknowledged(write: Callable[..., Any], *args: Any) -> None:
+async def _skus(ctx: Any, sale_id: str, asked: list[str] | None) -> list[str]:
+    """The SKUs a command goes to (default: every SKU of the sale); 404 for unknown ones."""
+    known = await ctx.store.sale(sale_id, fresh=True)
+    if not known:
+        raise ApiError(404, "unknown_sale", f"sale {sale_id!r} does not exist")
+    skus = asked or sorted(known)
+    unknown = [s for s in skus if s not in known]
+    if unknown:
+        raise ApiError(404, "unknown_sku", f"sale {sale_id!r} has no SKU {unknown[0]!r}")
+    return skus
+
+
+def _operator(path: str, summary: str) -> Callable[[Any], Any]:
+    """The route of an operator's command: 202 once Kafka acknowledged it."""
+    return router.post(path, status_code=202, response_model=SaleCommandReply,
+                       responses=error_responses(400, 401, 403, 404, 413, 422, 503),
+                       summary=summary)  # fmt: skip
+
+
+@_operator(
+    "/sales/{sale_id}/pause", "Pause a sale: intents arriving meanwhile wait, in order, none lost"
+)
+async def pause_sale(
+    sale_id: SaleId, _: Admin, ctx: Ctx, body: Annotated[SaleSkusRequest | None, Body()] = None
+) -> SaleCommandReply:
+    """One PauseSale per SKU. The writer refuses it (SaleRefused in the log) for a sale that
+    is over or whose pre-queue is not drawn yet; pausing again changes nothing."""
+    skus = await _skus(ctx, sale_id, (body or SaleSkusRequest()).skus)
+    await _acknowledged(ctx.producer.sale_command, "PauseSale", sale_id, skus)
+    return SaleCommandReply(sale_id=sale_id, command="PauseSale", skus=skus)
+
+
+@_operator(
+    "/sales/{sale_id}/resume", "Resume a paused sale: what waited is decided in arrival order"
+)
+async def resume_sale(
+    sale_id: SaleId, _: Admin, ctx: Ctx, body: Annotated[SaleSkusRequest | None, Body()] = None
+) -> SaleCommandReply:
+    """One ResumeSale per SKU (nothing for a SKU that is not paused)."""
+    skus = await _skus(ctx, sale_id, (body or SaleSkusRequest()).skus)
+    await _acknowledged(ctx.producer.sale_command, "ResumeSale", sale_id, skus)
+    return SaleCommandReply(sale_id=sale_id, command="ResumeSale", skus=skus)
+
+
+@_operator(
+    "/sales/{sale_id}/units", "Add units to a SKU's allocation (the waitlist is served first)"
+)
+async def add_units(sale_id: SaleId, body: AddUnitsRequest, _: Admin, ctx: Ctx) -> SaleCommandReply:
+    """One AddUnits, idempotent per `ref` (refused in the log for a sale that is over)."""
+    skus = await _skus(ctx, sale_id, [body.sku])
+    ref = body.ref or f"add-{uuid.uuid4().hex}"
+    await _acknowledged(ctx.producer.sale_command, "AddUnits", sale_id, skus,
+                        quantity=body.quantity, ref=ref)  # fmt: skip
+    return SaleCommandReply(sale_id=sale_id, command="AddUnits", skus=skus, ref=ref)
+
+
+@_operator(
+    "/sales/{sale_id}/cancel", "Cancel a sale for good: holds released, paid orders refunded"
+)
+async def cancel_sale(
+    sale_id: SaleId, _: Admin, ctx: Ctx, body: Annotated[CancelSaleRequest | None, Body()] = None
+) -> SaleCommandReply:
+    """One CancelSale per SKU: the sale closes, every hold is released, every paid order is
+    refunded (the payment service does it), everyone waiting hears at once."""
+    request = body or CancelSaleRequest()
+    skus = await _skus(ctx, sale_id, request.skus)
+    await _acknowledged(ctx.producer.sale_command, "CancelSale", sale_id, skus,
+                        reason=request.reason)  # fmt: skip
+    return SaleCommandReply(sale_id=sale_id, command="CancelSale", skus=skus)
+
+
+async def _acknowledged(write: Callable[..., Any], *args: Any, **fields: Any) -> None:
     """Run a blocking produce-and-wait in a thread; 503 when Kafka did not acknowledge."""
     try:
-        await asyncio.to_thread(write, *args)
+        await asyncio.to_thread(write, *args, **fields)
     except (NotAcknowledged, KafkaException):
         raise unavailable("Kafka did not acknowledge in time; the outcome is unknown") from None

@@ -20,7 +20,6 @@ from producers.http.context import (
 )
 from producers.http.errors import ApiError, not_acknowledged, refusal
 from producers.http.intake import Unacknowledged
-from producers.http.livefeed import status_of_fact
 from producers.http.models import (
     IDEMPOTENCY_KEY,
     IDENT,
@@ -28,10 +27,12 @@ from producers.http.models import (
     IntentQueued,
     IntentRequest,
     IntentStatus,
+    OrderStatus,
     SaleState,
     error_responses,
 )
 from producers.http.rules import Refused
+from producers.http.statuses import ORDER_FACTS, order_status_of_fact, status_of_fact
 from producers.http.views import cached_json, respond
 
 router = APIRouter(prefix="/v1")
@@ -204,6 +205,10 @@ async def _stream(
             if item is None:
                 return  # the client stalled: it resumes from its last event's id
             position, fact = item
+            if fact.name in ORDER_FACTS:  # one of the user's orders moved
+                order = OrderStatus.model_validate(order_status_of_fact(fact.name, fact.record))
+                yield f"id: {position}\nevent: order\ndata: {order.model_dump_json()}\n\n".encode()
+                continue
             # The same model as GET /v1/intents/{id}: one format (decided_at ends in Z).
             data = IntentStatus.model_validate(status_of_fact(fact)).model_dump_json()
             yield f"id: {position}\nevent: intent\ndata: {data}\n\n".encode()

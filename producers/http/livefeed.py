@@ -31,8 +31,8 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from processors.records import PROGRESS
+from producers.http.statuses import ORDER_FACTS
 from producers.http.waiting import WAITING, WaitingRoom
-from projections.rows import utc
 from schemas.codec import SchemaRegistry, UndecodableRecord
 
 log = structlog.get_logger(__name__)
@@ -40,8 +40,8 @@ log = structlog.get_logger(__name__)
 DECISIONS = frozenset({"IntentAccepted", "IntentRejected"})
 # What a shopper is told about their own intent: its decision, or that it is queued in a
 # pre-queue (its place and the pre-queue's size), pushed and answered like a decision.
-PER_INTENT = DECISIONS | {"EntryQueued", "Waitlisted"}
-NOT_FINAL = frozenset({"EntryQueued", "Waitlisted"})  # its decision comes later
+PER_INTENT = DECISIONS | {"EntryQueued", "Waitlisted", "IntentDeferred"}
+NOT_FINAL = frozenset({"EntryQueued", "Waitlisted", "IntentDeferred"})  # decided later
 Accept = Callable[["Fact"], bool]
 QUEUE_MAX = 1000
 STALE_S = 5.0  # a reader thread silent this long is not trusted to say "undecided"
@@ -62,9 +62,8 @@ RawFact = tuple[int, int, str, dict[str, Any]]
 # and strings are not tracked by the cyclic GC (a tuple holding a dict, or an object, is):
 # a window of 120,000 tracked facts made every full collection walk them all, tens of ms
 # with the loop stopped.
-# Decisions and EntryQueued also keep their user id and intent id (None for other facts), so a
-# resume or an
-# eviction reads them without rebuilding the record.
+# An intent's facts keep their user id and intent id, an order's facts their owner (None
+# for other facts), so a resume or an eviction reads them without rebuilding the record.
 Kept = tuple[int, int, str, tuple[tuple[str, Any], ...], str | None, str | None]
 
 
@@ -272,8 +271,8 @@ class DecisionFeed:
             if old[5] is not None and self._decided.get(old[5]) is old:
                 del self._decided[old[5]]  # (not its decision, kept after its queueing)
         own = name in PER_INTENT
-        kept: Kept = (p, offset, name, tuple(record.items()),
-                      record["user_id"] if own else None,
+        owner = record["user_id"] if own else self._owner(name, record)
+        kept: Kept = (p, offset, name, tuple(record.items()), owner,
                       record["intent_id"] if own else None)  # fmt: skip
         facts.append(kept)
         self._next[p] = offset + 1
@@ -290,6 +289,10 @@ class DecisionFeed:
             if streams:
                 self._push(streams, Fact(*raw))
         elif "sku" in record and "sale_id" in record:
+            if owner is not None:  # an order's transition: its owner hears it
+                streams = self._users.get(owner)
+                if streams:
+                    self._push(streams, Fact(*raw))
             if name == PROGRESS:
                 for user_id, status in self.waiting.progress(record):
                     streams = self._users.get(user_id)
@@ -300,6 +303,17 @@ class DecisionFeed:
             waiting = self._waiters.get(key)
             if waiting:
                 self._resolve(key, waiting, Fact(*raw))
+
+    def _owner(self, name: str, record: dict[str, Any]) -> str | None:
+        """The user an order's fact belongs to: named in it, or the owner of the accepted
+        intent behind its order (``ord-<intent id>``) while that is in the window."""
+        if name not in ORDER_FACTS:
+            return None
+        user: str | None = record.get("user_id")
+        if user is None:
+            kept = self._decided.get(record["order_id"].removeprefix("ord-"))
+            user = None if kept is None else kept[4]
+        return user
 
     def _resolve(
         self, key: tuple[str, str], waiting: list[tuple[Accept, asyncio.Future[Fact]]], fact: Fact
@@ -380,8 +394,8 @@ class DecisionFeed:
                 for p, facts in enumerate(self._facts)
                 for kept in facts
                 if kept[1] >= resume[p]
-                and kept[2] in PER_INTENT
-                and (fact := _fact(kept)).record["user_id"] == user_id
+                and kept[4] == user_id  # an intent's fact, or an order's of theirs
+                and (fact := _fact(kept))
             )
             for p, fact in missed:
                 if stream.queue.qsize() >= QUEUE_MAX - 1:
@@ -468,32 +482,3 @@ def _end(stream: UserStream) -> None:
     """End a stream after what is queued: every queued event was really sent when the client
     reads the end, so its last event id is exact (nothing queued is dropped)."""
     stream.queue.put_nowait(None)
-
-
-def status_of_fact(fact: Fact) -> dict[str, Any]:
-    """The public status of an intent from its fact, as ``GET /v1/intents/{id}`` answers it:
-    decided (with its rank k of n when it was drawn), or queued in a pre-queue (its place
-    among the queued intents and the pre-queue's size when it was queued)."""
-    r = fact.record
-    if fact.name == WAITING:  # pushed while it waits for the writer (producers.http.waiting)
-        return dict(r)
-    common = {"intent_id": r["intent_id"], "sale_id": r["sale_id"], "sku": r["sku"],
-              "quantity": r["quantity"]}  # fmt: skip
-    if fact.name == "Waitlisted":  # waits for a held unit to come back
-        return {**common, "status": "waitlisted", "position": r["position"]}
-    if fact.name == "EntryQueued":
-        return {**common, "status": "queued", "position": r["queued"],
-                "entrants": r["entrants"], "queue_kind": r["kind"].lower()}  # fmt: skip
-    accepted = fact.name == "IntentAccepted"
-    drawn = bool(r.get("draw_rank"))
-    return {
-        **common,
-        "status": "accepted" if accepted else "rejected",
-        "position": None,
-        "order_id": r["order_id"] if accepted else None,
-        "reason": None if accepted else r["reason"],
-        "detail": None if accepted else (r.get("detail") or None),
-        "decided_at": utc(r["decided_at"]),
-        "draw_rank": r["draw_rank"] if drawn else None,
-        "draw_size": r["draw_size"] if drawn else None,
-    }

@@ -44,11 +44,12 @@ class IntentStatus(Strict):
     sale_id: str
     sku: str
     quantity: int
-    status: Literal["queued", "waitlisted", "accepted", "rejected"]
+    status: Literal["queued", "waitlisted", "paused", "accepted", "rejected"]
     position: int | None = Field(
         default=None,
         description="While queued in a pre-queue: its place among the queued; while "
-        "waitlisted (a sale with holds): its place in line when it joined.",
+        "waitlisted (a sale with holds): its place in line when it joined; while paused (the "
+        "operator paused the sale): its place among the intents waiting for the resume.",
     )
     order_id: str | None = None
     reason: str | None = None
@@ -88,8 +89,8 @@ class SkuState(Strict):
     """One SKU of a sale as the projections see it (remaining may lag the log)."""
 
     sku: str
-    state: Literal["open", "not_open", "ended", "sold_out"]
-    allocation: int
+    state: Literal["open", "not_open", "paused", "ended", "sold_out"]
+    allocation: int = Field(description="With the units the operator added since it opened.")
     remaining: int
     per_user_limit: int
     per_order_max: int
@@ -181,6 +182,22 @@ class SaleOpenedReply(Strict):
     waitlist_depth: int = 0
 
 
+class OrderStatus(Strict):
+    """An order's transition, on the owner's stream (``event: order``)."""
+
+    order_id: str
+    sale_id: str
+    sku: str
+    status: Literal["paying", "declined", "paid", "payment_voided", "refused", "expired",
+                    "cancelled", "refunded"]  # fmt: skip
+    attempt_id: str | None = Field(default=None, description="The payment attempt it concerns.")
+    pay_by: datetime | None = Field(default=None, description="While paying: the deadline.")
+    detail: str | None = Field(
+        default=None, description="Why: a refused request's reason, a voided payment's."
+    )
+    at: datetime = Field(description="The log time of the command that caused it.")
+
+
 class OrderCommandAccepted(Strict):
     """202 to paying or cancelling an order: the command is in the log; its writer decides."""
 
@@ -201,6 +218,40 @@ class SaleClosedReply(Strict):
 
     sale_id: str
     skus: list[str]
+
+
+class SaleSkusRequest(Strict):
+    """POST /v1/admin/sales/{sale_id}/pause or /resume (every field optional)."""
+
+    skus: Annotated[list[Identifier], Field(min_length=1, max_length=100)] | None = None
+
+
+class CancelSaleRequest(SaleSkusRequest):
+    """POST /v1/admin/sales/{sale_id}/cancel."""
+
+    reason: Annotated[str, Field(min_length=1, max_length=200)] = "cancelled by admin"
+
+
+class AddUnitsRequest(Strict):
+    """POST /v1/admin/sales/{sale_id}/units."""
+
+    sku: Identifier
+    quantity: Annotated[int, Field(ge=1, le=1_000_000)]
+    ref: Identifier | None = Field(
+        default=None,
+        description="Idempotency reference: the same ref again adds nothing (send one to "
+        "retry safely; without it each request adds).",
+    )
+
+
+class SaleCommandReply(Strict):
+    """Answer to an operator's command: written to each SKU's writer (Kafka acknowledged);
+    its fact follows in the log (GET /v1/sales/{sale_id})."""
+
+    sale_id: str
+    command: str
+    skus: list[str]
+    ref: str | None = None
 
 
 class ErrorDetail(BaseModel):

@@ -37,6 +37,8 @@ class SkuTerms:
     closed: bool
     remaining: int
     holds: bool = False  # orders are held for payment: a held unit may come back
+    paused: bool = False  # by the operator: intents wait for the resume
+    added: int = 0  # units the operator added to the allocation
 
 
 def hopeless(sale_state: SkuTerms) -> bool:
@@ -47,9 +49,11 @@ def hopeless(sale_state: SkuTerms) -> bool:
 
 
 def state_of(terms: SkuTerms, now: datetime) -> str:
-    """Public state of a SKU: open, not_open, ended or sold_out."""
+    """Public state of a SKU: open, not_open, paused, ended or sold_out."""
     if terms.closed or now >= terms.ends_at:
         return "ended"
+    if terms.paused:
+        return "paused"
     if hopeless(terms):
         return "sold_out"
     if now < terms.starts_at:

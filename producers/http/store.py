@@ -15,8 +15,10 @@ from producers.http.rules import SkuTerms
 _SALE_SQL = """
 SELECT s.sale_id, s.sku, s.allocation, s.per_user_limit, s.per_order_max, s.starts_at,
        s.ends_at, s.closed, coalesce(c.remaining, s.allocation) AS remaining,
-       s.hold_ms IS NOT NULL AS holds
+       s.hold_ms IS NOT NULL AS holds, coalesce(l.paused, false) AS paused,
+       coalesce(l.added_units, 0) AS added
 FROM sales s LEFT JOIN sale_counters c USING (sale_id, sku)
+LEFT JOIN lifecycle_counters l USING (sale_id, sku)
 WHERE s.sale_id = %s
 """
 

@@ -15,9 +15,10 @@ from pydantic import BaseModel
 
 from producers.http.errors import ApiError
 from producers.http.intake import Receipt, Receipts
-from producers.http.livefeed import NOT_FINAL, status_of_fact
+from producers.http.livefeed import NOT_FINAL
 from producers.http.models import IntentStatus, SaleState
 from producers.http.rules import state_of
+from producers.http.statuses import status_of_fact
 from producers.http.store import EdgeStore, status_of
 
 
@@ -183,7 +184,7 @@ class SaleViews:
                 {  # type: ignore[misc]
                     "sku": t.sku,
                     "state": state_of(t, at),
-                    "allocation": t.allocation,
+                    "allocation": t.allocation + t.added,
                     "remaining": max(0, t.remaining),
                     "per_user_limit": t.per_user_limit,
                     "per_order_max": t.per_order_max,

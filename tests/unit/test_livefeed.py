@@ -12,8 +12,9 @@ import pytest
 from producers.commands import Appended
 from producers.http.errors import ApiError
 from producers.http.intake import Receipts
-from producers.http.livefeed import DecisionFeed, Fact, parse_position, status_of_fact
+from producers.http.livefeed import DecisionFeed, Fact, parse_position
 from producers.http.models import IntentStatus
+from producers.http.statuses import status_of_fact
 from producers.http.store import status_of
 from producers.http.views import IntentViews, Rendered
 from projections.rows import utc
@@ -379,5 +380,52 @@ def test_a_waitlisted_intent_is_pushed_and_answered_as_waitlisted_until_a_unit_c
         a.apply([decision(0, 1, "u", "w")])  # a held unit came back to it
         assert [fact.name for _, fact in drain_facts(stream)] == ["Waitlisted", "IntentAccepted"]
         assert json.loads((await views.get("u", "w", None)).body)["status"] == "accepted"
+
+    asyncio.run(scenario())
+
+
+def test_an_orders_transitions_reach_its_owner_live_and_on_resume():
+    from producers.http.models import OrderStatus
+    from producers.http.statuses import order_status_of_fact
+
+    base = {"sale_id": "s", "sku": "k0", "decided_at": 1_800_000_000_500}
+    held = Fact(0, 0, "IntentAccepted", {**decision(0, 0, "u", "a").record, "order_id": "ord-a"})
+    paused = Fact(0, 1, "IntentDeferred", {**base, "intent_id": "p", "user_id": "u",
+                                           "quantity": 1, "position": 3,
+                                           "sequence": 2})  # fmt: skip
+    started = Fact(0, 2, "PaymentStarted", {**base, "order_id": "ord-a", "attempt_id": "t1",
+                                            "user_id": "u", "pay_by": 1_800_000_060_000,
+                                            "sequence": 3})  # fmt: skip
+    # No user id in these two: the owner is the one of the accepted intent behind the order.
+    declined = Fact(0, 3, "PaymentDeclined", {**base, "order_id": "ord-a", "attempt_id": "t1",
+                                              "sequence": 4})  # fmt: skip
+    refused = Fact(0, 4, "OrderRefused", {**base, "order_id": "ord-a", "command": "CancelHold",
+                                          "ref": "", "detail": "payment t2 is in progress",
+                                          "sequence": 5})  # fmt: skip
+    # An order whose accepted intent is not in the window: no owner to tell.
+    other = Fact(0, 5, "PaymentDeclined", {**base, "order_id": "ord-zz", "attempt_id": "t9",
+                                           "sequence": 6})  # fmt: skip
+    log = [held, paused, started, declined, refused, other]
+
+    async def scenario() -> None:
+        a = feed()
+        stream, _ = a.subscribe("u", None)
+        a.apply(log)
+        got = [stream.queue.get_nowait() for _ in range(stream.queue.qsize())]
+        assert [fact.name for _, fact in got] == ["IntentAccepted", "IntentDeferred",
+                                                  "PaymentStarted", "PaymentDeclined",
+                                                  "OrderRefused"]  # fmt: skip
+        assert IntentStatus.model_validate(status_of_fact(paused)).status == "paused"
+        statuses = [OrderStatus.model_validate(order_status_of_fact(f.name, f.record))
+                    for _, f in got[2:]]  # fmt: skip
+        assert [s.status for s in statuses] == ["paying", "declined", "refused"]
+        assert statuses[2].detail == "CancelHold: payment t2 is in progress"
+        # Resumed on another server after the payment started: the rest, nothing twice.
+        b = feed()
+        b.apply(log)
+        again, gap = b.subscribe("u", got[2][0])
+        assert not gap
+        rest = [fact.name for _, fact in (again.queue.get_nowait() for _ in range(2))]
+        assert rest == ["PaymentDeclined", "OrderRefused"] and again.queue.empty()
 
     asyncio.run(scenario())
