@@ -10,7 +10,7 @@ import pytest
 
 from flashsale.fairness import counted, follow_sale
 from infra.services import Service
-from tests.e2e.harness import EdgeUnderTest, wait_for
+from tests.e2e.harness import EdgeUnderTest, next_event, sse_events, wait_for
 from tests.integration.pipeline import Pipeline
 
 pytestmark = pytest.mark.slow
@@ -73,3 +73,71 @@ def test_the_owner_pays_one_order_and_cancels_another_and_nobody_else_may(
     assert [r["order_id"] for n, r in facts if n == "OrderPaid"] == [paid_order]
     cancelled = [r for n, r in facts if n == "HoldCancelled"]
     assert [(r["order_id"], r["remaining"]) for r in cancelled] == [(cancelled_order, 4)]
+
+
+def test_the_operator_pauses_adds_units_and_cancels_and_the_owner_hears_every_order_step(
+    edge: EdgeUnderTest, payments: Service, uid: str
+) -> None:
+    sale = f"ops-{uid}"
+    admin = edge.auth("adm", "admin")
+    buyer, late = edge.auth(f"buyer-{uid}"), edge.auth(f"late-{uid}")
+    with httpx.Client(timeout=15) as client:
+        body = {"sale_id": sale, "skus": [{"sku": "p1", "allocation": 1, "per_user_limit": 1,
+                "per_order_max": 1}], "starts_in_s": -1, "duration_s": 600,
+                "hold_s": 60}  # fmt: skip
+        assert (
+            client.post(f"{edge.url}/v1/admin/sales", json=body, headers=admin).status_code == 201
+        )
+
+        def post(me: dict[str, str]) -> str:
+            resp = client.post(f"{edge.url}/v1/sales/{sale}/intents",
+                               json={"sku": "p1", "quantity": 1}, headers=me)  # fmt: skip
+            assert resp.status_code == 202, resp.text
+            return str(resp.json()["status_url"])
+
+        def status(url: str, me: dict[str, str], want: str) -> dict | None:
+            got = client.get(edge.url + url, headers=me).json()
+            return got if got["status"] == want else None
+
+        def admin_post(what: str, json: dict | None = None) -> httpx.Response:
+            return client.post(f"{edge.url}/v1/admin/sales/{sale}/{what}", json=json,
+                               headers=admin)  # fmt: skip
+
+        with sse_events(edge.url + "/v1/me/events", buyer) as events:
+            first = post(buyer)
+            won = wait_for(lambda: status(first, buyer, "accepted"), 30)
+            assert won, "the first intent was not accepted"
+            pay = client.post(f"{edge.url}/v1/orders/{won['order_id']}/pay", headers=buyer)
+            assert pay.status_code == 202, pay.text
+            steps = []
+            while len(steps) < 3 and (event := next_event(events, 30)) is not None:
+                steps.append((event["event"], event["status"]))
+            assert steps == [("intent", "accepted"), ("order", "paying"), ("order", "paid")]
+
+            # Bad operator requests change nothing and say why.
+            bad = admin_post("units", {"sku": "p1", "quantity": 0})
+            assert bad.status_code == 422, bad.text
+            nope = client.post(f"{edge.url}/v1/admin/sales/no-{uid}/pause", headers=admin)
+            assert nope.status_code == 404 and nope.json()["error"]["code"] == "unknown_sale"
+            shopper = client.post(f"{edge.url}/v1/admin/sales/{sale}/cancel", headers=buyer)
+            assert shopper.status_code == 403
+
+            paused = admin_post("pause")
+            assert paused.status_code == 202 and paused.json()["skus"] == ["p1"]
+            waiting = post(late)
+            assert wait_for(lambda: status(waiting, late, "paused"), 30), "not told it waits"
+            state = wait_for(lambda: (s := client.get(f"{edge.url}/v1/sales/{sale}").json())
+                             ["skus"][0]["state"] == "paused" and s, 30)  # fmt: skip
+            assert state, "the sale never showed paused"
+            added = admin_post("units", {"sku": "p1", "quantity": 1, "ref": f"more-{uid}"})
+            assert added.status_code == 202 and added.json()["ref"] == f"more-{uid}"
+            assert admin_post("resume").status_code == 202
+            assert wait_for(lambda: status(waiting, late, "accepted"), 30), "not decided"
+            cancelled = admin_post("cancel", {"reason": "mispriced"})
+            assert cancelled.status_code == 202, cancelled.text
+            refund = next_event(events, 30)
+        assert refund is not None and (refund["event"], refund["status"]) == ("order", "refunded")
+        assert refund["order_id"] == won["order_id"]
+        ended = wait_for(lambda: (s := client.get(f"{edge.url}/v1/sales/{sale}").json())
+                         ["skus"][0]["state"] == "ended" and s, 30)  # fmt: skip
+        assert ended and ended["skus"][0]["allocation"] == 2  # 1 + 1 added
