@@ -51,7 +51,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--no-prequeue", dest="prequeue", action="store_false",
                    help="skip the second sale (a fair pre-queue drawn at the start)")  # fmt: skip
     p.add_argument("--no-holds", dest="holds", action="store_false",
-                   help="skip the third sale (orders held for payment, a waitlist)")  # fmt: skip
+                   help="skip the sales with holds (payments, a waitlist, the operator's "
+                        "pause, added units and cancel)")  # fmt: skip
     p.set_defaults(run=run)
 
 
@@ -86,6 +87,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
             summary.update(run_orders_sale(settings, stack, None if args.direct else edge))
             summary["invariants_hold"] &= summary["holds_invariants_hold"]
+            from flashsale.demo_operator import run_operator_sale
+
+            summary.update(run_operator_sale(settings, stack, None if args.direct else edge))
+            summary["invariants_hold"] &= summary["ops_invariants_hold"]
     finally:
         if edge_started:
             edge.down()
@@ -359,6 +364,19 @@ def _print(s: dict[str, Any]) -> None:
                 *(("  violation", v) for v in s["holds_violations"]),
             ]
             if "holds_sale_id" in s
+            else []
+        ),
+        *(
+            [
+                ("operator's sale", s["ops_sale_id"]),
+                ("  deferred while paused", s["ops_deferred"]),
+                ("  units added", s["ops_added"]),
+                ("  paid, then refunded", f"{s['ops_paid']}, {s['ops_refunded']}"),
+                ("  holds released", s["ops_released"]),
+                ("  sale audit", s["ops_audit"].upper()),
+                *(("  violation", v) for v in s["ops_violations"]),
+            ]
+            if "ops_sale_id" in s
             else []
         ),
     ]

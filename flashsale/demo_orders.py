@@ -138,9 +138,16 @@ def _pay(
         producer.order_command("StartPayment", sale_id, sku, order_id=rec["order_id"],
                                user_id=rec["user_id"], attempt_id=attempt)  # fmt: skip
         return
-    reply = client.post(f"{edge.url}/v1/orders/{rec['order_id']}/pay",
-                        headers={"Authorization": f"Bearer {bearer}",
-                                 "Idempotency-Key": "demo"})  # fmt: skip
+    for _ in range(50):  # the app server that answers may not have read the decision yet
+        reply = client.post(f"{edge.url}/v1/orders/{rec['order_id']}/pay",
+                            headers={"Authorization": f"Bearer {bearer}",
+                                     "Idempotency-Key": "demo"})  # fmt: skip
+        if reply.status_code not in (404, 409) or reply.json()["error"]["code"] not in (
+            "unknown_order",
+            "order_pending",
+        ):
+            break
+        time.sleep(0.1)
     reply.raise_for_status()
 
 

@@ -140,8 +140,13 @@ async def close_sale(
 
 
 async def _skus(ctx: Any, sale_id: str, asked: list[str] | None) -> list[str]:
-    """The SKUs a command goes to (default: every SKU of the sale); 404 for unknown ones."""
-    known = await ctx.store.sale(sale_id, fresh=True)
+    """The SKUs a command goes to (default: every SKU of the sale); 404 for unknown ones.
+    Known from the projection, or from this server's live feed (it reads the log, so a sale
+    opened a moment ago is known before the projection has it)."""
+    known = set(await ctx.store.sale(sale_id, fresh=True) or ())
+    progress = ctx.feed.sale_progress(sale_id)
+    if progress is not None:
+        known |= set(progress.opened)
     if not known:
         raise ApiError(404, "unknown_sale", f"sale {sale_id!r} does not exist")
     skus = asked or sorted(known)

@@ -104,6 +104,7 @@ class SaleProgress:
     version: int = 0
     remaining: dict[str, int] = field(default_factory=dict)
     entrants: dict[str, int] = field(default_factory=dict)  # a pre-queue's size per SKU
+    opened: set[str] = field(default_factory=set)  # SKUs whose SaleOpened this server read
 
 
 class DecisionFeed:
@@ -357,8 +358,10 @@ class DecisionFeed:
             if len(self._sales) > 10_000:
                 self._sales.clear()
             progress = self._sales[r["sale_id"]] = SaleProgress()
-        if name == "UnitsReturned":
+        if name == "UnitsReturned" or name == "UnitsAdded":
             self.waiting.returned(r["sale_id"], r["sku"])
+        elif name == "SaleOpened":
+            progress.opened.add(r["sku"])
         if "remaining" in r:
             progress.remaining[r["sku"]] = r["remaining"]
         elif name == "SaleOpened":

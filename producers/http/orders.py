@@ -22,6 +22,7 @@ from fastapi import APIRouter, Header, Path
 from producers.commands import NotAcknowledged
 from producers.http.context import Ctx, RateLimitedShopper
 from producers.http.errors import ApiError, unavailable
+from producers.http.livefeed import NOT_FINAL
 from producers.http.models import IDEMPOTENCY_KEY, OrderCommandAccepted, error_responses
 
 router = APIRouter(prefix="/v1/orders")
@@ -32,10 +33,16 @@ async def _order(ctx: Any, order_id: str, user_id: str) -> tuple[str, str]:
     """(sale, SKU) of the caller's accepted order; 404, 403 or 409 otherwise."""
     intent_id = order_id.removeprefix("ord-")
     fact = ctx.feed.decision(intent_id)
-    if fact is not None:
+    if fact is not None and fact.name not in NOT_FINAL:
         record, accepted = fact.record, fact.name == "IntentAccepted"
-    else:
+    else:  # not in this server's window, or still waiting here: the projection may know
         row = await ctx.store.intent_status(intent_id)
+        if row is None and fact is not None:
+            if fact.record["user_id"] != user_id:
+                raise ApiError(403, "forbidden", "this order belongs to another user")
+            raise ApiError(409, "order_pending", f"intent {intent_id!r} is {fact.name} (not "
+                           "decided yet as far as this server has read): retry once it is "
+                           "accepted")  # fmt: skip
         if row is None:
             raise ApiError(404, "unknown_order", f"no order {order_id!r} (yet)")
         record, accepted = row, row.get("outcome") == "accepted"

@@ -68,6 +68,12 @@ def test_demo_runs_a_small_sale_over_http_and_its_audit_holds(
     assert summary["holds_audit"] == "pass" and summary["holds_invariants_hold"]
     assert summary["paid"] == 100 and summary["expired"] > 0 and summary["waitlist_served"] > 0
     assert summary["held"] == summary["paid"] + summary["expired"]
+    # The fourth: the operator pauses (everyone waits), adds units, resumes, then cancels:
+    # every hold released, every paid order refunded at the provider.
+    assert summary["ops_audit"] == "pass" and summary["ops_invariants_hold"]
+    assert (summary["ops_deferred"], summary["ops_added"], summary["ops_held"]) == (40, 5, 15)
+    assert summary["ops_refunded"] == summary["ops_paid"] == summary["ops_charges"] > 0
+    assert summary["ops_released"] == summary["ops_held"] - summary["ops_paid"]
     # And `flashsale replay` after the demo, its services stopped: every table the same.
     again = subprocess.run(
         [sys.executable, "-m", "flashsale.cli", "replay", "--json"],
@@ -75,11 +81,13 @@ def test_demo_runs_a_small_sale_over_http_and_its_audit_holds(
     )  # fmt: skip
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     result = json.loads(again.stdout)
-    assert result["verdict"] == "same" and result["sales"] == 3
+    assert result["verdict"] == "same" and result["sales"] == 4
     rows = {t["table"]: t["live_rows"] for t in result["tables"]}
-    assert rows["orders"] == summary["accepted"] + summary["prequeue_winners"] + summary["held"]
+    assert rows["orders"] == (summary["accepted"] + summary["prequeue_winners"] + summary["held"]
+                              + summary["ops_held"])  # fmt: skip
     assert rows["intent_outcomes"] == (summary["unique_intents"] + summary["prequeue_intents"]
-                                       + summary["holds_intents"])  # fmt: skip
+                                       + summary["holds_intents"]
+                                       + summary["ops_intents"])  # fmt: skip
 
 
 def test_bench_smoke_prints_and_writes_every_writer_figure(
