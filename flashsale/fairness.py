@@ -5,7 +5,9 @@ hash to the commitment ``SaleOpened`` carried; the digest it names must be the d
 entries the log queued (``EntryQueued``, kind ENTRY) before it; every entry must be decided
 once, after the draw, with the rank the published algorithm gives it
 (``processors.core.prequeue.draw_order``), ranks 1..n in log order; every repeat must be
-rejected ``ALREADY_QUEUED``; and no queued intent may be decided before the draw. A sale whose
+rejected ``ALREADY_QUEUED``; and no queued intent may be decided before the draw. In a sale with
+holds and a waitlist the draw may waitlist an entry at its rank instead (its decision comes
+when a unit returns to it, or when none can). A sale whose
 queue expired must reject every queued intent ``DRAW_NOT_REVEALED``. The whole sale audit
 (``flashsale audit sale``: one decision per intent, no oversell, every fact re-decided by the
 rules) runs too. Exit 0 when everything holds, 1 when not.
@@ -30,6 +32,7 @@ from schemas.codec import SchemaRegistry
 
 Fact = tuple[str, dict[str, Any]]
 DECISIONS = ("IntentAccepted", "IntentRejected")
+RANKED = (*DECISIONS, "Waitlisted")
 
 
 @dataclass
@@ -97,7 +100,9 @@ def check_draw(sku: str, facts: list[Fact]) -> tuple[DrawFigures, list[str]]:
         bad.append(f"{sku}: the draw names another entry set than the log queued "
                    f"({record['entrants']} entrants named, {len(entries)} queued)")  # fmt: skip
     _, order = draw_order(record["seed"], entries)
-    ranked = [r for n, r in facts[end:] if n in DECISIONS and r.get("draw_rank")]
+    # A drawn entry is decided, or (a sale with holds and a waitlist) waitlisted, at its rank.
+    ranked = [r for n, r in facts[end:] if n in RANKED and r.get("draw_rank")]
+    waiting = {r["intent_id"] for n, r in facts[end:] if n == "Waitlisted"}
     want = [(intent, k, len(order)) for k, (_, intent, _) in enumerate(order, 1)]
     got = [(r["intent_id"], r["draw_rank"], r["draw_size"]) for r in ranked]
     if got != want:
@@ -108,8 +113,10 @@ def check_draw(sku: str, facts: list[Fact]) -> tuple[DrawFigures, list[str]]:
     fig.winners = sum(1 for n, r in facts[end:] if n == "IntentAccepted" and r.get("draw_rank"))
     for intent, r in queued.items():
         seen = decided.get(intent)
-        if seen is None:
+        if seen is None and intent not in waiting:  # (a waitlisted one is decided later)
             bad.append(f"{sku}: queued intent {intent} has no decision after the draw")
+        elif seen is None:
+            continue
         elif r["kind"] == "REPEAT" and seen[1].get("reason") != "ALREADY_QUEUED":
             bad.append(f"{sku}: repeat {intent} was not rejected ALREADY_QUEUED")
     return fig, bad

@@ -174,17 +174,21 @@ def check_log_times(
             reveals.add((rec["sku"], at))
     # Queued or waitlisted intents are decided later, by the command that drew or served them.
     queued = {rec["intent_id"] for name, rec in events if name in WAITING}
-    # A pause's deferred intents are waitlisted or decided when it ends, at that command's time.
-    deferred = {rec["intent_id"] for name, rec in events if name == "IntentDeferred"}
+    # A pause's deferred intents are waitlisted or decided when it ends, at that command's time;
+    # a pre-queue's late arrivals when it is drawn.
+    deferred = {rec["intent_id"] for name, rec in events if name in ("IntentDeferred",
+                                                                     "EntryQueued")}  # fmt: skip
     for name, rec in events:
         where = f"{rec['sku']} #{rec['sequence']}"
-        if name == "DrawRevealed" or (name in DECISION_RECORDS and rec.get("draw_rank")):
+        drawn = name in DECISION_RECORDS or name == "Waitlisted"
+        if name == "DrawRevealed" or (drawn and rec.get("draw_rank")):
             if (rec["sku"], rec["decided_at"]) not in reveals:
                 out.violations.append(Violation(
                     "log-time-mismatch", f"{where}: {name} at {rec['decided_at']}, when no "
                     "RevealDraw of this SKU was appended"))  # fmt: skip
         elif (name in WAITING or (name in DECISION_RECORDS and rec["intent_id"] not in queued)
-              ) and (name == "IntentDeferred" or rec["intent_id"] not in deferred):  # fmt: skip
+              ) and (name in ("IntentDeferred", "EntryQueued")
+                     or rec["intent_id"] not in deferred):  # fmt: skip
             appended = intent_at.get(rec["intent_id"])
             if appended is not None and appended != rec["decided_at"]:
                 out.violations.append(Violation(

@@ -137,7 +137,8 @@ class PaymentVoided:
 class Waitlisted:
     """An intent found no unit while held units may still come back: it waits, ``position``
     in line (not a decision: its one decision comes when a unit returns to it, or when none
-    can come back any more)."""
+    can come back any more). A pre-queue's draw that waitlists an entry names its rank k of
+    n (``draw_rank``/``draw_size``; 0 of 0 otherwise)."""
 
     intent_id: str
     sale_id: str
@@ -147,6 +148,8 @@ class Waitlisted:
     position: int
     sequence: int
     decided_at: int
+    draw_rank: int = 0
+    draw_size: int = 0
 
 
 @dataclass(slots=True, frozen=True)

@@ -23,8 +23,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Iterable
+from dataclasses import replace
 
-from processors.core.lifecycle import expire_due, pay_by, serve_waitlist
+from processors.core.lifecycle import expire_due, pay_by, serve_waitlist, waitlisted
+from processors.core.lifecycle_model import Hold, Waitlisted
 from processors.core.model import (
     Decision,
     DrawRevealed,
@@ -174,9 +176,12 @@ def draw(book: SaleBook, sale_id: str, sku: str, seed: str, now: int) -> list[Ev
     n = len(order)
     seq = book.sequence + 1
     events: list[Event] = [DrawRevealed(sale_id, sku, seed, n, digest, seq, now)]
-    # Decided against a scratch book: the events are folded into the real one afterwards.
+    # Decided against a scratch book: the events are folded into the real one afterwards. It
+    # keeps the holds and the waitlist the draw makes (a sale with holds and a waitlist: an
+    # entry that finds no unit while units are held waits in line, in the draw's order).
     scratch = SaleBook(book.terms, book.remaining, book.closed, book.sequence,
-                       bought=dict(book.bought))  # fmt: skip
+                       bought=dict(book.bought), holds=dict(book.holds),
+                       waitlist=list(book.waitlist))  # fmt: skip
     rules = RULES[book.terms.rules]
     for rank, (user_id, intent_id, q) in enumerate(order, 1):
         seq += 1
@@ -225,14 +230,22 @@ def _decided(
     now: int,
     rank: int,
     size: int,
-) -> Decision:
+) -> Decision | Waitlisted:
     if fault is not None:
+        waiting = waitlisted(scratch, cmd, fault[0], now) if scratch.terms.waitlist_depth else None
+        if waiting is not None:
+            scratch.waitlist.append((cmd.intent_id, cmd.user_id, cmd.quantity))
+            return replace(waiting, sequence=seq, draw_rank=rank, draw_size=size)
         return _rejected(cmd, fault[0], fault[1], scratch.remaining, seq, now, rank, size)
     scratch.remaining -= cmd.quantity
     scratch.bought[cmd.user_id] = scratch.bought.get(cmd.user_id, 0) + cmd.quantity
-    return IntentAccepted(cmd.intent_id, cmd.sale_id, cmd.sku, cmd.user_id, cmd.quantity,
-                          order_id_for(cmd.intent_id), scratch.remaining, seq, now, rank,
-                          size, pay_by(scratch, now))  # fmt: skip
+    accepted = IntentAccepted(cmd.intent_id, cmd.sale_id, cmd.sku, cmd.user_id, cmd.quantity,
+                              order_id_for(cmd.intent_id), scratch.remaining, seq, now, rank,
+                              size, pay_by(scratch, now))  # fmt: skip
+    if accepted.pay_by:  # held: a unit that may come back, to the line behind it
+        scratch.holds[accepted.order_id] = Hold(cmd.intent_id, cmd.user_id, cmd.quantity,
+                                                accepted.pay_by)  # fmt: skip
+    return accepted
 
 
 def _rejected(

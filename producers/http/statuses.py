@@ -54,7 +54,9 @@ def status_of_fact(fact: Any) -> dict[str, Any]:
     common = {"intent_id": r["intent_id"], "sale_id": r["sale_id"], "sku": r["sku"],
               "quantity": r["quantity"]}  # fmt: skip
     if fact.name == "Waitlisted":  # waits for a held unit to come back
-        return {**common, "status": "waitlisted", "position": r["position"]}
+        ranked = {"draw_rank": r["draw_rank"], "draw_size": r["draw_size"]} if r.get(
+            "draw_rank") else {}  # fmt: skip
+        return {**common, "status": "waitlisted", "position": r["position"], **ranked}
     if fact.name == "IntentDeferred":  # waits for the operator to resume the sale
         return {**common, "status": "paused", "position": r["position"]}
     if fact.name == "EntryQueued":

@@ -429,3 +429,40 @@ def test_the_audit_reads_each_facts_time_from_the_command_topic_not_from_the_wri
         backdated = list(facts)  # e.g. an entry moved into the window by the writer
         backdated[at] = (tampered, {**facts[at][1], "decided_at": facts[at][1]["decided_at"] - 1})
         assert kinds(backdated) == ["log-time-mismatch"], tampered
+
+
+def test_with_holds_and_a_waitlist_the_draw_waitlists_entries_at_their_rank() -> None:
+    """Drawn entries that find no unit while units are held wait in the draw's order (then
+    late arrivals), up to the depth; a unit that comes back goes to the best-ranked one."""
+    from processors.core import StartPayment, Waitlisted
+    from processors.records import record_name, to_record
+
+    held = replace(terms(allocation=2), ends_at_ms=10_000, hold_ms=1_000, waitlist_depth=3)
+    log: list[tuple[int, Command]] = [(0, OpenSale(held))]
+    log += [(OPENS + n, intent(n, f"u{n}")) for n in range(5)]
+    log += [(STARTS + 1, intent(9, "late"))]
+    ledger = SkuLedger("A")
+    events = run([*log, (STARTS + 2, RevealDraw("s", "A", SEED))], ledger)
+    drawn = events[events.index(next(e for e in events if isinstance(e, DrawRevealed))) + 1 :]
+    _, order = draw_order(SEED, [(f"u{n}", f"i{n}", 1) for n in range(5)])
+    assert [(type(e).__name__, e.intent_id, getattr(e, "draw_rank", 0)) for e in drawn] == [  # type: ignore[union-attr]
+        ("IntentAccepted", order[0][1], 1), ("IntentAccepted", order[1][1], 2),
+        ("Waitlisted", order[2][1], 3), ("Waitlisted", order[3][1], 4),
+        ("Waitlisted", order[4][1], 5), ("IntentRejected", "i9", 0)]  # fmt: skip
+    assert [e.position for e in drawn if isinstance(e, Waitlisted)] == [1, 2, 3]
+    assert drawn[-1].reason is RejectionReason.SOLD_OUT  # type: ignore[union-attr]  # full line
+    # The first winner's payment comes too late: its unit goes to rank 3, undrawn by then.
+    first = drawn[0]
+    more = run([(STARTS + 2 + 1_000, StartPayment("s", "A", first.order_id, first.user_id,  # type: ignore[union-attr]
+                                                   "a1"))], ledger)  # fmt: skip
+    served = [e for e in more if isinstance(e, IntentAccepted)]
+    assert [e.intent_id for e in served] == [order[2][1]]
+    everything = [*events, *more]
+    assert _audited(everything) == [] and _fairness(everything) == []
+    # A draw that skipped a waitlisted entry's rank is named.
+    at = next(i for i, e in enumerate(everything) if isinstance(e, Waitlisted))
+    forged = [(record_name(e), to_record(e)) for e in everything]
+    del forged[at]
+    from flashsale.fairness import check_draw
+
+    assert any("do not follow the draw" in p for p in check_draw("A", forged)[1])
