@@ -26,24 +26,13 @@ from processors.core import (
     SkuLedger,
     StartPayment,
     Tick,
-    decide,
-    evolve,
 )
 from tests.unit.test_lifecycle import audited
+from tests.unit.test_prequeue import run
 from tests.unit.writer_fakes import MemoryStore, assert_same_state, loaded, log_of, persist
 
 HOLD = 10_000
 TERMS = SaleTerms("s", "A", 2, 1, 1, 0, 1_000_000, hold_ms=HOLD, waitlist_depth=3)
-
-
-def run(steps: list[tuple[int, Command]], ledger: SkuLedger | None = None) -> list[Event]:
-    ledger = SkuLedger("A") if ledger is None else ledger
-    events: list[Event] = []
-    for at, cmd in steps:
-        for event in decide(ledger, cmd, at):
-            evolve(ledger, event)
-            events.append(event)
-    return events
 
 
 def names(events: list[Event]) -> list[str]:
