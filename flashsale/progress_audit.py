@@ -113,11 +113,11 @@ def _not_its_cause(command: tuple[str, dict[str, Any], int] | None, event: Fact)
     if "intent_id" in ev:  # a decision or a queued or waitlisted intent
         # An intent's own record decides it, or a command that decides intents waiting
         # (the draw, a tick or a payment or cancel that moved the waitlist, a return of
-        # units); another intent's record only rejects a queue the sale's end expired.
+        # units); another intent's record only rejects a queue or a pause the sale's end resolved.
         if name != "PurchaseIntent" or rec["intent_id"] == ev["intent_id"]:
             return None
-        if ev.get("reason") == "DRAW_NOT_REVEALED":
-            return None
+        if ev.get("reason") in ("DRAW_NOT_REVEALED", "SALE_ENDED"):
+            return None  # a queue or a pause the sale's end resolved, seen by any command
         return f"is intent {rec['intent_id']}, not {ev['intent_id']} of the {ev_name} it follows"
     want = ev["command"] if ev_name in ("SaleRefused", "OrderRefused") else _CAUSE.get(ev_name)
     wanted = (want,) if isinstance(want, str) else want

@@ -48,7 +48,11 @@ import msgspec
 
 from processors.core import Hold, SaleBook, SaleTerms, SkuLedger
 
-LAYOUT = b"flashsale-ledger-v4"  # v4: terms carry their rules version; v3: sequence per sale
+# v5: the operator's flags on BOOK, deferred intents, paid orders kept whole (a store of an
+# older layout is rebuilt from the command log, never read: it lacks them, and an older
+# writer must not read this one and ignore what it does not know); v4: terms carry their
+# rules version; v3: sequence per sale.
+LAYOUT = b"flashsale-ledger-v5"
 LAYOUT_KEY = b"L"
 CHUNK_BYTES = 900_000
 _SEP = "\x1f"

@@ -62,9 +62,12 @@ def decide_place(ledger: SkuLedger, cmd: PlaceIntent, now: int) -> list[Event]:
                                seq, now)]  # fmt: skip
     if book.queueing:
         return decide_queued(book, cmd, now)
-    if book.paused and not has_ended(book, now):  # waits for the pause to end
-        return [IntentDeferred(cmd.intent_id, cmd.sale_id, cmd.sku, cmd.user_id, cmd.quantity,
-                               len(book.deferred) + 1, book.sequence + 1, now)]  # fmt: skip
+    if book.paused:
+        if not has_ended(book, now):  # waits for the pause to end
+            return [IntentDeferred(cmd.intent_id, cmd.sale_id, cmd.sku, cmd.user_id,
+                                   cmd.quantity, len(book.deferred) + 1, book.sequence + 1,
+                                   now)]  # fmt: skip
+        return _after_the_pause(ledger, book, cmd, now)
     seq = book.sequence + 1
     fault = RULES[book.terms.rules](book, cmd, now)
     if fault is None:
@@ -76,6 +79,21 @@ def decide_place(ledger: SkuLedger, cmd: PlaceIntent, now: int) -> list[Event]:
         return [waiting]
     return [IntentRejected(cmd.intent_id, cmd.sale_id, cmd.sku, cmd.user_id, cmd.quantity,
                            fault[0], fault[1], book.remaining, seq, now)]  # fmt: skip
+
+
+def _after_the_pause(ledger: SkuLedger, book: SaleBook, cmd: PlaceIntent, now: int) -> list[Event]:
+    """An intent past the end of a sale still paused: the pause ends first (what waited is
+    decided, in arrival order), then this intent, so nothing is decided out of order. Past
+    the end every one of them is rejected: nothing changes the stock or anyone's count."""
+    from processors.core.operations import unpause  # it imports this module
+
+    ended = unpause(ledger, cmd.sale_id, now, [])
+    fault = RULES[book.terms.rules](book, cmd, now)
+    if fault is None:  # cannot happen: past the end the rules refuse
+        raise AssertionError(f"{cmd.intent_id}: no rule refused an intent past the end")
+    return [*ended, IntentRejected(cmd.intent_id, cmd.sale_id, cmd.sku, cmd.user_id,
+                                   cmd.quantity, fault[0], fault[1], book.remaining,
+                                   ended[-1].sequence + 1, now)]  # fmt: skip
 
 
 def evolve_accepted(ledger: SkuLedger, event: IntentAccepted) -> None:

@@ -17,7 +17,8 @@ time). Rules, all judged on log time:
   back. A late tick (the clock stopped) expires late, never twice and never early.
 
 A released hold keeps counting against its user's limit: one chance per person per sale.
-Invariant: remaining + held units + paid units = allocation + units returned by operators.
+Invariant: remaining + held units + paid units = allocation + units added or returned by
+operators (``processors.core.operations``; a refunded order's units are back in remaining).
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The operator's rule family: pause, resume, add units, cancel (``operations_model``).
 
-- ``PauseSale`` of an open sale whose pre-queue (if any) is drawn: ``SalePaused``. Intents
+- ``PauseSale`` of a started sale whose pre-queue (if any) is drawn: ``SalePaused``. Intents
   that arrive while it is paused (and before its end) are ``IntentDeferred`` in arrival
   order; holds, payments, expiry and the waitlist go on. Pausing again is a no-op; pausing
-  a sale that is over, or whose pre-queue is not drawn, is refused.
+  a sale that is over, not started, or whose pre-queue is not drawn, is refused. An intent
+  past the end of a sale still paused ends the pause first, then is decided.
 - ``ResumeSale`` of a paused sale: ``SaleResumed``, then each deferred intent decided in
   arrival order by the sale's rules at this log time (accepted, waitlisted or rejected),
   exactly as if it had arrived now. The pause also ends, the same way, when the sale is
@@ -14,6 +15,7 @@
   (``HoldCancelled``, by deadline), every paid order refunded (``OrderRefunded``, by order
   id), the waitlist rejected, the deferred intents decided (rejected: the sale is closed)
   and an undrawn pre-queue expired. Cancelling again is a no-op; a settled sale is refused.
+  A sale without holds has nothing held or paid here: its accepted orders stand.
 
 Invariant: remaining + held + paid = allocation + added + returned at every event.
 """
@@ -54,6 +56,9 @@ def decide_pause(ledger: SkuLedger, cmd: PauseSale, now: int) -> list[Event]:
     seq = book.sequence + 1
     if book.settled or has_ended(book, now):
         return [_refused(cmd, "the sale is over", seq, now)]
+    if now < book.terms.starts_at_ms:  # what waited would be judged at the resume, as if on
+        # time: a pause before the start would let early intents win (open it later instead)
+        return [_refused(cmd, "the sale has not started: open it later instead", seq, now)]
     if book.queueing:
         return [_refused(cmd, "the pre-queue is not drawn yet: pause after the draw", seq, now)]
     return [SalePaused(cmd.sale_id, cmd.sku, book.remaining, seq, now)]
@@ -121,11 +126,13 @@ def decide_add(ledger: SkuLedger, cmd: AddUnits, now: int) -> list[Event]:
 def decide_cancel_sale(ledger: SkuLedger, cmd: CancelSale, now: int) -> list[Event]:
     """``SaleCancelled`` and everything it releases, refunds and decides."""
     book = ledger.sales.get(cmd.sale_id)
-    if book is None or book.cancelled:
+    if book is None:
         return []
     seq = book.sequence + 1
-    if book.settled:
+    if book.settled:  # (first: a settled book's state does not keep "cancelled")
         return [_refused(cmd, "the sale is settled", seq, now)]
+    if book.cancelled:
+        return []
     sale_id, sku = cmd.sale_id, cmd.sku
     remaining = book.remaining
     events: list[Event] = [SaleCancelled(sale_id, sku, cmd.reason, remaining, seq, now)]

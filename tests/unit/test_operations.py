@@ -176,3 +176,23 @@ def test_the_writer_store_keeps_pauses_deferred_intents_added_units_and_paid_ord
     fact_names = [REGISTRY.decode(v)[0] for _, v in result.events]
     assert fact_names == ["SaleCancelled", "OrderRefunded", "SaleResumed", "IntentRejected",
                           "IntentRejected"]  # fmt: skip
+
+
+def test_an_intent_past_the_end_of_a_paused_sale_is_decided_after_those_that_waited() -> None:
+    short = replace(TERMS, ends_at_ms=100)
+    events = run([(0, OpenSale(short)), (10, PauseSale("s", "A")), (20, place(1)),
+                  (150, place(2))])  # the sale ended, and no tick came  # fmt: skip
+    assert [(type(e).__name__, getattr(e, "intent_id", None)) for e in events[-3:]] == [
+        ("SaleResumed", None), ("IntentRejected", "i1"), ("IntentRejected", "i2")]  # fmt: skip
+    assert audited(events) == []
+
+
+def test_a_pause_before_the_start_is_refused_and_a_settled_sale_refuses_a_cancel() -> None:
+    later = replace(TERMS, starts_at_ms=1_000)
+    early = run([(0, OpenSale(later)), (10, PauseSale("s", "A"))])
+    assert names(early)[-1] == "SaleRefused" and "not started" in early[-1].detail  # type: ignore[union-attr]
+    # Cancelled and settled: a repeated cancel is refused alike live and after a reload
+    # (a settled book's state keeps no "cancelled").
+    settled = run([(0, OpenSale(TERMS)), (10, CancelSale("s", "A", "x")),
+                   (20, SettleSale("s", "A")), (30, CancelSale("s", "A", "again"))])  # fmt: skip
+    assert names(settled)[-2:] == ["SaleSettled", "SaleRefused"]
