@@ -49,11 +49,16 @@ class EdgeUnderTest:
             self.url + "/v1/admin/sales", json=body, headers=self.auth("adm", "admin")
         )
         assert resp.status_code == 201, resp.text
-        names = sorted(str(s["sku"]) for s in skus)
+        self.wait_projected(client, sale, [str(s["sku"]) for s in skus])
+
+    def wait_projected(self, client: httpx.Client, sale: str, skus: list[str]) -> None:
+        """Until the projection shows the sale's SKUs: every app server knows it then (the
+        201 of its opening comes once the log has it, which the other server's feed may not
+        have read yet: an intent sent to it at once could find no sale)."""
 
         def projected() -> bool:
             found = client.get(f"{self.url}/v1/sales/{sale}").json().get("skus", [])
-            return sorted(s["sku"] for s in found) == names
+            return sorted(s["sku"] for s in found) == sorted(skus)
 
         assert wait_for(projected, 30), f"sale {sale} was not projected in 30 s"
 

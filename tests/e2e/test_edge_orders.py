@@ -36,11 +36,14 @@ def test_the_owner_pays_one_order_and_cancels_another_and_nobody_else_may(
                              headers=edge.auth("adm", "admin"))  # fmt: skip
         assert opened.status_code == 201, opened.text
         assert (opened.json()["hold_s"], opened.json()["pay_grace_s"]) == (60, 5)
+        edge.wait_projected(client, sale, ["o1"])
         me = edge.auth(f"buyer-{uid}")
 
         def accepted_order() -> str:
-            url = client.post(f"{edge.url}/v1/sales/{sale}/intents", json={"sku": "o1",
-                              "quantity": 1}, headers=me).json()["status_url"]  # fmt: skip
+            posted = client.post(f"{edge.url}/v1/sales/{sale}/intents",
+                                 json={"sku": "o1", "quantity": 1}, headers=me)  # fmt: skip
+            assert posted.status_code == 202, posted.text
+            url = posted.json()["status_url"]
 
             def decided() -> dict | None:
                 status = client.get(edge.url + url, headers=me).json()
@@ -88,6 +91,7 @@ def test_the_operator_pauses_adds_units_and_cancels_and_the_owner_hears_every_or
         assert (
             client.post(f"{edge.url}/v1/admin/sales", json=body, headers=admin).status_code == 201
         )
+        edge.wait_projected(client, sale, ["p1"])
 
         def post(me: dict[str, str]) -> str:
             resp = client.post(f"{edge.url}/v1/sales/{sale}/intents",
