@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     from producers.http import auth as http_auth
     from producers.http import server as http_server
     from projections import commands as projector_commands
+    from projections import fulfilment
 
     parser = argparse.ArgumentParser(prog="flashsale", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.register(sub)
     clock.register(sub)
     payments.register(sub)
+    fulfilment.register(sub)
     bench.register(sub)
     sale_audit.register(sub)
     replay.register(sub)
