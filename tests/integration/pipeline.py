@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from flashsale.audit import DecisionAudit
@@ -84,3 +86,18 @@ def partition_of(sku: str, partitions: int) -> int:
 
     parts = list(range(partitions))
     return int(DefaultPartitioner()(sku.encode(), parts, parts))
+
+
+@contextmanager
+def with_payments(settings: Settings, endpoints: Endpoints, uid: str,
+                  slow_s: float = 0) -> Iterator[Pipeline]:  # fmt: skip
+    """A pipeline plus the payment service (its stub provider answers after ``slow_s`` for
+    a "slow" user), stopped afterwards: for tests of orders held for payment."""
+    p = start_pipeline(settings, endpoints, uid, {"FLASHSALE_STUB_SLOW_S": str(slow_s)})
+    payments = Service("payments", p.settings)
+    assert payments.start(p.env)
+    try:
+        yield p
+    finally:
+        payments.stop()
+        p.stop()

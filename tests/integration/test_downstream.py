@@ -18,11 +18,10 @@ import pytest
 from flashsale.fairness import counted, follow_sale
 from flashsale.settings import Settings
 from infra import processes
-from infra.services import Service
 from infra.stack import Endpoints
 from producers.commands import SkuAllocation
 from tests.conftest import local_only
-from tests.integration.pipeline import Pipeline, partition_of, start_pipeline
+from tests.integration.pipeline import Pipeline, partition_of, with_payments
 
 pytestmark = pytest.mark.slow
 ORDERS, CRASH_AFTER = 60, 5
@@ -31,13 +30,8 @@ ORDERS, CRASH_AFTER = 60, 5
 @pytest.fixture(scope="module")
 def pipeline(settings: Settings, endpoints: Endpoints) -> Iterator[Pipeline]:
     local_only(settings)
-    p = start_pipeline(settings, endpoints, "down" + uuid.uuid4().hex[:6],
-                       {"FLASHSALE_STUB_SLOW_S": "0"})  # fmt: skip
-    payments = Service("payments", p.settings)
-    assert payments.start(p.env)
-    yield p
-    payments.stop()
-    p.stop()
+    with with_payments(settings, endpoints, "down" + uuid.uuid4().hex[:6], 0) as p:
+        yield p
 
 
 def _one_sku_per_partition(partitions: int) -> list[str]:

@@ -23,12 +23,11 @@ from flashsale import sale_audit
 from flashsale.fairness import counted, follow_sale
 from flashsale.settings import Settings
 from infra import processes
-from infra.services import Service
 from infra.stack import Endpoints
 from producers.commands import SkuAllocation
 from producers.identity import intent_id_for
 from tests.conftest import local_only
-from tests.integration.pipeline import Pipeline, partition_of, start_pipeline
+from tests.integration.pipeline import Pipeline, partition_of, with_payments
 
 pytestmark = pytest.mark.slow
 
@@ -38,13 +37,8 @@ HOLD_MS, GRACE_MS, SLOW_S = 4_000, 1_000, 6.0
 @pytest.fixture(scope="module")
 def pipeline(settings: Settings, endpoints: Endpoints) -> Iterator[Pipeline]:
     local_only(settings)
-    p = start_pipeline(settings, endpoints, "orders" + uuid.uuid4().hex[:6],
-                       {"FLASHSALE_STUB_SLOW_S": str(SLOW_S)})  # fmt: skip
-    payments = Service("payments", p.settings)
-    assert payments.start(p.env)
-    yield p
-    payments.stop()
-    p.stop()
+    with with_payments(settings, endpoints, "orders" + uuid.uuid4().hex[:6], SLOW_S) as p:
+        yield p
 
 
 def _facts(p: Pipeline, sale: str, until: Any) -> list[tuple[str, dict[str, Any]]]:

@@ -23,13 +23,12 @@ from flashsale import input_audit, sale_audit
 from flashsale.fairness import counted, follow_sale
 from flashsale.settings import Settings
 from infra import processes
-from infra.services import Service
 from infra.stack import Endpoints
 from producers.commands import CommandProducer, SkuAllocation
 from producers.identity import intent_id_for
 from schemas.codec import SchemaRegistry
 from tests.conftest import local_only
-from tests.integration.pipeline import Pipeline, partition_of, start_pipeline
+from tests.integration.pipeline import Pipeline, partition_of, with_payments
 
 pytestmark = pytest.mark.slow
 Fact = tuple[str, dict[str, Any]]
@@ -38,13 +37,8 @@ Fact = tuple[str, dict[str, Any]]
 @pytest.fixture(scope="module")
 def pipeline(settings: Settings, endpoints: Endpoints) -> Iterator[Pipeline]:
     local_only(settings)
-    p = start_pipeline(settings, endpoints, "ops" + uuid.uuid4().hex[:6],
-                       {"FLASHSALE_STUB_SLOW_S": "0"})  # fmt: skip
-    payments = Service("payments", p.settings)
-    assert payments.start(p.env)
-    yield p
-    payments.stop()
-    p.stop()
+    with with_payments(settings, endpoints, "ops" + uuid.uuid4().hex[:6], 0) as p:
+        yield p
 
 
 def _facts(p: Pipeline, sale: str, until: Any) -> list[Fact]:
