@@ -71,8 +71,9 @@ class Stack:
         if mode == "local":
             stopped["kafka"] = self.kafka.stop()
             stopped["postgres"] = self.postgres.stop()
-            if wipe:
-                for d in (self.kafka.home, self.postgres.home):
+            if wipe:  # the writers' local state is derived from Kafka's: it goes too
+                processors = self.settings.state_dir / "processor"
+                for d in (self.kafka.home, self.postgres.home, processors):
                     shutil.rmtree(d, ignore_errors=True)
         elif mode == "containers":
             stopped["kafka"] = stopped["postgres"] = containers.stop(self.settings.state_dir)
