@@ -12,7 +12,7 @@ from flashsale.settings import SettingError, Settings
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser with every command group registered."""
-    from flashsale import bench, demo, replay, sale_audit
+    from flashsale import bench, demo, replay, report, sale_audit, top, trace
     from infra import commands as infra_commands
     from infra import supervise_command
     from processors import commands as processor_commands
@@ -20,8 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     from producers import clock, load, payments
     from producers.http import auth as http_auth
     from producers.http import server as http_server
+    from projections import analytics, fulfilment
     from projections import commands as projector_commands
-    from projections import fulfilment
 
     parser = argparse.ArgumentParser(prog="flashsale", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,9 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     clock.register(sub)
     payments.register(sub)
     fulfilment.register(sub)
+    analytics.register(sub)
     bench.register(sub)
     sale_audit.register(sub)
     replay.register(sub)
+    top.register(sub)
+    report.register(sub)
+    trace.register(sub)
     return parser
 
 

@@ -17,7 +17,9 @@ import psycopg
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from flashsale import replay, sale_audit
+from flashsale import report as report_mod
 from flashsale.audit import DecisionAudit
+from flashsale.probe import ProbeResult, run_probe
 from flashsale.settings import Settings
 from flashsale.topics import TopicNames
 from infra.edge import Edge
@@ -91,6 +93,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
             summary.update(run_operator_sale(settings, stack, None if args.direct else edge))
             summary["invariants_hold"] &= summary["ops_invariants_hold"]
+        summary["reports"] = _write_reports(settings, stack, summary)
     finally:
         if edge_started:
             edge.down()
@@ -149,10 +152,20 @@ def _sale(
         users = {p.user_id for p in plan.intents}
         secret = load_secret(settings.state_dir, EdgeSettings.from_env().jwt_secret)
         tokens = {u: token(u, "shopper", 3600, secret) for u in users}
+        print(f"live page: {edge.servers[0].url}/live/sales/{sale_id}  (operators only: each "
+              "app server's own port, not nginx)")  # fmt: skip
         # The audit reads decisions while the crowd runs, so latency is measured live.
         stop = threading.Event()
         watcher = threading.Thread(target=_poll_until, args=(audit, stop), daemon=True)
         watcher.start()
+        # A probe client (20 shoppers with event streams) measures what only a client sees.
+        probers = {f"probe-{i}": token(f"probe-{i}", "shopper", 3600, secret) for i in range(20)}
+        probed: list[ProbeResult] = []
+        probe = threading.Thread(
+            target=lambda: probed.append(run_probe(edge.url, sale_id, skus, probers)),
+            daemon=True,
+        )
+        probe.start()
         try:
             with Progress(
                 TextColumn("[bold]crowd[/bold]"), BarColumn(), MofNCompleteColumn(),
@@ -170,7 +183,11 @@ def _sale(
         finally:
             stop.set()
             watcher.join()
-        expected = set(crowd.queued.values())
+            probe.join(90)
+        if probed:
+            probed[0].save(report_mod.probe_path(settings, sale_id))
+        # The probe's intents are the sale's too: each must be decided like the crowd's.
+        expected = set(crowd.queued.values()) | set(probed[0].intent_ids if probed else ())
         post_ms = [x * 1000 for x in crowd.accept_seconds]
         edge_figures = {
             "http_202": crowd.statuses.get(202, 0),
@@ -281,6 +298,20 @@ def _open_over_http(url: str, settings: Settings, sale_id: str, skus: list[SkuAl
             time.sleep(0.2)
 
 
+def _write_reports(settings: Settings, stack: Stack, summary: dict[str, Any]) -> list[str]:
+    """Each sale's post-sale report, once the analytics projection has caught up."""
+    from projections import analytics
+    from projections.catch_up import wait_until_projected
+
+    ep = stack.endpoints()
+    names = TopicNames.of(settings)
+    wait_until_projected(ep.bootstrap, ep.dsn, analytics.live_name(settings),
+                         (names.sku_commands, names.decisions), timeout=120)  # fmt: skip
+    sales = [summary[k] for k in ("sale_id", "prequeue_sale_id", "holds_sale_id", "ops_sale_id")
+             if k in summary]  # fmt: skip
+    return [str(report_mod.write_report(settings, ep.dsn, sale)) for sale in sales]
+
+
 def _wait_orders(dsn: str, sale_id: str, expected: int, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     count = -1
@@ -379,6 +410,7 @@ def _print(s: dict[str, Any]) -> None:
             if "ops_sale_id" in s
             else []
         ),
+        *(("post-sale report", path) for path in s.get("reports", [])),
     ]
     width = max(len(r[0]) for r in rows) + 2
     print()

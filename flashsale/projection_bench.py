@@ -4,7 +4,8 @@ A sale of ``n`` intents over 1,000 SKUs is decided by one worker in a namespace 
 then, with the worker stopped, the projection rebuilds it from offset 0 into a scratch
 PostgreSQL schema (dropped afterwards), and the audit reads it. Figures: decisions/s from
 start to caught up, and CPU µs per decision of the projector process and its PostgreSQL
-backend (read from /proc), so both sides of the write show; the audit's records/s; and a
+backend (read from /proc), so both sides of the write show; the same for the analytics
+projection over the same log, one after the other; the audit's records/s; and a
 `flashsale replay` of the same sale compared with that projection, in offsets/s.
 """
 
@@ -20,7 +21,7 @@ from flashsale.settings import Settings
 from flashsale.writer_bench import DecisionReader, Namespace
 from infra.processes import cpu_seconds
 from producers.commands import SkuAllocation
-from projections import schema
+from projections import analytics, schema
 from projections.postgres import PostgresProjector
 from projections.runner import use_short_switch_interval
 
@@ -59,10 +60,22 @@ def projection(settings: Settings, dsn: str, broker_pid: int | None, n: int) -> 
             cpu, pg_cpu = time.process_time() - cpu0, cpu_seconds(pg_pid) - pg0
         finally:
             runner.close()
+        # The analytics projection over the same log (commands and decisions), same schema.
+        a_runner = analytics.runner(ns.settings, dsn, name="bench-analytics",
+                                  group_id=f"{ns.settings.namespace}-analytics",
+                                  search_path=scratch)  # fmt: skip
+        try:
+            pg_pid = a_runner.backend_pid()
+            t0, cpu0, pg0 = time.monotonic(), time.process_time(), cpu_seconds(pg_pid)
+            a_runner.run_until_caught_up(timeout=1800)
+            a_seconds = time.monotonic() - t0
+            a_cpu, a_pg = time.process_time() - cpu0, cpu_seconds(pg_pid) - pg0
+        finally:
+            a_runner.close()
         audit = audit_sale(ns.bootstrap, ns.names, sale, timeout=1200)
-        # The projection above is the "live" one here: replay again and compare the two.
+        # The projections above are the "live" ones here: replay again and compare.
         again = replay(ns.settings, dsn, live_schema=scratch, live_projection="bench",
-                       progress=False)  # fmt: skip
+                       live_analytics="bench-analytics", progress=False)  # fmt: skip
         return {
             "intents": n,
             "decisions": reader.count,
@@ -70,6 +83,10 @@ def projection(settings: Settings, dsn: str, broker_pid: int | None, n: int) -> 
             "projection_decisions_per_s": round(reader.count / seconds),
             "projector_cpu_us_per_decision": round(cpu / reader.count * 1e6, 1),
             "postgres_cpu_us_per_decision": round(pg_cpu / reader.count * 1e6, 1),
+            # Reads both topics (each intent and its decision); per decision all the same.
+            "analytics_decisions_per_s": round(reader.count / a_seconds),
+            "analytics_cpu_us_per_decision": round(a_cpu / reader.count * 1e6, 1),
+            "analytics_postgres_cpu_us_per_decision": round(a_pg / reader.count * 1e6, 1),
             "audit": "pass" if audit.passed else "fail",
             "audit_records": audit.records_read,
             "audit_records_per_s": round(audit.records_read / audit.seconds),

@@ -17,6 +17,7 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -27,10 +28,10 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 
 from flashsale.settings import Settings
 from flashsale.topics import TopicNames
-from projections import schema
+from projections import analytics, schema
 from projections.commands import live_name
 from projections.postgres import PostgresProjector
-from projections.runner import ProjectionError, read_offsets
+from projections.runner import ProjectionError, ProjectionRunner, read_offsets
 from projections.store import READ_MODELS
 
 # Columns that record when a row was written, not what the log says.
@@ -105,8 +106,10 @@ def _digest(conn: psycopg.Connection, where: str, table: str, sales: list[str]) 
     return int(row[0]), str(row[1])
 
 
-def compare(dsn: str, live: str, replayed: str) -> tuple[list[str], list[TableDiff]]:
-    """Compare every projection table of the replayed sales, live schema against replayed."""
+def compare(
+    dsn: str, live: str, replayed: str, tables: Sequence[str] = READ_MODELS
+) -> tuple[list[str], list[TableDiff]]:
+    """Compare ``tables`` for the replayed sales, live schema against replayed."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         sales = sorted(
             s
@@ -117,7 +120,7 @@ def compare(dsn: str, live: str, replayed: str) -> tuple[list[str], list[TableDi
             ).fetchall()
         )
         diffs = []
-        for table in READ_MODELS:
+        for table in tables:
             live_rows, live_sum = _digest(conn, live, table, sales)
             replayed_rows, replayed_sum = _digest(conn, replayed, table, sales)
             diffs.append(TableDiff(table, live_rows, replayed_rows, live_sum, replayed_sum))
@@ -125,7 +128,7 @@ def compare(dsn: str, live: str, replayed: str) -> tuple[list[str], list[TableDi
 
 
 def _wait_for_live(
-    runner: PostgresProjector, dsn: str, live_schema: str, live_projection: str, wait_s: float
+    runner: ProjectionRunner, dsn: str, live_schema: str, live_projection: str, wait_s: float
 ) -> None:
     """Until the live projection's tracked offsets equal the replay's (catching up on both)."""
     deadline = time.monotonic() + wait_s
@@ -160,45 +163,64 @@ def replay(
     progress: bool = True,
     live_schema: str = "public",
     live_projection: str | None = None,
+    live_analytics: str | None = None,
+    with_analytics: bool = True,
 ) -> Replay:
     """Replay the namespace's topics into a fresh schema and compare it with the live one.
 
-    The live projection is the namespace's (``live_name``) in ``public`` unless named.
+    The live projections are the namespace's (``live_name``) in ``public`` unless named;
+    ``with_analytics=False`` leaves the analytics projection out.
     """
     scratch = f"replay_{uuid.uuid4().hex[:10]}"
     schema.create(dsn, scratch)
     try:
-        runner = PostgresProjector(
-            settings.kafka_bootstrap,
-            dsn,
-            name="replay",
-            group_id=f"{settings.namespace}-{scratch}",
-            topics=TopicNames.of(settings),
-            search_path=scratch,
-        )
+        runners: list[tuple[ProjectionRunner, str, Sequence[str]]] = [
+            (
+                PostgresProjector(settings.kafka_bootstrap, dsn, name="replay",
+                                  group_id=f"{settings.namespace}-{scratch}",
+                                  topics=TopicNames.of(settings), search_path=scratch),
+                live_projection or live_name(settings),
+                READ_MODELS,
+            )
+        ]  # fmt: skip
+        if with_analytics:
+            runners.append((
+                analytics.runner(settings, dsn, name="replay-analytics",
+                                 group_id=f"{settings.namespace}-{scratch}-analytics",
+                                 search_path=scratch),
+                live_analytics or analytics.live_name(settings),
+                analytics.TABLES,
+            ))  # fmt: skip
         began = time.monotonic()
+        covered: dict[tuple[str, int], int] = {}  # the log's offsets, whoever read them
         try:
             columns = [
-                TextColumn("replaying"),
+                TextColumn("replaying {task.description}"),
                 BarColumn(),
                 TaskProgressColumn(),
                 TextColumn("{task.completed:,.0f}/{task.total:,.0f} offsets"),
                 TimeElapsedColumn(),
             ]
             with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
-                task = bar.add_task("replay", total=None)
-                runner.run_until_caught_up(
-                    timeout=3600.0,
-                    on_batch=lambda done, total: bar.update(task, completed=done, total=total),
-                )
+                for runner, _, _ in runners:
+                    task = bar.add_task(runner.name, total=0)
+                    runner.run_until_caught_up(
+                        timeout=3600.0,
+                        on_batch=lambda done, total, t=task: bar.update(  # type: ignore[misc]
+                            t, completed=done, total=total
+                        ),
+                    )
             seconds = time.monotonic() - began
-            live = live_projection or live_name(settings)
-            _wait_for_live(runner, dsn, live_schema, live, wait_s)
-            offsets = sum(runner.positions().values())
+            for runner, live, _ in runners:
+                _wait_for_live(runner, dsn, live_schema, live, wait_s)
+                for tp, offset in runner.positions().items():
+                    covered[tp] = max(covered.get(tp, 0), offset)
         finally:
-            runner.close()
-        sales, tables = compare(dsn, live_schema, scratch)
-        return Replay(scratch, sales, offsets, seconds, tables)
+            for runner, _, _ in runners:
+                runner.close()
+        tables = [t for _, _, names in runners for t in names]
+        sales, diffs = compare(dsn, live_schema, scratch, tables)
+        return Replay(scratch, sales, sum(covered.values()), seconds, diffs)
     finally:
         if not keep:
             schema.drop(dsn, scratch)

@@ -175,9 +175,10 @@ http {{
             proxy_read_timeout 1h;
         }}
 
-        # Operational endpoints (readiness details, metrics) are for operators, on each app
-        # server's own port: never served to the public through the load balancer.
-        location ~ ^/(metrics|readyz)(/.*)?$ {{
+        # Operational endpoints (readiness details, metrics, the live sale page) are for
+        # operators, on each app server's own port: never served to the public through the
+        # load balancer.
+        location ~ ^/(metrics|readyz|live)(/.*)?$ {{
             default_type application/json;
             return 404 '{_NOT_FOUND}';
         }}

@@ -14,7 +14,7 @@ from flashsale.settings import Settings
 from infra import processes
 from infra.errors import InfraError
 
-SERVICES = ("processor", "projector", "clock", "payments")
+SERVICES = ("processor", "projector", "analytics", "clock", "payments")
 
 
 def run_dir(settings: Settings) -> Path:

@@ -15,6 +15,8 @@ ls /usr/lib/nginx/modules/ngx_http_js_module.so >/dev/null 2>&1 || missing+=(lib
 command -v wrk >/dev/null || missing+=(wrk)
 # The benchmark's baselines: Redis (redis-server, redis-benchmark); pgbench comes with postgresql.
 command -v redis-server >/dev/null || missing+=(redis-server)
+# The live sale page's browser test (headless; no browser is downloaded at run time).
+command -v chromium >/dev/null || missing+=(chromium)
 for pkg in "$@"; do  # optional extras, e.g. nginx
   command -v "$pkg" >/dev/null || missing+=("$pkg")
 done

@@ -23,6 +23,7 @@ import structlog
 from confluent_kafka import Consumer, TopicPartition
 from faust.types import TP, ProcessingGuarantee
 
+from flashsale.service_metrics import ServiceMetrics
 from flashsale.settings import SettingError, Settings, env_int
 from flashsale.topics import TopicNames, catalogue
 from processors import faust_runtime as runtime_mod
@@ -233,10 +234,18 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
             await send_pending(partition)
         tp = TP(names.sku_commands, partition)
         runtime.processed[tp] = records[-1].offset + 1
+        log.debug("batch.decided", partition=partition, first_offset=records[0].offset,
+                  last_offset=records[-1].offset, records=len(records),
+                  facts=len(batch.events), dead_letters=len(batch.dead_letters))  # fmt: skip
         runtime.work.set()
         st = runtime.stats
         st["batches"] += 1
         st["records"] += len(records)
+        totals = runtime.totals
+        totals["batches"] += 1
+        totals["records"] += len(records)
+        totals["decisions"] += len(batch.events)
+        totals["dead_letters"] += len(batch.dead_letters)
         lag = time.time() - records[0].timestamp / 1000
         st["fetch_lag_s_max"] = max(st["fetch_lag_s_max"], lag)
 
@@ -405,6 +414,10 @@ def main(settings: Settings, bootstrap: str, loglevel: str = "warn") -> None:
     runtime_mod.check_versions()
     ensure_topics(settings, bootstrap)
     app = build_app(settings, bootstrap)
+    runtime: BatchRuntime = app.flashsale_runtime  # type: ignore[attr-defined]
+    metrics = ServiceMetrics(settings, "processor")
+    metrics.stats(lambda: dict(runtime.totals))
+    metrics.lag(bootstrap, app.conf.id, [TopicNames.of(settings).sku_commands])
     worker = runtime_mod.QuietWorker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     # Everything built so far lives as long as the process: keep it out of the cyclic GC's
     # full collections, and collect young objects less often (a batch allocates thousands).
@@ -414,4 +427,5 @@ def main(settings: Settings, bootstrap: str, loglevel: str = "warn") -> None:
     # the GIL. At the default 5 ms switch interval the busy main thread kept that thread
     # waiting (records sat fetched 100-180 ms on average at 5,000 intents/s; 23-41 ms at 0.5).
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    worker.execute_from_commandline()
+    with metrics.serving():
+        worker.execute_from_commandline()

@@ -96,6 +96,9 @@ class BatchRuntime:
         self.stats = {"batches": 0, "records": 0, "commits": 0, "commit_s": 0.0,
                       "gate_wait_s": 0.0, "fetch_lag_s_max": 0.0, "idle_s": 0.0,
                       "decide_s": 0.0, "emit_wait_s": 0.0}  # fmt: skip
+        # Since start, never reset: the worker's /metrics (flashsale.service_metrics).
+        self.totals = {"batches": 0, "records": 0, "decisions": 0, "dead_letters": 0,
+                       "commits": 0, "commit_seconds": 0.0}  # fmt: skip
 
     async def committer(self, commit: Callable[[], Awaitable[Any]], interval: float) -> None:
         """Commit as soon as processed work waits, starting at most one commit per ``interval``.

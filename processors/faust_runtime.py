@@ -245,6 +245,8 @@ class GatedTransactionManager(TransactionManager):
             st = runtime.stats
             st["commits"] += 1
             st["commit_s"] += done - began
+            runtime.totals["commits"] += 1
+            runtime.totals["commit_seconds"] += done - began
             st["gate_wait_s"] += began - asked
             runtime.after_commit(offsets)
         return True

@@ -191,6 +191,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     """`flashsale clock`: tick and reveal until SIGTERM/SIGINT."""
     import os
 
+    from flashsale.service_metrics import ServiceMetrics
     from flashsale.topics import TopicNames
     from infra.stack import Stack
     from producers.commands import CommandProducer
@@ -203,13 +204,19 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     stopping = stop_on_signals(log, "clock.signal")
     log.info("clock.started", tick_ms=tick_ms, partitions=settings.partitions)
     always = os.environ.get("FLASHSALE_CLOCK_ALWAYS", "0") == "1"
-    while not stopping.is_set():
-        started = time.monotonic()
-        try:
-            clock.step(int(time.time() * 1000), always)
-        except (psycopg.Error, NotAcknowledged, KafkaException) as exc:  # next tick retries
-            log.warning("clock.step_failed", error=str(exc))
-        stopping.wait(max(0.0, tick_ms / 1000 - (time.monotonic() - started)))
+    totals = {"steps": 0, "reveals": 0, "failed_steps": 0}
+    metrics = ServiceMetrics(settings, "clock")
+    metrics.stats(lambda: dict(totals))
+    with metrics.serving():
+        while not stopping.is_set():
+            started = time.monotonic()
+            try:
+                totals["reveals"] += len(clock.step(int(time.time() * 1000), always))
+                totals["steps"] += 1
+            except (psycopg.Error, NotAcknowledged, KafkaException) as exc:  # next tick retries
+                totals["failed_steps"] += 1
+                log.warning("clock.step_failed", error=str(exc))
+            stopping.wait(max(0.0, tick_ms / 1000 - (time.monotonic() - started)))
     producer.close()
     clock.seeds.close()
     return 0

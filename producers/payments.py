@@ -30,6 +30,7 @@ from confluent_kafka import Consumer, KafkaError
 
 from flashsale.settings import Settings, env_number
 from infra.signals import stop_on_signals
+from processors.core.model import intent_of_order
 from producers.payment_provider import PaymentProvider, ProviderTimeout
 from schemas.codec import SchemaRegistry, UndecodableRecord
 
@@ -57,14 +58,16 @@ class PaymentService:
                 attempt_id=record["attempt_id"], succeeded=charged,
             )  # fmt: skip
             self.recorded += 1
-            log.info("payments.recorded", attempt_id=record["attempt_id"],
-                     order_id=record["order_id"], charged=charged)  # fmt: skip
+            log.info("payments.recorded", intent_id=intent_of_order(record["order_id"]),
+                     attempt_id=record["attempt_id"], order_id=record["order_id"],
+                     charged=charged)  # fmt: skip
         elif name == "PaymentVoided" or name == "OrderRefunded":
             if self.provider.refund(record["attempt_id"]):
                 self.refunded += 1
             why = record["detail"] if name == "PaymentVoided" else "the sale was cancelled"
-            log.info("payments.refunded", attempt_id=record["attempt_id"],
-                     order_id=record["order_id"], detail=why)  # fmt: skip
+            log.info("payments.refunded", intent_id=intent_of_order(record["order_id"]),
+                     attempt_id=record["attempt_id"], order_id=record["order_id"],
+                     detail=why)  # fmt: skip
 
     def _charge(self, record: dict[str, Any], stopping: threading.Event) -> bool | None:
         while not stopping.is_set():
@@ -73,6 +76,7 @@ class PaymentService:
                                             record["user_id"])  # fmt: skip
             except ProviderTimeout as exc:
                 log.warning("payments.provider_timeout", attempt_id=record["attempt_id"],
+                            intent_id=intent_of_order(record["order_id"]),
                             error=str(exc))  # fmt: skip
                 stopping.wait(RETRY_S)
         return None
@@ -80,6 +84,7 @@ class PaymentService:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """`flashsale payments`: charge, record and refund until SIGTERM/SIGINT."""
+    from flashsale.service_metrics import ServiceMetrics
     from flashsale.topics import TopicNames
     from infra.stack import Stack
     from producers.commands import CommandProducer
@@ -100,23 +105,27 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     consumer.subscribe([names.decisions])
     stopping = stop_on_signals(log, "payments.signal")
     log.info("payments.started", topic=names.decisions)
+    metrics = ServiceMetrics(settings, "payments")
+    metrics.stats(lambda: {"recorded": service.recorded, "refunded": service.refunded})
+    metrics.lag(ep.bootstrap, f"{settings.namespace}-payments", [names.decisions])
     try:
-        while not stopping.is_set():
-            messages = consumer.consume(500, 0.5)
-            for msg in messages:
-                if (error := msg.error()) is not None:
-                    if error.code() != KafkaError._PARTITION_EOF:
-                        log.warning("payments.consume_error", error=str(error))
-                    continue
-                try:
-                    name, record = registry.decode(msg.value() or b"")
-                except UndecodableRecord:
-                    continue  # not ours to judge: the writer dead-letters its inputs
-                service.handle(name, record, stopping)
-                if stopping.is_set():
-                    break
-            if messages and not stopping.is_set():
-                consumer.commit(asynchronous=False)  # every charge of the batch is recorded
+        with metrics.serving():
+            while not stopping.is_set():
+                messages = consumer.consume(500, 0.5)
+                for msg in messages:
+                    if (error := msg.error()) is not None:
+                        if error.code() != KafkaError._PARTITION_EOF:
+                            log.warning("payments.consume_error", error=str(error))
+                        continue
+                    try:
+                        name, record = registry.decode(msg.value() or b"")
+                    except UndecodableRecord:
+                        continue  # not ours to judge: the writer dead-letters its inputs
+                    service.handle(name, record, stopping)
+                    if stopping.is_set():
+                        break
+                if messages and not stopping.is_set():
+                    consumer.commit(asynchronous=False)  # every charge of the batch is recorded
     finally:
         consumer.close()
         producer.close()

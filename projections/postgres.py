@@ -17,6 +17,7 @@ import psycopg
 import structlog
 
 from flashsale import logs
+from flashsale.service_metrics import ServiceMetrics
 from flashsale.settings import Settings
 from flashsale.topics import DEAD_LETTERS, DECISIONS, SKU_COMMANDS, TopicNames
 from infra.signals import stop_on_signals
@@ -121,8 +122,12 @@ def main(
         only_sales=only_sales,
         batch_size=batch_size,
     )
+    metrics = ServiceMetrics(settings, "projector")
+    metrics.stats(projector.stats)
+    metrics.lag(settings.kafka_bootstrap, group_id, projector.topics)
     stop = stop_on_signals(log, "projection.signal")
-    projector.run(stop)
+    with metrics.serving():
+        projector.run(stop)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

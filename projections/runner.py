@@ -86,6 +86,7 @@ class Decoded:
     offset: int
     name: str
     record: dict[str, Any]
+    timestamp: int = 0  # the record's log time (epoch ms)
 
 
 class Projection(Protocol):
@@ -177,6 +178,8 @@ class ProjectionRunner:
         self._subscribed = False
         self.rows_written = 0
         self.records_seen = 0
+        self.batches = 0
+        self.undecodable = 0
         self.busy_seconds = 0.0  # polls with work, minus idle consume waits: rows / this = rate
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -199,6 +202,12 @@ class ProjectionRunner:
         self.start()
         assert self._conn is not None
         return self._conn.info.backend_pid
+
+    def stats(self) -> dict[str, float]:
+        """Counters for the service's metrics (read from another thread: plain numbers)."""
+        return {"records": self.records_seen, "rows": self.rows_written,
+                "batches": self.batches, "undecodable": self.undecodable,
+                "busy_seconds": self.busy_seconds}  # fmt: skip
 
     def stop(self) -> None:
         """Ask ``run`` to return after the current batch."""
@@ -323,6 +332,8 @@ class ProjectionRunner:
         )
         self.records_seen += batch.records
         self.rows_written += len(batch.rows)
+        self.batches += 1
+        self.undecodable += batch.undecodable
 
     def _decode(
         self, messages: list[Message]
@@ -354,7 +365,7 @@ class ProjectionRunner:
                     reason=exc.reason,
                 )
                 continue
-            decoded.append(Decoded(topic, partition, offset, name, record))
+            decoded.append(Decoded(topic, partition, offset, name, record, msg.timestamp()[1]))
         return decoded, offsets, undecodable
 
     def _lock(self, offsets: dict[tuple[str, int], int]) -> dict[tuple[str, int], int]:

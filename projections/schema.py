@@ -15,7 +15,7 @@ from psycopg import sql
 from infra import migrate
 
 # Migrations that create or change projection tables (the others belong to the edge).
-PROJECTION_MIGRATIONS = (1, 2, 4, 5, 9, 12, 13)
+PROJECTION_MIGRATIONS = (1, 2, 4, 5, 9, 12, 13, 15)
 _NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 

@@ -78,6 +78,7 @@ from processors.core.model import (
     Tick,
     UnitsReturned,
     WrongLedger,
+    intent_of_order,
     order_id_for,
 )
 from processors.core.operations import (
@@ -176,6 +177,7 @@ __all__ = [
     "evolve",
     "fold",
     "intent_digest",
+    "intent_of_order",
     "order_id_for",
     "progress_due",
     "terms_problem",

@@ -412,3 +412,8 @@ class WrongLedger(ValueError):
 def order_id_for(intent_id: str) -> str:
     """Deterministic order id of an accepted intent."""
     return "ord-" + intent_id
+
+
+def intent_of_order(order_id: str) -> str:
+    """The intent an order was made for (``order_id_for`` backwards): logs trace by it."""
+    return order_id.removeprefix("ord-")

@@ -33,11 +33,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
+import structlog
 from confluent_kafka import KafkaException
 
 from producers.commands import Appended, NotAcknowledged
 from producers.http.rules import Refused, SkuTerms, check_intent
 from producers.identity import intent_id_for
+
+log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
@@ -246,7 +249,7 @@ class IntakeService:
         if key is None:  # nobody can retry it: no entry in the table
             await self._check(user_id, sale_id, sku, quantity, None)
             intent_id, ack = self._submit(user_id, sale_id, sku, quantity, uuid.uuid4().hex)
-            placed_at = await self._acknowledged(ack)
+            placed_at = await self._traced(intent_id, sale_id, sku, ack)
             return self._placed(intent_id, user_id, sale_id, sku, quantity, placed_at, fresh=True)
         slot = (user_id, sale_id, key)
         seen = self.recent.get(slot)
@@ -259,7 +262,7 @@ class IntakeService:
                     f"(sku {seen_sku!r}, quantity {seen_quantity}); use a new key",
                 )
             if isinstance(state, asyncio.Future):
-                place = await self._acknowledged(state)
+                place = await self._traced(seen_id, sale_id, sku, state)
             else:
                 place = None if state is None else Appended(*state)
             return self._placed(seen_id, user_id, sale_id, sku, quantity, place)
@@ -282,7 +285,7 @@ class IntakeService:
             raise
         assert produced_id == intent_id
         ack.add_done_callback(lambda f: _settle_from(done, f))
-        place = await self._acknowledged(done)
+        place = await self._traced(intent_id, sale_id, sku, done)
         return self._placed(intent_id, user_id, sale_id, sku, quantity, place, fresh=True)
 
     async def _check(
@@ -312,6 +315,15 @@ class IntakeService:
             return self.log.submit_intent_async(sale_id, sku, user_id, quantity, key)
         except (NotAcknowledged, BufferError, KafkaException) as exc:  # e.g. queue full
             raise Unacknowledged(str(exc)) from None
+
+    async def _traced(self, intent_id: str, sale_id: str, sku: str, ack: asyncio.Future[T]) -> T:
+        """``_acknowledged``, and a log line naming the intent when Kafka did not answer."""
+        try:
+            return await self._acknowledged(ack)
+        except Unacknowledged as exc:
+            log.warning("intent.not_acknowledged", intent_id=intent_id, sale_id=sale_id,
+                        sku=sku, reason=str(exc))  # fmt: skip
+            raise
 
     async def _acknowledged(self, ack: asyncio.Future[T]) -> T:
         """Where the log put the intent, once acknowledged; waited for without cancelling it

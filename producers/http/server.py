@@ -37,7 +37,7 @@ def build_app(
     from flashsale.topics import TopicNames
     from producers.clock import DrawSeeds
     from producers.commands import CommandProducer
-    from producers.http import admin, api, errors, ops, orders
+    from producers.http import admin, api, errors, live, ops, orders
     from producers.http.auth import TokenVerifier, load_secret
     from producers.http.config import EdgeSettings
     from producers.http.context import EdgeContext
@@ -112,6 +112,8 @@ def build_app(
     app.include_router(admin.router)
     app.include_router(orders.router)
     app.include_router(ops.router)
+    app.include_router(live.router)
+    app.state.live_scraper = live.ServiceScraper(settings)
     app.add_middleware(EdgeMiddleware, metrics=metrics, server_id=ident)
     app.state.metrics = metrics
     app.state.server_id = ident

@@ -50,6 +50,12 @@ def test_demo_runs_a_small_sale_over_http_and_its_audit_holds(
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "INVARIANTS HOLD" in done.stdout
     summary = json.loads(report.read_text())
+    # The live page's address while the sale ran, and a post-sale report per sale.
+    assert "live page: http://127.0.0.1:" in done.stdout
+    assert len(summary["reports"]) == 4
+    for path in summary["reports"]:
+        page = Path(path).read_text()
+        assert page.count("<svg") == 5 and "For the next sale" in page, path
     assert summary["oversold"] == 0 and summary["missing_decisions"] == 0
     assert summary["repeated_decisions"] == 0 and summary["input_offsets_unaccounted"] == 0
     assert summary["accepted"] > 0 and summary["orders_in_postgres"] == summary["accepted"]

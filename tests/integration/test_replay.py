@@ -24,6 +24,8 @@ from flashsale.settings import REPO_ROOT, Settings
 from flashsale.topics import TopicNames, catalogue
 from infra import migrate, provision
 from infra.stack import Endpoints
+from projections import analytics
+from projections.catch_up import wait_until_projected
 from projections.commands import live_name
 from projections.store import reset
 from tests.integration.test_projection import (
@@ -80,13 +82,16 @@ def test_replay_equals_live_after_a_projector_sigkill_and_names_a_tampered_table
     end = log_ends(endpoints.bootstrap, topics)
     projection = live_name(ns)
 
-    def spawn(tag: str) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "flashsale.cli", "projector", "--batch-size", "300"]
+    def spawn(tag: str, service: str = "projector") -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "flashsale.cli", service, "--batch-size", "300"]
         with (tmp_path / f"{tag}.log").open("wb") as out:
             return subprocess.Popen(
                 cmd, cwd=REPO_ROOT, env=_env(ns, endpoints), stdout=out, stderr=out
             )
 
+    # The replay compares the analytics projection too: it runs live alongside (its own
+    # SIGKILL is tests/integration/test_analytics.py's).
+    live_analytics = spawn("analytics", "analytics")
     try:
         first = spawn("first")
         while outcome_count(endpoints.dsn, sale_id) < 1500:
@@ -106,6 +111,8 @@ def test_replay_equals_live_after_a_projector_sigkill_and_names_a_tampered_table
                 assert second.poll() is None, (tmp_path / "second.log").read_text()[-2000:]
                 assert time.monotonic() < limit, "the restarted projector did not catch up"
                 time.sleep(0.05)
+            wait_until_projected(endpoints.bootstrap, endpoints.dsn, analytics.live_name(ns),
+                                 (names.sku_commands, names.decisions), timeout=60)  # fmt: skip
             code, result = _replay(ns, endpoints)
         finally:
             second.send_signal(signal.SIGTERM)
@@ -118,6 +125,7 @@ def test_replay_equals_live_after_a_projector_sigkill_and_names_a_tampered_table
                     "sale_counters": 4}  # fmt: skip
         assert {t: tables[t]["replayed_rows"] for t in expected} == expected
         assert {t: tables[t]["live_rows"] for t in expected} == expected
+        assert tables["analytics_seconds"]["replayed_rows"] > 0
         assert result["offsets_replayed"] == sum(end.values())
 
         with psycopg.connect(endpoints.dsn, autocommit=True) as conn:
@@ -134,7 +142,12 @@ def test_replay_equals_live_after_a_projector_sigkill_and_names_a_tampered_table
                 "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'replay\\_%'"
             ).fetchall()
     finally:
+        live_analytics.send_signal(signal.SIGTERM)
+        live_analytics.wait(15)
         reset(endpoints.dsn, projection, sale_ids=[sale_id])
+        with psycopg.connect(endpoints.dsn, autocommit=True) as conn:
+            for table in analytics.TABLES:
+                conn.execute(f"DELETE FROM {table} WHERE sale_id = %s", (sale_id,))
         AdminClient({"bootstrap.servers": endpoints.bootstrap}).delete_topics(
             [t.name for t in catalogue(ns)]
         )

@@ -1,0 +1,73 @@
+"""Scraping the namespace's ``/metrics`` endpoints (for ``flashsale top`` and the live page).
+
+Targets are the services' metric cards (``flashsale.service_metrics``) and every app server
+(``run/<ns>/http/app-<port>.pid``).
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from flashsale.service_metrics import cards
+from flashsale.settings import Settings
+from infra import processes
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+@dataclass
+class Scrape:
+    """One process's metrics at one moment."""
+
+    name: str
+    kind: str
+    pid: int | None
+    url: str
+    at: float = 0.0
+    samples: Samples = field(default_factory=dict)
+    error: str | None = None
+
+    def value(self, metric: str, **labels: str) -> float:
+        """Sum of ``metric``'s samples whose labels include ``labels``."""
+        want = set(labels.items())
+        return sum(v for (n, ls), v in self.samples.items() if n == metric and want <= set(ls))
+
+
+def scrape(target: Scrape, timeout: float = 1.0) -> Scrape:
+    try:
+        with urllib.request.urlopen(target.url, timeout=timeout) as resp:
+            text = resp.read().decode()
+    except OSError as exc:
+        target.error = str(exc)
+        return target
+    target.at = time.monotonic()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            target.samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return target
+
+
+def targets(settings: Settings) -> list[Scrape]:
+    """Every process of the namespace that serves ``/metrics`` now."""
+    found = [
+        Scrape(c["service"], c["service"], int(c["pid"]), f"http://127.0.0.1:{c['port']}/metrics")
+        for c in cards(settings)
+    ]
+    http = settings.state_dir / "run" / settings.namespace / "http"
+    for pidfile in sorted(http.glob("app-*.pid")):
+        pid = processes.read_pid(pidfile)
+        if pid is not None:
+            port = pidfile.stem.removeprefix("app-")
+            found.append(Scrape(f"app:{port}", "app", pid, f"http://127.0.0.1:{port}/metrics"))
+    return found
+
+
+def rate(now: Scrape, before: Scrape | None, metric: str) -> float | None:
+    """``metric``'s increase per second between two scrapes of one process (None: unknown)."""
+    if before is None or before.error or now.error or now.at <= before.at:
+        return None
+    return (now.value(metric) - before.value(metric)) / (now.at - before.at)

@@ -1,0 +1,111 @@
+"""The live sale page: charts of one sale, updating every second, for operators.
+
+``GET /live/sales/{sale_id}`` serves the page (``static/live.html``, charts drawn by the
+vendored uPlot); the page polls ``GET /live/sales/{sale_id}/data``:
+
+* ``series``: the sale's per-second series from the analytics projection
+  (``projections.analytics_series``): intents received and decided per second, accepted and
+  rejected, decision latency p50/p99, stock remaining per SKU, queue length; and totals;
+* ``services``: every process of the namespace from its ``/metrics`` (CPU, work per second,
+  consumer lag per service), scraped by this app server at most once a second.
+
+Like ``/metrics`` it is served on each app server's own port, never through nginx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from importlib import resources
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from flashsale.scrape import Scrape, rate, scrape, targets
+from flashsale.settings import Settings
+from producers.http.context import Ctx
+from producers.http.errors import ApiError
+from projections.analytics_series import ALLOCATION_SQL, SERIES_SQL, series
+
+router = APIRouter(prefix="/live", include_in_schema=False)
+
+_STATIC = resources.files("producers.http") / "static"
+_TYPES = {"uPlot.iife.min.js": "text/javascript", "uPlot.min.css": "text/css"}
+# The work counter of each kind of process, as ``flashsale top`` shows it.
+_WORK = {"processor": "flashsale_processor_decisions_total",
+         "projector": "flashsale_projector_records_total",
+         "analytics": "flashsale_analytics_records_total",
+         "app": "flashsale_intents_accepted_total"}  # fmt: skip
+
+
+class ServiceScraper:
+    """The namespace's processes, scraped at most once a second (rates between scrapes)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._before: dict[str, Scrape] = {}
+        self._view: list[dict[str, Any]] = []
+        self._at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def view(self) -> list[dict[str, Any]]:
+        async with self._lock:
+            if time.monotonic() - self._at >= 1.0:
+                now = await asyncio.to_thread(self._scrape_all)
+                self._view = [self._row(s) for s in now]
+                self._before = {s.name: s for s in now}
+                self._at = time.monotonic()
+            return self._view
+
+    def _scrape_all(self) -> list[Scrape]:
+        return [scrape(t, timeout=0.5) for t in targets(self.settings)]
+
+    def _row(self, s: Scrape) -> dict[str, Any]:
+        before = self._before.get(s.name)
+        lagging = [v for (n, _), v in s.samples.items() if n == "flashsale_consumer_lag"]
+        work = _WORK.get(s.kind)
+        return {
+            "name": s.name,
+            "up": s.error is None,
+            "cpu": rate(s, before, "process_cpu_seconds_total"),
+            "rss_mb": round(s.value("process_resident_memory_bytes") / 2**20, 1),
+            "work_per_s": rate(s, before, work) if work else None,
+            "lag": sum(lagging) if lagging else None,
+        }
+
+
+async def _sale_series(ctx: Ctx, sale_id: str) -> dict[str, Any]:
+    async with ctx.store.pool.connection() as conn:
+        allocation: dict[str, int] = dict(
+            await (await conn.execute(ALLOCATION_SQL, (sale_id,))).fetchall()
+        )
+        rows = await (await conn.execute(SERIES_SQL, (sale_id, 0))).fetchall()
+    if not rows and not allocation:
+        raise ApiError(404, "unknown_sale", f"no analytics for sale {sale_id!r} yet")
+    return series(sale_id, rows, allocation)
+
+
+@router.get("/sales/{sale_id}")
+async def page(sale_id: str) -> HTMLResponse:
+    """The page itself (its data comes from ``/data``)."""
+    html = (_STATIC / "live.html").read_text()
+    return HTMLResponse(html, headers={"Cache-Control": "no-store"})
+
+
+@router.get("/sales/{sale_id}/data")
+async def data(sale_id: str, ctx: Ctx, request: Request) -> JSONResponse:
+    """The sale's series and the namespace's services, now."""
+    scraper: ServiceScraper = request.app.state.live_scraper
+    found, services = await asyncio.gather(_sale_series(ctx, sale_id), scraper.view())
+    return JSONResponse({"series": found, "services": services, "at": time.time()},
+                        headers={"Cache-Control": "no-store"})  # fmt: skip
+
+
+@router.get("/static/{name}")
+async def static(name: str) -> Response:
+    """The vendored chart library."""
+    if name not in _TYPES:
+        raise ApiError(404, "not_found", f"no static file {name!r}")
+    return Response((_STATIC / name).read_bytes(), media_type=_TYPES[name],
+                    headers={"Cache-Control": "max-age=3600"})  # fmt: skip
