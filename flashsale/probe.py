@@ -75,10 +75,18 @@ def _one(url: str, sale_id: str, sku: str, user: str, bearer: str, out: ProbeRes
         listener.start()
         if not opened.wait(timeout):
             raise TimeoutError("the event stream did not open")
-        began = time.perf_counter()
-        answer = client.post(f"/v1/sales/{sale_id}/intents",
-                             json={"sku": sku, "quantity": 1},
-                             headers={**headers, "Idempotency-Key": f"{user}-probe"})  # fmt: skip
+        body, key = {"sku": sku, "quantity": 1}, f"{user}-probe"
+        for attempt in range(3):  # as a shopper would: retry with the same key
+            began = time.perf_counter()
+            try:
+                answer = client.post(f"/v1/sales/{sale_id}/intents", json=body,
+                                     headers={**headers, "Idempotency-Key": key})  # fmt: skip
+            except httpx.TransportError:
+                if attempt == 2:
+                    raise
+                continue
+            if answer.status_code != 503:
+                break
         acked = (time.perf_counter() - began) * 1000
         if answer.status_code == 409:  # sold out, answered by the edge: nothing to follow
             with lock:
@@ -115,6 +123,7 @@ def run_probe(url: str, sale_id: str, skus: list[str], tokens: dict[str, str],
         t.start()
         threads.append(t)
         time.sleep(spacing_s)
+    deadline = time.monotonic() + timeout + 5
     for t in threads:
-        t.join(timeout + 5)
+        t.join(max(0.0, deadline - time.monotonic()))
     return out

@@ -23,7 +23,7 @@ from infra.processes import cpu_seconds
 from producers.commands import SkuAllocation
 from projections import analytics, schema
 from projections.postgres import PostgresProjector
-from projections.runner import use_short_switch_interval
+from projections.runner import ProjectionRunner, use_short_switch_interval
 
 
 def projection(settings: Settings, dsn: str, broker_pid: int | None, n: int) -> dict[str, Any]:
@@ -52,26 +52,12 @@ def projection(settings: Settings, dsn: str, broker_pid: int | None, n: int) -> 
             topics=ns.names,
             search_path=scratch,
         )
-        try:
-            pg_pid = runner.backend_pid()
-            t0, cpu0, pg0 = time.monotonic(), time.process_time(), cpu_seconds(pg_pid)
-            runner.run_until_caught_up(timeout=1800)
-            seconds = time.monotonic() - t0
-            cpu, pg_cpu = time.process_time() - cpu0, cpu_seconds(pg_pid) - pg0
-        finally:
-            runner.close()
+        seconds, cpu, pg_cpu = _caught_up(runner)
         # The analytics projection over the same log (commands and decisions), same schema.
-        a_runner = analytics.runner(ns.settings, dsn, name="bench-analytics",
-                                  group_id=f"{ns.settings.namespace}-analytics",
-                                  search_path=scratch)  # fmt: skip
-        try:
-            pg_pid = a_runner.backend_pid()
-            t0, cpu0, pg0 = time.monotonic(), time.process_time(), cpu_seconds(pg_pid)
-            a_runner.run_until_caught_up(timeout=1800)
-            a_seconds = time.monotonic() - t0
-            a_cpu, a_pg = time.process_time() - cpu0, cpu_seconds(pg_pid) - pg0
-        finally:
-            a_runner.close()
+        a_seconds, a_cpu, a_pg = _caught_up(
+            analytics.runner(ns.settings, dsn, name="bench-analytics",
+                             group_id=f"{ns.settings.namespace}-analytics", search_path=scratch)
+        )  # fmt: skip
         audit = audit_sale(ns.bootstrap, ns.names, sale, timeout=1200)
         # The projections above are the "live" ones here: replay again and compare.
         again = replay(ns.settings, dsn, live_schema=scratch, live_projection="bench",
@@ -96,3 +82,15 @@ def projection(settings: Settings, dsn: str, broker_pid: int | None, n: int) -> 
     finally:
         schema.drop(dsn, scratch)
         ns.drop()
+
+
+def _caught_up(runner: ProjectionRunner) -> tuple[float, float, float]:
+    """Run ``runner`` from offset 0 to the log's end, then close it: seconds, its CPU seconds
+    and its PostgreSQL backend's."""
+    try:
+        pg_pid = runner.backend_pid()
+        t0, cpu0, pg0 = time.monotonic(), time.process_time(), cpu_seconds(pg_pid)
+        runner.run_until_caught_up(timeout=1800)
+        return time.monotonic() - t0, time.process_time() - cpu0, cpu_seconds(pg_pid) - pg0
+    finally:
+        runner.close()

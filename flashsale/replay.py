@@ -145,7 +145,12 @@ def _wait_for_live(
                 raise ReplayError(
                     f"the live projection {live_projection!r} never stood at the replay's "
                     f"offsets within {wait_s:.0f}s: behind on {len(behind)} partition(s)"
-                    + (" (is the projector running? `make up` starts it)" if behind else "")
+                    + (
+                        " (is its service running? `make up` starts the projector and the"
+                        " analytics service; `--no-analytics` leaves the latter out)"
+                        if behind
+                        else ""
+                    )
                     + (", and the log kept moving" if ahead else "")
                 )
             if ahead:  # the log moved on while replaying: replay the new records too
@@ -251,6 +256,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--json", action="store_true", help="print the comparison as JSON")
     p.add_argument("--keep", action="store_true", help="keep the replay schema (to inspect)")
     p.add_argument(
+        "--no-analytics",
+        action="store_true",
+        help="leave the analytics projection out (its service is not running)",
+    )
+    p.add_argument(
         "--wait", type=float, default=60.0, help="seconds to wait for the live projection"
     )
     p.set_defaults(run=run)
@@ -268,7 +278,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         ep = stack.endpoints()
         resolved = dataclasses.replace(settings, kafka_bootstrap=ep.bootstrap)
-        result = replay(resolved, ep.dsn, wait_s=args.wait, keep=args.keep, progress=not args.json)
+        result = replay(resolved, ep.dsn, wait_s=args.wait, keep=args.keep,
+                        progress=not args.json, with_analytics=not args.no_analytics)  # fmt: skip
     except (ReplayError, ProjectionError, psycopg.Error, KafkaException) as exc:
         # Exit 1 means "different": a replay that could not finish must not look like one.
         print(f"flashsale: error: replay could not compare: {exc}", file=sys.stderr)

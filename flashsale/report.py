@@ -1,8 +1,9 @@
 """`flashsale report <sale>`: a post-sale report, one static HTML file with its charts inline.
 
-Everything comes from the projections (so it can be made again from the log by a replay):
-the analytics projection's per-second series, intents per person and latency buckets; the
-outcomes projection's rows (who won, when each row was written); the sale's terms. The
+Everything comes from the projections: the analytics projection's per-second series,
+intents per person and latency buckets (all rebuilt alike by a replay of the log); the
+outcomes projection's rows (who won; when each row was written, which a replay does not
+reproduce: it is the live projection's own timing); the sale's terms. The
 probe client's file (``flashsale.probe``), when the demo ran one, adds what only a client
 sees: the POST until its ``202``, and the decision's event reaching a connected client.
 
@@ -25,7 +26,7 @@ import psycopg
 
 from flashsale.probe import ProbeResult
 from flashsale.settings import Settings
-from projections.analytics_series import ALLOCATION_SQL, SERIES_SQL, series
+from projections.analytics_series import read_series
 
 _USERS_SQL = """
 SELECT intents, count(*) FROM analytics_users WHERE sale_id = %s GROUP BY intents ORDER BY intents
@@ -51,14 +52,13 @@ def probe_path(settings: Settings, sale_id: str) -> Path:
 def gather(dsn: str, sale_id: str) -> dict[str, Any]:
     """Everything the report shows, from PostgreSQL."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        allocation: dict[str, int] = dict(conn.execute(ALLOCATION_SQL, (sale_id,)).fetchall())
-        rows = conn.execute(SERIES_SQL, (sale_id, 0)).fetchall()
+        found = read_series(conn, sale_id)
         per_user = conn.execute(_USERS_SQL, (sale_id,)).fetchall()
         winners, projected = conn.execute(_WINNERS_SQL, (sale_id,)).fetchone() or (0, None)
-    if not rows:
+    if found is None or not found["t"]:
         raise LookupError(f"no analytics for sale {sale_id!r} (is `flashsale analytics` running?)")
-    return {"series": series(sale_id, rows, allocation), "per_user": per_user,
-            "winners": winners, "log_to_row_ms": projected or [None, None]}  # fmt: skip
+    return {"series": found, "per_user": per_user, "winners": winners,
+            "log_to_row_ms": projected or [None, None]}  # fmt: skip
 
 
 def planning(data: dict[str, Any]) -> list[tuple[str, str]]:
@@ -256,7 +256,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    """Write the report (starting PostgreSQL if needed, stopping it again)."""
+    """Write the report (starting the servers if they are down, and stopping them again)."""
     from infra.stack import Stack
 
     stack = Stack(settings)

@@ -16,6 +16,17 @@ from flashsale.service_metrics import cards
 from flashsale.settings import Settings
 from infra import processes
 
+# The counter that says how much work a service did, per kind of service
+# (``flashsale top`` and the live page show it per second).
+WORK = {
+    "processor": ("flashsale_processor_decisions_total", "decisions"),
+    "projector": ("flashsale_projector_records_total", "records"),
+    "analytics": ("flashsale_analytics_records_total", "records"),
+    "clock": ("flashsale_clock_steps_total", "steps"),
+    "payments": ("flashsale_payments_recorded_total", "payments"),
+    "app": ("flashsale_intents_accepted_total", "202s"),
+}
+
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -30,6 +41,11 @@ class Scrape:
     at: float = 0.0
     samples: Samples = field(default_factory=dict)
     error: str | None = None
+
+    @property
+    def key(self) -> str:
+        """One process: its name and pid (several instances of a service share the name)."""
+        return f"{self.name}/{self.pid}"
 
     def value(self, metric: str, **labels: str) -> float:
         """Sum of ``metric``'s samples whose labels include ``labels``."""

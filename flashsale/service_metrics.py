@@ -2,8 +2,9 @@
 clock, payment service); the app servers serve theirs on their own port (producers.http).
 
 Each service opens its own registry on an ephemeral loopback port (never through nginx) and
-writes where it listens to ``<state>/run/<namespace>/metrics/<service>.json``, which
-``flashsale top`` reads. Every service exports:
+writes where it listens to ``<state>/run/<namespace>/metrics/<service>-<pid>.json`` (one
+card per instance: several writer workers each have theirs), which ``flashsale top`` reads.
+Every service exports:
 
 * process CPU seconds, resident memory and open files (``process_*``);
 * its own counters (``flashsale_<service>_<name>``), read from a dict the service keeps;
@@ -110,7 +111,8 @@ class LagCollector(Collector):
         yield lag
 
     def close(self) -> None:
-        self._probe.close()
+        with self._lock:  # not while a scrape uses it
+            self._probe.close()
 
 
 class ServiceMetrics:
@@ -139,8 +141,11 @@ class ServiceMetrics:
         port = int(server.server_port)
         where = metrics_dir(self.settings)
         where.mkdir(parents=True, exist_ok=True)
-        card = where / f"{self.service}.json"
-        tmp = card.with_suffix(f".{os.getpid()}.tmp")
+        for stale in where.glob(f"{self.service}-*.json"):  # left by a killed instance
+            if not _alive(_owner(stale)):
+                stale.unlink(missing_ok=True)
+        card = where / f"{self.service}-{os.getpid()}.json"  # one per instance
+        tmp = card.with_suffix(".tmp")
         tmp.write_text(json.dumps({"service": self.service, "pid": os.getpid(), "port": port}))
         tmp.replace(card)
         log.info("metrics.serving", service=self.service, port=port)
@@ -150,8 +155,7 @@ class ServiceMetrics:
             server.shutdown()
             server.server_close()
             thread.join(timeout=2.0)
-            if _owner(card) == os.getpid():
-                card.unlink(missing_ok=True)
+            card.unlink(missing_ok=True)
             for close in self._closers:
                 close()
 
@@ -163,14 +167,24 @@ def _owner(card: Path) -> int | None:
         return None
 
 
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
 def cards(settings: Settings) -> list[dict[str, Any]]:
-    """The services of the namespace that say they serve ``/metrics`` (live pids only)."""
+    """The processes of the namespace that say they serve ``/metrics`` (live pids only)."""
     found = []
     for card in sorted(metrics_dir(settings).glob("*.json")):
         try:
             info = json.loads(card.read_text())
-            os.kill(int(info["pid"]), 0)
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError):
             continue
-        found.append(info)
+        if _alive(info.get("pid")):
+            found.append(info)
     return found

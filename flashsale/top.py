@@ -20,19 +20,9 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from flashsale.scrape import Scrape, rate, scrape, targets
+from flashsale.scrape import WORK, Scrape, rate, scrape, targets
 from flashsale.settings import Settings
 from projections.analytics_rows import LATENCY_BUCKETS_MS, percentile
-
-# The counter that says how much work a service did, per kind of service.
-WORK = {
-    "processor": ("flashsale_processor_decisions_total", "decisions"),
-    "projector": ("flashsale_projector_records_total", "records"),
-    "analytics": ("flashsale_analytics_records_total", "records"),
-    "clock": ("flashsale_clock_steps_total", "ticks"),
-    "payments": ("flashsale_payments_recorded_total", "payments"),
-    "app": ("flashsale_intents_accepted_total", "202s"),
-}
 
 
 def _restarts(settings: Settings) -> dict[str, float]:
@@ -60,7 +50,7 @@ def services_table(
         if s.error:
             table.add_row(s.name, str(s.pid), "-", "-", "-", f"[red]{s.error[:30]}", "-", "-")
             continue
-        prev = before.get(s.name)
+        prev = before.get(s.key)
         cpu = rate(s, prev, "process_cpu_seconds_total")
         metric, unit = WORK.get(s.kind, ("", ""))
         work = rate(s, prev, metric) if metric else None
@@ -119,7 +109,7 @@ def snapshot(settings: Settings, before: dict[str, Scrape]) -> tuple[Group, dict
     now = [scrape(t) for t in targets(settings)]
     analytics = next((s for s in now if s.kind == "analytics"), None)
     view = Group(services_table(now, before, _restarts(settings)), sales_table(analytics))
-    return view, {s.name: s for s in now}
+    return view, {s.key: s for s in now}
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -1,10 +1,11 @@
 """`flashsale trace <intent-id>`: everything known about one intent, from every service.
 
-Every log line about an intent carries its id (``intent_id``; an order's lines carry the
-intent it was made for, ``processors.core.model.intent_of_order``), while the hot paths log
-per batch with counts. This prints the intent's outcome and lifecycle facts from the
-projections, then every line of the namespace's service logs (writer, projector, analytics,
-clock, payments, app servers) that names it.
+Every log line about one intent carries its id (``intent_id``: the edge's unacknowledged
+writes; the payment service's lines about an order carry the intent it was made for,
+``processors.core.model.intent_of_order``). The hot paths log per batch with counts, not per
+intent: the writer's ``batch.decided`` (debug) names its partition and offsets. This prints
+the intent's outcome and lifecycle facts from the projections, then every line of the
+namespace's service logs (all services and app servers) that names it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The project's own long-running services (processor, projector, sale clock, payment
-service) as detached processes."""
+"""The project's own long-running services (processor, projector, analytics, sale clock,
+payment service) as detached processes."""
 
 from __future__ import annotations
 

@@ -32,13 +32,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from flashsale.service_metrics import ServiceMetrics
 from flashsale.settings import Settings
 from infra import processes
 from infra.errors import InfraError
@@ -152,10 +155,13 @@ class Supervisor:
                 self._prepare(slot)
             self._publish()
             log.info("supervisor.started", services=[s.service.name for s in self.slots])
-            while not stop.is_set():
-                for slot in self.slots:
-                    self._tick(slot)
-                stop.wait(POLL_S)
+            metrics = ServiceMetrics(self.settings, "supervisor")
+            metrics.registry.register(_SlotsCollector(self.slots))
+            with metrics.serving():
+                while not stop.is_set():
+                    for slot in self.slots:
+                        self._tick(slot)
+                    stop.wait(POLL_S)
             log.info("supervisor.stopping")
         finally:
             self._stop_children()
@@ -256,6 +262,24 @@ class Supervisor:
         state = {"pid": os.getpid(), "at": int(time.time() * 1000), "services": services}
         _write_atomic(self.tracker.statefile, json.dumps(state))
         _write_atomic(self.dir / "supervisor.prom", prometheus_text(services))
+
+
+class _SlotsCollector(Collector):
+    """The supervisor's ``/metrics``: restarts and liveness per service (as supervisor.prom)."""
+
+    def __init__(self, slots: Sequence[_Slot]) -> None:
+        self.slots = slots
+
+    def collect(self) -> Iterator[Metric]:
+        restarts = CounterMetricFamily("flashsale_service_restarts", "Restarts by the supervisor.",
+                                       labels=["service"])  # fmt: skip
+        up = GaugeMetricFamily("flashsale_service_up", "1 while the service's child runs.",
+                               labels=["service"])  # fmt: skip
+        for slot in self.slots:
+            restarts.add_metric([slot.service.name], slot.policy.restarts)
+            up.add_metric([slot.service.name], int(slot.proc is not None))
+        yield restarts
+        yield up
 
 
 def prometheus_text(services: Mapping[str, Mapping[str, Any]]) -> str:

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -33,41 +34,36 @@ from flashsale.topics import TopicNames
 from infra.signals import stop_on_signals
 from projections.analytics_rows import COUNTS, LATENCY_BUCKETS_MS, AnalyticsRows
 from projections.runner import Decoded, ProjectionRunner, use_short_switch_interval
+from projections.store import jsonb_sum
 from schemas.codec import SchemaRegistry, default_registry
 
 log = structlog.get_logger(__name__)
 
 TABLES = ("analytics_seconds", "analytics_users")
-"""The tables the projection writes (what a replay compares, what ``reset`` empties)."""
+"""The tables the projection writes (what a replay compares)."""
 WANTED_COMMANDS = ("PurchaseIntent",)
 """The only command it reads: the others are passed over undecoded."""
 
 _SECONDS_COLUMNS = (
     "sale_id, sku, at, " + ", ".join(COUNTS) + ", rejected_by_reason, latency_ms, remaining,"
-    " remaining_sequence, queue_length"
+    " remaining_sequence"
 )
 _ADDED = ",\n    ".join(f"{c} = a.{c} + excluded.{c}" for c in COUNTS)
 _SECONDS_SQL = f"""
 INSERT INTO analytics_seconds AS a ({_SECONDS_COLUMNS})
-SELECT s, k, at, {", ".join(COUNTS)}, r::jsonb, l::bigint[], rem, rseq, ql
+SELECT s, k, at, {", ".join(COUNTS)}, r::jsonb, l::bigint[], rem, rseq
 FROM unnest(%s::text[], %s::text[], %s::timestamptz[],
             {", ".join(["%s::bigint[]"] * len(COUNTS))},
-            %s::text[], %s::text[], %s::int[], %s::bigint[], %s::int[])
-     AS t(s, k, at, {", ".join(COUNTS)}, r, l, rem, rseq, ql)
+            %s::text[], %s::text[], %s::int[], %s::bigint[])
+     AS t(s, k, at, {", ".join(COUNTS)}, r, l, rem, rseq)
 ON CONFLICT (sale_id, sku, at) DO UPDATE SET
     {_ADDED},
-    rejected_by_reason = (
-        SELECT coalesce(jsonb_object_agg(key, total), '{{}}'::jsonb)
-        FROM (SELECT key, sum(value::bigint) AS total
-              FROM (SELECT * FROM jsonb_each_text(a.rejected_by_reason)
-                    UNION ALL
-                    SELECT * FROM jsonb_each_text(excluded.rejected_by_reason)) kv
-              GROUP BY key) s),
-    latency_ms = ARRAY(SELECT x + y FROM unnest(a.latency_ms, excluded.latency_ms) AS b(x, y)),
+    rejected_by_reason = {jsonb_sum("a.rejected_by_reason", "excluded.rejected_by_reason")},
+    latency_ms = ARRAY(SELECT x + y FROM unnest(a.latency_ms, excluded.latency_ms)
+                       WITH ORDINALITY AS b(x, y, i) ORDER BY i),
     remaining = CASE WHEN excluded.remaining_sequence > a.remaining_sequence
                      THEN excluded.remaining ELSE a.remaining END,
-    remaining_sequence = greatest(a.remaining_sequence, excluded.remaining_sequence),
-    queue_length = greatest(a.queue_length, excluded.queue_length)
+    remaining_sequence = greatest(a.remaining_sequence, excluded.remaining_sequence)
 """
 _USERS_SQL = """
 INSERT INTO analytics_users AS u (sale_id, user_id, intents)
@@ -132,22 +128,19 @@ def runner(
                             search_path=search_path)  # fmt: skip
 
 
-def reset(dsn: str, projection: str) -> None:
-    """Forget ``projection``: empty its tables and its tracking offsets."""
-    with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
-        conn.execute(f"TRUNCATE {', '.join(TABLES)}")
-        conn.execute("DELETE FROM projection_offsets WHERE projection = %s", (projection,))
-
-
+_RECENT = (
+    "sale_id IN (SELECT sale_id FROM analytics_seconds WHERE at > now() - %s * interval '1 s')"
+)
 _TOTALS_SQL = f"""
 SELECT sale_id, sku, {", ".join(f"sum({c})::bigint" for c in COUNTS)},
-       (SELECT ARRAY(SELECT sum(x)::bigint FROM analytics_seconds b, unnest(b.latency_ms)
-                     WITH ORDINALITY AS u(x, i)
-                     WHERE b.sale_id = a.sale_id AND b.sku = a.sku GROUP BY i ORDER BY i)),
-       (array_agg(remaining ORDER BY remaining_sequence DESC))[1]
-FROM analytics_seconds a
-WHERE sale_id IN (SELECT sale_id FROM analytics_seconds WHERE at > now() - %s * interval '1 s')
-GROUP BY sale_id, sku
+       (array_agg(remaining ORDER BY remaining_sequence DESC)
+            FILTER (WHERE remaining IS NOT NULL))[1]
+FROM analytics_seconds WHERE {_RECENT} GROUP BY sale_id, sku
+"""
+_LATENCY_SQL = f"""
+SELECT sale_id, sku, i, sum(x)::bigint
+FROM analytics_seconds, unnest(latency_ms) WITH ORDINALITY AS u(x, i)
+WHERE {_RECENT} GROUP BY sale_id, sku, i
 """
 
 
@@ -157,41 +150,44 @@ class SaleTotalsCollector(Collector):
     def __init__(self, dsn: str, recent_s: int = 3600) -> None:
         self.dsn, self.recent_s = dsn, recent_s
         self._lock = threading.Lock()
-        self._cached: tuple[float, list[tuple[Any, ...]]] = (0.0, [])
+        self._cached: tuple[float, Any, Any] = (0.0, [], [])
 
-    def _rows(self) -> list[tuple[Any, ...]]:
+    def _rows(self) -> tuple[list[tuple[Any, ...]], dict[tuple[str, str], list[int]]]:
         with self._lock:
-            at, rows = self._cached
+            at, rows, latency = self._cached
             if time.monotonic() - at >= 1.0:
                 with psycopg.connect(self.dsn, autocommit=True, connect_timeout=2) as conn:
                     rows = conn.execute(_TOTALS_SQL, (self.recent_s,)).fetchall()
-                self._cached = (time.monotonic(), rows)
-            return rows
+                    latency = defaultdict(lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
+                    for sale, sku, i, n in conn.execute(_LATENCY_SQL, (self.recent_s,)):
+                        latency[(sale, sku)][i - 1] = n
+                self._cached = (time.monotonic(), rows, latency)
+            return rows, latency
 
     def collect(self) -> Iterator[Metric]:
         try:
-            rows = self._rows()
+            rows, by_sku = self._rows()
         except psycopg.Error as exc:
             log.warning("metrics.totals_unavailable", error=str(exc))
-            rows = []
+            rows, by_sku = [], {}
         labels = ["sale", "sku"]
         counts = {c: CounterMetricFamily(f"flashsale_sale_{c}", f"{c} (log)", labels=labels)
                   for c in COUNTS}  # fmt: skip
         remaining = GaugeMetricFamily("flashsale_sale_remaining", "units left", labels=labels)
         latency = GaugeMetricFamily(
             "flashsale_sale_decision_latency_ms_bucket",
-            "decisions by latency bucket (le: upper bound in ms, cumulative)",
+            "answers to intents by latency bucket (le: upper bound in ms, cumulative)",
             labels=[*labels, "le"],
         )
         for row in rows:
             sale, sku = row[0], row[1]
             for c, value in zip(COUNTS, row[2 : 2 + len(COUNTS)], strict=True):
                 counts[c].add_metric([sale, sku], value)
-            buckets, left = row[2 + len(COUNTS)], row[3 + len(COUNTS)]
-            if left is not None:
-                remaining.add_metric([sale, sku], left)
+            if row[-1] is not None:
+                remaining.add_metric([sale, sku], row[-1])
             total = 0
-            for bound, n in zip((*LATENCY_BUCKETS_MS, "+Inf"), buckets or (), strict=False):
+            buckets = by_sku.get((sale, sku), ())
+            for bound, n in zip((*LATENCY_BUCKETS_MS, "+Inf"), buckets, strict=False):
                 total += n
                 latency.add_metric([sale, sku, str(bound)], total)
         yield from counts.values()

@@ -25,16 +25,19 @@ from projections.rows import utc
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 """Upper bounds (inclusive) of the latency buckets; one more bucket counts what is above."""
 
-COUNTS = ("received", "accepted", "accepted_units", "rejected", "queued", "deferred", "held",
-          "waitlisted", "paid", "expired", "cancelled", "refunded")  # fmt: skip
+COUNTS = ("received", "accepted", "accepted_units", "rejected", "queued", "drawn", "deferred",
+          "held", "waitlisted", "paid", "expired", "cancelled", "refunded")  # fmt: skip
 """The additive counts of a second, in column order."""
 _json = msgspec.json.Encoder()
 _INDEX = {name: i for i, name in enumerate(COUNTS)}
+_ACCEPTED, _UNITS, _REJECTED = _INDEX["accepted"], _INDEX["accepted_units"], _INDEX["rejected"]
+_HELD, _DRAWN = _INDEX["held"], _INDEX["drawn"]
 
 INTENT_FACTS = frozenset(
     {"IntentAccepted", "IntentRejected", "EntryQueued", "Waitlisted", "IntentDeferred"}
 )
-"""Facts that answer an intent: their latency is measured."""
+"""Facts that answer an intent (finally: accepted, rejected; for now: queued, waitlisted,
+deferred): the latency of each is measured."""
 _PLAIN = {"EntryQueued": "queued", "IntentDeferred": "deferred", "Waitlisted": "waitlisted",
           "OrderPaid": "paid", "HoldExpired": "expired", "HoldCancelled": "cancelled",
           "OrderRefunded": "refunded"}  # fmt: skip
@@ -49,7 +52,6 @@ class Second:
     latency: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
     remaining: int | None = None
     remaining_sequence: int = -1
-    queue_length: int = 0
 
 
 Key = tuple[str, str, int]
@@ -86,20 +88,20 @@ class AnalyticsRows:
         s = self._second(record, timestamp_ms)
         counts = s.counts
         if name == "IntentAccepted":
-            counts[1] += 1
-            counts[2] += record["quantity"]
+            counts[_ACCEPTED] += 1
+            counts[_UNITS] += record["quantity"]
             if record.get("pay_by"):
-                counts[6] += 1
+                counts[_HELD] += 1
         elif name == "IntentRejected":
-            counts[3] += 1
+            counts[_REJECTED] += 1
             s.reasons[record["reason"]] += 1
         elif name in _PLAIN:
             counts[_INDEX[_PLAIN[name]]] += 1
         if name in INTENT_FACTS:
             waited = max(timestamp_ms - record["decided_at"], 0)
             s.latency[bisect_left(LATENCY_BUCKETS_MS, waited)] += 1
-        if name == "EntryQueued":
-            s.queue_length = max(s.queue_length, record["queued"])
+            if record.get("draw_rank"):  # an answer to a drawn pre-queue entry
+                counts[_DRAWN] += 1
         remaining = record["allocation"] if name == "SaleOpened" else record.get("remaining")
         sequence = record.get("sequence", -1)
         if remaining is not None and sequence > s.remaining_sequence:
@@ -112,7 +114,7 @@ class AnalyticsRows:
             reasons = _json.encode(dict(sorted(s.reasons.items()))).decode()
             latency = "{" + ",".join(map(str, s.latency)) + "}"
             rows.append((sale, sku, utc(second * 1000), *s.counts, reasons, latency,
-                         s.remaining, s.remaining_sequence, s.queue_length))  # fmt: skip
+                         s.remaining, s.remaining_sequence))  # fmt: skip
         return [list(c) for c in zip(*rows, strict=True)]
 
     def users_columns(self) -> list[list[Any]]:

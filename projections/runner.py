@@ -26,8 +26,9 @@ going on would skip it. The process fails as it would have without the thread.
 The pipeline needs a short GIL switch interval (``SWITCH_INTERVAL_S``); it is a setting of
 the whole process, so the composition roots set it (``use_short_switch_interval``).
 
-A crash anywhere replays at most the uncommitted batches. ``stop`` returns after the current
-batch; ``run_until_caught_up`` projects to the end offsets seen at its start.
+A crash anywhere replays at most the uncommitted batches. ``stop`` (SIGTERM) first projects
+what the log holds at that moment, for at most ``DRAIN_S``; ``run_until_caught_up`` projects
+to the end offsets seen at its start.
 """
 
 from __future__ import annotations
@@ -42,7 +43,14 @@ from typing import Any, Protocol
 
 import psycopg
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
 from schemas.codec import SchemaRegistry, UndecodableRecord, default_registry
 
@@ -60,6 +68,9 @@ def use_short_switch_interval() -> None:
     """Set this process's GIL switch interval for the pipelined runner (composition roots)."""
     if sys.getswitchinterval() > SWITCH_INTERVAL_S:
         sys.setswitchinterval(SWITCH_INTERVAL_S)
+
+
+DRAIN_S = 5.0
 
 
 class ProjectionError(RuntimeError):
@@ -210,7 +221,7 @@ class ProjectionRunner:
                 "busy_seconds": self.busy_seconds}  # fmt: skip
 
     def stop(self) -> None:
-        """Ask ``run`` to return after the current batch."""
+        """Ask ``run`` to return after the current batch (and a short drain, ``_drain``)."""
         self._stop.set()
 
     def close(self) -> None:
@@ -232,9 +243,19 @@ class ProjectionRunner:
         try:
             while not (stop.is_set() or self._stop.is_set()):
                 self.poll_batch()
+            self._drain()
         finally:
             self.close()
             log.info("projection.stopped", projection=self.name, rows=self.rows_written)
+
+    def _drain(self) -> None:
+        """On a graceful stop, project what the log holds now (for at most ``DRAIN_S``): the
+        services that write our topics stop first, so a stopped projection stands at the
+        end of its topics and a replay can compare with it."""
+        try:
+            self.run_until_caught_up(timeout=DRAIN_S)
+        except (ProjectionError, KafkaException) as exc:  # the rest waits for the next run
+            log.warning("projection.not_drained", projection=self.name, error=str(exc))
 
     def run_until_caught_up(
         self, timeout: float = 30.0, on_batch: Callable[[int, int], None] | None = None

@@ -71,7 +71,19 @@ RETURNING intent_id, sale_id, sku, user_id, quantity, outcome, reason, detail, o
           remaining, sequence, {_EPOCH_MS.format("decided_at")}, draw_rank, draw_size
 """
 
-_COUNTERS_SQL = """
+
+def jsonb_sum(left: str, right: str) -> str:
+    """SQL adding two ``{key: count}`` jsonb objects key by key (for upserts of counts)."""
+    return f"""(
+        SELECT coalesce(jsonb_object_agg(key, total), '{{}}'::jsonb)
+        FROM (SELECT key, sum(value::bigint) AS total
+              FROM (SELECT * FROM jsonb_each_text({left})
+                    UNION ALL
+                    SELECT * FROM jsonb_each_text({right})) kv
+              GROUP BY key) s)"""
+
+
+_COUNTERS_SQL = f"""
 INSERT INTO sale_counters AS c (sale_id, sku, accepted_intents, accepted_units,
                                 rejected_intents, rejected_by_reason, remaining, last_sequence)
 SELECT s, k, a, u, r, b::jsonb, rem, last
@@ -81,13 +93,7 @@ ON CONFLICT (sale_id, sku) DO UPDATE SET
     accepted_intents = c.accepted_intents + excluded.accepted_intents,
     accepted_units = c.accepted_units + excluded.accepted_units,
     rejected_intents = c.rejected_intents + excluded.rejected_intents,
-    rejected_by_reason = (
-        SELECT coalesce(jsonb_object_agg(key, total), '{}'::jsonb)
-        FROM (SELECT key, sum(value::bigint) AS total
-              FROM (SELECT * FROM jsonb_each_text(c.rejected_by_reason)
-                    UNION ALL
-                    SELECT * FROM jsonb_each_text(excluded.rejected_by_reason)) kv
-              GROUP BY key) s),
+    rejected_by_reason = {jsonb_sum("c.rejected_by_reason", "excluded.rejected_by_reason")},
     remaining = CASE WHEN excluded.last_sequence > c.last_sequence
                      THEN excluded.remaining ELSE c.remaining END,
     last_sequence = greatest(c.last_sequence, excluded.last_sequence)

@@ -1,12 +1,16 @@
 -- The analytics projection (projections/analytics.py): what happened in each second of a sale,
 -- per SKU, from the command and decision topics. Every count is added per batch inside the
 -- projection runner's transaction (so a replay from offset 0 rebuilds the same rows); the
--- gauges follow the fact with the greatest sequence (remaining) or the greatest value
--- (queue_length), so they do not depend on the order batches arrive in.
+-- stock gauge follows the fact with the greatest sequence, so it does not depend on the
+-- order batches arrive in. Counts are of records: received counts intent records appended
+-- (a client's retry of a lost answer appends its intent again; the writer decides it once).
 --
 -- at: the second of log time (a command's append time, a decision's log time).
--- latency_ms: counts per fixed bucket of decision latency (the causing command's log time to
---   the decision's), bounds in projections.analytics_rows.LATENCY_BUCKETS_MS, then overflow.
+-- queued / drawn: pre-queue entries queued, and drawn entries answered (the queue's length
+--   and progress are their running totals).
+-- latency_ms: counts per fixed bucket of the latency of every answer to an intent (the log
+--   time of the command that caused it to the answer's), bounds in
+--   projections.analytics_rows.LATENCY_BUCKETS_MS, then overflow.
 CREATE TABLE analytics_seconds (
     sale_id            text        NOT NULL,
     sku                text        NOT NULL,
@@ -17,6 +21,7 @@ CREATE TABLE analytics_seconds (
     rejected           bigint      NOT NULL DEFAULT 0,
     rejected_by_reason jsonb       NOT NULL DEFAULT '{}'::jsonb,
     queued             bigint      NOT NULL DEFAULT 0,
+    drawn              bigint      NOT NULL DEFAULT 0,
     deferred           bigint      NOT NULL DEFAULT 0,
     held               bigint      NOT NULL DEFAULT 0,
     waitlisted         bigint      NOT NULL DEFAULT 0,
@@ -27,7 +32,6 @@ CREATE TABLE analytics_seconds (
     latency_ms         bigint[]    NOT NULL,
     remaining          integer,
     remaining_sequence bigint      NOT NULL DEFAULT -1,
-    queue_length       integer     NOT NULL DEFAULT 0,
     PRIMARY KEY (sale_id, sku, at)
 );
 CREATE INDEX analytics_seconds_at ON analytics_seconds (at);

@@ -26,6 +26,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -41,6 +42,26 @@ from producers.http.rules import Refused, SkuTerms, check_intent
 from producers.identity import intent_id_for
 
 log = structlog.get_logger(__name__)
+
+
+class _Sparse:
+    """One log line per ``every_s`` for one event, counting the lines left out: an outage
+    fails every request, and the log must not flood (each line still names its intent)."""
+
+    def __init__(self, event: str, every_s: float = 1.0) -> None:
+        self.event, self.every_s = event, every_s
+        self.next_at, self.left_out = 0.0, 0
+
+    def warn(self, **fields: Any) -> None:
+        now = time.monotonic()
+        if now < self.next_at:
+            self.left_out += 1
+            return
+        log.warning(self.event, left_out=self.left_out, **fields)
+        self.next_at, self.left_out = now + self.every_s, 0
+
+
+_unacknowledged = _Sparse("intent.not_acknowledged")
 
 T = TypeVar("T")
 
@@ -249,7 +270,7 @@ class IntakeService:
         if key is None:  # nobody can retry it: no entry in the table
             await self._check(user_id, sale_id, sku, quantity, None)
             intent_id, ack = self._submit(user_id, sale_id, sku, quantity, uuid.uuid4().hex)
-            placed_at = await self._traced(intent_id, sale_id, sku, ack)
+            placed_at = await self._acknowledged(ack, intent_id)
             return self._placed(intent_id, user_id, sale_id, sku, quantity, placed_at, fresh=True)
         slot = (user_id, sale_id, key)
         seen = self.recent.get(slot)
@@ -262,7 +283,7 @@ class IntakeService:
                     f"(sku {seen_sku!r}, quantity {seen_quantity}); use a new key",
                 )
             if isinstance(state, asyncio.Future):
-                place = await self._traced(seen_id, sale_id, sku, state)
+                place = await self._acknowledged(state, seen_id)
             else:
                 place = None if state is None else Appended(*state)
             return self._placed(seen_id, user_id, sale_id, sku, quantity, place)
@@ -285,7 +306,7 @@ class IntakeService:
             raise
         assert produced_id == intent_id
         ack.add_done_callback(lambda f: _settle_from(done, f))
-        place = await self._traced(intent_id, sale_id, sku, done)
+        place = await self._acknowledged(done, intent_id)
         return self._placed(intent_id, user_id, sale_id, sku, quantity, place, fresh=True)
 
     async def _check(
@@ -316,16 +337,7 @@ class IntakeService:
         except (NotAcknowledged, BufferError, KafkaException) as exc:  # e.g. queue full
             raise Unacknowledged(str(exc)) from None
 
-    async def _traced(self, intent_id: str, sale_id: str, sku: str, ack: asyncio.Future[T]) -> T:
-        """``_acknowledged``, and a log line naming the intent when Kafka did not answer."""
-        try:
-            return await self._acknowledged(ack)
-        except Unacknowledged as exc:
-            log.warning("intent.not_acknowledged", intent_id=intent_id, sale_id=sale_id,
-                        sku=sku, reason=str(exc))  # fmt: skip
-            raise
-
-    async def _acknowledged(self, ack: asyncio.Future[T]) -> T:
+    async def _acknowledged(self, ack: asyncio.Future[T], intent_id: str) -> T:
         """Where the log put the intent, once acknowledged; waited for without cancelling it
         (a retry may wait for the same one). The producer reports every record within its
         ``message.timeout.ms``; if no report comes a second after that (the producer closed,
@@ -336,13 +348,15 @@ class IntakeService:
         except TimeoutError:
             if not ack.done():
                 ack.set_exception(Unacknowledged("no acknowledgement in time"))
-            raise Unacknowledged("no acknowledgement in time") from None
+            why = "no acknowledgement in time"
         except asyncio.CancelledError:
-            if ack.cancelled():
-                raise Unacknowledged("cancelled") from None
-            raise  # this request was cancelled, not the write
+            if not ack.cancelled():
+                raise  # this request was cancelled, not the write
+            why = "cancelled"
         except Exception as exc:
-            raise Unacknowledged(str(exc)) from None
+            why = str(exc)
+        _unacknowledged.warn(intent_id=intent_id, reason=why)
+        raise Unacknowledged(why) from None
 
     def _placed(
         self,

@@ -22,21 +22,16 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from flashsale.scrape import Scrape, rate, scrape, targets
+from flashsale.scrape import WORK, Scrape, rate, scrape, targets
 from flashsale.settings import Settings
 from producers.http.context import Ctx
 from producers.http.errors import ApiError
-from projections.analytics_series import ALLOCATION_SQL, SERIES_SQL, series
+from projections.analytics_series import read_series_async
 
 router = APIRouter(prefix="/live", include_in_schema=False)
 
 _STATIC = resources.files("producers.http") / "static"
 _TYPES = {"uPlot.iife.min.js": "text/javascript", "uPlot.min.css": "text/css"}
-# The work counter of each kind of process, as ``flashsale top`` shows it.
-_WORK = {"processor": "flashsale_processor_decisions_total",
-         "projector": "flashsale_projector_records_total",
-         "analytics": "flashsale_analytics_records_total",
-         "app": "flashsale_intents_accepted_total"}  # fmt: skip
 
 
 class ServiceScraper:
@@ -54,7 +49,7 @@ class ServiceScraper:
             if time.monotonic() - self._at >= 1.0:
                 now = await asyncio.to_thread(self._scrape_all)
                 self._view = [self._row(s) for s in now]
-                self._before = {s.name: s for s in now}
+                self._before = {s.key: s for s in now}
                 self._at = time.monotonic()
             return self._view
 
@@ -62,9 +57,9 @@ class ServiceScraper:
         return [scrape(t, timeout=0.5) for t in targets(self.settings)]
 
     def _row(self, s: Scrape) -> dict[str, Any]:
-        before = self._before.get(s.name)
+        before = self._before.get(s.key)
         lagging = [v for (n, _), v in s.samples.items() if n == "flashsale_consumer_lag"]
-        work = _WORK.get(s.kind)
+        work, _ = WORK.get(s.kind, (None, None))
         return {
             "name": s.name,
             "up": s.error is None,
@@ -76,14 +71,21 @@ class ServiceScraper:
 
 
 async def _sale_series(ctx: Ctx, sale_id: str) -> dict[str, Any]:
+    """The sale's series, made at most once a second per app server (every viewer polls)."""
+    cached = _recent.get(sale_id)
+    if cached is not None and time.monotonic() - cached[0] < 1.0:
+        return cached[1]
     async with ctx.store.pool.connection() as conn:
-        allocation: dict[str, int] = dict(
-            await (await conn.execute(ALLOCATION_SQL, (sale_id,))).fetchall()
-        )
-        rows = await (await conn.execute(SERIES_SQL, (sale_id, 0))).fetchall()
-    if not rows and not allocation:
+        found = await read_series_async(conn, sale_id)
+    if found is None:
         raise ApiError(404, "unknown_sale", f"no analytics for sale {sale_id!r} yet")
-    return series(sale_id, rows, allocation)
+    if len(_recent) > 64:
+        _recent.clear()
+    _recent[sale_id] = (time.monotonic(), found)
+    return found
+
+
+_recent: dict[str, tuple[float, dict[str, Any]]] = {}
 
 
 @router.get("/sales/{sale_id}")

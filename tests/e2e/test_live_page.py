@@ -23,6 +23,7 @@ import psycopg
 from infra.services import Service
 from projections import analytics
 from projections.catch_up import wait_until_projected
+from projections.commands import live_name as outcomes_name
 from tests.e2e.harness import EdgeUnderTest
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -65,21 +66,31 @@ def test_live_page_charts_the_analytics_projection(edge: EdgeUnderTest, uid: str
             edge.open_sale(client, sale, [{"sku": k, "allocation": 30, "per_user_limit": 1,
                                            "per_order_max": 1} for k in skus])  # fmt: skip
             answers: dict[int, int] = defaultdict(int)
+            queued = set()
             for i in range(80):
                 resp = client.post(f"{edge.url}/v1/sales/{sale}/intents",
                                    json={"sku": skus[i % 2], "quantity": 1},
                                    headers={**edge.auth(f"lp-{i % 60}"),
                                             "Idempotency-Key": f"lp-{i}"})  # fmt: skip
                 answers[resp.status_code] += 1
+                if resp.status_code == 202:
+                    queued.add(resp.json()["intent_id"])
             assert answers[202] >= 60, dict(answers)
-            # The page is for operators: not served through nginx.
-            assert client.get(f"{edge.url}/live/sales/{sale}").status_code == 404
+            # The page, its data and its script are for operators: not served through nginx.
+            for path in (f"/live/sales/{sale}", f"/live/sales/{sale}/data",
+                         "/live/static/uPlot.iife.min.js"):  # fmt: skip
+                assert client.get(edge.url + path).status_code == 404, path
+        audit = p.audit(sale)
+        assert not audit.wait_for(queued, 60), "every intent answered 202 is decided"
+        audit.close()
         names = p.names
-        wait_until_projected(p.endpoints.bootstrap, p.endpoints.dsn,
-                             analytics.live_name(p.settings),
-                             (names.sku_commands, names.decisions), timeout=60)  # fmt: skip
+        for projection, topics in ((analytics.live_name(p.settings),
+                                    (names.sku_commands, names.decisions)),
+                                   (outcomes_name(p.settings), (names.decisions,))):  # fmt: skip
+            wait_until_projected(p.endpoints.bootstrap, p.endpoints.dsn, projection, topics, 60)
         truth = _projected(p.endpoints.dsn, sale)
         assert sum(v[0] for v in truth.values()) == answers[202]
+        assert sum(v[1] for v in truth.values()) == answers[202]  # each decided once
 
         page = f"{edge.edge.servers[0].url}/live/sales/{sale}"
         dom = _chromium(page, "--dump-dom")
@@ -96,11 +107,12 @@ def test_live_page_charts_the_analytics_projection(edge: EdgeUnderTest, uid: str
                 second, (0, 0, 0, 0)
             )
         stock = charts["stock"]
-        assert charts["stock_labels"] == [f"remaining {k}" for k in skus] + ["queue length"]
+        assert charts["stock_labels"] == [f"remaining {k}" for k in skus]
         with psycopg.connect(p.endpoints.dsn, autocommit=True) as conn:
             left = dict(conn.execute("SELECT sku, remaining FROM sale_counters"
                                      " WHERE sale_id = %s", (sale,)).fetchall())  # fmt: skip
-        assert [series[-1] for series in stock[1:3]] == [left[k] for k in skus]
+        assert [series[-1] for series in stock[1:]] == [left[k] for k in skus]
+        assert charts["queue"][1][-1] == 0  # no pre-queue in this sale
 
         shots = p.settings.state_dir / "test" / "screenshots"
         shots.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ import psycopg
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from flashsale.replay import replay
-from flashsale.service_metrics import metrics_dir
+from flashsale.service_metrics import cards, metrics_dir
 from flashsale.settings import REPO_ROOT, Settings
 from infra.stack import Endpoints
 from producers.commands import SkuAllocation
@@ -158,7 +158,10 @@ def test_analytics_survive_a_sigkill_and_equal_the_log(
         assert _stored(endpoints.dsn, sale_id) == expected
 
         # Its /metrics: the projected totals, and the group's lag on every partition.
-        [card] = [json.loads(f.read_text()) for f in metrics_dir(ns).glob("analytics.json")]
+        # One card per instance; the SIGKILLed one's was left behind and is not served.
+        found = [json.loads(f.read_text()) for f in metrics_dir(ns).glob("analytics-*.json")]
+        assert second.pid in [c["pid"] for c in found]
+        [card] = [c for c in cards(ns) if c["service"] == "analytics"]
         assert card["pid"] == second.pid
         url = f"http://127.0.0.1:{card['port']}/metrics"
         text = urllib.request.urlopen(url, timeout=10).read().decode()

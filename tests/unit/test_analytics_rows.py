@@ -6,7 +6,7 @@ import random
 from collections import Counter
 
 from projections.analytics_rows import COUNTS, LATENCY_BUCKETS_MS, AnalyticsRows, percentile
-from projections.analytics_series import series
+from projections.analytics_series import assemble
 
 T0 = 1_800_000_000_000  # epoch ms, on a second boundary
 
@@ -147,20 +147,26 @@ def test_percentile_interpolates_within_a_bucket():
 
 
 def test_series_fills_quiet_seconds_and_carries_stock_forward():
-    latency = [0] * (len(LATENCY_BUCKETS_MS) + 1)
-    hit = list(latency)
-    hit[2] = 4
-    rows = [
-        ("a", 100, 5, 4, 0, 0, 0, 0, 2, 0, 0, hit, 6, 0, {}),
-        ("b", 100, 3, 0, 3, 0, 0, 0, 0, 0, 0, hit, None, 0, {"SOLD_OUT": 3}),
-        ("a", 103, 1, 0, 1, 0, 0, 0, 0, 0, 0, latency, 0, 0, {"USER_LIMIT": 1}),
-    ]
-    s = series("sale", rows, {"a": 10, "b": 5})
+    rows = {
+        "seconds": [(100, 8, 4, 3, 0, 0), (103, 1, 0, 1, 5, 2)],
+        "latency": [(100, 3, 4), (100, 14, 1), (103, 1, 1)],
+        "stock": [("a", 100, 6), ("a", 103, 0)],
+        "stock_before": [("b", 4)],
+        "totals": [("a", 6, 4, 1, 5, 2, 0, 0, 2, 0, 0, 0), ("b", 3, 0, 3, 0, 0, 0, 0, 0, 0, 0, 4)],
+        "reasons": [("a", "USER_LIMIT", 1), ("b", "SOLD_OUT", 3)],
+        "latency_totals": [("a", 3, 4), ("b", 1, 1)],
+    }
+    s = assemble("sale", {"a": 10, "b": 5, "c": 7}, 100, 103, ["a", "b", "c"], rows)
     assert s["t"] == [100, 101, 102, 103]
     assert s["received"] == [8, 0, 0, 1]
     assert s["decided"] == [7, 0, 0, 1]
-    assert s["remaining"] == {"a": [6, 6, 6, 0], "b": [5, 5, 5, 5]}
-    assert s["p50_ms"][1] is None and s["p50_ms"][0] is not None
-    assert s["totals"]["a"]["rejected_by_reason"] == {"USER_LIMIT": 1}
-    assert s["totals"]["b"]["remaining"] == 5 and s["totals"]["a"]["remaining"] == 0
-    assert series("none", [], {"a": 3})["totals"]["a"]["remaining"] == 3
+    assert s["queued"] == [0, 0, 0, 5] and s["drawn"] == [0, 0, 0, 2]  # running totals
+    # Stock carries forward: from the last value before the window, else the allocation.
+    assert s["remaining"] == {"a": [6, 6, 6, 0], "b": [4, 4, 4, 4], "c": [7, 7, 7, 7]}
+    assert s["p50_ms"][1] is None and 2 < s["p50_ms"][0] <= 5  # 4 of 5 in (2, 5] ms
+    assert s["p99_ms"][0] > LATENCY_BUCKETS_MS[-1]  # one in the overflow bucket
+    totals = s["totals"]
+    assert totals["a"]["rejected_by_reason"] == {"USER_LIMIT": 1}
+    assert [totals[k]["remaining"] for k in "abc"] == [0, 4, 7]
+    assert totals["a"]["decided"] == 5 and totals["c"]["received"] == 0
+    assert assemble("none", {"a": 3}, None, None, ["a"], {k: [] for k in rows})["t"] == []

@@ -35,7 +35,22 @@ def test_a_service_card_is_found_scraped_and_removed(tmp_path: Path):
         console.print(top.services_table([after], {"processor": before}, {"processor": 2}))
         row = next(ln for ln in console.export_text().splitlines() if "processor" in ln)
         assert str(os.getpid()) in row and row.rstrip(" │").endswith("2")
-    assert not (metrics_dir(settings) / "processor.json").exists()
+    assert list(metrics_dir(settings).glob("*.json")) == []
+    assert cards(settings) == []
+
+
+def test_each_instance_has_its_own_card_and_a_dead_ones_is_swept(tmp_path: Path):
+    settings = dataclasses.replace(Settings.from_env({}), state_dir=tmp_path, namespace="t-m")
+    where = metrics_dir(settings)
+    where.mkdir(parents=True)
+    dead = where / "processor-999999999.json"
+    dead.write_text('{"service": "processor", "pid": 999999999, "port": 1}')
+    with ServiceMetrics(settings, "processor").serving() as port:
+        assert not dead.exists()  # a killed instance's card is swept at start
+        # Named by pid: another worker process of the same service writes its own card.
+        card = where / f"processor-{os.getpid()}.json"
+        assert [p.name for p in where.glob("*.json")] == [card.name]
+        assert cards(settings)[0]["port"] == port
     assert cards(settings) == []
 
 
@@ -43,5 +58,5 @@ def test_a_dead_service_card_is_ignored(tmp_path: Path):
     settings = dataclasses.replace(Settings.from_env({}), state_dir=tmp_path, namespace="t-m")
     where = metrics_dir(settings)
     where.mkdir(parents=True)
-    (where / "clock.json").write_text('{"service": "clock", "pid": 999999999, "port": 1}')
+    (where / "clock-999999999.json").write_text('{"service": "clock", "pid": 999999999, "port": 1}')
     assert cards(settings) == []
