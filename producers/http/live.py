@@ -70,22 +70,25 @@ class ServiceScraper:
         }
 
 
-async def _sale_series(ctx: Ctx, sale_id: str) -> dict[str, Any]:
-    """The sale's series, made at most once a second per app server (every viewer polls)."""
-    cached = _recent.get(sale_id)
-    if cached is not None and time.monotonic() - cached[0] < 1.0:
-        return cached[1]
-    async with ctx.store.pool.connection() as conn:
-        found = await read_series_async(conn, sale_id)
-    if found is None:
-        raise ApiError(404, "unknown_sale", f"no analytics for sale {sale_id!r} yet")
-    if len(_recent) > 64:
-        _recent.clear()
-    _recent[sale_id] = (time.monotonic(), found)
-    return found
+class SeriesCache:
+    """Each sale's series, made at most once a second per app server (every viewer polls)."""
 
+    def __init__(self, keep: int = 64) -> None:
+        self.keep = keep
+        self._made: dict[str, tuple[float, dict[str, Any]]] = {}
 
-_recent: dict[str, tuple[float, dict[str, Any]]] = {}
+    async def get(self, ctx: Ctx, sale_id: str) -> dict[str, Any]:
+        made = self._made.get(sale_id)
+        if made is not None and time.monotonic() - made[0] < 1.0:
+            return made[1]
+        async with ctx.store.pool.connection() as conn:
+            found = await read_series_async(conn, sale_id)
+        if found is None:
+            raise ApiError(404, "unknown_sale", f"no analytics for sale {sale_id!r} yet")
+        if len(self._made) >= self.keep:
+            self._made.clear()
+        self._made[sale_id] = (time.monotonic(), found)
+        return found
 
 
 @router.get("/sales/{sale_id}")
@@ -99,7 +102,8 @@ async def page(sale_id: str) -> HTMLResponse:
 async def data(sale_id: str, ctx: Ctx, request: Request) -> JSONResponse:
     """The sale's series and the namespace's services, now."""
     scraper: ServiceScraper = request.app.state.live_scraper
-    found, services = await asyncio.gather(_sale_series(ctx, sale_id), scraper.view())
+    cache: SeriesCache = request.app.state.live_series
+    found, services = await asyncio.gather(cache.get(ctx, sale_id), scraper.view())
     return JSONResponse({"series": found, "services": services, "at": time.time()},
                         headers={"Cache-Control": "no-store"})  # fmt: skip
 

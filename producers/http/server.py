@@ -114,6 +114,7 @@ def build_app(
     app.include_router(ops.router)
     app.include_router(live.router)
     app.state.live_scraper = live.ServiceScraper(settings)
+    app.state.live_series = live.SeriesCache()
     app.add_middleware(EdgeMiddleware, metrics=metrics, server_id=ident)
     app.state.metrics = metrics
     app.state.server_id = ident
