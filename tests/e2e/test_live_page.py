@@ -45,11 +45,12 @@ def _chromium(url: str, *args: str) -> str:
 
 
 def _projected(dsn: str, sale: str) -> dict[int, tuple[int, int, int, int]]:
-    """Per second: received, decided, accepted, rejected (summed over SKUs), from the table."""
+    """Per second: received, decided (accepted or rejected), accepted, rejected (summed over
+    SKUs), from the table."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         rows = conn.execute(
             "SELECT extract(epoch FROM at)::bigint, sum(received),"
-            " sum(accepted + rejected + queued + deferred + waitlisted), sum(accepted),"
+            " sum(accepted + rejected), sum(accepted),"
             " sum(rejected) FROM analytics_seconds WHERE sale_id = %s GROUP BY at",
             (sale,),
         ).fetchall()
