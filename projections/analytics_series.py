@@ -111,17 +111,20 @@ def assemble(
     n, at = len(t), {s: i for i, s in enumerate(t)}
     received, decided, accepted, rejected = [0] * n, [0] * n, [0] * n, [0] * n
     queued, drawn = [0] * n, [0] * n
+    # Rows projected after the span was read (a live sale) lie past ``last``: left out.
     for second, rec, acc, rej, que, drw in rows["seconds"]:
-        i = at[second]
-        received[i], accepted[i], rejected[i] = rec, acc, rej
-        decided[i], queued[i], drawn[i] = acc + rej, que, drw
+        if (i := at.get(second)) is not None:
+            received[i], accepted[i], rejected[i] = rec, acc, rej
+            decided[i], queued[i], drawn[i] = acc + rej, que, drw
     buckets = [[0] * (len(LATENCY_BUCKETS_MS) + 1) for _ in range(n)]
-    for second, i, count in rows["latency"]:
-        buckets[at[second]][i - 1] = count
+    for second, b, count in rows["latency"]:
+        if (i := at.get(second)) is not None:
+            buckets[i][b - 1] = count
     before: dict[str, int] = dict(rows["stock_before"])
     remaining: dict[str, list[int | None]] = {k: [None] * n for k in stock_skus}
     for sku, second, left in rows["stock"]:
-        remaining[sku][at[second]] = left
+        if (i := at.get(second)) is not None:
+            remaining[sku][i] = left
     for sku, values in remaining.items():  # stock carries forward between facts
         known = before.get(sku, allocation.get(sku))
         for i, v in enumerate(values):

@@ -148,9 +148,10 @@ def test_percentile_interpolates_within_a_bucket():
 
 def test_series_fills_quiet_seconds_and_carries_stock_forward():
     rows = {
-        "seconds": [(100, 8, 4, 3, 0, 0), (103, 1, 0, 1, 5, 2)],
+        # 104: projected after the span was read (a live sale): outside the window, left out
+        "seconds": [(100, 8, 4, 3, 0, 0), (103, 1, 0, 1, 5, 2), (104, 9, 9, 0, 0, 0)],
         "latency": [(100, 3, 4), (100, 14, 1), (103, 1, 1)],
-        "stock": [("a", 100, 6), ("a", 103, 0)],
+        "stock": [("a", 100, 6), ("a", 103, 0), ("a", 104, 0)],
         "stock_before": [("b", 4)],
         "totals": [("a", 6, 4, 1, 5, 2, 0, 0, 2, 0, 0, 0), ("b", 3, 0, 3, 0, 0, 0, 0, 0, 0, 0, 4)],
         "reasons": [("a", "USER_LIMIT", 1), ("b", "SOLD_OUT", 3)],
