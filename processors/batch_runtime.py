@@ -29,7 +29,7 @@ INPUT_CHECK_EVERY_S = 5.0
 class Fault:
     """A test-only fault (``FLASHSALE_FAULT=action:point:partition:offset``)."""
 
-    action: str  # raise | kill
+    action: str  # raise | kill | rewind (seek the partition back to ``rewind_to``)
     # mid-batch: after a batch's decisions were sent, before its state and offset;
     # before-commit: the batch was processed and flushed, its commit not yet made;
     # after-commit: in the batch right after the commit that covered the offset.
@@ -37,6 +37,7 @@ class Fault:
     partition: int
     offset: int
     origin: str = ""  # the configured point, when re-armed as another (after-commit)
+    rewind_to: int = -1  # the configured offset, when re-armed (a rewind seeks back to it)
 
     @classmethod
     def from_env(cls, raw: str | None) -> Fault | None:
@@ -48,19 +49,25 @@ class Fault:
             fault = cls(action, point, int(partition), int(offset))
         except ValueError:
             fault = None
-        ok = fault and fault.action in ("raise", "kill") and fault.point in (
+        ok = fault and fault.action in ("raise", "kill", "rewind") and fault.point in (
             "mid-batch", "before-commit", "after-commit")  # fmt: skip
+        if ok and fault and fault.action == "rewind" and fault.point != "after-commit":
+            ok = False  # only committed records can be redelivered as Faust does
         if not ok:
             raise ValueError(
-                f"FLASHSALE_FAULT={raw!r}: want ACTION:POINT:PARTITION:OFFSET, ACTION raise|kill,"
-                " POINT mid-batch|before-commit|after-commit"
+                f"FLASHSALE_FAULT={raw!r}: want ACTION:POINT:PARTITION:OFFSET, ACTION"
+                " raise|kill|rewind, POINT mid-batch|before-commit|after-commit (rewind:"
+                " after-commit only)"
             )
         return fault
 
-    def fire(self) -> None:
-        """Do the fault: SIGKILL this process, or raise."""
+    def fire(self) -> int | None:
+        """Do the fault: SIGKILL this process, or raise; a rewind names the offset to seek to
+        (what Faust does after a rebalance: records this worker decided come again)."""
         log.warning("fault.injected", action=self.action, point=self.origin or self.point,
                     partition=self.partition, offset=self.offset)  # fmt: skip
+        if self.action == "rewind":
+            return self.rewind_to
         if self.action == "kill":
             sys.stderr.flush()
             os.kill(os.getpid(), signal.SIGKILL)
@@ -186,13 +193,15 @@ class BatchRuntime:
             sys.stderr.flush()
             os._exit(CRASH_EXIT)
 
-    def maybe_fault(self, point: str, partition: int, first: int, last: int) -> None:
-        """Fire the configured fault if it targets this point and offset range."""
+    def maybe_fault(self, point: str, partition: int, first: int, last: int) -> int | None:
+        """Fire the configured fault if it targets this point and offset range; the offset to
+        seek the partition back to when it is a rewind."""
         f = self.fault
         hit = f is not None and (f.point, f.partition) == (point, partition)
         if f is not None and hit and first <= f.offset <= last:
             self.fault = None
-            f.fire()
+            return f.fire()
+        return None
 
     def after_commit(self, offsets: Any) -> None:
         """Re-arm an after-commit fault to fire in the first batch after this commit."""
@@ -201,7 +210,7 @@ class BatchRuntime:
             return
         for tp, offset in offsets.items():
             if tp.topic == self.batch_topic and tp.partition == f.partition and offset > f.offset:
-                self.fault = Fault(f.action, "mid-batch", f.partition, offset, f.point)
+                self.fault = Fault(f.action, "mid-batch", f.partition, offset, f.point, f.offset)
 
 
 async def _nothing() -> None:

@@ -19,7 +19,9 @@ def test_runs_only_on_the_pinned_faust_and_says_which_it_found(monkeypatch):
 def test_fault_spec_parses_and_rejects_nonsense_naming_the_variable():
     assert br.Fault.from_env(None) is None and br.Fault.from_env("") is None
     assert br.Fault.from_env("kill:before-commit:2:40") == br.Fault("kill", "before-commit", 2, 40)
-    for bad in ("kill", "explode:mid-batch:0:1", "raise:sometime:0:1", "raise:mid-batch:x:1"):
+    assert br.Fault.from_env("rewind:after-commit:1:7") == br.Fault("rewind", "after-commit", 1, 7)
+    for bad in ("kill", "explode:mid-batch:0:1", "raise:sometime:0:1", "raise:mid-batch:x:1",
+                "rewind:mid-batch:0:1"):  # fmt: skip
         with pytest.raises(ValueError, match="FLASHSALE_FAULT"):
             br.Fault.from_env(bad)
 
@@ -30,7 +32,26 @@ def test_after_commit_fault_rearms_for_the_first_batch_after_the_commit(monkeypa
     runtime.after_commit({br.TP("cmds", 3): 90})  # does not cover offset 100 yet
     assert runtime.fault == br.Fault("kill", "after-commit", 3, 100)
     runtime.after_commit({br.TP("cmds", 3): 150})
-    assert runtime.fault == br.Fault("kill", "mid-batch", 3, 150, origin="after-commit")
+    assert runtime.fault == br.Fault("kill", "mid-batch", 3, 150, "after-commit", 100)
+
+
+def test_a_rewind_fires_once_and_names_the_configured_offset_to_seek_back_to(monkeypatch):
+    monkeypatch.setenv("FLASHSALE_FAULT", "rewind:after-commit:3:100")
+    runtime = br.BatchRuntime("cmds", lambda *a: None)
+    runtime.after_commit({br.TP("cmds", 3): 150})
+    assert runtime.maybe_fault("mid-batch", 3, 140, 149) is None  # not the batch after it
+    assert runtime.maybe_fault("mid-batch", 3, 150, 180) == 100
+    assert runtime.fault is None and runtime.maybe_fault("mid-batch", 3, 181, 190) is None
+
+
+def test_records_delivered_again_below_the_processed_offset_are_left_out():
+    from types import SimpleNamespace
+
+    from processors.app import redelivered_left_out
+
+    records = [SimpleNamespace(offset=o) for o in (10, 11, 13, 14)]  # 12: a control record
+    assert [r.offset for r in redelivered_left_out(0, records, 13)] == [13, 14]
+    assert redelivered_left_out(0, records, 15) == []
 
 
 def test_an_error_faust_recovery_would_swallow_exits_the_worker(monkeypatch):
