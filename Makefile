@@ -7,6 +7,7 @@ PY    := $(VENV)/bin/python
 FS    := $(VENV)/bin/flashsale
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+FAULT_RUNS ?= 3
 
 .DEFAULT_GOAL := help
 
@@ -44,8 +45,15 @@ demo: setup ## Run a flash sale end to end (reuses what `make up` started, stops
 	$(FS) demo --report .state/demo-report.json
 
 .PHONY: test
-test: setup ## Run every test against real Kafka and PostgreSQL (started if not up)
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: setup ## Run every test against real Kafka and PostgreSQL (started if not up); of the fault scenarios, the CI subset
+	$(PY) -m pytest -m "not faults or ci" $(PYTEST_ARGS)
+
+.PHONY: test-faults
+test-faults: setup ## Every fault-injection scenario, FAULT_RUNS times in a row (default 3); figures in .state/test/faults/
+	@for run in $$(seq 1 $(FAULT_RUNS)); do \
+		echo "== fault scenarios: pass $$run of $(FAULT_RUNS)"; \
+		$(PY) -m pytest -m faults tests/faults $(PYTEST_ARGS) || exit 1; \
+	done
 
 .PHONY: lint
 lint: setup ## ruff and mypy

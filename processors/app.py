@@ -220,6 +220,8 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         # record: a record could slip into the next transaction, after its offsets were
         # committed.)
         db = runtime_mod.partition_db(ledger, partition)
+        if runtime.fault is not None:  # tests: a full disk fails this write
+            runtime.maybe_fault("state-write", partition, records[0].offset, records[-1].offset)
         for key, value in batch.writes:
             if value is None:
                 db.delete(key)

@@ -7,6 +7,7 @@ Nothing here touches Faust's internals (those live in ``processors/faust_runtime
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import sys
@@ -29,10 +30,11 @@ INPUT_CHECK_EVERY_S = 5.0
 class Fault:
     """A test-only fault (``FLASHSALE_FAULT=action:point:partition:offset``)."""
 
-    action: str  # raise | kill | rewind (seek the partition back to ``rewind_to``)
+    action: str  # raise | kill | rewind (seek the partition back to ``rewind_to``) | enospc
     # mid-batch: after a batch's decisions were sent, before its state and offset;
     # before-commit: the batch was processed and flushed, its commit not yet made;
-    # after-commit: in the batch right after the commit that covered the offset.
+    # after-commit: in the batch right after the commit that covered the offset;
+    # state-write: as a batch's state is written to the local store (enospc: the disk is full).
     point: str
     partition: int
     offset: int
@@ -49,15 +51,17 @@ class Fault:
             fault = cls(action, point, int(partition), int(offset))
         except ValueError:
             fault = None
-        ok = fault and fault.action in ("raise", "kill", "rewind") and fault.point in (
-            "mid-batch", "before-commit", "after-commit")  # fmt: skip
+        ok = fault and fault.action in ("raise", "kill", "rewind", "enospc") and fault.point in (
+            "mid-batch", "before-commit", "after-commit", "state-write")  # fmt: skip
         if ok and fault and fault.action == "rewind" and fault.point != "after-commit":
             ok = False  # only committed records can be redelivered as Faust does
+        if ok and fault and (fault.action == "enospc") != (fault.point == "state-write"):
+            ok = False  # a full disk fails the state write, and only that
         if not ok:
             raise ValueError(
                 f"FLASHSALE_FAULT={raw!r}: want ACTION:POINT:PARTITION:OFFSET, ACTION"
-                " raise|kill|rewind, POINT mid-batch|before-commit|after-commit (rewind:"
-                " after-commit only)"
+                " raise|kill|rewind|enospc, POINT mid-batch|before-commit|after-commit|"
+                "state-write (rewind: after-commit only; enospc: state-write only)"
             )
         return fault
 
@@ -68,6 +72,8 @@ class Fault:
                     partition=self.partition, offset=self.offset)  # fmt: skip
         if self.action == "rewind":
             return self.rewind_to
+        if self.action == "enospc":
+            raise OSError(errno.ENOSPC, "No space left on device (injected)", "state")
         if self.action == "kill":
             sys.stderr.flush()
             os.kill(os.getpid(), signal.SIGKILL)

@@ -256,8 +256,12 @@ class GatedTransactionManager(TransactionManager):
         txn = producer._transaction_producers.get(tid)
         if txn is None:
             raise RuntimeError(f"no transactional producer {tid} (fenced or stopped)")
+        # aiokafka wants its own TopicPartition keys: Faust's TP (an equal tuple, but another
+        # class) comes in for a partition only our processed offsets name (a commit as a
+        # rebalance starts), and aiokafka refused it: the worker crashed on every scale-out.
+        keyed = {aiokafka.TopicPartition(tp.topic, tp.partition): o for tp, o in offsets.items()}
         async with producer._trn_locks[tid]:
-            await txn.send_offsets_to_transaction(offsets, self.app.conf.id)
+            await txn.send_offsets_to_transaction(keyed, self.app.conf.id)
             await txn.commit_transaction()
             if begin_next:
                 await txn.begin_transaction()

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from producers.crowd import PlannedIntent
-from producers.loadgen import RawClient
+from producers.loadgen import Answer, RawClient
 
 
 @dataclass
@@ -22,6 +22,7 @@ class CrowdResult:
     statuses: Counter[int] = field(default_factory=Counter)
     edge_rejections: Counter[str] = field(default_factory=Counter)  # error code -> count
     retried_after_429_or_503: int = 0
+    retried_after_gateway_error: int = 0  # 502/504 or a dropped connection: sent again, same key
     seconds: float = 0.0
     accept_seconds: list[float] = field(default_factory=list)  # each 202's request time
     selling_seconds: float = 0.0  # from the start to the last 202 (units were still left)
@@ -39,6 +40,7 @@ async def _post_all(
     concurrency: int,
     result: CrowdResult,
     progress: Callable[[CrowdResult], None] | None,
+    pace_s: float,
 ) -> None:
     queue: asyncio.Queue[PlannedIntent] = asyncio.Queue()
     for p in plan:
@@ -56,11 +58,18 @@ async def _post_all(
             }
             body = json.dumps({"sku": p.sku, "quantity": p.quantity}).encode()
             for _attempt in range(20):
-                answer = await client.request("POST", path, headers, body)
+                try:
+                    answer = await client.request("POST", path, headers, body)
+                except (ConnectionError, OSError, asyncio.IncompleteReadError):
+                    answer = Answer(599, {}, b"", 0.0)  # the edge went away mid-request
                 if answer.status in (429, 503):
                     # Same key again: the retry can never become a second intent.
                     result.retried_after_429_or_503 += 1
                     await asyncio.sleep(float(answer.headers.get("retry-after", "1")))
+                    continue
+                if answer.status in (502, 504, 599):  # an app server died with it in flight
+                    result.retried_after_gateway_error += 1
+                    await asyncio.sleep(0.2)
                     continue
                 break
             result.statuses[answer.status] += 1
@@ -70,6 +79,8 @@ async def _post_all(
                 result.selling_seconds = time.monotonic() - began
             else:
                 result.edge_rejections[_code(answer.status, answer.body)] += 1
+            if pace_s:
+                await asyncio.sleep(pace_s)
 
     async def report() -> None:
         while True:
@@ -101,10 +112,13 @@ def drive_crowd(
     tokens: dict[str, str],
     concurrency: int = 64,
     progress: Callable[[CrowdResult], None] | None = None,
+    pace_s: float = 0.0,
 ) -> CrowdResult:
-    """POST every planned intent through the edge; retries reuse their idempotency key."""
+    """POST every planned intent through the edge; retries reuse their idempotency key (after
+    a 429 or 503, a 502 or 504, or a dropped connection). Each of the ``concurrency`` senders
+    waits ``pace_s`` after each answer (a sale that lasts; 0: as fast as the edge answers)."""
     result = CrowdResult()
     t0 = time.monotonic()
-    asyncio.run(_post_all(url, sale_id, plan, tokens, concurrency, result, progress))
+    asyncio.run(_post_all(url, sale_id, plan, tokens, concurrency, result, progress, pace_s))
     result.seconds = time.monotonic() - t0
     return result

@@ -33,6 +33,8 @@ to the end offsets seen at its start.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import threading
 import time
@@ -55,6 +57,22 @@ from confluent_kafka import (
 from schemas.codec import SchemaRegistry, UndecodableRecord, default_registry
 
 log = structlog.get_logger(__name__)
+
+
+def _fault_batches(raw: str | None) -> int | None:
+    """Tests only: ``FLASHSALE_PROJECTION_FAULT=N`` SIGKILLs the process in the Nth batch that
+    wrote rows, after its rows and offsets were written, before the transaction commits."""
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"FLASHSALE_PROJECTION_FAULT={raw!r}: want a batch count of 1 or more")
+    return int(raw)
+
+
+def _kill_before_commit(name: str, written: int) -> None:
+    log.warning("fault.injected", projection=name, point="before-commit", rows=written)
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 # The writer thread waits for PostgreSQL with the GIL released, and on each return (about ten
@@ -187,6 +205,7 @@ class ProjectionRunner:
         self._in_flight: tuple[_Batch, Future[int]] | None = None
         self._failed: BaseException | None = None  # a write failed: this runner is spent
         self._subscribed = False
+        self._kill_in = _fault_batches(os.environ.get("FLASHSALE_PROJECTION_FAULT"))
         self.rows_written = 0
         self.records_seen = 0
         self.batches = 0
@@ -323,6 +342,10 @@ class ProjectionRunner:
                 batch.rows = self.projection.rows(fresh)  # a racing instance was here first
             written = self.projection.write(self._conn, batch.rows) if len(batch.rows) else 0
             self._advance(batch.offsets)
+            if self._kill_in is not None and written:  # tests: rows written, not committed
+                self._kill_in -= 1
+                if self._kill_in == 0:
+                    _kill_before_commit(self.name, written)
         log.debug(  # ~10 a second while catching up: too many for info
             "projection.batch",
             projection=self.name,

@@ -20,8 +20,17 @@ def test_fault_spec_parses_and_rejects_nonsense_naming_the_variable():
     assert br.Fault.from_env(None) is None and br.Fault.from_env("") is None
     assert br.Fault.from_env("kill:before-commit:2:40") == br.Fault("kill", "before-commit", 2, 40)
     assert br.Fault.from_env("rewind:after-commit:1:7") == br.Fault("rewind", "after-commit", 1, 7)
-    for bad in ("kill", "explode:mid-batch:0:1", "raise:sometime:0:1", "raise:mid-batch:x:1",
-                "rewind:mid-batch:0:1"):  # fmt: skip
+    assert br.Fault.from_env("enospc:state-write:0:9") == br.Fault("enospc", "state-write", 0, 9)
+    bad_specs = (
+        "kill",
+        "explode:mid-batch:0:1",
+        "raise:sometime:0:1",
+        "raise:mid-batch:x:1",
+        "rewind:mid-batch:0:1",
+        "enospc:mid-batch:0:1",
+        "kill:state-write:0:1",
+    )
+    for bad in bad_specs:
         with pytest.raises(ValueError, match="FLASHSALE_FAULT"):
             br.Fault.from_env(bad)
 
@@ -69,3 +78,24 @@ def test_an_error_faust_recovery_would_swallow_exits_the_worker(monkeypatch):
     assert crashes == []
     recovery.logger.warning("Error in recovery RocksDB write failed")
     assert crashes == ["changelog recovery failed: Error in recovery RocksDB write failed"]
+
+
+def test_a_full_disk_fault_raises_enospc_at_the_state_write(monkeypatch):
+    import errno
+
+    monkeypatch.setenv("FLASHSALE_FAULT", "enospc:state-write:2:50")
+    runtime = br.BatchRuntime("cmds", lambda *a: None)
+    assert runtime.maybe_fault("state-write", 2, 0, 49) is None
+    with pytest.raises(OSError) as raised:
+        runtime.maybe_fault("state-write", 2, 40, 60)
+    assert raised.value.errno == errno.ENOSPC
+
+
+def test_projection_fault_spec_is_a_batch_count_or_refused_by_name():
+    from projections.runner import _fault_batches
+
+    assert _fault_batches(None) is None and _fault_batches("") is None
+    assert _fault_batches("3") == 3
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(ValueError, match="FLASHSALE_PROJECTION_FAULT"):
+            _fault_batches(bad)

@@ -1,0 +1,212 @@
+"""The writer under faults, mid-sale, with the whole system around it (HTTP, holds, payments,
+the sale clock, both projections): killed, stopped, joined by a second worker and left by the
+first, paused past its timeouts, its local state deleted, its disk full."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+
+import pytest
+
+from flashsale.settings import Settings
+from infra import processes
+from infra.stack import Endpoints
+from tests.conftest import local_only
+from tests.faults.harness import (
+    Hit,
+    Sale,
+    System,
+    Worker,
+    now_ms,
+    open_sale,
+    plan_sale,
+    run_sale,
+    verify,
+    whole_system,
+)
+from tests.integration.pipeline import partition_of
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.destructive]
+
+
+def _stop_writer(system: System, sig: int) -> Hit:
+    """Signal the writer, wait until it is gone, start its replacement (the supervisor's job,
+    done here by the harness that started it)."""
+    processor = system.pipeline.processor
+    pid = processor.pid()
+    assert pid is not None, "no writer to stop"
+    hit = Hit(now_ms(), detail={"pid": pid, "signal": signal.Signals(sig).name})
+    os.kill(pid, sig)
+    assert processes.wait_until(lambda: not processes.alive(pid), 60), "the writer outlived it"
+    processor.start(system.env)
+    hit.ended_ms = now_ms()
+    return hit
+
+
+def _decided_before_and_after(sale: Sale) -> tuple[int, int]:
+    """Answers the sale got before the fault and after it (it landed mid-sale)."""
+    assert sale.hit is not None
+    at = sale.hit.at_ms
+    times = [r["decided_at"] for n, r in sale.facts if n in ("IntentAccepted", "IntentRejected")]
+    return sum(1 for t in times if t < at), sum(1 for t in times if t >= at)
+
+
+@pytest.mark.parametrize("at", [0.2, 0.4, 0.6])
+def test_writer_sigkilled_mid_sale_loses_and_doubles_nothing(
+    settings: Settings, endpoints: Endpoints, at: float
+) -> None:
+    local_only(settings)
+    with whole_system(settings, endpoints) as system:
+        sale = plan_sale()
+        open_sale(system, sale)
+        run_sale(system, sale, lambda s, _: _stop_writer(s, signal.SIGKILL), at)
+        figures = verify(system, sale, f"writer SIGKILL at {at:.0%}")
+        before, after = _decided_before_and_after(sale)
+        assert before > 0 and after > 0, f"the kill did not land mid-sale ({before}, {after})"
+        assert figures.recover_ms is not None
+
+
+@pytest.mark.ci
+def test_writer_sigtermed_mid_sale_stops_cleanly_and_its_replacement_goes_on(
+    settings: Settings, endpoints: Endpoints
+) -> None:
+    local_only(settings)
+    with whole_system(settings, endpoints) as system:
+        sale = plan_sale()
+        open_sale(system, sale)
+        run_sale(system, sale, lambda s, _: _stop_writer(s, signal.SIGTERM), 0.4)
+        verify(system, sale, "writer SIGTERM at 40%")
+        before, after = _decided_before_and_after(sale)
+        assert before > 0 and after > 0, f"the stop did not land mid-sale ({before}, {after})"
+        assert system.log_events("processor", "processor.crashed") == [], "a stop is no crash"
+
+
+def test_writer_killed_between_produce_and_commit_has_its_work_redone(
+    settings: Settings, endpoints: Endpoints
+) -> None:
+    """The fault hook kills the writer after a batch's decisions were flushed to the broker,
+    before its transaction committed: those decisions are aborted, and redone by the next."""
+    local_only(settings)
+    sale = plan_sale()
+    partition = partition_of(sale.skus[0], settings.partitions)
+    # Past the sale's openings and the clock's first ticks, about a fifth into its intents.
+    fault = {"FLASHSALE_FAULT": f"kill:before-commit:{partition}:150"}
+    with whole_system(settings, endpoints, fault) as system:
+        open_sale(system, sale)
+
+        def wait_for_the_hook(system: System, _: Sale) -> Hit:
+            pid = system.pipeline.processor.pid()
+            assert processes.wait_until(lambda: not processes.alive(pid), 120), "never fired"
+            hit = Hit(now_ms(), detail={"pid": pid})
+            system.pipeline.processor.start({k: v for k, v in system.env.items()
+                                             if k != "FLASHSALE_FAULT"})  # fmt: skip
+            hit.ended_ms = now_ms()
+            return hit
+
+        system.pipeline.env.pop("FLASHSALE_FAULT")  # later restarts run without it
+        run_sale(system, sale, wait_for_the_hook, 0.0)
+        verify(system, sale, "writer SIGKILL between produce and commit")
+        [fired] = system.log_events("processor", "fault.injected")
+        assert fired["point"] == "before-commit"
+
+
+def test_a_worker_joins_and_the_first_leaves_mid_sale(
+    settings: Settings, endpoints: Endpoints
+) -> None:
+    """Scale-out mid-sale: a second worker joins (the partitions are shared out, its tables
+    recovered from the changelogs), then the first leaves (all partitions move to the second)."""
+    local_only(settings)
+    with whole_system(settings, endpoints) as system:
+        sale = plan_sale()
+        open_sale(system, sale)
+
+        def rebalance(system: System, sale: Sale) -> Hit:
+            hit = Hit(now_ms())
+            second = Worker(system.env, system.settings, 1)
+            system.extra.append(second)
+            second.start()
+            log = system.settings.state_dir / "run" / system.settings.namespace / "w1.log"
+            loaded = lambda: log.exists() and '"state.loaded"' in log.read_text()  # noqa: E731
+            assert processes.wait_until(loaded, 60), "the second worker was given no partition"
+            first = system.pipeline.processor.pid()
+            assert first is not None
+            hit.detail = {"joined_partitions": log.read_text().count('"state.loaded"')}
+            time.sleep(2)  # both decide for a while
+            system.pipeline.processor.stop()  # SIGTERM: the first leaves the group
+            hit.ended_ms = now_ms()
+            return hit
+
+        run_sale(system, sale, rebalance, 0.2, pace_s=0.05)
+        verify(system, sale, "a worker joins, the first leaves")
+        assert sale.hit is not None and sale.hit.detail["joined_partitions"] > 0
+        # A rebalance is no crash (the first worker's commit as it began crashed it, once).
+        log = system.settings.state_dir / "run" / system.settings.namespace / "w1.log"
+        assert system.log_events("processor", "processor.crashed") == []
+        assert '"processor.crashed"' not in log.read_text()
+        _, after = _decided_before_and_after(sale)
+        assert after > 0
+
+
+def test_a_worker_paused_past_its_timeouts_is_fenced_and_replaced(
+    settings: Settings, endpoints: Endpoints
+) -> None:
+    local_only(settings)
+    env = {"FLASHSALE_TRANSACTION_TIMEOUT_MS": "3000"}
+    with whole_system(settings, endpoints, env) as system:
+        sale = plan_sale()
+        open_sale(system, sale)
+
+        def pause(system: System, _: Sale) -> Hit:
+            pid = system.pipeline.processor.pid()
+            assert pid is not None
+            hit = Hit(now_ms(), detail={"pid": pid})
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(12)  # past the 10 s session and the 3 s transaction timeouts
+            os.kill(pid, signal.SIGCONT)
+            hit.detail["exited"] = processes.wait_until(lambda: not processes.alive(pid), 20)
+            if not hit.detail["exited"]:  # it had nothing in flight: it rightly goes on
+                return hit
+            system.pipeline.processor.start(system.env)
+            hit.ended_ms = now_ms()
+            return hit
+
+        run_sale(system, sale, pause, 0.3, pace_s=0.05)
+        verify(system, sale, "writer SIGSTOP past its timeouts, SIGCONT")
+        assert sale.hit is not None and sale.hit.detail["exited"], "the pause hit nothing"
+        [crashed] = system.log_events("processor", "processor.crashed")
+        assert any(w in crashed["reason"] for w in ("stalled", "Fenced", "transaction"))
+
+
+def test_a_worker_whose_local_state_is_deleted_rebuilds_it(
+    settings: Settings, endpoints: Endpoints
+) -> None:
+    local_only(settings)
+    with whole_system(settings, endpoints) as system:
+        sale = plan_sale()
+        open_sale(system, sale)
+
+        def wipe(system: System, _: Sale) -> Hit:
+            hit = Hit(now_ms())
+            system.pipeline.processor.stop()
+            datadir = (
+                system.settings.state_dir / "processor" / f"{system.settings.namespace}-inventory"
+            )
+            hit.detail = {"deleted": datadir.exists()}
+            shutil.rmtree(datadir)
+            system.pipeline.processor.start(system.env)
+            hit.ended_ms = now_ms()
+            return hit
+
+        run_sale(system, sale, wipe, 0.4)
+        verify(system, sale, "writer's RocksDB deleted, restarted")
+        assert sale.hit is not None and sale.hit.detail["deleted"]
+        # The restart found its sale's state again (recovered from the changelog): it resumed
+        # mid-log with the SKU's ledger, instead of from nothing.
+        part = partition_of(sale.skus[0], settings.partitions)
+        loads = [
+            e for e in system.log_events("processor", "state.loaded") if e["partition"] == part
+        ]
+        assert len(loads) >= 2 and loads[-1]["resume_at"] > 0 and loads[-1]["skus"] >= 1, loads
