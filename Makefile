@@ -65,6 +65,10 @@ lint: setup ## ruff and mypy
 bench: setup ## Benchmarks: print figures and write them to bench-results/
 	$(FS) bench
 
+.PHONY: soak
+soak: setup ## 10 minutes at half the edge's measured maximum, every process's RSS and open files sampled (not in CI)
+	$(FS) soak $(SOAK_ARGS)
+
 .PHONY: clean
 clean: ## Stop and delete all local server data (keeps the venv and jars)
 	@if [ -x $(FS) ]; then $(FS) infra down --wipe; fi

@@ -12,7 +12,7 @@ from flashsale.settings import SettingError, Settings
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser with every command group registered."""
-    from flashsale import bench, demo, replay, report, sale_audit, top, trace
+    from flashsale import bench, demo, replay, report, sale_audit, soak, top, trace
     from infra import commands as infra_commands
     from infra import supervise_command
     from processors import commands as processor_commands
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     top.register(sub)
     report.register(sub)
     trace.register(sub)
+    soak.register(sub)
     return parser
 
 

@@ -20,7 +20,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,6 +36,8 @@ from infra.stack import Endpoints
 from producers.crowd import PlannedIntent
 from producers.http.auth import token
 from producers.http_crowd import CrowdResult, drive_crowd
+from projections.catch_up import wait_until_projected
+from projections.commands import live_name
 from schemas.codec import SchemaRegistry
 from tests.e2e.harness import SECRET, EdgeUnderTest, start_edge
 from tests.integration.pipeline import Pipeline, start_pipeline
@@ -261,8 +263,10 @@ class Payer(threading.Thread):
     def run(self) -> None:
         with httpx.Client(timeout=10) as client:
             while not self.stop.is_set():
-                with suppress(input_audit.IncompleteRead, RuntimeError):
+                try:
                     self.facts = sale_facts(self.system, self.sale.sale_id)
+                except Exception as exc:  # the broker away (a fault): read again next round
+                    self.failures[type(exc).__name__] += 1
                 for name, rec in self.facts:
                     if (
                         name == "IntentAccepted"
@@ -349,6 +353,9 @@ def verify(system: System, sale: Sale, scenario: str, replay: bool = True) -> Fi
     assert max(decisions.values()) == 1, "an intent was decided twice"
     assert audit.inputs.unaccounted == [], "input offsets with no decision, repeat or letter"
     counts = Counter(n for n, _ in sale.facts)
+    names_ = system.pipeline.names
+    wait_until_projected(bootstrap, system.endpoints.dsn, live_name(system.settings),
+                         (names_.decisions,), 120)  # fmt: skip
     with psycopg.connect(system.endpoints.dsn) as conn:
         rows = conn.execute(
             "SELECT sku, coalesce(sum(quantity) FILTER (WHERE status IN ('held', 'paying',"
@@ -358,6 +365,9 @@ def verify(system: System, sale: Sale, scenario: str, replay: bool = True) -> Fi
         ).fetchall()  # fmt: skip
     for sku, holding, _ in rows:
         assert holding <= ALLOCATION, f"{sku}: paid + held {holding} > {ALLOCATION}"
+    ended = counts["OrderPaid"] + counts["HoldExpired"] + counts["HoldCancelled"]
+    assert ended == counts["IntentAccepted"], "a hold never ended (paid or expired)"
+    assert sum(r[2] for r in rows) == 0, "PostgreSQL still shows held orders the log ended"
     verdict = replay_verdict(system) if replay else "skipped"
     assert verdict in ("same", "skipped"), f"projections differ from a replay: {verdict}"
     in_flight, recover = recovery(system, sale)
