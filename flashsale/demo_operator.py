@@ -18,7 +18,7 @@ import httpx
 import psycopg
 
 from flashsale import sale_audit
-from flashsale.demo_orders import _pay, _sale_facts
+from flashsale.demo_orders import _pay, sale_facts
 from flashsale.settings import Settings
 from flashsale.topics import TopicNames
 from infra.edge import Edge
@@ -97,7 +97,7 @@ def run_operator_sale(
 def _until(bootstrap: str, names: TopicNames, sale_id: str, done: Any) -> Facts:
     deadline = time.monotonic() + 60
     while True:
-        facts = _sale_facts(bootstrap, names.decisions, sale_id)
+        facts = sale_facts(bootstrap, names.decisions, sale_id)
         if done(Counter(n for n, _ in facts)):
             return facts
         if time.monotonic() > deadline:

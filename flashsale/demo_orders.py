@@ -93,7 +93,7 @@ def _pay_until_decided(
     facts: list[tuple[str, dict[str, Any]]] = []
     with httpx.Client(timeout=15) as client:
         while time.monotonic() < deadline:
-            facts = _sale_facts(bootstrap, topic, sale_id)
+            facts = sale_facts(bootstrap, topic, sale_id)
             for name, rec in facts:
                 if name != "IntentAccepted" or rec["order_id"] in paying:
                     continue
@@ -116,7 +116,7 @@ def _pay_until_decided(
     return facts
 
 
-def _sale_facts(bootstrap: str, topic: str, sale_id: str) -> list[tuple[str, dict[str, Any]]]:
+def sale_facts(bootstrap: str, topic: str, sale_id: str) -> list[tuple[str, dict[str, Any]]]:
     """The sale's committed facts in log order, read to the topic's end as of now."""
     registry = SchemaRegistry.load_default()
     msgs = input_audit.read_topic(bootstrap, topic, True, 30)

@@ -23,10 +23,14 @@ import os
 import statistics
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from flashsale.settings import Settings
+from infra import processes
+from infra.edge import Edge
+from infra.stack import Stack
 
 DEFAULT_RATE = 3200.0
 
@@ -42,7 +46,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def sample(run_dirs: list[Path]) -> dict[str, tuple[float, int]]:
-    """Each live process with a pid file under ``run_dirs``: (RSS in MB, open files)."""
+    """Each live process with a pid file under ``run_dirs``, named ``<its dir>/<pid file>``:
+    (RSS in MB, open files)."""
     out: dict[str, tuple[float, int]] = {}
     for run_dir in run_dirs:
         for pidfile in sorted(run_dir.rglob("*.pid")):
@@ -53,7 +58,7 @@ def sample(run_dirs: list[Path]) -> dict[str, tuple[float, int]]:
             except (OSError, ValueError, IndexError):
                 continue  # gone, or not ours to read
             rss = next((int(x.split()[1]) for x in status.splitlines() if x.startswith("VmRSS")), 0)
-            out[pidfile.stem] = (rss / 1024, files)
+            out[f"{pidfile.parent.name}/{pidfile.stem}"] = (rss / 1024, files)
     return out
 
 
@@ -80,9 +85,7 @@ def growth(samples: list[dict[str, Any]], warmup_s: float = 60.0) -> dict[str, d
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Start what is missing, soak, report, stop what was started."""
-    from infra.edge import Edge
     from infra.services import all_services
-    from infra.stack import Stack
 
     if args.minutes <= 0 or args.rate <= 0 or args.every <= 0:
         print("flashsale soak: --minutes, --rate and --every must be > 0")
@@ -91,20 +94,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     out = Path(args.out or settings.state_dir / "soak" / time.strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     stack = Stack(settings)
-    started_servers = stack.up()
-    started = [s for s in all_services(settings) if s.start()]
-    edge = Edge(settings)
-    edge_started = False
-    try:
-        edge_started = any(edge.up().values())
-        samples, summary = _soak(args, settings, edge.url, stack)
-    finally:
-        if edge_started:
-            edge.down()
-        for service in reversed(started):
-            service.stop()
-        if any(started_servers.values()):
-            stack.down()
+    with ExitStack() as cleanup:  # stops what it started, whatever fails on the way
+        if any(stack.up().values()):
+            cleanup.callback(stack.down)
+        for service in all_services(settings):
+            if service.start():
+                cleanup.callback(service.stop)
+        edge = _own_edge(settings, stack)
+        cleanup.callback(edge.down)
+        edge.up()
+        samples, summary = _soak(args, settings, edge, stack)
     report = {**summary, "growth": growth(samples)}
     (out / "samples.json").write_text(json.dumps({"summary": report, "samples": samples}))
     _chart(samples, out / "memory.png")
@@ -112,14 +111,31 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _soak(args: argparse.Namespace, settings: Settings, url: str,
-          stack: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
+def _own_edge(settings: Settings, stack: Stack) -> Edge:
+    """nginx and two app servers of the soak's own, on free ports with their state under
+    ``state_dir/soak/edge`` (``make up``'s edge may be serving the default namespace)."""
+    from producers.http.auth import load_secret
+    from producers.http.config import EdgeSettings
+
+    ep = stack.endpoints()
+    env = {"FLASHSALE_INFRA": "external", "KAFKA_BOOTSTRAP_SERVERS": ep.bootstrap,
+           "DATABASE_URL": ep.dsn,
+           "FLASHSALE_JWT_SECRET": load_secret(settings.state_dir,
+                                               EdgeSettings.from_env().jwt_secret)}  # fmt: skip
+    own = dataclasses.replace(settings, state_dir=settings.state_dir / "soak" / "edge",
+                              http_port=processes.free_port())  # fmt: skip
+    return Edge(own, server_ports=[processes.free_port() for _ in range(2)], env=env)
+
+
+def _soak(args: argparse.Namespace, settings: Settings, edge: Edge,
+          stack: Stack) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
     from flashsale.demo import _open_over_http
     from producers.commands import SkuAllocation
     from producers.http.auth import load_secret, token
     from producers.http.config import EdgeSettings
     from producers.load import Plan, Tally, http_run, summary
 
+    url = edge.url
     seconds = args.minutes * 60
     sale_id = f"soak-{int(time.time())}"
     skus = [f"{sale_id}-{n}" for n in range(8)]
@@ -130,8 +146,8 @@ def _soak(args: argparse.Namespace, settings: Settings, url: str,
     secret = load_secret(settings.state_dir, EdgeSettings.from_env().jwt_secret)
     tokens = [token(f"load-{u}", "shopper", int(seconds) + 3600, secret) for u in range(users)]
     tally = Tally()
-    run_dirs = [settings.state_dir / "run" / settings.namespace, stack.kafka.home,
-                stack.postgres.home]  # fmt: skip
+    run_dirs = [settings.state_dir / "run" / settings.namespace, edge.settings.state_dir,
+                stack.kafka.home, stack.postgres.home]  # fmt: skip
     samples: list[dict[str, Any]] = []
     stop = threading.Event()
 

@@ -59,6 +59,11 @@ def _guarantee(env: dict[str, str]) -> ProcessingGuarantee:
     return ProcessingGuarantee.EXACTLY_ONCE
 
 
+def default_datadir(settings: Settings) -> Path:
+    """Where a worker keeps its tables' RocksDB unless ``FLASHSALE_PROCESSOR_DATADIR`` says."""
+    return settings.state_dir / "processor" / f"{settings.namespace}-inventory"
+
+
 def build_app(settings: Settings, bootstrap: str) -> faust.App:
     """Build the Faust app, its topics, table and agent from settings."""
     env = dict(os.environ)
@@ -67,9 +72,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
     worker_id = env_int(env, "FLASHSALE_WORKER_ID", 0, 0, 1000)
     names = TopicNames.of(settings)
     app_id = f"{settings.namespace}-inventory"
-    datadir = Path(
-        env.get("FLASHSALE_PROCESSOR_DATADIR") or settings.state_dir / "processor" / app_id
-    )
+    datadir = Path(env.get("FLASHSALE_PROCESSOR_DATADIR") or default_datadir(settings))
     datadir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
     app = faust.App(
         app_id,
@@ -238,8 +241,8 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
             await runtime_mod.transactional_producer(app, names.sku_commands, partition).flush()
             rewind = runtime.maybe_fault("mid-batch", partition, records[0].offset,
                                          records[-1].offset)  # fmt: skip
-            if rewind is not None:
-                await app.consumer.seek(TP(names.sku_commands, partition), rewind)
+            if rewind is not None:  # on the consumer's own thread, as Faust's seeks are
+                await app.consumer.seek_wait({TP(names.sku_commands, partition): rewind})
         elif len(events) + len(changes) >= HOLD_MAX:
             await send_pending(partition)
         tp = TP(names.sku_commands, partition)
@@ -295,6 +298,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
             try:
                 done = await decide(msg.partition, records)
                 if done is None:
+                    idle_since = time.monotonic()
                     continue
                 records, batch = done
                 decided = time.monotonic()

@@ -259,7 +259,7 @@ class GatedTransactionManager(TransactionManager):
         # aiokafka wants its own TopicPartition keys: Faust's TP (an equal tuple, but another
         # class) comes in for a partition only our processed offsets name (a commit as a
         # rebalance starts), and aiokafka refused it: the worker crashed on every scale-out.
-        keyed = {aiokafka.TopicPartition(tp.topic, tp.partition): o for tp, o in offsets.items()}
+        keyed = {faust_aiokafka.ensure_aiokafka_TP(tp): o for tp, o in offsets.items()}
         async with producer._trn_locks[tid]:
             await txn.send_offsets_to_transaction(keyed, self.app.conf.id)
             await txn.commit_transaction()

@@ -2,43 +2,37 @@
 HTTP edge (holds and payments on, a pre-queue when asked), one fault injected mid-sale, and
 every promise checked afterwards from the topics and from PostgreSQL.
 
-A scenario is a function of the running ``System`` that does its harm and says how it knows
-it hit (``Hit``). ``run_sale`` drives the crowd, calls the fault when the given share of the
-crowd has been answered, pays for the winners' holds until every order is settled, and
-``verify`` checks the invariants and measures the recovery. Each verified run appends its
-figures to ``.state/test/faults/results.jsonl`` (the closing notes' table).
+A scenario's fault (``Harm``) is a function of the running ``System`` and the ``Sale`` that
+does its harm and says what it did (``Hit``). ``run_sale`` drives the crowd, does the harm
+when the given share of the crowd has been answered, and pays for the winners' holds until
+every order is settled; ``tests/faults/checks.py`` checks every invariant and measures the
+recovery.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import psycopg
 
-from flashsale import input_audit
-from flashsale.sale_audit import audit_sale
-from flashsale.settings import REPO_ROOT, Settings
+from flashsale.demo_orders import sale_facts
+from flashsale.settings import Settings
 from infra import processes
 from infra.services import Service
 from infra.stack import Endpoints
 from producers.crowd import PlannedIntent
 from producers.http.auth import token
 from producers.http_crowd import CrowdResult, drive_crowd
-from projections.catch_up import wait_until_projected
-from projections.commands import live_name
-from schemas.codec import SchemaRegistry
 from tests.e2e.harness import SECRET, EdgeUnderTest, start_edge
 from tests.integration.pipeline import Pipeline, start_pipeline
 
@@ -57,7 +51,7 @@ class Hit:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-Fault = Callable[["System", "Sale"], Hit]
+Harm = Callable[["System", "Sale"], Hit]
 
 
 @dataclass
@@ -132,24 +126,18 @@ def whole_system(
 ) -> Iterator[System]:
     """Writer, projector, analytics, sale clock, payments, nginx and ``servers`` app servers on
     a fresh namespace; everything is stopped afterwards, whatever happened."""
-    pipeline = start_pipeline(settings, endpoints, f"fx{uuid.uuid4().hex[:8]}", env)
-    services = {n: Service(n, pipeline.settings) for n in ("analytics", "clock", "payments")}
-    edge: EdgeUnderTest | None = None
-    system: System | None = None
-    try:
+    with ExitStack() as stack:  # each stop runs, whatever the others raised
+        pipeline = start_pipeline(settings, endpoints, f"fx{uuid.uuid4().hex[:8]}", env)
+        stack.callback(pipeline.stop)
+        services = {n: Service(n, pipeline.settings) for n in ("analytics", "clock", "payments")}
         for s in services.values():
+            stack.callback(s.stop)
             s.start(pipeline.env)
+        extra: list[Worker] = []
+        stack.callback(lambda: [w.stop() for w in extra])
         edge = start_edge(pipeline, servers)
-        system = System(pipeline, edge, services)
-        yield system
-    finally:
-        if edge is not None:
-            edge.edge.down()
-        for w in system.extra if system else []:
-            w.stop()
-        for s in services.values():
-            s.stop()
-        pipeline.stop()
+        stack.callback(edge.edge.down)
+        yield System(pipeline, edge, services, extra)
 
 
 @dataclass
@@ -205,7 +193,7 @@ def open_sale(system: System, sale: Sale, starts_in_s: float = -1.0) -> None:
 def run_sale(
     system: System,
     sale: Sale,
-    fault: Fault | None,
+    fault: Harm | None,
     at: float = 0.4,
     concurrency: int = 16,
     pace_s: float = 0.02,
@@ -234,13 +222,21 @@ def run_sale(
 
     payer = Payer(system, sale)
     payer.start()
-    sale.crowd = drive_crowd(system.edge.url, sale.sale_id, sale.plan, sale.tokens,
-                             concurrency, progress, pace_s)  # fmt: skip
-    if fault is not None:
-        if not fired.is_set():  # the crowd finished between two progress calls
+    try:
+        sale.crowd = drive_crowd(system.edge.url, sale.sale_id, sale.plan, sale.tokens,
+                                 concurrency, progress, pace_s)  # fmt: skip
+        if fault is not None and not fired.is_set():  # done between two progress calls
+            fired.set()
             sale.answered_at_fault = sale.crowd.answered
             injector.start()
-        injector.join(timeout=300)
+    except BaseException:
+        payer.stop.set()
+        payer.join(timeout=30)
+        raise
+    finally:  # a fault half-done (a server stopped) is finished before anything is stopped
+        if injector.is_alive():
+            injector.join(timeout=300)
+    if fault is not None:
         assert not errors, f"the fault itself failed: {errors[0]!r}"
         assert done, "the fault did not finish in 300 s"
         sale.hit = done[0]
@@ -264,7 +260,7 @@ class Payer(threading.Thread):
         with httpx.Client(timeout=10) as client:
             while not self.stop.is_set():
                 try:
-                    self.facts = sale_facts(self.system, self.sale.sale_id)
+                    self.facts = facts_of(self.system, self.sale.sale_id)
                 except Exception as exc:  # the broker away (a fault): read again next round
                     self.failures[type(exc).__name__] += 1
                 for name, rec in self.facts:
@@ -305,131 +301,12 @@ class Payer(threading.Thread):
             time.sleep(0.5)
         self.stop.set()
         self.join(timeout=30)
-        return sale_facts(self.system, self.sale.sale_id)
+        return facts_of(self.system, self.sale.sale_id)
 
 
-def sale_facts(system: System, sale_id: str) -> list[tuple[str, dict[str, Any]]]:
+def facts_of(system: System, sale_id: str) -> list[tuple[str, dict[str, Any]]]:
     """The sale's committed facts, in log order, to the decision topic's end as of now."""
-    msgs = input_audit.read_topic(system.endpoints.bootstrap, system.pipeline.names.decisions,
-                                  True, 30)  # fmt: skip
-    return [(name, rec)
-            for _, _, name, rec in input_audit.decode_all(SchemaRegistry.load_default(), msgs)
-            if name and rec.get("sale_id") == sale_id]  # fmt: skip
-
-
-@dataclass
-class Figures:
-    """One verified run: the invariants' counts and the recovery, for the closing note."""
-
-    scenario: str
-    requests: int
-    queued: int  # 202s (distinct intents)
-    statuses: dict[str, int]
-    decided: int
-    accepted: int
-    rejected: int
-    paid: int
-    expired: int
-    held_at_end: int
-    allocation: int
-    in_flight_at_fault: int  # intents appended, not yet decided when the fault began
-    recover_ms: int | None  # fault (or its end) to the first decision after it
-    replay: str
-    detail: dict[str, Any]
-
-
-def verify(system: System, sale: Sale, scenario: str, replay: bool = True) -> Figures:
-    """Every promise, from the topics (read_committed, offset 0) and PostgreSQL."""
-    assert sale.crowd is not None
-    bootstrap, names = system.endpoints.bootstrap, system.pipeline.names
-    queued = set(sale.crowd.queued.values())
-    assert queued, "the crowd got no 202 at all"
-    audit = audit_sale(bootstrap, names, sale.sale_id)
-    assert audit.passed, [f"{v.kind}: {v.detail}" for v in audit.violations[:8]]
-    decisions = Counter(r["intent_id"] for n, r in sale.facts
-                        if n in ("IntentAccepted", "IntentRejected"))  # fmt: skip
-    missing = queued - set(decisions)
-    assert not missing, f"{len(missing)} intents answered 202 have no decision"
-    assert max(decisions.values()) == 1, "an intent was decided twice"
-    assert audit.inputs.unaccounted == [], "input offsets with no decision, repeat or letter"
-    counts = Counter(n for n, _ in sale.facts)
-    names_ = system.pipeline.names
-    wait_until_projected(bootstrap, system.endpoints.dsn, live_name(system.settings),
-                         (names_.decisions,), 120)  # fmt: skip
-    with psycopg.connect(system.endpoints.dsn) as conn:
-        rows = conn.execute(
-            "SELECT sku, coalesce(sum(quantity) FILTER (WHERE status IN ('held', 'paying',"
-            " 'paid', 'confirmed')), 0), coalesce(sum(quantity) FILTER (WHERE status IN"
-            " ('held', 'paying')), 0) FROM orders WHERE sale_id = %s GROUP BY sku",
-            (sale.sale_id,),
-        ).fetchall()  # fmt: skip
-    for sku, holding, _ in rows:
-        assert holding <= ALLOCATION, f"{sku}: paid + held {holding} > {ALLOCATION}"
-    ended = counts["OrderPaid"] + counts["HoldExpired"] + counts["HoldCancelled"]
-    assert ended == counts["IntentAccepted"], "a hold never ended (paid or expired)"
-    assert sum(r[2] for r in rows) == 0, "PostgreSQL still shows held orders the log ended"
-    verdict = replay_verdict(system) if replay else "skipped"
-    assert verdict in ("same", "skipped"), f"projections differ from a replay: {verdict}"
-    in_flight, recover = recovery(system, sale)
-    figures = Figures(
-        scenario, len(sale.plan), len(queued), {str(k): v for k, v in sale.crowd.statuses.items()},
-        len(decisions), counts["IntentAccepted"], counts["IntentRejected"], counts["OrderPaid"],
-        counts["HoldExpired"], sum(r[2] for r in rows), ALLOCATION * len(sale.skus), in_flight,
-        recover, verdict, sale.hit.detail if sale.hit else {},
-    )  # fmt: skip
-    record(system.settings, figures)
-    return figures
-
-
-def replay_verdict(system: System) -> str:
-    """``flashsale replay``: every projection rebuilt from offset 0 and compared with live."""
-    env = {**os.environ, **system.env, "FLASHSALE_NAMESPACE": system.settings.namespace,
-           "FLASHSALE_STATE_DIR": str(system.settings.state_dir)}  # fmt: skip
-    done = subprocess.run([sys.executable, "-m", "flashsale.cli", "replay", "--json", "--wait",
-                           "90"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    if done.returncode not in (0, 1):
-        raise AssertionError(done.stdout[-2000:] + done.stderr[-2000:])
-    return str(json.loads(done.stdout)["verdict"])
-
-
-def recovery(system: System, sale: Sale) -> tuple[int, int | None]:
-    """Intents appended but not decided when the fault began, and the ms from the fault's end
-    to the first decision appended after it (log times, read from the topics)."""
-    if sale.hit is None:
-        return 0, None
-    registry = SchemaRegistry.load_default()
-    bootstrap, names = system.endpoints.bootstrap, system.pipeline.names
-    commands = input_audit.read_topic(bootstrap, names.sku_commands, True, 30)
-    decode = input_audit.decode_all
-    appended = {rec["intent_id"]: m.timestamp()[1]
-                for m, (_, _, name, rec) in zip(commands, decode(registry, commands), strict=True)
-                if name == "PurchaseIntent" and rec.get("sale_id") == sale.sale_id}  # fmt: skip
-    decided = input_audit.read_topic(bootstrap, names.decisions, True, 30)
-    at = sale.hit.at_ms
-    after = max(at, sale.hit.ended_ms)
-    first_answer: dict[str, int] = {}  # intent id -> log time of its first answer
-    first_after = None
-    for m, (_, _, name, rec) in zip(decided, decode(registry, decided), strict=True):
-        if name not in ("IntentAccepted", "IntentRejected", "EntryQueued", "Waitlisted"):
-            continue
-        t = m.timestamp()[1]
-        if rec.get("sale_id") == sale.sale_id:
-            first_answer.setdefault(rec["intent_id"], t)
-        if t >= after and (first_after is None or t < first_after):
-            first_after = t
-    in_flight = sum(1 for i, t in first_answer.items() if appended.get(i, at + 1) <= at < t)
-    return in_flight, None if first_after is None else first_after - after
-
-
-def record(settings: Settings, figures: Figures) -> None:
-    """Append the run's figures to the results file (and print them for the test log)."""
-    path = settings.state_dir / "test" / RESULTS
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"at": time.strftime("%Y-%m-%dT%H:%M:%S"), **asdict(figures)})
-    with path.open("a") as f:
-        f.write(line + "\n")
-    print(line)
+    return sale_facts(system.endpoints.bootstrap, system.pipeline.names.decisions, sale_id)
 
 
 def now_ms() -> int:

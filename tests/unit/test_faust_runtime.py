@@ -99,3 +99,34 @@ def test_projection_fault_spec_is_a_batch_count_or_refused_by_name():
     for bad in ("0", "-1", "x"):
         with pytest.raises(ValueError, match="FLASHSALE_PROJECTION_FAULT"):
             _fault_batches(bad)
+
+
+def test_offsets_reach_the_transaction_keyed_by_aiokafka_topic_partitions():
+    """A commit as a rebalance begins names partitions by Faust's TP (from our processed
+    offsets); aiokafka refuses any key but its own TopicPartition (a crash on scale-out)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import aiokafka
+
+    sent: dict = {}
+
+    class Txn:
+        async def send_offsets_to_transaction(self, offsets, group):
+            for tp in offsets:  # what aiokafka checks
+                assert isinstance(tp, aiokafka.TopicPartition), type(tp)
+            sent.update(offsets)
+
+        async def commit_transaction(self):
+            pass
+
+        async def begin_transaction(self):
+            pass
+
+    manager = object.__new__(rt.GatedTransactionManager)
+    producer = SimpleNamespace(
+        _transaction_producers={"t": Txn()}, _trn_locks={"t": asyncio.Lock()}
+    )
+    manager.__dict__.update(producer=producer, app=SimpleNamespace(conf=SimpleNamespace(id="g")))
+    asyncio.run(manager._commit_one("t", {br.TP("cmds", 2): 40}, begin_next=True))
+    assert sent == {aiokafka.TopicPartition("cmds", 2): 40}

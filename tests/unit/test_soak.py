@@ -15,8 +15,8 @@ def test_sample_reads_memory_and_files_of_live_pid_files_and_skips_dead_ones(tmp
     (tmp_path / "sub" / "gone.pid").write_text("999999999\n")
     (tmp_path / "sub" / "junk.pid").write_text("not a pid\n")
     got = sample([tmp_path])
-    assert set(got) == {"me"}
-    rss_mb, files = got["me"]
+    assert set(got) == {f"{tmp_path.name}/me"}
+    rss_mb, files = got[f"{tmp_path.name}/me"]
     assert rss_mb > 1 and files >= 3  # stdin, stdout, stderr at least
 
 
