@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from flashsale.settings import Settings
+from infra.kafka import LocalKafka
 from infra.processes import free_port as free_port  # the tests import it from here
 from infra.stack import Endpoints, Stack
 
@@ -37,3 +39,16 @@ def local_only(settings: Settings) -> None:
     """Skip tests that kill, wipe or start servers unless the infra is the project's own."""
     if not settings.destructive_tests_allowed:
         pytest.skip("destructive test: runs only with FLASHSALE_INFRA=local")
+
+
+@pytest.fixture
+def private_broker(settings: Settings, uid: str) -> Iterator[LocalKafka]:
+    """A Kafka broker of the test's own, for a test that stops it mid-run (the shared one
+    serves the others); its data is deleted afterwards."""
+    local_only(settings)
+    home = settings.state_dir / "test" / f"kafka-{uid}"
+    kafka = LocalKafka(home, free_port(), free_port(), "512m", settings.state_dir / "lib")
+    kafka.start()
+    yield kafka
+    kafka.stop()
+    shutil.rmtree(home, ignore_errors=True)

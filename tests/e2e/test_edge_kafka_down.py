@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -21,25 +20,15 @@ from infra import provision
 from infra.edge import AppServer
 from infra.kafka import LocalKafka
 from infra.stack import Endpoints
-from tests.conftest import local_only
 from tests.e2e.harness import SECRET, EdgeUnderTest, free_port, purchase_intents, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.destructive]
 
 
-@pytest.fixture
-def broker(settings: Settings, uid: str) -> Iterator[LocalKafka]:
-    local_only(settings)
-    home = settings.state_dir / "test" / f"kafka-{uid}"
-    kafka = LocalKafka(home, free_port(), free_port(), "512m", settings.state_dir / "lib")
-    kafka.start()
-    yield kafka
-    kafka.stop()
-
-
 def test_no_202_without_an_ack_while_kafka_is_down(
-    settings: Settings, endpoints: Endpoints, broker: LocalKafka, uid: str
+    settings: Settings, endpoints: Endpoints, private_broker: LocalKafka, uid: str
 ):
+    broker = private_broker
     ns = f"kd-{uid}"
     s = dataclasses.replace(settings, namespace=ns, state_dir=settings.state_dir / "test" / ns)
     provision.ensure_topics(broker.bootstrap, catalogue(s))
