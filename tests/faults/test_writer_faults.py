@@ -182,7 +182,11 @@ def test_a_worker_paused_past_its_timeouts_is_fenced_and_replaced(
         verify(system, sale, "writer SIGSTOP past its timeouts, SIGCONT")
         assert sale.hit is not None and sale.hit.detail["exited"], "the pause hit nothing"
         [crashed] = system.log_events("processor", "processor.crashed")
-        assert any(w in crashed["reason"] for w in ("stalled", "Fenced", "transaction"))
+        # Its transaction was aborted meanwhile: it exits on the watchdog, on the fenced
+        # commit, or (seen once in three passes) on the guard against resuming past the
+        # committed offset, when Faust hands it back a partition at its old position.
+        reasons = ("stalled", "Fenced", "transaction", "records would be skipped")
+        assert any(w in crashed["reason"] for w in reasons), crashed["reason"]
 
 
 def test_a_worker_whose_local_state_is_deleted_rebuilds_it(
