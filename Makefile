@@ -66,7 +66,7 @@ bench: setup ## Benchmarks: print figures and write them to bench-results/
 	$(FS) bench
 
 .PHONY: soak
-soak: setup ## 10 minutes at half the edge's measured maximum, every process's RSS and open files sampled (not in CI)
+soak: setup ## 10 minutes at 1,000 intents/s (about half the whole system's maximum here), every process's RSS and open files sampled (not in CI)
 	$(FS) soak $(SOAK_ARGS)
 
 .PHONY: clean
