@@ -29,7 +29,7 @@ import hmac
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
@@ -252,6 +252,7 @@ class IntakeService:
         ack_timeout_s: float,
         clock: Callable[[], datetime] = _now,
         in_log: Callable[[str, str], bool] = lambda sale_id, sku: False,
+        caught_up: Callable[[], Awaitable[bool]] | None = None,
         on_placed: Callable[[str, str, str, str, int, Appended], None] | None = None,
     ) -> None:
         self.sales = sales
@@ -261,6 +262,8 @@ class IntakeService:
         self.ack_timeout_s = ack_timeout_s
         self.clock = clock
         self.in_log = in_log  # a SKU the log has opened, maybe not projected yet
+        # True once in_log has read every fact committed before the call; False: not sure
+        self.caught_up = caught_up
         self.on_placed = on_placed  # (user, intent, sale, SKU, quantity, where the log put it)
 
     async def place_intent(
@@ -319,8 +322,10 @@ class IntakeService:
         try:
             check_intent(sale_id, await self.sales.sale(sale_id), sku, quantity, self.clock())
         except Refused as refused:
-            if refused.code in ("unknown_sale", "unknown_sku") and self.in_log(sale_id, sku):
-                return None  # just opened, not projected yet: not certain, the writer decides
+            if refused.code in ("unknown_sale", "unknown_sku") and await self._maybe_known(
+                sale_id, sku
+            ):
+                return None  # just opened, not projected yet (or not sure): the writer decides
             if key is None:
                 raise
             intent_id = intent_id_for(user_id, sale_id, sku, key)
@@ -328,6 +333,15 @@ class IntakeService:
                 raise
             return intent_id
         return None
+
+    async def _maybe_known(self, sale_id: str, sku: str) -> bool:
+        """False only when (sale, SKU) is surely unknown: the live feed, once it has read
+        every fact committed before this call, has no SaleOpened of it."""
+        if self.in_log(sale_id, sku):
+            return True
+        if self.caught_up is None:
+            return False
+        return not await self.caught_up() or self.in_log(sale_id, sku)
 
     def _submit(
         self, user_id: str, sale_id: str, sku: str, quantity: int, key: str

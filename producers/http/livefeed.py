@@ -141,6 +141,7 @@ class DecisionFeed:
         self._reached: list[int | None] = []
         self._trust_from: list[int] = []
         self._at_end: list[bool] = []  # per partition: read to its end once since the start
+        self._eof: list[int] = []  # per partition: the offset it was last read to the end at
         self._heard = 0.0  # monotonic time of the reader thread's last consume
         self._users: dict[str, set[UserStream]] = defaultdict(set)
         self._waiters: dict[tuple[str, str], list[tuple[Accept, asyncio.Future[Fact]]]] = (
@@ -193,6 +194,7 @@ class DecisionFeed:
         self._reached = [-1 if o <= low else None for o, low in zip(offsets, lows, strict=True)]
         self._trust_from = list(highs or offsets)
         self._at_end = [False] * len(offsets)
+        self._eof = [-1] * len(offsets)
         self._heard = time.monotonic()
 
     def apply(self, batch: Iterable[RawFact]) -> None:
@@ -228,11 +230,11 @@ class DecisionFeed:
                 messages = consumer.consume(1000, 0.1)
                 self._heard = time.monotonic()
                 batch = []
-                ends: list[int] = []
+                ends: list[tuple[int, int]] = []
                 for m in messages:
                     if (error := m.error()) is not None:
                         if error.code() == KafkaError._PARTITION_EOF:
-                            ends.append(m.partition() or 0)
+                            ends.append((m.partition() or 0, m.offset() or 0))
                         else:
                             log.warning("feed.consume_error", error=str(error))
                         continue
@@ -252,7 +254,7 @@ class DecisionFeed:
             consumer.close()
 
     # -- on the loop ---------------------------------------------------------------------------
-    def _apply(self, batch: list[RawFact], ends: Iterable[int] = ()) -> None:
+    def _apply(self, batch: list[RawFact], ends: Iterable[tuple[int, int]] = ()) -> None:
         for raw in batch:
             try:
                 self._apply_one(raw)
@@ -260,8 +262,17 @@ class DecisionFeed:
                 log.warning("feed.bad_fact", partition=raw[0], offset=raw[1], name=raw[2],
                             error=repr(exc))  # fmt: skip
                 self._next[raw[0]] = raw[1] + 1
-        for p in ends:  # read to the end (after this batch's facts)
+        for p, offset in ends:  # read to the end (after this batch's facts)
             self._at_end[p] = True
+            self._eof[p] = max(self._eof[p], offset)
+
+    def read_to(self, ends: list[int]) -> bool:
+        """Whether every fact below ``ends`` (an offset per partition) has been applied here;
+        a committed end is read when the feed hit the end there (it moves past transaction
+        markers, which are never applied)."""
+        return len(ends) == self.partitions and all(
+            self._next[p] >= end or self._eof[p] >= end for p, end in enumerate(ends)
+        )
 
     def _apply_one(self, raw: RawFact) -> None:
         p, offset, name, record = raw

@@ -234,6 +234,40 @@ def test_a_sku_the_log_has_opened_but_the_projection_not_yet_goes_to_the_writer(
     assert len(log.produced) == 1
 
 
+def test_an_unknown_sku_is_refused_only_once_the_feed_has_read_to_the_log_end():
+    """The app server's feed lags: the SaleOpened it had not read yet is read while it
+    catches up, so the intent goes to the writer; a SKU still unknown then is refused;
+    and a feed that cannot catch up in time is not sure: the writer decides."""
+    log = FakeLog()
+    svc = service(FakeSales({"k": terms()}), log)
+    read: set[tuple[str, str]] = set()
+    svc.in_log = lambda sale_id, sku: (sale_id, sku) in read
+    rounds: list[bool] = []
+
+    async def catch_up() -> bool:
+        rounds.append(True)
+        read.add(("s", "opened-just-now"))  # in the log before the call, read while waiting
+        return True
+
+    svc.caught_up = catch_up
+
+    async def scenario() -> None:
+        await svc.place_intent("u", "s", "opened-just-now", 1, "key")
+        with pytest.raises(Refused) as refused:
+            await svc.place_intent("u", "s", "never-opened", 1, "key2")
+        assert refused.value.code == "unknown_sku"
+
+        async def not_sure() -> bool:
+            return False
+
+        svc.caught_up = not_sure
+        await svc.place_intent("u", "s", "maybe-opened", 1, "key3")
+
+    run(scenario())
+    assert [p[1] for p in log.produced] == ["opened-just-now", "maybe-opened"]
+    assert len(rounds) == 2
+
+
 def test_the_table_of_recent_intents_is_bounded():
     log = FakeLog()
     svc = service(log=log, capacity=3)
