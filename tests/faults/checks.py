@@ -56,11 +56,12 @@ def verify(system: System, sale: Sale, scenario: str, replay: bool = True) -> Fi
     queued = set(sale.crowd.queued.values())
     assert queued, "the crowd got no 202 at all"
     audit = audit_sale(bootstrap, names, sale.sale_id)
-    assert audit.passed, [f"{v.kind}: {v.detail}" for v in audit.violations[:8]]
+    assert audit.passed, [f"{v.kind}: {v.detail}" for v in audit.violations[:8]] + system.troubles()
     decisions = Counter(r["intent_id"] for n, r in sale.facts
                         if n in ("IntentAccepted", "IntentRejected"))  # fmt: skip
     missing = queued - set(decisions)
-    assert not missing, f"{len(missing)} intents answered 202 have no decision"
+    assert not missing, (f"{len(missing)} intents answered 202 have no decision",
+                         system.troubles())  # fmt: skip
     assert max(decisions.values()) == 1, "an intent was decided twice"
     assert audit.inputs.unaccounted == [], "input offsets with no decision, repeat or letter"
     counts = Counter(n for n, _ in sale.facts)

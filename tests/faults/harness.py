@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -39,7 +40,7 @@ from tests.integration.pipeline import Pipeline, start_pipeline
 SKUS, ALLOCATION, PEOPLE = 2, 60, 700
 HOLD_S, GRACE_S = 3.0, 1.0
 SETTLE_TIMEOUT_S = 180.0
-RESULTS = "faults/results.jsonl"  # under the test state dir
+TROUBLE = ('"processor.crashed"', '"level": "error"', "Traceback", "[ERROR]", "[CRITICAL]")
 
 
 @dataclass
@@ -74,6 +75,25 @@ class System:
     @property
     def env(self) -> dict[str, str]:
         return self.pipeline.env
+
+    @property
+    def run_dir(self) -> Path:
+        """Where the namespace's processes write their logs and pid files."""
+        return self.settings.state_dir / "run" / self.settings.namespace
+
+    def troubles(self, limit: int = 12) -> list[str]:
+        """The namespace's crash and error log lines, and which writer workers are alive: what
+        a failed check prints, so a failure in CI says why without its logs."""
+        found = []
+        for path in sorted(self.run_dir.glob("*.log")):
+            for line in path.read_text(errors="replace").splitlines():
+                if any(m in line for m in TROUBLE) and "__assignor-__leader" not in line:
+                    found.append(f"{path.name}: {line[:300]}")
+        workers = [("w0", self.pipeline.processor.pid())] + [
+            (f"w{w.worker_id}", w.pid()) for w in self.extra
+        ]
+        up = [f"{n} {'alive' if p and processes.alive(p) else 'gone'}" for n, p in workers]
+        return [", ".join(up), *found[-limit:]]
 
     def service(self, name: str) -> Service:
         return {"processor": self.pipeline.processor, "projector": self.pipeline.projector,
