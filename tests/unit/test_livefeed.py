@@ -256,8 +256,10 @@ def test_a_partition_read_to_its_end_is_trusted_and_a_silent_reader_is_not():
         f.begin_at([5], lows=[0], highs=[8])
         f.apply([at(0, 5, now - 30), at(0, 6, now - 20)])
         assert not f.undecided(0, now)
-        f._apply([], [0])  # the reader reached the partition's end
+        assert not f.read_to([8])
+        f._apply([], [(0, 8)])  # the reader reached the partition's end, at offset 8
         assert f.undecided(0, now) and not f.undecided(0, now - 25)
+        assert f.read_to([8]) and not f.read_to([9])
         f._heard = time.monotonic() - 60  # the reader thread died or hangs
         assert not f.undecided(0, now)
 
