@@ -48,7 +48,7 @@ import contextlib
 import sys
 import time
 import traceback
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Iterator, Mapping
 from types import TracebackType
 from typing import Any
@@ -342,15 +342,17 @@ class _RecoveryLogger:
     when no record is in hand) awaits ``consumer.position`` while iterating the active
     highwaters, which a rebalance changes meanwhile ("dictionary changed size during
     iteration", seen when a second worker joined mid-sale). Nothing was skipped; the next idle
-    turn runs it again. After ``EXCUSED_MAX`` of them the worker exits all the same.
+    turn runs it again. Only that error from that function is excused, and at most
+    ``EXCUSED_MAX`` times a minute: a check failing on every turn exits the worker all the same.
     """
 
     EXCUSED_MAX = 20
+    EXCUSE_WINDOW_S = 60.0
 
     def __init__(self, inner: Any, runtime: BatchRuntime) -> None:
         self._inner = inner
         self._runtime = runtime
-        self.excused = 0
+        self.excused: deque[float] = deque()  # monotonic times of the excused errors
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -359,11 +361,23 @@ class _RecoveryLogger:
         self._inner.warning(msg, *args, **kwargs)
         if not (isinstance(msg, str) and msg.startswith("Error in recovery")):
             return
-        if _raised_in(sys.exc_info()[2], "detect_aborted_tx") and self.excused < self.EXCUSED_MAX:
-            self.excused += 1
-            log.warning("recovery.aborted_tx_check_failed", error=msg, excused=self.excused)
+        if self._excusable(*sys.exc_info()[1:]):
+            log.warning("recovery.aborted_tx_check_failed", error=msg, excused=len(self.excused))
             return
         self._runtime.crash(f"changelog recovery failed: {msg}")
+
+    def _excusable(self, exc: BaseException | None, tb: TracebackType | None) -> bool:
+        if not (
+            isinstance(exc, RuntimeError)
+            and "changed size during iteration" in str(exc)
+            and _raised_in(tb, "detect_aborted_tx")
+        ):
+            return False
+        now = time.monotonic()
+        while self.excused and now - self.excused[0] > self.EXCUSE_WINDOW_S:
+            self.excused.popleft()
+        self.excused.append(now)
+        return len(self.excused) <= self.EXCUSED_MAX
 
 
 def _raised_in(tb: TracebackType | None, function: str) -> bool:
