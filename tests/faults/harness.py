@@ -85,7 +85,7 @@ class System:
         """The namespace's crash and error log lines, and which writer workers are alive: what
         a failed check prints, so a failure in CI says why without its logs."""
         found = []
-        for path in sorted(self.run_dir.glob("*.log")):
+        for path in sorted(self.run_dir.rglob("*.log")):  # the app servers' too
             for line in path.read_text(errors="replace").splitlines():
                 if any(m in line for m in TROUBLE) and "__assignor-__leader" not in line:
                     found.append(f"{path.name}: {line[:300]}")
