@@ -5,12 +5,14 @@ a moment ago, not read here yet" (its feed, or the projection, may lag the log b
 load). Before it answers ``404 unknown_sale`` it asks the broker for the decisions topic's
 committed ends (read_committed: the last stable offsets) and waits until its feed has read up
 to them; only then is "unknown" certain. One query serves every caller that arrived before it
-began, so a burst of unknown-sale requests costs one broker round trip per round, not one each.
+began, so a burst of unknown-sale requests costs one broker round trip per round, not one
+each, and the waiters wake once per batch the feed applies, not on a timer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Protocol
 
@@ -19,12 +21,15 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 log = structlog.get_logger(__name__)
 
-POLL_S = 0.01
-CATCH_UP_S = 2.0  # how long an app server waits for its feed before it is sure of a 404
-
 
 class Feed(Protocol):
     def read_to(self, ends: list[int]) -> bool: ...
+
+    def next_apply(self) -> asyncio.Future[None]: ...
+
+
+class EndsUnknown(Exception):
+    """The committed ends could not be had (the broker away or slow, the server stopping)."""
 
 
 class CommittedEnds:
@@ -32,52 +37,77 @@ class CommittedEnds:
 
     def __init__(self, bootstrap: str, topic: str, timeout_s: float = 5.0) -> None:
         self.topic = topic
-        self.timeout_s = timeout_s
+        self.timeout_s = timeout_s  # for a whole query
         self._config = {
             "bootstrap.servers": bootstrap,
             "group.id": f"flashsale-edge-ends-{uuid.uuid4().hex}",  # never joined
             "isolation.level": "read_committed",  # the ends are the last stable offsets
             "log_level": 3,
         }
-        self._consumer: Consumer | None = None
-        self._lock = asyncio.Lock()  # one query at a time, on a consumer made at first use
+        self._consumer: Consumer | None = None  # made at the first query, used by one at a time
+        self._partitions: list[int] = []
+        self._lock = asyncio.Lock()
         self._round: asyncio.Future[list[int]] | None = None  # the next query's callers
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     async def now(self) -> list[int]:
         """Per partition, the committed end as of a query that began after this call."""
-        if self._round is None:
-            self._round = asyncio.get_running_loop().create_future()
-            self._round.add_done_callback(_retrieved)
-            task = asyncio.create_task(self._query())
+        if self._closed:
+            raise EndsUnknown("the server is stopping")
+        round_ = self._round
+        if round_ is None:
+            round_ = self._round = asyncio.get_running_loop().create_future()
+            round_.add_done_callback(_retrieved)
+            task = asyncio.create_task(self._query(round_))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return await asyncio.shield(self._round)
+        return await asyncio.shield(round_)
 
-    async def _query(self) -> None:
-        async with self._lock:  # a round that began earlier may still be out: wait for it
-            round_, self._round = self._round, None  # later callers get the round after
-            assert round_ is not None
-            try:
-                round_.set_result(await asyncio.to_thread(self._ends))
-            except Exception as exc:  # the broker away: the callers are told
-                round_.set_exception(exc)
+    async def _query(self, round_: asyncio.Future[list[int]]) -> None:
+        try:
+            async with self._lock:  # a round that began earlier may still be out: wait for it
+                if self._round is round_:
+                    self._round = None  # callers from now on get the round after this one
+                ends = await asyncio.to_thread(self._ends)
+            round_.set_result(ends)
+        except Exception as exc:
+            log.warning("feed.ends_unknown", topic=self.topic, error=repr(exc))
+            round_.set_exception(EndsUnknown(repr(exc)))
+        finally:
+            if self._round is round_:  # cancelled before it began: the next caller starts one
+                self._round = None
+            if not round_.done():
+                round_.set_exception(EndsUnknown("cancelled"))
 
     def _ends(self) -> list[int]:
+        if self._closed:
+            raise EndsUnknown("the server is stopping")
+        deadline = time.monotonic() + self.timeout_s
+
+        def left() -> float:
+            return max(0.05, deadline - time.monotonic())
+
         if self._consumer is None:
             self._consumer = Consumer(self._config)
-        meta = self._consumer.list_topics(self.topic, timeout=self.timeout_s)
-        topic = meta.topics.get(self.topic)
-        if topic is None or topic.error is not None or not topic.partitions:
-            raise KafkaException(f"topic {self.topic} is missing")
+        if not self._partitions:
+            meta = self._consumer.list_topics(self.topic, timeout=left())
+            topic = meta.topics.get(self.topic)
+            if topic is None or topic.error is not None or not topic.partitions:
+                raise EndsUnknown(f"topic {self.topic} is missing")
+            self._partitions = sorted(topic.partitions)
         return [
             self._consumer.get_watermark_offsets(
-                TopicPartition(self.topic, p), self.timeout_s, cached=False
+                TopicPartition(self.topic, p), left(), cached=False
             )[1]
-            for p in sorted(topic.partitions)
+            for p in self._partitions
         ]
 
     async def close(self) -> None:
+        """Refuse new queries, let the one out finish (bounded by ``timeout_s``), close."""
+        self._closed = True
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
         async with self._lock:
             if self._consumer is not None:
                 await asyncio.to_thread(self._consumer.close)
@@ -91,10 +121,9 @@ async def caught_up(feed: Feed, ends: CommittedEnds, timeout_s: float) -> bool:
         async with asyncio.timeout(timeout_s):
             target = await ends.now()
             while not feed.read_to(target):
-                await asyncio.sleep(POLL_S)
+                await asyncio.shield(feed.next_apply())  # shared by every waiter
         return True
-    except (TimeoutError, KafkaException) as exc:
-        log.warning("feed.not_caught_up", timeout_s=timeout_s, error=repr(exc))
+    except (TimeoutError, EndsUnknown, KafkaException):
         return False
 
 

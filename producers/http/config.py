@@ -26,6 +26,9 @@ class EdgeSettings:
     lean_intents: bool = True  # FLASHSALE_HTTP_LEAN_INTENTS (0: the FastAPI route serves it)
     recent_intents: int = 200_000  # FLASHSALE_RECENT_INTENTS: retries answered from memory
     feed_window: int = 20_000  # FLASHSALE_FEED_WINDOW: decisions kept per partition to resume
+    # FLASHSALE_FEED_CATCH_UP_S: how long an unknown sale waits for this server's feed to read
+    # the log's end before the answer (404, or 503 when still not sure)
+    catch_up_s: float = 2.0
     progress_every: int | None = 1000  # FLASHSALE_PROGRESS_EVERY: sales opened here (0: none)
 
     @classmethod
@@ -46,5 +49,6 @@ class EdgeSettings:
             lean_intents=env_int(e, "FLASHSALE_HTTP_LEAN_INTENTS", 1, 0, 1) == 1,
             recent_intents=env_int(e, "FLASHSALE_RECENT_INTENTS", 200_000, 1, 10_000_000),
             feed_window=env_int(e, "FLASHSALE_FEED_WINDOW", 20_000, 1, 10_000_000),
+            catch_up_s=env_number(e, "FLASHSALE_FEED_CATCH_UP_S", 2.0, 0.0, 60.0),
             progress_every=progress_every_from_env(e),
         )

@@ -41,6 +41,7 @@ REFUSAL_STATUS = {
     "sale_exists": 409,
     "no_prequeue": 422,
     "no_holds": 422,
+    "sale_unconfirmed": 503,
 }
 
 
@@ -79,8 +80,9 @@ def error_response(
 
 
 def refusal(code: str, message: str) -> ApiError:
-    """The HTTP answer to a domain refusal."""
-    return ApiError(REFUSAL_STATUS[code], code, message)
+    """The HTTP answer to a domain refusal (a 503 one says when to retry)."""
+    status = REFUSAL_STATUS[code]
+    return ApiError(status, code, message, {"Retry-After": "1"} if status == 503 else None)
 
 
 def unauthenticated(message: str) -> ApiError:

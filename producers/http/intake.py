@@ -322,26 +322,35 @@ class IntakeService:
         try:
             check_intent(sale_id, await self.sales.sale(sale_id), sku, quantity, self.clock())
         except Refused as refused:
-            if refused.code in ("unknown_sale", "unknown_sku") and await self._maybe_known(
-                sale_id, sku
-            ):
-                return None  # just opened, not projected yet (or not sure): the writer decides
+            if refused.code in ("unknown_sale", "unknown_sku"):
+                known = await self._known(sale_id, sku)
+                if known:
+                    return None  # just opened, not projected yet: the writer decides
+                if known is None:
+                    refused = Refused(
+                        "sale_unconfirmed",
+                        f"this server cannot tell yet whether sale {sale_id!r} has SKU {sku!r}"
+                        " (its view of the log lags); retry with the same Idempotency-Key",
+                    )
             if key is None:
-                raise
+                raise refused from None
             intent_id = intent_id_for(user_id, sale_id, sku, key)
             if await self.sales.projected_intent(intent_id) != (user_id, sku, quantity):
-                raise
+                raise refused from None
             return intent_id
         return None
 
-    async def _maybe_known(self, sale_id: str, sku: str) -> bool:
-        """False only when (sale, SKU) is surely unknown: the live feed, once it has read
-        every fact committed before this call, has no SaleOpened of it."""
+    async def _known(self, sale_id: str, sku: str) -> bool | None:
+        """Whether the log has opened (sale, SKU) though the projection lacks it: True when the
+        live feed has read its SaleOpened; False once the feed has read every fact committed
+        before this call without one; None when it could not read that far in time."""
         if self.in_log(sale_id, sku):
             return True
         if self.caught_up is None:
             return False
-        return not await self.caught_up() or self.in_log(sale_id, sku)
+        if not await self.caught_up():
+            return None
+        return self.in_log(sale_id, sku)
 
     def _submit(
         self, user_id: str, sale_id: str, sku: str, quantity: int, key: str

@@ -23,88 +23,34 @@ import threading
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from collections.abc import Iterable
+from typing import Any
 
 import structlog
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from processors.records import PROGRESS
+from producers.http.feedfacts import (
+    DECISIONS,
+    PER_INTENT,
+    QUEUE_MAX,
+    Accept,
+    Fact,
+    Kept,
+    RawFact,
+    SaleProgress,
+    UserStream,
+    _fact,
+    format_position,
+    parse_position,
+)
 from producers.http.statuses import ORDER_FACTS
 from producers.http.waiting import WAITING, WaitingRoom
 from schemas.codec import SchemaRegistry, UndecodableRecord
 
 log = structlog.get_logger(__name__)
 
-DECISIONS = frozenset({"IntentAccepted", "IntentRejected"})
-# What a shopper is told about their own intent: its decision, or that it is queued in a
-# pre-queue (its place and the pre-queue's size), pushed and answered like a decision.
-PER_INTENT = DECISIONS | {"EntryQueued", "Waitlisted", "IntentDeferred"}
-NOT_FINAL = frozenset({"EntryQueued", "Waitlisted", "IntentDeferred"})  # decided later
-Accept = Callable[["Fact"], bool]
-QUEUE_MAX = 1000
 STALE_S = 5.0  # a reader thread silent this long is not trusted to say "undecided"
-
-
-class Fact(NamedTuple):
-    """One decoded record of the decisions topic at its log position."""
-
-    partition: int
-    offset: int
-    name: str
-    record: dict[str, Any]
-
-
-# A fact as read: (partition, offset, name, record).
-RawFact = tuple[int, int, str, dict[str, Any]]
-# What the window keeps: the record's items instead of the record. Plain tuples of numbers
-# and strings are not tracked by the cyclic GC (a tuple holding a dict, or an object, is):
-# a window of 120,000 tracked facts made every full collection walk them all, tens of ms
-# with the loop stopped.
-# An intent's facts keep their user id and intent id, an order's facts their owner (None
-# for other facts), so a resume or an eviction reads them without rebuilding the record.
-Kept = tuple[int, int, str, tuple[tuple[str, Any], ...], str | None, str | None]
-
-
-def _fact(kept: Kept) -> Fact:
-    return Fact(kept[0], kept[1], kept[2], dict(kept[3]))
-
-
-def format_position(offsets: Iterable[int]) -> str:
-    return ".".join(str(o) for o in offsets)
-
-
-def parse_position(text: str | None, partitions: int) -> list[int] | None:
-    """A position vector, or None when absent or not one of this topic's."""
-    if not text:
-        return None
-    parts = text.strip().split(".")
-    if len(parts) != partitions or not all(p.isascii() and p.isdigit() for p in parts):
-        return None
-    return [int(p) for p in parts]
-
-
-@dataclass(eq=False)  # compared and hashed by identity: one per SSE connection
-class UserStream:
-    """One SSE stream's subscription: its queue and the position it has delivered through."""
-
-    user_id: str
-    floor: list[int]  # per partition: every event of this user below it was sent
-    queue: asyncio.Queue[tuple[str, Fact] | None] = field(
-        default_factory=lambda: asyncio.Queue(QUEUE_MAX)
-    )
-
-
-@dataclass
-class SaleProgress:
-    """A sale's units remaining per SKU, as of the last fact of each in the log, and the
-    size of its pre-queue per SKU while intents are queued."""
-
-    version: int = 0
-    remaining: dict[str, int] = field(default_factory=dict)
-    entrants: dict[str, int] = field(default_factory=dict)  # a pre-queue's size per SKU
-    opened: set[str] = field(default_factory=set)  # SKUs whose SaleOpened this server read
 
 
 class DecisionFeed:
@@ -142,6 +88,7 @@ class DecisionFeed:
         self._trust_from: list[int] = []
         self._at_end: list[bool] = []  # per partition: read to its end once since the start
         self._eof: list[int] = []  # per partition: the offset it was last read to the end at
+        self._applied: asyncio.Future[None] | None = None  # resolved by the next batch applied
         self._heard = 0.0  # monotonic time of the reader thread's last consume
         self._users: dict[str, set[UserStream]] = defaultdict(set)
         self._waiters: dict[tuple[str, str], list[tuple[Accept, asyncio.Future[Fact]]]] = (
@@ -265,6 +212,17 @@ class DecisionFeed:
         for p, offset in ends:  # read to the end (after this batch's facts)
             self._at_end[p] = True
             self._eof[p] = max(self._eof[p], offset)
+        applied, self._applied = self._applied, None
+        if applied is not None and not applied.done():
+            applied.set_result(None)
+
+    def next_apply(self) -> asyncio.Future[None]:
+        """Resolved once the next batch read from the log has been applied here (one future
+        shared by every caller: await it shielded)."""
+        if self._applied is None:
+            assert self._loop is not None, "the feed is not started"
+            self._applied = self._loop.create_future()
+        return self._applied
 
     def read_to(self, ends: list[int]) -> bool:
         """Whether every fact below ``ends`` (an offset per partition) has been applied here;

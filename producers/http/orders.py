@@ -22,7 +22,7 @@ from fastapi import APIRouter, Header, Path
 from producers.commands import NotAcknowledged
 from producers.http.context import Ctx, RateLimitedShopper
 from producers.http.errors import ApiError, unavailable
-from producers.http.livefeed import NOT_FINAL
+from producers.http.feedfacts import NOT_FINAL
 from producers.http.models import IDEMPOTENCY_KEY, OrderCommandAccepted, error_responses
 
 router = APIRouter(prefix="/v1/orders")

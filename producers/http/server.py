@@ -39,7 +39,7 @@ def build_app(
     from producers.commands import CommandProducer
     from producers.http import admin, api, errors, live, ops, orders
     from producers.http.auth import TokenVerifier, load_secret
-    from producers.http.catchup import CATCH_UP_S, CommittedEnds, caught_up
+    from producers.http.catchup import CommittedEnds, caught_up
     from producers.http.config import EdgeSettings
     from producers.http.context import EdgeContext
     from producers.http.intake import IntakeService, Receipts, RecentIntents
@@ -82,7 +82,7 @@ def build_app(
         intake = IntakeService(
             store, producer, Receipts(secret), RecentIntents(cfg.recent_intents),
             cfg.ack_timeout_ms / 1000, in_log=feed.knows, on_placed=feed.placed,
-            caught_up=lambda: caught_up(feed, ends, CATCH_UP_S),
+            caught_up=lambda: caught_up(feed, ends, cfg.catch_up_s),
         )  # fmt: skip
         readers = RateLimiter(cfg.read_rate_per_s, cfg.read_rate_burst)
         app.state.edge = EdgeContext(
@@ -101,8 +101,10 @@ def build_app(
             yield
         finally:
             await feed.stop()
-            await ends.close()
-            await pool.close()
+            try:
+                await ends.close()
+            finally:
+                await pool.close()
             await asyncio.to_thread(producer.close)
 
     app = FastAPI(

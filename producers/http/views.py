@@ -14,8 +14,8 @@ from fastapi import Request, Response
 from pydantic import BaseModel
 
 from producers.http.errors import ApiError
+from producers.http.feedfacts import NOT_FINAL
 from producers.http.intake import Receipt, Receipts
-from producers.http.livefeed import NOT_FINAL
 from producers.http.models import IntentStatus, SaleState
 from producers.http.rules import state_of
 from producers.http.statuses import status_of_fact

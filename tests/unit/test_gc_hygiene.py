@@ -15,8 +15,9 @@ from typing import Any
 
 from producers.commands import Appended
 from producers.http.auth import TokenVerifier, token
+from producers.http.feedfacts import Fact
 from producers.http.intake import Receipts, RecentIntents
-from producers.http.livefeed import DecisionFeed, Fact
+from producers.http.livefeed import DecisionFeed
 from producers.http.models import IntentStatus
 from producers.http.ratelimit import RateLimiter
 from producers.http.views import IntentViews

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from flashsale.settings import Settings
 from infra.stack import Endpoints
 from producers.commands import Appended
+from producers.http import errors
 from producers.http.auth import TokenVerifier, Unauthenticated, token
 from producers.http.config import EdgeSettings
 from producers.http.context import EdgeContext
@@ -236,8 +237,8 @@ def test_a_sku_the_log_has_opened_but_the_projection_not_yet_goes_to_the_writer(
 
 def test_an_unknown_sku_is_refused_only_once_the_feed_has_read_to_the_log_end():
     """The app server's feed lags: the SaleOpened it had not read yet is read while it
-    catches up, so the intent goes to the writer; a SKU still unknown then is refused;
-    and a feed that cannot catch up in time is not sure: the writer decides."""
+    catches up, so the intent goes to the writer; a SKU still unknown then is refused (404);
+    a feed that cannot catch up in time is not sure: 503, retry (nothing written)."""
     log = FakeLog()
     svc = service(FakeSales({"k": terms()}), log)
     read: set[tuple[str, str]] = set()
@@ -261,10 +262,14 @@ def test_an_unknown_sku_is_refused_only_once_the_feed_has_read_to_the_log_end():
             return False
 
         svc.caught_up = not_sure
-        await svc.place_intent("u", "s", "maybe-opened", 1, "key3")
+        with pytest.raises(Refused) as refused:
+            await svc.place_intent("u", "s", "maybe-opened", 1, "key3")
+        assert refused.value.code == "sale_unconfirmed"
+        assert errors.refusal("sale_unconfirmed", "").status == 503
+        assert errors.refusal("sale_unconfirmed", "").headers == {"Retry-After": "1"}
 
     run(scenario())
-    assert [p[1] for p in log.produced] == ["opened-just-now", "maybe-opened"]
+    assert [p[1] for p in log.produced] == ["opened-just-now"]
     assert len(rounds) == 2
 
 

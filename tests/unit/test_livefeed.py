@@ -11,8 +11,9 @@ import pytest
 
 from producers.commands import Appended
 from producers.http.errors import ApiError
+from producers.http.feedfacts import Fact, parse_position
 from producers.http.intake import Receipts
-from producers.http.livefeed import DecisionFeed, Fact, parse_position
+from producers.http.livefeed import DecisionFeed
 from producers.http.models import IntentStatus
 from producers.http.statuses import status_of_fact
 from producers.http.store import status_of

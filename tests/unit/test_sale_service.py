@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from producers.commands import SkuAllocation
-from producers.http.livefeed import DecisionFeed, Fact
+from producers.http.feedfacts import Fact
+from producers.http.livefeed import DecisionFeed
 from producers.http.rules import Refused
 from producers.sales import SaleService
 from schemas.codec import SchemaRegistry
