@@ -27,7 +27,7 @@ from flashsale.service_metrics import ServiceMetrics
 from flashsale.settings import SettingError, Settings, env_int
 from flashsale.topics import TopicNames, catalogue
 from processors import faust_runtime as runtime_mod
-from processors.batch_runtime import BatchRuntime
+from processors.batch_runtime import BatchRuntime, SeekBacks
 from processors.writer import BatchResult, PartitionWriter, Replayed, StateMissing
 from schemas.codec import SchemaRegistry
 
@@ -117,11 +117,13 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
                        options=ROCKSDB_OPTIONS)  # fmt: skip
     registry = SchemaRegistry.load_default()
     writers: dict[int, PartitionWriter] = {}
+    seek_backs = SeekBacks()
 
     async def _forget(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
         for tp in revoked:  # reloaded from the (recovered) table if assigned again
             if tp.topic == names.sku_commands:
                 writers.pop(tp.partition, None)
+                seek_backs.forget(tp)
                 held = pending.pop(tp.partition, None)
                 done = runtime.processed.pop(tp, None)
                 if held or (done is not None and done > runtime.committed.get(tp, -1)):
@@ -136,23 +138,33 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
     committed_probe = Consumer({"bootstrap.servers": bootstrap, "group.id": app_id,
                                 "enable.auto.commit": False, "log_level": 3})  # fmt: skip
 
-    def group_committed(partition: int) -> int | None:
+    def group_committed(partition: int) -> int:
+        """The partition's committed offset; its log start when nothing is committed yet
+        (where consumption starts, ``auto_offset_reset`` being earliest)."""
         tp = TopicPartition(names.sku_commands, partition)
         [got] = committed_probe.committed([tp], timeout=10)
-        return got.offset if got.offset >= 0 else None
+        if got.offset >= 0:
+            return int(got.offset)
+        low, _ = committed_probe.get_watermark_offsets(tp, timeout=10, cached=False)
+        return int(low)
+
+    async def gap_closed(tp: TP, first: int, expected: int | None, epoch: int) -> bool:
+        """Whether a batch from ``first`` may be decided: not when it starts past ``expected``
+        (the next offset to decide); then the partition is sought back (``SeekBacks``)."""
+        verdict = "decide" if expected is None else seek_backs.verdict(tp, first, expected, epoch)
+        if verdict == "missing":
+            runtime.crash(f"batch starts at {first} after seeking back to {expected}:"
+                          " records would be skipped", tp.partition, first)  # fmt: skip
+        if verdict == "seek" and expected is not None:
+            seek_backs.sought(tp, expected, await runtime_mod.seek_back(app, tp, expected))
+            log.warning("batch.sought_back", partition=tp.partition, first_offset=first,
+                        expected=expected)  # fmt: skip
+        return verdict == "decide"
 
     async def writer_for(partition: int, first: int) -> PartitionWriter:
         writer = writers.get(partition)
         if writer is not None:
             return writer
-        committed = await asyncio.to_thread(group_committed, partition)
-        if committed is not None and first > committed:
-            # Seen once in CI after a SIGKILL mid-batch: the first batch delivered started
-            # past the committed offset, the state kept the killed batch's (aborted) delta,
-            # and its intents were never decided. Crash-only: exit without committing, so
-            # the replacement resumes from the committed offset.
-            runtime.crash(f"first record delivered at {first}, the group committed {committed}:"
-                          " records would be skipped", partition, first)  # fmt: skip
         writer = PartitionWriter(registry, partition)
         store = runtime_mod.RocksStoreReader(ledger, partition)
         try:
@@ -167,25 +179,29 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         writers[partition] = writer
         return writer
 
-    async def decide(partition: int, records: list[Any]) -> tuple[list[Any], BatchResult] | None:
+    async def decide(partition: int, records: list[Any],
+                     epoch: int) -> tuple[list[Any], BatchResult] | None:  # fmt: skip
         """Decide a batch in memory (no output yet): a commit may run meanwhile. The records
-        decided (a redelivered head left out) and their result; None when all were redelivered."""
+        decided (a redelivered head left out) and their result; None when none are to be
+        decided (all redelivered, or the batch starts past a gap: see ``gap_closed``)."""
         first = records[0].offset
-        expected = runtime.processed.get(TP(names.sku_commands, partition))
-        if expected is not None and partition in writers:
-            if first > expected:
-                raise RuntimeError(f"batch starts at {first}, expected {expected}: records skipped")
-            if first < expected:
-                records = redelivered_left_out(partition, records, expected)
-                if not records:
-                    return None
-                first = records[0].offset
+        tp = TP(names.sku_commands, partition)
+        if partition in writers:
+            expected = runtime.processed.get(tp)
+        else:  # the writer's state is cut back to where consumption resumes: not past this
+            expected = await asyncio.to_thread(group_committed, partition)
+        if not await gap_closed(tp, first, expected, epoch):
+            return None
+        if expected is not None and first < expected and partition in writers:
+            records = redelivered_left_out(partition, records, expected)
+            if not records:
+                return None
+            first = records[0].offset
         writer = await writer_for(partition, first)
         batch = writer.open_batch()
         for i in range(0, len(records), CHUNK):
             writer.decide(batch, records[i : i + CHUNK])
             await asyncio.sleep(0)  # let the fetcher, the sender and a commit run
-        tp = TP(names.sku_commands, partition)
         writer.close_batch(batch, first, runtime_mod.committed_offset(app, tp))
         return records, batch
 
@@ -296,7 +312,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
             began = time.monotonic()
             st["idle_s"] += began - idle_since
             try:
-                done = await decide(msg.partition, records)
+                done = await decide(msg.partition, records, msg.fetch_epoch)
                 if done is None:
                     idle_since = time.monotonic()
                     continue

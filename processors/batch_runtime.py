@@ -31,10 +31,12 @@ class Fault:
     """A test-only fault (``FLASHSALE_FAULT=action:point:partition:offset``)."""
 
     action: str  # raise | kill | rewind (seek the partition back to ``rewind_to``) | enospc
+    #   | drop (a fetched batch is lost before it reaches the agent: its records are skipped)
     # mid-batch: after a batch's decisions were sent, before its state and offset;
     # before-commit: the batch was processed and flushed, its commit not yet made;
     # after-commit: in the batch right after the commit that covered the offset;
-    # state-write: as a batch's state is written to the local store (enospc: the disk is full).
+    # state-write: as a batch's state is written to the local store (enospc: the disk is full);
+    # fetch: as the consumer hands a fetched batch on (drop only).
     point: str
     partition: int
     offset: int
@@ -51,33 +53,77 @@ class Fault:
             fault = cls(action, point, int(partition), int(offset))
         except ValueError:
             fault = None
-        ok = fault and fault.action in ("raise", "kill", "rewind", "enospc") and fault.point in (
-            "mid-batch", "before-commit", "after-commit", "state-write")  # fmt: skip
+        ok = (
+            fault
+            and fault.action in ("raise", "kill", "rewind", "enospc", "drop")
+            and (
+                fault.point
+                in ("mid-batch", "before-commit", "after-commit", "state-write", "fetch")
+            )
+        )
         if ok and fault and fault.action == "rewind" and fault.point != "after-commit":
             ok = False  # only committed records can be redelivered as Faust does
         if ok and fault and (fault.action == "enospc") != (fault.point == "state-write"):
             ok = False  # a full disk fails the state write, and only that
+        if ok and fault and (fault.action == "drop") != (fault.point == "fetch"):
+            ok = False  # only a fetched batch can be lost on its way
         if not ok:
             raise ValueError(
                 f"FLASHSALE_FAULT={raw!r}: want ACTION:POINT:PARTITION:OFFSET, ACTION"
-                " raise|kill|rewind|enospc, POINT mid-batch|before-commit|after-commit|"
-                "state-write (rewind: after-commit only; enospc: state-write only)"
+                " raise|kill|rewind|enospc|drop, POINT mid-batch|before-commit|after-commit|"
+                "state-write|fetch (rewind: after-commit only; enospc: state-write only;"
+                " drop: fetch only)"
             )
         return fault
 
     def fire(self) -> int | None:
         """Do the fault: SIGKILL this process, or raise; a rewind names the offset to seek to
-        (what Faust does after a rebalance: records this worker decided come again)."""
+        (what Faust does after a rebalance: records this worker decided come again); a drop
+        returns the configured offset (the caller loses the batch holding it)."""
         log.warning("fault.injected", action=self.action, point=self.origin or self.point,
                     partition=self.partition, offset=self.offset)  # fmt: skip
         if self.action == "rewind":
             return self.rewind_to
+        if self.action == "drop":
+            return self.offset
         if self.action == "enospc":
             raise OSError(errno.ENOSPC, "No space left on device (injected)", "state")
         if self.action == "kill":
             sys.stderr.flush()
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected fault at {self.point} {self.partition}:{self.offset}")
+
+
+class SeekBacks:
+    """Partitions sought back because a batch started past the next offset to decide.
+
+    A batch starting past it would skip records (seen once in the fault suite: a replacement
+    writer's first batch of a partition at 561, the group's committed offset 114). The batch is
+    dropped and the partition sought back once; batches fetched before that seek took effect
+    are dropped as stale; one fetched after it that still starts past the offset means the
+    records are not there. Epochs are the consumer's count of seeks back (``seek_back``).
+    """
+
+    def __init__(self) -> None:
+        self._sought: dict[TP, tuple[int, int]] = {}  # offset sought back to, epoch after
+
+    def verdict(self, tp: TP, first: int, expected: int, epoch: int) -> str:
+        """For a batch from ``first`` fetched at ``epoch`` when ``expected`` is next: "decide"
+        (no gap), "seek" (seek back to ``expected``), "stale" (drop it, a seek is under way)
+        or "missing" (the records between are not there)."""
+        if first <= expected:
+            return "decide"
+        sought = self._sought.get(tp)
+        if sought is None or sought[0] != expected:
+            return "seek"
+        return "stale" if epoch < sought[1] else "missing"
+
+    def sought(self, tp: TP, expected: int, epoch: int) -> None:
+        """``tp`` was sought back to ``expected``; fetches from ``epoch`` on began after."""
+        self._sought[tp] = (expected, epoch)
+
+    def forget(self, tp: TP) -> None:
+        self._sought.pop(tp, None)
 
 
 class BatchRuntime:

@@ -51,7 +51,7 @@ import traceback
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Iterator, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import aiokafka
 import faust
@@ -99,9 +99,11 @@ def runtime_of(app: Any) -> BatchRuntime:
 
 
 class BatchMessage(ConsumerMessage):
-    """One fetched batch of a partition: ``records`` are aiokafka ConsumerRecords."""
+    """One fetched batch of a partition: ``records`` are aiokafka ConsumerRecords; its fetch
+    began at ``fetch_epoch`` (``BatchConsumer.seek_epoch``, see ``seek_back``)."""
 
     records: list[Any]
+    fetch_epoch: int = 0
 
 
 class BatchConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -137,10 +139,18 @@ class BatchConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         return ends
 
 
+def _lost_in_fetch(runtime: BatchRuntime, tp: TP, recs: list[Any]) -> bool:
+    """Tests: whether a drop fault loses this fetched batch before it reaches the agent."""
+    if runtime.fault is None:
+        return False
+    return runtime.maybe_fault("fetch", tp.partition, recs[0].offset, recs[-1].offset) is not None
+
+
 class BatchConsumer(faust_aiokafka.Consumer):
     """aiokafka consumer delivering one message per partition batch for the batch topic."""
 
     _buffer_drained: asyncio.Event | None = None
+    seek_epoch = 0  # counts completed ``seek_back`` calls
 
     def _new_consumer_thread(self) -> BatchConsumerThread:
         return BatchConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -171,13 +181,15 @@ class BatchConsumer(faust_aiokafka.Consumer):
 
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:
         """Like Faust's, but batch-topic partitions yield one ``BatchMessage`` per fetch."""
+        epoch = self.seek_epoch
         records, active = await self._wait_next_records(timeout)
         if records is None or self.should_stop:
             return
         if not self.flow_active:
             await self.perform_seek()
             return
-        batch_topic = runtime_of(self.app).batch_topic
+        runtime = runtime_of(self.app)
+        batch_topic = runtime.batch_topic
         generation = self.app.consumer_generation_id
         for tp, recs in records.items():
             if not self.flow_active or self.app.consumer_generation_id != generation:
@@ -185,18 +197,20 @@ class BatchConsumer(faust_aiokafka.Consumer):
             if active is not None and tp not in active and tp not in self._buffered_partitions:
                 continue
             if tp.topic == batch_topic:
-                if recs:
-                    yield tp, self._batch_message(tp, recs, generation)
+                if recs and not _lost_in_fetch(runtime, tp, recs):
+                    yield tp, self._batch_message(tp, recs, generation, epoch)
             else:
                 for record in recs:
                     yield tp, self._to_message(tp, record)
 
-    def _batch_message(self, tp: TP, recs: list[Any], generation: int) -> BatchMessage:
+    def _batch_message(self, tp: TP, recs: list[Any], generation: int,
+                       epoch: int) -> BatchMessage:  # fmt: skip
         last = recs[-1]
         msg = BatchMessage(tp.topic, tp.partition, last.offset, last.timestamp / 1000.0,
                            last.timestamp_type, None, None, b"", None, 0, 0, tp,
                            generation_id=generation)  # fmt: skip
         msg.records = recs
+        msg.fetch_epoch = epoch
         return msg
 
     def _filter_tps_with_pending_acks(self, topics: Any = None) -> Iterator[TP]:
@@ -469,3 +483,13 @@ def partition_db(table: Any, partition: int) -> Any:
 def committed_offset(app: faust.App, tp: TP) -> int | None:
     """The input offset the group last committed for ``tp`` (Faust's bookkeeping)."""
     return app.consumer._committed_offset.get(tp)  # type: ignore[attr-defined]
+
+
+async def seek_back(app: faust.App, tp: TP, offset: int) -> int:
+    """Seek ``tp`` back to ``offset`` on the consumer's own thread (as Faust's seeks are) and
+    return the new seek epoch: a batch whose ``fetch_epoch`` is at least that was fetched by a
+    fetch that began after this seek had taken effect."""
+    consumer = cast(BatchConsumer, app.consumer)
+    await consumer.seek_wait({tp: offset})
+    consumer.seek_epoch += 1
+    return consumer.seek_epoch

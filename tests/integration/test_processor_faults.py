@@ -212,6 +212,35 @@ def test_records_faust_redelivers_after_seeking_back_are_not_decided_again(
         pipeline.stop()
 
 
+def test_a_fetched_batch_lost_before_the_agent_is_sought_back_and_decided(
+    settings: Settings, endpoints: Endpoints
+):
+    """A batch fetched but never handed to the agent (seen once: a replacement writer's first
+    batch of a partition started at 561, the group had committed 114): the next batch starts
+    past the next offset to decide. The worker seeks the partition back and decides the lost
+    records, without exiting; every intent is decided exactly once."""
+    local_only(settings)
+    uid = uuid.uuid4().hex[:8]
+    pipeline = start_pipeline(settings, endpoints, uid, start_processor=False)
+    try:
+        b = write_backlog(pipeline, uid, intents=3000)
+        target = b.offsets[1234]
+        fault = f"drop:fetch:{b.partition}:{target}"
+        assert pipeline.processor.start({**pipeline.env, "FLASHSALE_FAULT": fault})
+        pid = pipeline.processor.pid()
+        assert processes.wait_until(lambda: bool(log_events(pipeline, "fault.injected")), 60)
+        top_up(pipeline, b, 200)  # a batch after the lost one, whatever was fetched already
+        assert_every_promise_kept(pipeline, b, redone=False)
+        # The fault hit: a batch started past the lost records, and they were sought back.
+        sought = [e for e in log_events(pipeline, "batch.sought_back")
+                  if e["partition"] == b.partition]  # fmt: skip
+        assert any(e["expected"] <= target < e["first_offset"] for e in sought), sought
+        assert log_events(pipeline, "processor.crashed") == []
+        assert pipeline.processor.pid() == pid, "the worker went on (a seek back is no crash)"
+    finally:
+        pipeline.stop()
+
+
 def test_worker_paused_past_its_transaction_is_fenced_exits_and_is_replaced(
     settings: Settings, endpoints: Endpoints
 ):

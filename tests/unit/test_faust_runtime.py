@@ -23,6 +23,7 @@ def test_fault_spec_parses_and_rejects_nonsense_naming_the_variable():
     assert br.Fault.from_env("kill:before-commit:2:40") == br.Fault("kill", "before-commit", 2, 40)
     assert br.Fault.from_env("rewind:after-commit:1:7") == br.Fault("rewind", "after-commit", 1, 7)
     assert br.Fault.from_env("enospc:state-write:0:9") == br.Fault("enospc", "state-write", 0, 9)
+    assert br.Fault.from_env("drop:fetch:4:12") == br.Fault("drop", "fetch", 4, 12)
     bad_specs = (
         "kill",
         "explode:mid-batch:0:1",
@@ -31,6 +32,8 @@ def test_fault_spec_parses_and_rejects_nonsense_naming_the_variable():
         "rewind:mid-batch:0:1",
         "enospc:mid-batch:0:1",
         "kill:state-write:0:1",
+        "drop:mid-batch:0:1",
+        "kill:fetch:0:1",
     )
     for bad in bad_specs:
         with pytest.raises(ValueError, match="FLASHSALE_FAULT"):
@@ -53,6 +56,31 @@ def test_a_rewind_fires_once_and_names_the_configured_offset_to_seek_back_to(mon
     assert runtime.maybe_fault("mid-batch", 3, 140, 149) is None  # not the batch after it
     assert runtime.maybe_fault("mid-batch", 3, 150, 180) == 100
     assert runtime.fault is None and runtime.maybe_fault("mid-batch", 3, 181, 190) is None
+
+
+def test_a_batch_past_the_next_offset_is_sought_back_once_then_stale_then_missing():
+    sb, tp = br.SeekBacks(), br.TP("cmds", 2)
+    assert sb.verdict(tp, 100, 100, 0) == "decide"  # no gap
+    assert sb.verdict(tp, 90, 100, 0) == "decide"  # redelivered: the caller leaves it out
+    assert sb.verdict(tp, 561, 114, 0) == "seek"  # records 114..560 would be skipped
+    sb.sought(tp, 114, 1)
+    assert sb.verdict(tp, 700, 114, 0) == "stale"  # fetched before the seek took effect
+    assert sb.verdict(tp, 114, 114, 0) == "decide"  # the records, whenever fetched
+    assert sb.verdict(tp, 561, 114, 1) == "missing"  # fetched after the seek: not there
+    assert sb.verdict(tp, 900, 561, 1) == "seek"  # a later gap is sought back again
+    assert sb.verdict(br.TP("cmds", 3), 561, 114, 1) == "seek"  # per partition
+    sb.forget(tp)
+    assert sb.verdict(tp, 561, 114, 1) == "seek"  # revoked: forgotten
+
+
+def test_a_drop_fault_loses_the_fetched_batch_holding_its_offset_once(monkeypatch):
+    monkeypatch.setenv("FLASHSALE_FAULT", "drop:fetch:3:120")
+    runtime = br.BatchRuntime("cmds", lambda *a: None)
+    recs = [type("R", (), {"offset": o})() for o in range(100, 150)]
+    assert not rt._lost_in_fetch(runtime, br.TP("cmds", 3), recs[:10])  # 100..109
+    assert not rt._lost_in_fetch(runtime, br.TP("cmds", 2), recs)  # another partition
+    assert rt._lost_in_fetch(runtime, br.TP("cmds", 3), recs)
+    assert runtime.fault is None and not rt._lost_in_fetch(runtime, br.TP("cmds", 3), recs)
 
 
 def test_records_delivered_again_below_the_processed_offset_are_left_out():
