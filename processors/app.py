@@ -140,7 +140,9 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
 
     def group_committed(partition: int) -> int:
         """The partition's committed offset; its log start when nothing is committed yet
-        (where consumption starts, ``auto_offset_reset`` being earliest)."""
+        (where consumption starts, ``auto_offset_reset`` being earliest). This holds while no
+        producer writes the command topic in transactions (none does): a control marker or an
+        aborted record at the log start would put the first record past it."""
         tp = TopicPartition(names.sku_commands, partition)
         [got] = committed_probe.committed([tp], timeout=10)
         if got.offset >= 0:

@@ -198,6 +198,12 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 continue
             if tp.topic == batch_topic:
                 if recs and not _lost_in_fetch(runtime, tp, recs):
+                    # Faust's fetch loop drops a message below the partition's read offset,
+                    # which it sets from each message after handing it on. A batch fetched
+                    # before a seek back, waiting on a full stream buffer, set it past the
+                    # seek: the batches fetched again were dropped unseen, a partition's
+                    # records skipped. Batch offsets are ours (``processed``, ``SeekBacks``).
+                    self._read_offset[tp] = None
                     yield tp, self._batch_message(tp, recs, generation, epoch)
             else:
                 for record in recs:
