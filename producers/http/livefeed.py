@@ -86,8 +86,8 @@ class DecisionFeed:
         # offset to have read before trusting it (the end of the log when the feed started).
         self._reached: list[int | None] = []
         self._trust_from: list[int] = []
-        self._at_end: list[bool] = []  # per partition: read to its end once since the start
         self._eof: list[int] = []  # per partition: the offset it was last read to the end at
+        # (-1: not read to its end once since the start)
         self._applied: asyncio.Future[None] | None = None  # resolved by the next batch applied
         self._heard = 0.0  # monotonic time of the reader thread's last consume
         self._users: dict[str, set[UserStream]] = defaultdict(set)
@@ -140,7 +140,6 @@ class DecisionFeed:
         lows = lows or [-1] * len(offsets)
         self._reached = [-1 if o <= low else None for o, low in zip(offsets, lows, strict=True)]
         self._trust_from = list(highs or offsets)
-        self._at_end = [False] * len(offsets)
         self._eof = [-1] * len(offsets)
         self._heard = time.monotonic()
 
@@ -210,7 +209,6 @@ class DecisionFeed:
                             error=repr(exc))  # fmt: skip
                 self._next[raw[0]] = raw[1] + 1
         for p, offset in ends:  # read to the end (after this batch's facts)
-            self._at_end[p] = True
             self._eof[p] = max(self._eof[p], offset)
         applied, self._applied = self._applied, None
         if applied is not None and not applied.done():
@@ -403,11 +401,9 @@ class DecisionFeed:
         read far enough, or an intent older than ``trust_s`` (a feed cut off from the broker
         must not say ``queued`` for ever), or a reader thread that has not consumed for
         ``STALE_S`` (dead or stuck)."""
-        if (
-            not 0 <= partition < self.partitions
-            or time.monotonic() - self._heard > STALE_S
-            or not (self._at_end[partition] or self._next[partition] >= self._trust_from[partition])
-        ):
+        if not 0 <= partition < self.partitions or time.monotonic() - self._heard > STALE_S:
+            return False
+        if self._eof[partition] < 0 and self._next[partition] < self._trust_from[partition]:
             return False
         reached = self._reached[partition]
         return (
