@@ -83,25 +83,15 @@ class CommittedEnds:
     def _ends(self) -> list[int]:
         if self._closed:
             raise EndsUnknown("the server is stopping")
-        deadline = time.monotonic() + self.timeout_s
-
-        def left() -> float:
-            return max(0.05, deadline - time.monotonic())
-
         if self._consumer is None:
             self._consumer = Consumer(self._config)
-        if not self._partitions:
-            meta = self._consumer.list_topics(self.topic, timeout=left())
-            topic = meta.topics.get(self.topic)
-            if topic is None or topic.error is not None or not topic.partitions:
-                raise EndsUnknown(f"topic {self.topic} is missing")
-            self._partitions = sorted(topic.partitions)
-        return [
-            self._consumer.get_watermark_offsets(
-                TopicPartition(self.topic, p), left(), cached=False
-            )[1]
-            for p in self._partitions
-        ]
+        try:
+            self._partitions, marks = watermarks(
+                self._consumer, self.topic, self._partitions or None, self.timeout_s
+            )
+        except LookupError as missing:
+            raise EndsUnknown(str(missing)) from None
+        return [high for _, high in marks]
 
     async def close(self) -> None:
         """Refuse new queries, let the one out finish (bounded by ``timeout_s``), close."""
@@ -131,3 +121,27 @@ def _retrieved(fut: asyncio.Future[list[int]]) -> None:
     """Mark a round's exception retrieved: its callers may all have timed out already."""
     if not fut.cancelled():
         fut.exception()
+
+
+def watermarks(
+    consumer: Consumer, topic: str, partitions: list[int] | None, timeout_s: float
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """The topic's partitions (listed when None) and each one's (low, high) watermarks, asked
+    of the broker (under read_committed the high one is the last stable offset); the whole
+    call is bounded by ``timeout_s``. LookupError when the topic is missing."""
+    deadline = time.monotonic() + timeout_s
+
+    def left() -> float:
+        return max(0.05, deadline - time.monotonic())
+
+    if partitions is None:
+        meta = consumer.list_topics(topic, timeout=left())
+        found = meta.topics.get(topic)
+        if found is None or found.error is not None or not found.partitions:
+            raise LookupError(f"topic {topic} is missing")
+        partitions = sorted(found.partitions)
+    marks = [
+        consumer.get_watermark_offsets(TopicPartition(topic, p), left(), cached=False)
+        for p in partitions
+    ]
+    return partitions, marks

@@ -30,6 +30,7 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from processors.records import PROGRESS
+from producers.http.catchup import watermarks
 from producers.http.feedfacts import (
     DECISIONS,
     PER_INTENT,
@@ -149,17 +150,12 @@ class DecisionFeed:
 
     def _assignment(self, consumer: Consumer) -> tuple[list[int], list[int], list[int]]:
         """Per partition: where the window starts, the log's start and its end."""
-        meta = consumer.list_topics(self.topic, timeout=10)
-        topic = meta.topics.get(self.topic)
-        if topic is None or topic.error is not None or not topic.partitions:
-            raise RuntimeError(f"topic {self.topic} is missing: provision the topics first")
-        offsets, lows, highs = [], [], []
-        for p in sorted(topic.partitions):
-            low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, p), 10)
-            offsets.append(max(low, high - self.window))
-            lows.append(low)
-            highs.append(high)
-        return offsets, lows, highs
+        try:
+            _, marks = watermarks(consumer, self.topic, None, 10)
+        except LookupError as missing:
+            raise RuntimeError(f"{missing}: provision the topics first") from None
+        offsets = [max(low, high - self.window) for low, high in marks]
+        return offsets, [low for low, _ in marks], [high for _, high in marks]
 
     async def stop(self) -> None:
         self._stopping.set()
