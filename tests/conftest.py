@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,3 +55,13 @@ def private_broker(settings: Settings, uid: str) -> Iterator[LocalKafka]:
     yield kafka
     kafka.stop()
     shutil.rmtree(home, ignore_errors=True)
+
+
+def log_events(path: Path, event: str) -> list[dict[str, Any]]:
+    """The JSON lines of the log at ``path`` logging ``event`` (none while it is missing)."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    records = (json.loads(x) for x in lines if x.startswith("{") and f'"{event}"' in x)
+    return [r for r in records if r.get("event") == event]

@@ -11,7 +11,6 @@ recovery.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
@@ -34,6 +33,7 @@ from infra.stack import Endpoints
 from producers.crowd import PlannedIntent
 from producers.http.auth import token
 from producers.http_crowd import CrowdResult, drive_crowd
+from tests.conftest import log_events
 from tests.e2e.harness import SECRET, EdgeUnderTest, start_edge
 from tests.integration.pipeline import Pipeline, start_pipeline
 
@@ -100,12 +100,8 @@ class System:
                 **self.services}[name]  # fmt: skip
 
     def log_events(self, service: str, event: str) -> list[dict[str, Any]]:
-        """The JSON log lines of ``service`` naming ``event``."""
-        try:
-            lines = self.service(service).logfile.read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        return [json.loads(x) for x in lines if x.startswith("{") and f'"{event}"' in x]
+        """The JSON log lines of ``service`` logging ``event``."""
+        return log_events(self.service(service).logfile, event)
 
 
 @dataclass

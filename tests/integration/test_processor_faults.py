@@ -30,6 +30,7 @@ from infra.stack import Endpoints
 from producers.commands import SkuAllocation
 from producers.identity import intent_id_for
 from schemas.codec import SchemaRegistry
+from tests import conftest
 from tests.conftest import local_only
 from tests.integration.pipeline import Pipeline, partition_of, start_pipeline
 
@@ -76,15 +77,8 @@ def top_up(pipeline: Pipeline, b: Backlog, intents: int = 500) -> None:
 
 
 def log_events(pipeline: Pipeline, event: str) -> list[dict]:
-    try:
-        lines = pipeline.processor.logfile.read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    found = []
-    for line in lines:
-        if line.startswith("{") and f'"{event}"' in line:
-            found.append(json.loads(line))
-    return found
+    """The writer's JSON log lines logging ``event``."""
+    return conftest.log_events(pipeline.processor.logfile, event)
 
 
 def assert_every_promise_kept(pipeline: Pipeline, b: Backlog, redone: bool) -> None:

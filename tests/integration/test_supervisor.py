@@ -24,6 +24,7 @@ from flashsale.topics import catalogue
 from infra import processes, provision
 from infra.services import Service, SupervisorProcess, run_dir
 from infra.stack import Endpoints
+from tests.conftest import log_events
 
 pytestmark = pytest.mark.slow
 
@@ -66,12 +67,7 @@ class Namespace:
         )  # fmt: skip
 
     def log_events(self, event: str, log: str = "supervisor") -> list[dict[str, Any]]:
-        try:
-            lines = (self.run_dir / f"{log}.log").read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        records = [json.loads(line) for line in lines if line.startswith("{")]
-        return [r for r in records if r.get("event") == event]
+        return log_events(self.run_dir / f"{log}.log", event)
 
     def wait_for_projector_running(self, times: int = 1) -> None:
         """Until the projector has logged its start `times` times (it consumes from then on)."""
