@@ -255,6 +255,12 @@ class BatchRuntime:
             return f.fire()
         return None
 
+    def lost_in_fetch(self, tp: TP, first: int, last: int) -> bool:
+        """Tests: whether a drop fault loses this fetched batch before it reaches the agent."""
+        if self.fault is None:
+            return False
+        return self.maybe_fault("fetch", tp.partition, first, last) is not None
+
     def after_commit(self, offsets: Any) -> None:
         """Re-arm an after-commit fault to fire in the first batch after this commit."""
         f = self.fault

@@ -139,13 +139,6 @@ class BatchConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         return ends
 
 
-def _lost_in_fetch(runtime: BatchRuntime, tp: TP, recs: list[Any]) -> bool:
-    """Tests: whether a drop fault loses this fetched batch before it reaches the agent."""
-    if runtime.fault is None:
-        return False
-    return runtime.maybe_fault("fetch", tp.partition, recs[0].offset, recs[-1].offset) is not None
-
-
 class BatchConsumer(faust_aiokafka.Consumer):
     """aiokafka consumer delivering one message per partition batch for the batch topic."""
 
@@ -197,7 +190,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
             if active is not None and tp not in active and tp not in self._buffered_partitions:
                 continue
             if tp.topic == batch_topic:
-                if recs and not _lost_in_fetch(runtime, tp, recs):
+                if recs and not runtime.lost_in_fetch(tp, recs[0].offset, recs[-1].offset):
                     # Faust's fetch loop drops a message below the partition's read offset,
                     # which it sets from each message after handing it on. A batch fetched
                     # before a seek back, waiting on a full stream buffer, set it past the

@@ -76,11 +76,10 @@ def test_a_batch_past_the_next_offset_is_sought_back_once_then_stale_then_missin
 def test_a_drop_fault_loses_the_fetched_batch_holding_its_offset_once(monkeypatch):
     monkeypatch.setenv("FLASHSALE_FAULT", "drop:fetch:3:120")
     runtime = br.BatchRuntime("cmds", lambda *a: None)
-    recs = [type("R", (), {"offset": o})() for o in range(100, 150)]
-    assert not rt._lost_in_fetch(runtime, br.TP("cmds", 3), recs[:10])  # 100..109
-    assert not rt._lost_in_fetch(runtime, br.TP("cmds", 2), recs)  # another partition
-    assert rt._lost_in_fetch(runtime, br.TP("cmds", 3), recs)
-    assert runtime.fault is None and not rt._lost_in_fetch(runtime, br.TP("cmds", 3), recs)
+    assert not runtime.lost_in_fetch(br.TP("cmds", 3), 100, 109)
+    assert not runtime.lost_in_fetch(br.TP("cmds", 2), 100, 149)  # another partition
+    assert runtime.lost_in_fetch(br.TP("cmds", 3), 100, 149)
+    assert runtime.fault is None and not runtime.lost_in_fetch(br.TP("cmds", 3), 100, 149)
 
 
 def test_records_delivered_again_below_the_processed_offset_are_left_out():
