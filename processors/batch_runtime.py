@@ -32,6 +32,7 @@ class Fault:
 
     action: str  # raise | kill | rewind (seek the partition back to ``rewind_to``) | enospc
     #   | drop (a fetched batch is lost before it reaches the agent: its records are skipped)
+    #   | stop (SIGSTOP this process: it goes on when continued, with that work in flight)
     # mid-batch: after a batch's decisions were sent, before its state and offset;
     # before-commit: the batch was processed and flushed, its commit not yet made;
     # after-commit: in the batch right after the commit that covered the offset;
@@ -55,7 +56,7 @@ class Fault:
             fault = None
         ok = (
             fault
-            and fault.action in ("raise", "kill", "rewind", "enospc", "drop")
+            and fault.action in ("raise", "kill", "rewind", "enospc", "drop", "stop")
             and (
                 fault.point
                 in ("mid-batch", "before-commit", "after-commit", "state-write", "fetch")
@@ -70,22 +71,26 @@ class Fault:
         if not ok:
             raise ValueError(
                 f"FLASHSALE_FAULT={raw!r}: want ACTION:POINT:PARTITION:OFFSET, ACTION"
-                " raise|kill|rewind|enospc|drop, POINT mid-batch|before-commit|after-commit|"
+                " raise|kill|stop|rewind|enospc|drop, POINT mid-batch|before-commit|after-commit|"
                 "state-write|fetch (rewind: after-commit only; enospc: state-write only;"
                 " drop: fetch only)"
             )
         return fault
 
     def fire(self) -> int | None:
-        """Do the fault: SIGKILL this process, or raise; a rewind names the offset to seek to
-        (what Faust does after a rebalance: records this worker decided come again); a drop
-        returns the configured offset (the caller loses the batch holding it)."""
+        """Do the fault: SIGKILL or SIGSTOP this process, or raise; a rewind names the offset
+        to seek to (what Faust does after a rebalance: records this worker decided come again);
+        a drop returns the configured offset (the caller loses the batch holding it)."""
         log.warning("fault.injected", action=self.action, point=self.origin or self.point,
                     partition=self.partition, offset=self.offset)  # fmt: skip
         if self.action == "rewind":
             return self.rewind_to
         if self.action == "drop":
             return self.offset
+        if self.action == "stop":
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return None
         if self.action == "enospc":
             raise OSError(errno.ENOSPC, "No space left on device (injected)", "state")
         if self.action == "kill":

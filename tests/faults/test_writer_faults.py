@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -158,34 +159,42 @@ def test_a_worker_joins_and_the_first_leaves_mid_sale(
 def test_a_worker_paused_past_its_timeouts_is_fenced_and_replaced(
     settings: Settings, endpoints: Endpoints
 ) -> None:
+    """The fault hook SIGSTOPs the writer with a batch's decisions flushed and its transaction
+    not committed (a pause at a random moment once found nothing in flight, and a worker with
+    nothing in flight rightly goes on). Past the session and transaction timeouts it is
+    SIGCONTed: its transaction was aborted, so it must exit, and its replacement redo it."""
     local_only(settings)
-    env = {"FLASHSALE_TRANSACTION_TIMEOUT_MS": "3000"}
+    sale = plan_sale()
+    partition = partition_of(sale.skus[0], settings.partitions)
+    env = {"FLASHSALE_TRANSACTION_TIMEOUT_MS": "3000",
+           "FLASHSALE_FAULT": f"stop:before-commit:{partition}:150"}  # fmt: skip
     with whole_system(settings, endpoints, env) as system:
-        sale = plan_sale()
         open_sale(system, sale)
 
         def pause(system: System, _: Sale) -> Hit:
             pid = system.pipeline.processor.pid()
             assert pid is not None
+            assert processes.wait_until(lambda: _stopped(pid), 120), "the hook never fired"
             hit = Hit(now_ms(), detail={"pid": pid})
-            os.kill(pid, signal.SIGSTOP)
             time.sleep(12)  # past the 10 s session and the 3 s transaction timeouts
             os.kill(pid, signal.SIGCONT)
             hit.detail["exited"] = processes.wait_until(lambda: not processes.alive(pid), 20)
-            if not hit.detail["exited"]:  # it had nothing in flight: it rightly goes on
+            if not hit.detail["exited"]:
                 return hit
             system.pipeline.processor.start(system.env)
             hit.ended_ms = now_ms()
             return hit
 
-        run_sale(system, sale, pause, 0.3, pace_s=0.05)
+        system.pipeline.env.pop("FLASHSALE_FAULT")  # the replacement runs without it
+        run_sale(system, sale, pause, 0.0, pace_s=0.05)
         verify(system, sale, "writer SIGSTOP past its timeouts, SIGCONT")
-        assert sale.hit is not None and sale.hit.detail["exited"], "the pause hit nothing"
+        assert sale.hit is not None and sale.hit.detail["exited"], "it went on, aborted work lost"
+        [fired] = system.log_events("processor", "fault.injected")
+        assert (fired["action"], fired["point"]) == ("stop", "before-commit")
         [crashed] = system.log_events("processor", "processor.crashed")
         # Its transaction was aborted meanwhile: it exits on the watchdog, on the fenced
-        # commit, or (seen once in three passes) on the guard against resuming past the
-        # committed offset, when Faust hands it back a partition at its old position.
-        reasons = ("stalled", "Fenced", "transaction", "records would be skipped")
+        # commit, or on the revocation of partitions with uncommitted output.
+        reasons = ("stalled", "Fenced", "transaction", "uncommitted", "records would be skipped")
         assert any(w in crashed["reason"] for w in reasons), crashed["reason"]
 
 
@@ -217,3 +226,12 @@ def test_a_worker_whose_local_state_is_deleted_rebuilds_it(
             e for e in system.log_events("processor", "state.loaded") if e["partition"] == part
         ]
         assert len(loads) >= 2 and loads[-1]["resume_at"] > 0 and loads[-1]["skus"] >= 1, loads
+
+
+def _stopped(pid: int) -> bool:
+    """Whether the process is stopped (by a signal)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")

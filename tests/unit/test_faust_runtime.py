@@ -24,6 +24,7 @@ def test_fault_spec_parses_and_rejects_nonsense_naming_the_variable():
     assert br.Fault.from_env("rewind:after-commit:1:7") == br.Fault("rewind", "after-commit", 1, 7)
     assert br.Fault.from_env("enospc:state-write:0:9") == br.Fault("enospc", "state-write", 0, 9)
     assert br.Fault.from_env("drop:fetch:4:12") == br.Fault("drop", "fetch", 4, 12)
+    assert br.Fault.from_env("stop:before-commit:1:5") == br.Fault("stop", "before-commit", 1, 5)
     bad_specs = (
         "kill",
         "explode:mid-batch:0:1",
@@ -34,6 +35,7 @@ def test_fault_spec_parses_and_rejects_nonsense_naming_the_variable():
         "kill:state-write:0:1",
         "drop:mid-batch:0:1",
         "kill:fetch:0:1",
+        "stop:state-write:0:1",
     )
     for bad in bad_specs:
         with pytest.raises(ValueError, match="FLASHSALE_FAULT"):
