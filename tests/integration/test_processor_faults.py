@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg
@@ -63,6 +65,21 @@ def write_backlog(pipeline: Pipeline, uid: str, intents: int = 5000) -> Backlog:
     expected = {intent_id_for(u, sale, sku, k) for u, k in sends}
     part = partition_of(sku, pipeline.settings.partitions)
     return Backlog(sale, sku, part, offsets, expected, len(retries))
+
+
+@contextmanager
+def backlogged(
+    settings: Settings, endpoints: Endpoints, intents: int = 5000
+) -> Iterator[tuple[Pipeline, Backlog]]:
+    """A pipeline of its own with a backlog of intents written and no writer started yet
+    (the test starts it, with its fault); stopped afterwards."""
+    local_only(settings)
+    uid = uuid.uuid4().hex[:8]
+    pipeline = start_pipeline(settings, endpoints, uid, start_processor=False)
+    try:
+        yield pipeline, write_backlog(pipeline, uid, intents)
+    finally:
+        pipeline.stop()
 
 
 def top_up(pipeline: Pipeline, b: Backlog, intents: int = 500) -> None:
@@ -113,11 +130,7 @@ def assert_every_promise_kept(pipeline: Pipeline, b: Backlog, redone: bool) -> N
 def test_worker_killed_at_each_point_loses_and_doubles_nothing(
     settings: Settings, endpoints: Endpoints, point: str
 ):
-    local_only(settings)
-    uid = uuid.uuid4().hex[:8]
-    pipeline = start_pipeline(settings, endpoints, uid, start_processor=False)
-    try:
-        b = write_backlog(pipeline, uid)
+    with backlogged(settings, endpoints) as (pipeline, b):
         target = b.offsets[len(b.offsets) // 2]
         fault = f"kill:{point}:{b.partition}:{target}"
         pipeline.processor.start({**pipeline.env, "FLASHSALE_FAULT": fault})
@@ -134,18 +147,12 @@ def test_worker_killed_at_each_point_loses_and_doubles_nothing(
 
         pipeline.processor.start(pipeline.env)
         assert_every_promise_kept(pipeline, b, redone=True)
-    finally:
-        pipeline.stop()
 
 
 def test_record_whose_processing_raises_is_decided_after_the_restart(
     settings: Settings, endpoints: Endpoints
 ):
-    local_only(settings)
-    uid = uuid.uuid4().hex[:8]
-    pipeline = start_pipeline(settings, endpoints, uid, start_processor=False)
-    try:
-        b = write_backlog(pipeline, uid, intents=3000)
+    with backlogged(settings, endpoints, intents=3000) as (pipeline, b):
         target = b.offsets[1234]
         fault = f"raise:mid-batch:{b.partition}:{target}"
         pipeline.processor.start({**pipeline.env, "FLASHSALE_FAULT": fault})
@@ -160,8 +167,6 @@ def test_record_whose_processing_raises_is_decided_after_the_restart(
 
         pipeline.processor.start(pipeline.env)
         assert_every_promise_kept(pipeline, b, redone=True)
-    finally:
-        pipeline.stop()
 
 
 def test_records_faust_redelivers_after_seeking_back_are_not_decided_again(
@@ -171,11 +176,7 @@ def test_records_faust_redelivers_after_seeking_back_are_not_decided_again(
     worker decided come again. A refused OpenSale (refused each time it is decided) among them
     is answered once; the intents keep exactly one decision each. (Seen in CI as a reveal
     refused twice after a restart.)"""
-    local_only(settings)
-    uid = uuid.uuid4().hex[:8]
-    pipeline = start_pipeline(settings, endpoints, uid, start_processor=False)
-    try:
-        b = write_backlog(pipeline, uid, intents=3000)
+    with backlogged(settings, endpoints, intents=3000) as (pipeline, b):
         target = b.offsets[-1]
         # Other terms for the open sale: refused, and refused again whenever decided again.
         pipeline.open_sale(b.sale, [SkuAllocation(b.sku, ALLOCATION + 1, 2, 1)])
@@ -202,8 +203,6 @@ def test_records_faust_redelivers_after_seeking_back_are_not_decided_again(
         assert any(e["first_offset"] <= refused_at[0] and e["expected"] > refused_at[-1]
                    for e in again), again  # fmt: skip
         assert pipeline.processor.pid() == pid, "the worker went on (a rewind is no crash)"
-    finally:
-        pipeline.stop()
 
 
 def test_a_fetched_batch_lost_before_the_agent_is_sought_back_and_decided(
@@ -213,11 +212,7 @@ def test_a_fetched_batch_lost_before_the_agent_is_sought_back_and_decided(
     batch of a partition started at 561, the group had committed 114): the next batch starts
     past the next offset to decide. The worker seeks the partition back and decides the lost
     records, without exiting; every intent is decided exactly once."""
-    local_only(settings)
-    uid = uuid.uuid4().hex[:8]
-    pipeline = start_pipeline(settings, endpoints, uid, start_processor=False)
-    try:
-        b = write_backlog(pipeline, uid, intents=3000)
+    with backlogged(settings, endpoints, intents=3000) as (pipeline, b):
         target = b.offsets[1234]
         fault = f"drop:fetch:{b.partition}:{target}"
         assert pipeline.processor.start({**pipeline.env, "FLASHSALE_FAULT": fault})
@@ -231,8 +226,6 @@ def test_a_fetched_batch_lost_before_the_agent_is_sought_back_and_decided(
         assert any(e["expected"] <= target < e["first_offset"] for e in sought), sought
         assert log_events(pipeline, "processor.crashed") == []
         assert pipeline.processor.pid() == pid, "the worker went on (a seek back is no crash)"
-    finally:
-        pipeline.stop()
 
 
 def test_worker_paused_past_its_transaction_is_fenced_exits_and_is_replaced(
@@ -298,11 +291,7 @@ def test_replay_and_audit_agree_with_live_after_a_writer_and_a_projector_sigkill
 ):
     """A writer killed mid-batch and a projector SIGKILLed mid-backlog: the sale still audits
     clean from the topics, and rebuilding every projection from offset 0 equals the live one."""
-    local_only(settings)
-    uid = uuid.uuid4().hex[:8]
-    pipeline = start_pipeline(settings, endpoints, uid, start_processor=False)
-    try:
-        b = write_backlog(pipeline, uid)
+    with backlogged(settings, endpoints) as (pipeline, b):
         fault = f"kill:mid-batch:{b.partition}:{b.offsets[len(b.offsets) // 3]}"
         pipeline.processor.start({**pipeline.env, "FLASHSALE_FAULT": fault})
         pid = pipeline.processor.pid()
@@ -337,8 +326,6 @@ def test_replay_and_audit_agree_with_live_after_a_writer_and_a_projector_sigkill
         assert result["verdict"] == "same"
         assert tables["intent_outcomes"]["live_rows"] >= len(b.expected)
         assert tables["orders"]["replayed_rows"] >= ALLOCATION
-    finally:
-        pipeline.stop()
 
 
 def _outcomes(dsn: str, sale_id: str) -> int:
