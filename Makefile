@@ -8,6 +8,10 @@ FS    := $(VENV)/bin/flashsale
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 FAULT_RUNS ?= 3
+# `make up CLUSTER=3` (or demo, test, ...): three Kafka nodes on loopback, RF 3, min.insync 2.
+ifdef CLUSTER
+export FLASHSALE_CLUSTER := $(CLUSTER)
+endif
 
 .DEFAULT_GOAL := help
 

@@ -55,6 +55,7 @@ class Settings:
     replication_factor: int
     http_port: int
     namespace: str = "flashsale"
+    kafka_nodes: int = 1  # FLASHSALE_CLUSTER: local Kafka nodes forming one cluster
 
     @property
     def destructive_tests_allowed(self) -> bool:
@@ -74,6 +75,8 @@ class Settings:
                 "FLASHSALE_INFRA=external needs both KAFKA_BOOTSTRAP_SERVERS and DATABASE_URL"
             )
         kafka_port = env_int(e, "FLASHSALE_KAFKA_PORT", 19092, 1024, 65535)
+        nodes = env_int(e, "FLASHSALE_CLUSTER", 1, 1, 5)
+        local_bootstrap = ",".join(f"127.0.0.1:{kafka_port + 2 * i}" for i in range(nodes))
         pg_port = env_int(e, "FLASHSALE_PG_PORT", 15432, 1024, 65535)
         namespace = e.get("FLASHSALE_NAMESPACE", "flashsale")
         if not namespace.replace("-", "").replace("_", "").isalnum():
@@ -85,12 +88,13 @@ class Settings:
             kafka_port=kafka_port,
             kafka_controller_port=env_int(e, "FLASHSALE_KAFKA_CONTROLLER_PORT", 19093, 1024, 65535),
             kafka_heap=e.get("FLASHSALE_KAFKA_HEAP", "1g"),
-            kafka_bootstrap=e.get("KAFKA_BOOTSTRAP_SERVERS") or f"127.0.0.1:{kafka_port}",
+            kafka_bootstrap=e.get("KAFKA_BOOTSTRAP_SERVERS") or local_bootstrap,
             pg_port=pg_port,
             database_url=e.get("DATABASE_URL")
             or f"postgresql://flashsale:flashsale@127.0.0.1:{pg_port}/flashsale",
             partitions=env_int(e, "FLASHSALE_PARTITIONS", 6, 1, 256),
-            replication_factor=env_int(e, "FLASHSALE_REPLICATION_FACTOR", 1, 1, 5),
+            replication_factor=env_int(e, "FLASHSALE_REPLICATION_FACTOR", min(3, nodes), 1, 5),
             http_port=env_int(e, "FLASHSALE_HTTP_PORT", 18080, 1024, 65535),
             namespace=namespace,
+            kafka_nodes=nodes,
         )

@@ -149,7 +149,7 @@ def _soak(args: argparse.Namespace, settings: Settings, edge: Edge,
     tokens = [token(f"load-{u}", "shopper", int(seconds) + 3600, secret) for u in range(users)]
     tally = Tally()
     run_dirs = [settings.state_dir / "run" / settings.namespace, edge.settings.state_dir,
-                stack.kafka.home, stack.postgres.home]  # fmt: skip
+                *stack.kafka.homes, stack.postgres.home]  # fmt: skip
     samples: list[dict[str, Any]] = []
     stop = threading.Event()
 

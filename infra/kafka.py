@@ -1,4 +1,6 @@
-"""A real single-node Apache Kafka broker (KRaft combined mode) from Maven Central jars."""
+"""A real Apache Kafka node (KRaft combined mode: broker and controller) from Maven Central jars.
+
+Alone it is the whole cluster; ``infra.kafka_cluster`` runs several as one cluster."""
 
 from __future__ import annotations
 
@@ -21,17 +23,26 @@ READY_TIMEOUT_S = 90.0
 
 @dataclass(frozen=True)
 class LocalKafka:
-    """The broker's files live under ``state_dir/kafka``; the jars under ``state_dir/lib``."""
+    """The node's files live under ``state_dir/<name>``; the jars under ``state_dir/lib``.
+
+    Alone (the defaults) it is node 1 and its own quorum; in a cluster each node gets its
+    id, the quorum's voters (``1@host:port,2@...``) and the replication factor the cluster's
+    internal topics use.
+    """
 
     state_dir: Path
     port: int
     controller_port: int
     heap: str = "1g"
     jar_cache: Path | None = None  # defaults to state_dir/lib; tests share one cache
+    node_id: int = 1
+    name: str = "kafka"
+    voters: str = ""  # empty: this node alone
+    replication: int = 1
 
     @property
     def home(self) -> Path:
-        return self.state_dir / "kafka"
+        return self.state_dir / self.name
 
     @property
     def lib(self) -> Path:
@@ -84,12 +95,14 @@ class LocalKafka:
     def _write_config(self) -> Path:
         data = self.home / "data"
         props = self.home / "server.properties"
+        min_isr = min(2, self.replication)  # a write survives one node's loss once acked
         props.write_text(
             "\n".join(
                 [
                     "process.roles=broker,controller",
-                    "node.id=1",
-                    f"controller.quorum.voters=1@127.0.0.1:{self.controller_port}",
+                    f"node.id={self.node_id}",
+                    "controller.quorum.voters="
+                    + (self.voters or f"{self.node_id}@127.0.0.1:{self.controller_port}"),
                     f"listeners=PLAINTEXT://127.0.0.1:{self.port},"
                     f"CONTROLLER://127.0.0.1:{self.controller_port}",
                     f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
@@ -99,10 +112,12 @@ class LocalKafka:
                     f"log.dirs={data}",
                     "num.partitions=6",
                     "auto.create.topics.enable=false",
-                    "offsets.topic.replication.factor=1",
+                    f"default.replication.factor={self.replication}",
+                    f"min.insync.replicas={min_isr}",
+                    f"offsets.topic.replication.factor={self.replication}",
                     "offsets.topic.num.partitions=12",
-                    "transaction.state.log.replication.factor=1",
-                    "transaction.state.log.min.isr=1",
+                    f"transaction.state.log.replication.factor={self.replication}",
+                    f"transaction.state.log.min.isr={min_isr}",
                     "transaction.state.log.num.partitions=12",
                     "group.initial.rebalance.delay.ms=0",
                     "unclean.leader.election.enable=false",
@@ -148,17 +163,15 @@ class LocalKafka:
             )
         except (FileNotFoundError, UnicodeDecodeError, ValueError):
             fields = {}
-        if fields.get("node.id") != "1" or not fields.get("cluster.id"):
+        if fields.get("node.id") != str(self.node_id) or not fields.get("cluster.id"):
             raise CorruptState(
                 f"Kafka state in {data} is corrupted ({meta} is missing or unreadable); "
                 "wipe it with `make clean` (or `flashsale infra down --wipe`) and run `make up`"
             )
         return True
 
-    def _format(self, props: Path) -> None:
-        cluster_id = "-"
-        while cluster_id.startswith("-"):  # 1 in 64 would read as an option to StorageTool
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    def _format(self, props: Path, cluster_id: str | None) -> None:
+        cluster_id = cluster_id or new_cluster_id()
         cmd = [self._java(), "-cp", self._classpath(), *self._log_opts()]
         cmd += ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)]
         result = subprocess.run(cmd, capture_output=True, text=True)
@@ -181,7 +194,7 @@ class LocalKafka:
         return pid if str(self.home).encode() in cmdline else None
 
     def answers(self, timeout: float = 2.0) -> bool:
-        """True when the broker answers a metadata request and lists itself."""
+        """True when the node answers a metadata request and lists itself (registered)."""
         from confluent_kafka.admin import AdminClient
 
         if processes.port_is_free(self.port):
@@ -190,18 +203,21 @@ class LocalKafka:
             {"bootstrap.servers": self.bootstrap, "socket.timeout.ms": 2000, "log_level": 0}
         )
         try:
-            return bool(admin.list_topics(timeout=timeout).brokers)
+            return self.node_id in admin.list_topics(timeout=timeout).brokers
         except Exception:  # KafkaException on timeout: not up yet
             return False
 
     def start(self) -> bool:
         """Start the broker unless it already runs; wait until it answers. True if started."""
+        started = self.launch()
+        self.wait_ready()
+        return started
+
+    def launch(self, cluster_id: str | None = None) -> bool:
+        """Spawn the node unless it runs (formatting its storage with ``cluster_id`` when
+        new); do not wait. A cluster's node answers only once a quorum of voters runs."""
         if self.pid() is not None:
-            if processes.wait_until(self.answers, READY_TIMEOUT_S, 0.5):
-                return False
-            raise InfraError(
-                f"Kafka (pid {self.pid()}) runs but does not answer; see {self.logfile}"
-            )
+            return False
         self.pidfile.unlink(missing_ok=True)
         processes.require_free_port(self.port, "Kafka", "FLASHSALE_KAFKA_PORT")
         processes.require_free_port(
@@ -211,17 +227,22 @@ class LocalKafka:
         self.home.mkdir(parents=True, exist_ok=True)
         props = self._write_config()
         if not self._check_meta():
-            self._format(props)
+            self._format(props, cluster_id)
         argv = [
             self._java(), f"-Xmx{self.heap}", "-Xms256m", "-XX:+UseG1GC",
             "-XX:MaxGCPauseMillis=20", "-XX:+ExitOnOutOfMemoryError", "-Djava.awt.headless=true",
             *self._log_opts(), "-cp", self._classpath(), "kafka.Kafka", str(props),
         ]  # fmt: skip
         self.logfile.write_text("")
-        pid = processes.spawn(argv, self.logfile, self.pidfile, env=dict(os.environ))
+        processes.spawn(argv, self.logfile, self.pidfile, env=dict(os.environ))
+        return True
+
+    def wait_ready(self) -> None:
+        """Wait until the node answers and lists itself; raise naming why it did not."""
+        pid = self.pid()
         started = time.monotonic()
         while time.monotonic() - started < READY_TIMEOUT_S:
-            if not processes.alive(pid):
+            if pid is None or not processes.alive(pid):
                 self.pidfile.unlink(missing_ok=True)
                 tail = processes.log_tail(self.logfile)
                 if "meta.properties" in tail or "cluster" in tail.lower():
@@ -231,10 +252,21 @@ class LocalKafka:
                     )
                 raise InfraError(f"Kafka exited during start-up. Broker log:\n{tail}")
             if self.answers(timeout=1.0):
-                return True
+                return
             time.sleep(0.3)
-        raise InfraError(f"Kafka did not answer within {READY_TIMEOUT_S:.0f}s; see {self.logfile}")
+        raise InfraError(
+            f"Kafka node {self.node_id} did not answer within {READY_TIMEOUT_S:.0f}s; "
+            f"see {self.logfile}"
+        )
 
     def stop(self) -> bool:
         """Stop the broker cleanly (SIGTERM, then SIGKILL). True if one was running."""
         return processes.stop_tracked(self.pid(), self.pidfile, grace=45.0)
+
+
+def new_cluster_id() -> str:
+    """A random KRaft cluster id that StorageTool cannot mistake for an option."""
+    cluster_id = "-"
+    while cluster_id.startswith("-"):  # 1 in 64 would read as an option to StorageTool
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    return cluster_id

@@ -161,6 +161,16 @@ def alive(pid: int) -> bool:
         return False
 
 
+def signal_group(pid: int, sig: signal.Signals) -> None:
+    """Send ``sig`` to pid's process group (to pid alone where the group is not ours)."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        os.kill(pid, sig)
+
+
 def terminate(pid: int, grace: float = 30.0) -> None:
     """SIGTERM the process group, wait for exit, SIGKILL after grace seconds."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):

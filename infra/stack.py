@@ -12,7 +12,8 @@ from flashsale.settings import Settings
 from flashsale.topics import catalogue
 from infra import containers, migrate, provision
 from infra.errors import InfraError
-from infra.kafka import KAFKA_VERSION, LocalKafka
+from infra.kafka import KAFKA_VERSION
+from infra.kafka_cluster import KafkaCluster, node_dirs, running_nodes, stop_nodes
 from infra.postgres import LocalPostgres
 
 
@@ -29,9 +30,9 @@ class Stack:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.kafka = LocalKafka(
+        self.kafka = KafkaCluster.local(
             settings.state_dir, settings.kafka_port, settings.kafka_controller_port,
-            settings.kafka_heap,
+            settings.kafka_nodes, settings.kafka_heap,
         )  # fmt: skip
         self.postgres = LocalPostgres(settings.state_dir, settings.pg_port)
 
@@ -50,6 +51,7 @@ class Stack:
         started = {"kafka": False, "postgres": False}
         mode = self.settings.infra_mode
         if mode == "local":
+            self.kafka.refuse_other_layouts()  # before anything starts
             started["postgres"] = self.postgres.start()
             started["kafka"] = self.kafka.start()
         elif mode == "containers":
@@ -69,11 +71,13 @@ class Stack:
         mode = self.settings.infra_mode
         stopped = {"kafka": False, "postgres": False}
         if mode == "local":
-            stopped["kafka"] = self.kafka.stop()
+            # whatever FLASHSALE_CLUSTER says now: every node running from this state dir
+            stopped["kafka"] = stop_nodes(running_nodes(self.settings.state_dir))
             stopped["postgres"] = self.postgres.stop()
             if wipe:  # the writers' local state is derived from Kafka's: it goes too
                 processors = self.settings.state_dir / "processor"
-                for d in (self.kafka.home, self.postgres.home, processors):
+                nodes = node_dirs(self.settings.state_dir)
+                for d in (*nodes, self.postgres.home, processors):
                     shutil.rmtree(d, ignore_errors=True)
         elif mode == "containers":
             stopped["kafka"] = stopped["postgres"] = containers.stop(self.settings.state_dir)
@@ -100,6 +104,7 @@ class Stack:
                 "bootstrap_servers": ep.bootstrap,
                 "up": kafka_up,
                 "pid": self.kafka.pid() if local else None,
+                "nodes": len(self.kafka.nodes) if local else None,
                 "version": KAFKA_VERSION if local else None,
             },
             "postgres": {

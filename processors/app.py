@@ -76,7 +76,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
     datadir.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level
     app = faust.App(
         app_id,
-        broker=f"{runtime_mod.SCHEME}://{bootstrap}",
+        broker=";".join(f"{runtime_mod.SCHEME}://{b}" for b in bootstrap.split(",")),
         store="rocksdb://",
         datadir=str(datadir),
         processing_guarantee=_guarantee(env),

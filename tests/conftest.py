@@ -13,6 +13,7 @@ import pytest
 
 from flashsale.settings import Settings
 from infra.kafka import LocalKafka
+from infra.kafka_cluster import KafkaCluster
 from infra.processes import free_port as free_port  # the tests import it from here
 from infra.stack import Endpoints, Stack
 
@@ -55,6 +56,22 @@ def private_broker(settings: Settings, uid: str) -> Iterator[LocalKafka]:
     yield kafka
     kafka.stop()
     shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def private_cluster(settings: Settings) -> Iterator[KafkaCluster]:
+    """Three Kafka nodes of the module's own (RF 3, min.insync 2), for tests that stop nodes;
+    its data is deleted afterwards."""
+    local_only(settings)
+    home = settings.state_dir / "test" / f"cluster-{uuid.uuid4().hex[:10]}"
+    ports = [(free_port(), free_port()) for _ in range(3)]
+    cluster = KafkaCluster.on_ports(home, ports, "512m", settings.state_dir / "lib")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def log_events(path: Path, event: str) -> list[dict[str, Any]]:

@@ -35,7 +35,7 @@ import httpx
 
 from flashsale.settings import Settings
 from infra.edge import Edge
-from infra.kafka import LocalKafka
+from infra.kafka_cluster import KafkaCluster
 from infra.postgres import LocalPostgres
 from infra.processes import children, free_port
 from infra.services import all_services
@@ -89,13 +89,14 @@ def open_sale(url: str, secret: str, sale: str, allocation: int = 2_000_000_000,
 
 
 def groups_of(settings: Settings, edge: Edge) -> dict[str, list[int]]:
-    kafka = LocalKafka(settings.state_dir, settings.kafka_port, settings.kafka_controller_port)
+    kafka = KafkaCluster.local(settings.state_dir, settings.kafka_port,
+                               settings.kafka_controller_port, settings.kafka_nodes)  # fmt: skip
     postgres_pid = LocalPostgres(settings.state_dir, settings.pg_port).pid()
     nginx_pid = edge.nginx.pid() or 0
     return {
         "nginx": [nginx_pid, *children(nginx_pid)],
         "app_servers": [p for p in (s.pid() for s in edge.servers) if p],
-        "broker": [p for p in [kafka.pid()] if p],
+        "broker": kafka.pids(),
         # The rest of the pipeline shares the same two cores while the edge is loaded.
         **{s.name: [p for p in [s.pid()] if p] for s in all_services(settings)},
         "postgres": [p for p in [postgres_pid] if p] + children(postgres_pid or 0),

@@ -20,6 +20,14 @@ def test_external_servers_switch_mode_and_forbid_destruction():
     assert s.infra_mode == "external" and not s.destructive_tests_allowed
 
 
+def test_a_three_node_cluster_replicates_every_topic_three_times():
+    s = Settings.from_env({"FLASHSALE_CLUSTER": "3", "FLASHSALE_KAFKA_PORT": "20000"})
+    assert s.kafka_bootstrap == "127.0.0.1:20000,127.0.0.1:20002,127.0.0.1:20004"
+    topics = catalogue(s)
+    assert {(t.replication_factor, t.min_insync_replicas) for t in topics} == {(3, 2)}
+    assert all(t.config()["unclean.leader.election.enable"] == "false" for t in topics)
+
+
 @pytest.mark.parametrize(
     ("env", "name"),
     [
@@ -27,6 +35,7 @@ def test_external_servers_switch_mode_and_forbid_destruction():
         ({"FLASHSALE_PG_PORT": "80"}, "FLASHSALE_PG_PORT"),
         ({"FLASHSALE_INFRA": "cloud"}, "FLASHSALE_INFRA"),
         ({"KAFKA_BOOTSTRAP_SERVERS": "k:1"}, "DATABASE_URL"),
+        ({"FLASHSALE_CLUSTER": "6"}, "FLASHSALE_CLUSTER"),
     ],
 )
 def test_invalid_setting_is_named(env, name):
