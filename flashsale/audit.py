@@ -13,9 +13,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from flashsale.input_audit import read_topic
+from flashsale.kafka_auth import Consumer
 from flashsale.topics import TopicNames
 from processors.records import DECISION_RECORDS, PROGRESS
 from schemas.codec import SchemaRegistry, UndecodableRecord

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from flashsale import logs
+from flashsale import kafka_auth, logs
 from flashsale.settings import SettingError, Settings
 
 
@@ -56,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(service=f"flashsale-{args.command}")
     try:
         settings = Settings.from_env()
+        kafka_auth.log_in(settings, args.command)
         return int(args.run(args, settings))
     except (SettingError, InfraError) as exc:
         print(f"flashsale: error: {exc}", file=sys.stderr)

@@ -22,9 +22,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from flashsale import input_audit, sale_audit
+from flashsale.kafka_auth import Consumer
 from flashsale.topics import TopicNames
 from processors.core.prequeue import commitment, draw_order, entries_digest
 from processors.records import PROGRESS

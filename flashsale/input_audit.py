@@ -18,8 +18,9 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
+from flashsale.kafka_auth import Consumer
 from flashsale.topics import TopicNames
 from processors.records import COMMAND_RECORDS, DECISION_RECORDS  # other facts answer no intent
 from schemas.codec import SchemaRegistry, UndecodableRecord

@@ -56,6 +56,13 @@ class Settings:
     http_port: int
     namespace: str = "flashsale"
     kafka_nodes: int = 1  # FLASHSALE_CLUSTER: local Kafka nodes forming one cluster
+    kafka_auth: str = "none"  # FLASHSALE_KAFKA_AUTH: "scram" (SASL and ACLs) or "none"
+    secrets_override: Path | None = None  # FLASHSALE_SECRETS_DIR
+
+    @property
+    def secrets_dir(self) -> Path:
+        """Passwords and keys (0700; each file 0600): the state dir's unless set."""
+        return self.secrets_override or self.state_dir / "secrets"
 
     @property
     def destructive_tests_allowed(self) -> bool:
@@ -76,6 +83,9 @@ class Settings:
             )
         kafka_port = env_int(e, "FLASHSALE_KAFKA_PORT", 19092, 1024, 65535)
         nodes = env_int(e, "FLASHSALE_CLUSTER", 1, 1, 5)
+        auth = e.get("FLASHSALE_KAFKA_AUTH") or ("scram" if nodes > 1 else "none")
+        if auth not in ("scram", "none"):
+            raise SettingError(f"FLASHSALE_KAFKA_AUTH={auth!r} must be scram or none")
         local_bootstrap = ",".join(f"127.0.0.1:{kafka_port + 2 * i}" for i in range(nodes))
         pg_port = env_int(e, "FLASHSALE_PG_PORT", 15432, 1024, 65535)
         namespace = e.get("FLASHSALE_NAMESPACE", "flashsale")
@@ -97,4 +107,8 @@ class Settings:
             http_port=env_int(e, "FLASHSALE_HTTP_PORT", 18080, 1024, 65535),
             namespace=namespace,
             kafka_nodes=nodes,
+            kafka_auth=auth,
+            secrets_override=Path(e["FLASHSALE_SECRETS_DIR"]).resolve()
+            if e.get("FLASHSALE_SECRETS_DIR")
+            else None,
         )

@@ -27,9 +27,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
+from flashsale import intent_sig
+from flashsale.kafka_auth import AdminClient, Consumer, Producer
 from flashsale.settings import Settings, env_int
 from flashsale.topics import TopicNames, catalogue
 from infra import provision
@@ -351,7 +352,8 @@ def latency(settings: Settings, broker_pid: int | None, rate: int, seconds: int,
                     t1 = time.monotonic()
                     cpu0 = (cpu_seconds(ns.worker.pid()), cpu_seconds(broker_pid),
                             time.process_time())  # fmt: skip
-                raw.produce(ns.names.sku_commands, value, key=plan.skus[i].encode())
+                raw.produce(ns.names.sku_commands, value, key=plan.skus[i].encode(),
+                            headers=intent_sig.headers(value))  # fmt: skip
                 raw.poll(0)
             raw.flush(30)
             elapsed = time.monotonic() - t1

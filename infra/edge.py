@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flashsale import intent_sig, kafka_auth
 from flashsale.settings import Settings, env_int, env_number
 from infra import processes
 from infra.errors import InfraError
@@ -72,6 +73,8 @@ class AppServer:
             "FLASHSALE_STATE_DIR": str(self.settings.state_dir),
             "FLASHSALE_NAMESPACE": self.settings.namespace,
             **self.env,
+            **kafka_auth.login_env(self.settings, kafka_auth.PRINCIPALS["http"]),
+            **intent_sig.key_env(self.settings),  # the edge signs the intents it writes
         }
         pid = processes.spawn(argv, self.logfile, self.pidfile, env=env)
         if wait:

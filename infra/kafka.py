@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from flashsale import kafka_auth
 from infra import processes
 from infra.errors import CorruptState, InfraError
 from infra.processes import find_binary
@@ -39,6 +40,7 @@ class LocalKafka:
     name: str = "kafka"
     voters: str = ""  # empty: this node alone
     replication: int = 1
+    secrets: Path | None = None  # with SASL and ACLs: the directory of the passwords
 
     @property
     def home(self) -> Path:
@@ -92,10 +94,49 @@ class LocalKafka:
     def _classpath(self) -> str:
         return f"{self.lib}/*"
 
+    def _listeners(self) -> list[str]:
+        if self.secrets is None:
+            return [
+                f"listeners=PLAINTEXT://127.0.0.1:{self.port},"
+                f"CONTROLLER://127.0.0.1:{self.controller_port}",
+                f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                "inter.broker.listener.name=PLAINTEXT",
+                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            ]
+        # Clients and the other brokers on BROKER: the services with SCRAM (credentials kept
+        # in the cluster's metadata by provisioning), the brokers and the provisioning
+        # principal with PLAIN (they exist before any SCRAM credential can); the quorum on
+        # CONTROLLER with PLAIN. Every request is authorized by ACLs; no ACL, no access.
+        broker, admin = (kafka_auth.password(self.secrets, u) for u in ("broker", "admin"))
+        plain = "org.apache.kafka.common.security.plain.PlainLoginModule required"
+        return [
+            f"listeners=BROKER://127.0.0.1:{self.port},"
+            f"CONTROLLER://127.0.0.1:{self.controller_port}",
+            f"advertised.listeners=BROKER://127.0.0.1:{self.port}",
+            "inter.broker.listener.name=BROKER",
+            "listener.security.protocol.map=BROKER:SASL_PLAINTEXT,CONTROLLER:SASL_PLAINTEXT",
+            f"sasl.enabled.mechanisms=PLAIN,{kafka_auth.SCRAM}",
+            f"listener.name.broker.sasl.enabled.mechanisms=PLAIN,{kafka_auth.SCRAM}",
+            "listener.name.controller.sasl.enabled.mechanisms=PLAIN",
+            "sasl.mechanism.inter.broker.protocol=PLAIN",
+            "sasl.mechanism.controller.protocol=PLAIN",
+            f'listener.name.broker.plain.sasl.jaas.config={plain} username="broker" '
+            f'password="{broker}" user_broker="{broker}" user_{kafka_auth.ADMIN}="{admin}";',
+            f"listener.name.broker.{kafka_auth.SCRAM.lower()}.sasl.jaas.config="
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+            f'listener.name.controller.plain.sasl.jaas.config={plain} username="broker" '
+            f'password="{broker}" user_broker="{broker}";',
+            "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            f"super.users=User:broker;User:{kafka_auth.ADMIN}",
+            "allow.everyone.if.no.acl.found=false",
+        ]
+
     def _write_config(self) -> Path:
         data = self.home / "data"
         props = self.home / "server.properties"
         min_isr = min(2, self.replication)  # a write survives one node's loss once acked
+        props.unlink(missing_ok=True)
+        os.close(os.open(props, os.O_WRONLY | os.O_CREAT, 0o600))  # it may hold passwords
         props.write_text(
             "\n".join(
                 [
@@ -103,12 +144,8 @@ class LocalKafka:
                     f"node.id={self.node_id}",
                     "controller.quorum.voters="
                     + (self.voters or f"{self.node_id}@127.0.0.1:{self.controller_port}"),
-                    f"listeners=PLAINTEXT://127.0.0.1:{self.port},"
-                    f"CONTROLLER://127.0.0.1:{self.controller_port}",
-                    f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+                    *self._listeners(),
                     "controller.listener.names=CONTROLLER",
-                    "inter.broker.listener.name=PLAINTEXT",
-                    "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
                     f"log.dirs={data}",
                     "num.partitions=6",
                     "auto.create.topics.enable=false",
@@ -195,13 +232,14 @@ class LocalKafka:
 
     def answers(self, timeout: float = 2.0) -> bool:
         """True when the node answers a metadata request and lists itself (registered)."""
-        from confluent_kafka.admin import AdminClient
+        from flashsale.kafka_auth import AdminClient
 
         if processes.port_is_free(self.port):
             return False
-        admin = AdminClient(
-            {"bootstrap.servers": self.bootstrap, "socket.timeout.ms": 2000, "log_level": 0}
-        )
+        conf = {"bootstrap.servers": self.bootstrap, "socket.timeout.ms": 2000, "log_level": 0}
+        if self.secrets is not None:
+            conf.update(kafka_auth.admin_conf(self.secrets))
+        admin = AdminClient(conf)
         try:
             return self.node_id in admin.list_topics(timeout=timeout).brokers
         except Exception:  # KafkaException on timeout: not up yet

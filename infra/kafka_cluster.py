@@ -35,11 +35,14 @@ class KafkaCluster:
         size: int = 1,
         heap: str = "1g",
         jar_cache: Path | None = None,
+        secrets: Path | None = None,
     ) -> KafkaCluster:
+        """``secrets``: SASL and ACLs, with the passwords in that directory."""
         if size == 1:
-            return cls((LocalKafka(state_dir, port, controller_port, heap, jar_cache),))
+            node = LocalKafka(state_dir, port, controller_port, heap, jar_cache, secrets=secrets)
+            return cls((node,))
         ports = [(port + 2 * i, controller_port + 2 * i) for i in range(size)]
-        return cls.on_ports(state_dir, ports, heap, jar_cache)
+        return cls.on_ports(state_dir, ports, heap, jar_cache, secrets)
 
     @classmethod
     def on_ports(
@@ -48,12 +51,13 @@ class KafkaCluster:
         ports: list[tuple[int, int]],
         heap: str = "1g",
         jar_cache: Path | None = None,
+        secrets: Path | None = None,
     ) -> KafkaCluster:
         """A cluster of ``len(ports)`` nodes, node i on (broker, controller) ``ports[i-1]``."""
         voters = ",".join(f"{i + 1}@127.0.0.1:{c}" for i, (_, c) in enumerate(ports))
         rf = min(3, len(ports))
         node = functools.partial(LocalKafka, state_dir, heap=heap, jar_cache=jar_cache,
-                                 voters=voters, replication=rf)  # fmt: skip
+                                 voters=voters, replication=rf, secrets=secrets)  # fmt: skip
         return cls(tuple(node(p, c, node_id=i + 1, name=f"kafka-{i + 1}")
                          for i, (p, c) in enumerate(ports)))  # fmt: skip
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+from confluent_kafka.admin import ConfigResource, NewTopic
 
+from flashsale.kafka_auth import AdminClient
 from flashsale.topics import TopicSpec
 from infra.errors import InfraError
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flashsale import intent_sig, kafka_auth
 from flashsale.settings import Settings
 from infra import processes
 from infra.errors import InfraError
@@ -58,6 +59,7 @@ class Service:
             "FLASHSALE_STATE_DIR": str(self.settings.state_dir),
             "FLASHSALE_NAMESPACE": self.settings.namespace,
             **(env or {}),
+            **self.login_env(),
         }
         pid = processes.spawn(argv, self.logfile, self.pidfile, env=full_env)
         if processes.wait_until(lambda: not processes.alive(pid), 1.5):
@@ -69,6 +71,13 @@ class Service:
     def stop(self) -> bool:
         """Stop (SIGTERM, then SIGKILL). True if it was running."""
         return processes.stop_tracked(self.pid(), self.pidfile, grace=20.0)
+
+    def login_env(self) -> dict[str, str]:
+        """Its own Kafka principal (and the intent key if it checks intents), whoever starts
+        it; nothing without auth."""
+        user = kafka_auth.PRINCIPALS[self.name]
+        env = kafka_auth.login_env(self.settings, user)
+        return {**env, **intent_sig.key_env(self.settings)} if user in kafka_auth.SIGNERS else env
 
 
 def all_services(settings: Settings) -> list[Service]:

@@ -8,9 +8,10 @@ from typing import Any
 
 import psycopg
 
+from flashsale import kafka_auth
 from flashsale.settings import Settings
 from flashsale.topics import catalogue
-from infra import containers, migrate, provision
+from infra import containers, kafka_acl, migrate, provision
 from infra.errors import InfraError
 from infra.kafka import KAFKA_VERSION
 from infra.kafka_cluster import KafkaCluster, node_dirs, running_nodes, stop_nodes
@@ -30,9 +31,10 @@ class Stack:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        secrets = kafka_auth.secrets_dir(settings) if settings.kafka_auth == "scram" else None
         self.kafka = KafkaCluster.local(
             settings.state_dir, settings.kafka_port, settings.kafka_controller_port,
-            settings.kafka_nodes, settings.kafka_heap,
+            settings.kafka_nodes, settings.kafka_heap, secrets=secrets,
         )  # fmt: skip
         self.postgres = LocalPostgres(settings.state_dir, settings.pg_port)
 
@@ -63,6 +65,8 @@ class Stack:
         """Topics and migrations; returns the drift found (empty when none)."""
         ep = self.endpoints()
         _, drift = provision.ensure_topics(ep.bootstrap, catalogue(self.settings))
+        if self.settings.kafka_auth == "scram":
+            kafka_acl.ensure_principals(ep.bootstrap, self.settings)
         migrate.apply(ep.dsn)
         return drift
 
@@ -116,7 +120,7 @@ class Stack:
 
 
 def _kafka_answers(bootstrap: str) -> bool:
-    from confluent_kafka.admin import AdminClient
+    from flashsale.kafka_auth import AdminClient
 
     try:
         admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})

@@ -200,7 +200,8 @@ class Supervisor:
         name = slot.service.name
         (self.dir / f"{name}.crash.json").unlink(missing_ok=True)
         argv = [sys.executable, "-m", "flashsale.cli", name]
-        slot.proc = processes.spawn_child(argv, slot.service.logfile, self.env)
+        env = {**self.env, **slot.service.login_env()}  # never the supervisor's own principal
+        slot.proc = processes.spawn_child(argv, slot.service.logfile, env)
         slot.service.pidfile.write_text(f"{slot.proc.pid}\n")
         slot.started_at = time.monotonic()
         slot.state = "running"

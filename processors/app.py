@@ -20,15 +20,18 @@ from typing import Any
 
 import faust
 import structlog
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 from faust.types import TP, ProcessingGuarantee
 
+from flashsale import intent_sig, kafka_auth
+from flashsale.kafka_auth import Consumer
 from flashsale.service_metrics import ServiceMetrics
 from flashsale.settings import SettingError, Settings, env_int
 from flashsale.topics import TopicNames, catalogue
 from processors import faust_runtime as runtime_mod
 from processors.batch_runtime import BatchRuntime, SeekBacks
-from processors.writer import BatchResult, PartitionWriter, Replayed, StateMissing
+from processors.broker_reads import patient, replay
+from processors.writer import BatchResult, PartitionWriter, StateMissing
 from schemas.codec import SchemaRegistry
 
 log = structlog.get_logger("processors.app")
@@ -43,7 +46,6 @@ ROCKSDB_OPTIONS = {
 }
 CHUNK = 500  # records decided between two yields to the event loop
 BATCH_SEND_MIN = 200  # fewer decisions than this join the partition's pending producer batch
-REPLAY_STALL_S = 60.0  # a rebuild that reads nothing for this long fails (and is retried)
 HOLD_MAX = 4000  # records held per partition before they are sent without waiting for a commit
 LEDGER_TABLE = "ledger"
 GIL_SWITCH_INTERVAL_S = 0.0005
@@ -62,6 +64,15 @@ def _guarantee(env: dict[str, str]) -> ProcessingGuarantee:
 def default_datadir(settings: Settings) -> Path:
     """Where a worker keeps its tables' RocksDB unless ``FLASHSALE_PROCESSOR_DATADIR`` says."""
     return settings.state_dir / "processor" / f"{settings.namespace}-inventory"
+
+
+def _sasl() -> faust.SASLCredentials | None:
+    """The writer's SCRAM login (``flashsale.kafka_auth``), None when it has none."""
+    creds = kafka_auth.credentials()
+    if creds is None:
+        return None
+    return faust.SASLCredentials(username=creds[0], password=creds[1],
+                                 mechanism=kafka_auth.SCRAM)  # fmt: skip
 
 
 def build_app(settings: Settings, bootstrap: str) -> faust.App:
@@ -92,6 +103,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         broker_max_poll_records=max_poll,
         web_enabled=False,
         topic_allow_declare=False,  # provisioning created and verified every topic
+        broker_credentials=_sasl(),
         table_standby_replicas=0,
         producer_acks=-1,
         producer_linger_ms=0,
@@ -144,10 +156,11 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         producer writes the command topic in transactions (none does): a control marker or an
         aborted record at the log start would put the first record past it."""
         tp = TopicPartition(names.sku_commands, partition)
-        [got] = committed_probe.committed([tp], timeout=10)
+        [got] = patient("committed", committed_probe.committed, [tp], timeout=5)
         if got.offset >= 0:
             return int(got.offset)
-        low, _ = committed_probe.get_watermark_offsets(tp, timeout=10, cached=False)
+        low, _ = patient("log start", committed_probe.get_watermark_offsets, tp, timeout=5,
+                          cached=False)  # fmt: skip
         return int(low)
 
     async def gap_closed(tp: TP, first: int, expected: int | None, epoch: int) -> bool:
@@ -167,7 +180,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         writer = writers.get(partition)
         if writer is not None:
             return writer
-        writer = PartitionWriter(registry, partition)
+        writer = PartitionWriter(registry, partition, intent_sig.key())
         store = runtime_mod.RocksStoreReader(ledger, partition)
         try:
             info = writer.load(store, first)
@@ -175,7 +188,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         except StateMissing as missing:
             log.warning("state.rebuilding", partition=partition, reason=str(missing))
             replayed = await asyncio.to_thread(
-                lambda: writer.rebuild(_replay(bootstrap, names.sku_commands, partition, first))
+                lambda: writer.rebuild(replay(bootstrap, names.sku_commands, partition, first))
             )
             log.info("state.rebuilt", partition=partition, records=replayed)
         writers[partition] = writer
@@ -288,8 +301,9 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         ends = {}
         for tp in list(app.consumer.assignment()):
             if tp.topic == names.sku_commands:
-                _, high = probe.get_watermark_offsets(TopicPartition(tp.topic, tp.partition),
-                                                      timeout=10, cached=False)  # fmt: skip
+                at = TopicPartition(tp.topic, tp.partition)
+                _, high = patient("end", probe.get_watermark_offsets, at, timeout=5,
+                                   cached=False)  # fmt: skip
                 ends[tp] = high
         return ends
 
@@ -401,40 +415,6 @@ async def _send_dead_letters(
         builder.append(key=d.key, value=d.value, timestamp=None, headers=headers)
         futures.append(await producer.send_batch(builder, names.dead_letters, partition=partition))
     return futures
-
-
-def _replay(bootstrap: str, topic: str, partition: int, end: int) -> Any:
-    """Input records of one partition from offset 0 up to ``end`` (exclusive), all of them.
-
-    Raises if the log no longer starts at 0, skips an offset, errs or stalls: a rebuild from
-    part of the log would be a wrong state, not a slow one.
-    """
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{topic}-replay",
-                         "enable.auto.commit": False, "auto.offset.reset": "error",
-                         "log_level": 3})  # fmt: skip
-    low, _ = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=30)
-    if low != 0:
-        raise RuntimeError(f"{topic}[{partition}] starts at {low}, not 0: cannot rebuild")
-    consumer.assign([TopicPartition(topic, partition, 0)])
-    expected, idle_since = 0, time.monotonic()
-    try:
-        while expected < end:
-            msgs = consumer.consume(5000, 1.0)
-            if not msgs and time.monotonic() - idle_since > REPLAY_STALL_S:
-                raise RuntimeError(f"replay of {topic}[{partition}] stalled at {expected}")
-            for m in msgs:
-                if m.error():
-                    raise RuntimeError(f"replay of {topic}[{partition}]: {m.error()}")
-                offset = m.offset()
-                if offset is None or offset >= end:
-                    continue
-                if offset != expected:
-                    raise RuntimeError(f"replay of {topic}[{partition}] got {offset}, "
-                                       f"expected {expected}")  # fmt: skip
-                yield Replayed(offset, m.key(), m.value(), m.timestamp()[1])
-                expected, idle_since = offset + 1, time.monotonic()
-    finally:
-        consumer.close()
 
 
 def _crash_recorder(run_dir: Path) -> Any:

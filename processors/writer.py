@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from flashsale import intent_sig
 from processors import state_layout as layout
 from processors.core import (
     Command,
@@ -72,6 +73,7 @@ class Replayed:
     key: bytes | None
     value: bytes | None
     timestamp: int
+    headers: Any = None  # as the consumer gives them
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,12 @@ class StateMissing(RuntimeError):
 class PartitionWriter:
     """Every SKU ledger of one input partition, loaded from and persisted to its store."""
 
-    def __init__(self, registry: SchemaRegistry, partition: int) -> None:
+    def __init__(
+        self, registry: SchemaRegistry, partition: int, intent_key: bytes | None = None
+    ) -> None:
+        """``intent_key``: accept only intents the edge signed with it (``intent_sig``)."""
         self._registry = registry
+        self._intent_key = intent_key
         self._encoder = DecisionEncoder(registry, PRODUCER)
         self.partition = partition
         self.ledgers: dict[str, SkuLedger] = {}
@@ -346,8 +352,17 @@ class PartitionWriter:
                 reason, detail = exc.reason, exc.message
             else:
                 if name in COMMAND_RECORDS:
-                    return command_from_record(name, rec)
-                reason, detail = "wrong-schema", f"{name} does not belong on this topic"
+                    bad = None
+                    if name == "PurchaseIntent" and self._intent_key is not None:
+                        # the same verdict live and in a replay: aiokafka's records and
+                        # Replayed both carry their headers
+                        bad = intent_sig.problem(value, getattr(record, "headers", None),
+                                                 self._intent_key)  # fmt: skip
+                    if bad is None:
+                        return command_from_record(name, rec)
+                    reason, detail = bad
+                else:
+                    reason, detail = "wrong-schema", f"{name} does not belong on this topic"
         if out is not None:
             out.dead_letters.append(DeadLetter(record.offset, record.key, value, reason, detail))
         return None

@@ -12,8 +12,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME, KafkaError, Producer
+from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME, KafkaError
 
+from flashsale import intent_sig
+from flashsale.kafka_auth import Producer
 from flashsale.topics import SKU_COMMANDS
 from processors.core.model import CURRENT_RULES
 from producers.identity import intent_id_for, random_event_id
@@ -142,9 +144,11 @@ class CommandProducer:
         serve: bool = True,
     ) -> None:
         value = self._registry.encode(record_name, record)
+        signed = intent_sig.headers(value) if record_name == "PurchaseIntent" else None
         while True:
             try:
-                self._producer.produce(self.topic, value, key=sku.encode(), on_delivery=done)
+                self._producer.produce(self.topic, value, key=sku.encode(), on_delivery=done,
+                                       headers=signed)  # fmt: skip
                 break
             except BufferError:  # local queue full
                 if not serve:  # on an event loop: never block it, the caller answers 503

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flashsale import intent_sig
 from flashsale.settings import SettingError, Settings
 
 QUANTILES = (50.0, 99.0, 99.9)
@@ -163,8 +164,7 @@ def kafka_run(bootstrap: str, topic: str, values: list[bytes], plan: Plan, tally
               linger_ms: int = 2) -> None:  # fmt: skip
     """Produce each planned PurchaseIntent (``values``) at its time (acks=all, idempotent);
     latency is scheduled time to the broker's acknowledgement."""
-    from confluent_kafka import Producer
-
+    from flashsale.kafka_auth import Producer
     from producers.commands import producer_config
 
     producer = Producer({**producer_config(bootstrap), "linger.ms": linger_ms})
@@ -197,7 +197,8 @@ def kafka_run(bootstrap: str, topic: str, values: list[bytes], plan: Plan, tally
         key = plan.skus[i].encode()
         while True:
             try:
-                producer.produce(topic, values[i], key=key, on_delivery=report(start + at))
+                producer.produce(topic, values[i], key=key, on_delivery=report(start + at),
+                                 headers=intent_sig.headers(values[i]))  # fmt: skip
                 break
             except BufferError:  # the local queue is full: the broker is behind
                 time.sleep(0.001)
@@ -264,7 +265,7 @@ def _target(args: argparse.Namespace, settings: Settings, plan: Plan,
     from infra.stack import Stack
 
     if args.target == "kafka":
-        from confluent_kafka.admin import AdminClient
+        from flashsale.kafka_auth import AdminClient
 
         bootstrap = Stack(settings).endpoints().bootstrap
         topic = TopicNames.of(settings).sku_commands

@@ -26,8 +26,9 @@ import uuid
 from typing import Any
 
 import structlog
-from confluent_kafka import Consumer, KafkaError
+from confluent_kafka import KafkaError
 
+from flashsale.kafka_auth import Consumer
 from flashsale.settings import Settings, env_number
 from infra.signals import stop_on_signals
 from processors.core.model import intent_of_order

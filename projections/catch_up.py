@@ -14,8 +14,9 @@ import uuid
 from collections.abc import Sequence
 
 import psycopg
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import KafkaError, TopicPartition
 
+from flashsale.kafka_auth import Consumer
 from projections.runner import read_offsets
 
 

@@ -26,8 +26,9 @@ from typing import Any
 
 import psycopg
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException
 
+from flashsale.kafka_auth import Consumer
 from flashsale.settings import Settings, env_number
 from infra.signals import stop_on_signals
 from schemas.codec import SchemaRegistry, UndecodableRecord

@@ -43,17 +43,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import confluent_kafka
 import psycopg
 import structlog
 from confluent_kafka import (
     OFFSET_BEGINNING,
-    Consumer,
     KafkaError,
     KafkaException,
     Message,
     TopicPartition,
 )
 
+from flashsale.kafka_auth import Consumer
 from schemas.codec import SchemaRegistry, UndecodableRecord, default_registry
 
 log = structlog.get_logger(__name__)
@@ -429,7 +430,9 @@ class ProjectionRunner:
         )
 
     # -- Kafka callbacks and helpers ---------------------------------------------------
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_assign(
+        self, consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]
+    ) -> None:
         self._finish()  # its offsets are then in PostgreSQL, and the connection is free
         assert self._conn is not None
         stored = read_offsets(self._conn, self.name, self.topics)
@@ -443,7 +446,9 @@ class ProjectionRunner:
             partitions=[f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions],
         )
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_revoke(
+        self, consumer: confluent_kafka.Consumer, partitions: list[TopicPartition]
+    ) -> None:
         self._finish()  # the next owner starts from what this instance wrote
         for tp in partitions:
             self._next.pop((tp.topic, tp.partition), None)

@@ -109,8 +109,7 @@ class LogProbe:
     202s were not all new records (answered from a cache) or whose writer fell behind shows it."""
 
     def __init__(self, settings: Settings) -> None:
-        from confluent_kafka import Consumer
-
+        from flashsale.kafka_auth import Consumer
         from flashsale.topics import TopicNames
 
         names = TopicNames.of(settings)
@@ -332,7 +331,7 @@ def feed_catch_up(settings: Settings, facts: int = 200_000) -> dict[str, Any]:
 
 
 def _partition_count(settings: Settings, topic: str) -> int:
-    from confluent_kafka import Consumer
+    from flashsale.kafka_auth import Consumer
 
     c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "probe"})
     try:

@@ -17,7 +17,9 @@ import uuid
 from typing import Protocol
 
 import structlog
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
+
+from flashsale.kafka_auth import Consumer
 
 log = structlog.get_logger(__name__)
 

@@ -27,8 +27,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import KafkaError, TopicPartition
 
+from flashsale.kafka_auth import Consumer
 from processors.records import PROGRESS
 from producers.http.catchup import watermarks
 from producers.http.feedfacts import (

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from flashsale.audit import DecisionAudit
 from flashsale.settings import Settings
 from flashsale.topics import TopicNames, catalogue
-from infra import provision
+from infra import kafka_acl, provision
 from infra.services import Service
 from infra.stack import Endpoints
 from producers.commands import CommandProducer, SkuAllocation
@@ -66,6 +66,8 @@ def start_pipeline(
     s = dataclasses.replace(settings, namespace=ns)
     specs = [t for t in catalogue(s) if t.name not in unprovisioned]
     provision.ensure_topics(endpoints.bootstrap, specs)
+    if s.kafka_auth == "scram":  # the services' principals, in this namespace
+        kafka_acl.ensure_principals(endpoints.bootstrap, s)
     env = {  # namespace and state dir come from the Service's settings
         "KAFKA_BOOTSTRAP_SERVERS": endpoints.bootstrap,
         "DATABASE_URL": endpoints.dsn,

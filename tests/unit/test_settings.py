@@ -26,6 +26,7 @@ def test_a_three_node_cluster_replicates_every_topic_three_times():
     topics = catalogue(s)
     assert {(t.replication_factor, t.min_insync_replicas) for t in topics} == {(3, 2)}
     assert all(t.config()["unclean.leader.election.enable"] == "false" for t in topics)
+    assert s.kafka_auth == "scram" and Settings.from_env({}).kafka_auth == "none"
 
 
 @pytest.mark.parametrize(
@@ -36,6 +37,7 @@ def test_a_three_node_cluster_replicates_every_topic_three_times():
         ({"FLASHSALE_INFRA": "cloud"}, "FLASHSALE_INFRA"),
         ({"KAFKA_BOOTSTRAP_SERVERS": "k:1"}, "DATABASE_URL"),
         ({"FLASHSALE_CLUSTER": "6"}, "FLASHSALE_CLUSTER"),
+        ({"FLASHSALE_KAFKA_AUTH": "tls"}, "FLASHSALE_KAFKA_AUTH"),
     ],
 )
 def test_invalid_setting_is_named(env, name):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+from flashsale import intent_sig
 from processors.core import OpenSale, PlaceIntent, SaleTerms
 from processors.writer import PartitionWriter
 from producers.crowd import plan_crowd
@@ -110,3 +113,25 @@ def test_demo_crowd_contains_its_stressors() -> None:
     assert plan.over_limit_users > 0 and plan.invalid_quantity > 0
     keys = {(p.user_id, p.idempotency_key) for p in plan.intents}
     assert len(keys) == 20_000 - plan.retries
+
+
+def test_with_an_intent_key_only_signed_intents_are_decided_live_and_in_a_replay() -> None:
+    key = b"k" * 32
+    log = sale_log(3)  # OpenSale, then intents i0 (signed), i1 (unsigned), i2 (forged)
+    good, unsigned, forged = log.records[1:4]
+    log.records[1] = dataclasses.replace(good, headers=intent_sig.headers_for(good.value, key))
+    log.records[3] = dataclasses.replace(
+        forged, headers=intent_sig.headers_for(unsigned.value or b"", key)
+    )
+    live = PartitionWriter(REGISTRY, 0, key)
+    result = live.handle_batch(log.records, None)
+    decided = [REGISTRY.decode(v)[1].get("intent_id") for _, v in result.events[1:]]
+    assert decided == ["i0"]
+    assert [(d.offset, d.reason) for d in result.dead_letters] == [
+        (2, "unsigned-intent"), (3, "forged-intent"),
+    ]  # fmt: skip
+    rebuilt = PartitionWriter(REGISTRY, 0, key)
+    assert rebuilt.rebuild(log.records) == 4
+    assert_same_state(rebuilt.ledgers, live.ledgers)
+    # without a key (a one-node stack) every intent counts, signed or not
+    assert len(PartitionWriter(REGISTRY, 0).handle_batch(log.records, None).events) == 4
