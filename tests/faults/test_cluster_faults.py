@@ -1,0 +1,169 @@
+"""The whole flashsale on a three-node Kafka cluster (RF 3, min.insync 2) under broker faults,
+mid-sale: one node SIGKILLed and restarted, two of three stopped, and a partition's leader
+moved while the writer holds an open transaction on it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+from confluent_kafka import ElectionType, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from flashsale.settings import Settings
+from infra import processes
+from infra.kafka_cluster import KafkaCluster, stop_nodes
+from infra.stack import Endpoints
+from tests.conftest import local_only
+from tests.faults.checks import verify
+from tests.faults.harness import Hit, Sale, System, now_ms, open_sale, plan_sale, run_sale
+from tests.faults.harness import whole_system as _whole_system
+from tests.faults.test_service_faults import _growing, _retried, restart_the_dead
+from tests.faults.test_writer_faults import _stopped
+from tests.integration.pipeline import partition_of
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.destructive]
+
+RF3 = {"FLASHSALE_REPLICATION_FACTOR": "3"}
+
+
+@pytest.fixture
+def cluster(settings: Settings, private_cluster: KafkaCluster) -> Iterator[KafkaCluster]:
+    """The module's cluster with all three nodes running (a scenario restarts what it stops)."""
+    local_only(settings)
+    private_cluster.start()
+    yield private_cluster
+
+
+def whole_system(settings: Settings, endpoints: Endpoints, cluster: KafkaCluster,
+                 env: dict[str, str] | None = None):  # fmt: skip
+    s = dataclasses.replace(settings, replication_factor=3, kafka_nodes=3)
+    return _whole_system(s, Endpoints(cluster.bootstrap, endpoints.dsn), {**RF3, **(env or {})})
+
+
+def leader(cluster: KafkaCluster, topic: str, partition: int) -> int:
+    md = AdminClient({"bootstrap.servers": cluster.bootstrap}).list_topics(topic, timeout=10)
+    return md.topics[topic].partitions[partition].leader
+
+
+def test_one_broker_of_three_sigkilled_and_restarted_no_202_intent_is_lost(
+    settings: Settings, endpoints: Endpoints, cluster: KafkaCluster
+) -> None:
+    with whole_system(settings, endpoints, cluster) as system:
+        sale = plan_sale()
+        open_sale(system, sale)
+        commands = system.pipeline.names.sku_commands
+        partition = partition_of(sale.skus[0], settings.partitions)
+
+        def kill_leader(system: System, sale: Sale) -> Hit:
+            # the node leading the sale's first SKU's commands: the edge's writes and the
+            # writer's reads of that partition surely meet the fault
+            node = cluster.node(leader(cluster, commands, partition))
+            pid = node.pid()
+            assert pid is not None
+            hit = Hit(now_ms(), detail={"node": node.node_id})
+            queued = _growing(sale)
+            os.kill(pid, signal.SIGKILL)
+            assert processes.wait_until(lambda: not processes.alive(pid), 10)
+            time.sleep(15)  # past the 9 s broker session: the others lead without it
+            hit.detail["queued_while_down"] = _growing(sale) - queued
+            hit.detail["new_leader"] = leader(cluster, commands, partition)
+            node.pidfile.unlink(missing_ok=True)
+            cluster.start()
+            hit.ended_ms = now_ms()
+            hit.detail["restarted"] = restart_the_dead(system, 5)
+            return hit
+
+        run_sale(system, sale, kill_leader, 0.2, concurrency=4, pace_s=0.05)
+        verify(system, sale, "cluster: the leading broker of three SIGKILLed 15 s")
+        hit = sale.hit
+        assert hit is not None
+        assert hit.detail["new_leader"] not in (hit.detail["node"], -1), hit.detail
+        # two nodes of three hold min.insync: the sale went on meanwhile
+        assert hit.detail["queued_while_down"] > 0, hit.detail
+
+
+def test_two_brokers_of_three_stopped_the_edge_answers_503_never_202(
+    settings: Settings, endpoints: Endpoints, cluster: KafkaCluster
+) -> None:
+    with whole_system(settings, endpoints, cluster) as system:
+        sale = plan_sale()
+        open_sale(system, sale)
+
+        def stop_two(system: System, sale: Sale) -> Hit:
+            hit = Hit(now_ms())
+            two = list(cluster.nodes[1:])
+            stop_nodes(two)  # returns once both are gone
+            time.sleep(1)  # an answer to a request acked just before is in by now
+            queued, retried = _growing(sale), _retried(sale)
+            time.sleep(12)
+            hit.detail = {"queued_while_down": _growing(sale) - queued,
+                          "retried_503": _retried(sale) - retried}  # fmt: skip
+            cluster.start()
+            hit.ended_ms = now_ms()
+            hit.detail["restarted"] = restart_the_dead(system, 8)
+            return hit
+
+        run_sale(system, sale, stop_two, 0.2, concurrency=4, pace_s=0.05)
+        verify(system, sale, "cluster: two brokers of three stopped 13 s")
+        hit = sale.hit
+        assert hit is not None
+        # one node cannot make two in-sync copies: no 202 until they return, and 503s meanwhile
+        assert hit.detail["queued_while_down"] == 0, hit.detail
+        assert hit.detail["retried_503"] > 0, "the edge never answered 503"
+
+
+def test_a_leader_change_while_the_writer_holds_an_open_transaction(
+    settings: Settings, endpoints: Endpoints, cluster: KafkaCluster
+) -> None:
+    """The fault hook SIGSTOPs the writer with a batch's decisions sent and its transaction
+    open; the decision partition's leadership then moves (a preferred-leader election, no node
+    dies) and the writer is continued: its commit lands on the new leader, exactly once."""
+    sale = plan_sale()
+    partition = partition_of(sale.skus[0], settings.partitions)
+    env = {"FLASHSALE_FAULT": f"stop:before-commit:{partition}:150"}
+    with whole_system(settings, endpoints, cluster, env) as system:
+        decisions = system.pipeline.names.decisions
+        tp = TopicPartition(decisions, partition)
+        # Move the leadership off its preferred node first (a clean restart of that node),
+        # so a preferred election can move it back while the transaction is open.
+        preferred = cluster.node(leader(cluster, decisions, partition))
+        preferred.stop()
+        cluster.start()
+        assert leader(cluster, decisions, partition) != preferred.node_id
+        moved_off = restart_the_dead(system, 3)  # the writer probes patiently: none, surely
+        open_sale(system, sale)
+
+        def move_leader(system: System, _: Sale) -> Hit:
+            pid = system.pipeline.processor.pid()
+            assert pid is not None
+            assert processes.wait_until(lambda: _stopped(pid), 120), "the hook never fired"
+            before = leader(cluster, decisions, partition)
+            hit = Hit(now_ms(), detail={"leader_before": before})
+            if before != preferred.node_id:
+                admin = AdminClient({"bootstrap.servers": cluster.bootstrap})
+                admin.elect_leaders(ElectionType.PREFERRED, [tp]).result(timeout=30)
+                hit.detail["how"] = "preferred election"
+            else:  # the broker's own leader rebalancing (every 300 s) moved it back already
+                cluster.node(before).stop()  # a controlled shutdown hands its leadership on
+                hit.detail["how"] = "controlled shutdown"
+            hit.detail["leader_after"] = leader(cluster, decisions, partition)
+            cluster.start()
+            os.kill(pid, signal.SIGCONT)
+            hit.ended_ms = now_ms()
+            hit.detail["restarted"] = restart_the_dead(system, 5)
+            return hit
+
+        system.pipeline.env.pop("FLASHSALE_FAULT")  # a replacement runs without it
+        run_sale(system, sale, move_leader, 0.0, pace_s=0.05)
+        verify(system, sale, "cluster: leader change with the writer's transaction open")
+        hit = sale.hit
+        assert hit is not None
+        assert moved_off == [], f"a node's clean restart stopped {moved_off}"
+        [fired] = system.log_events("processor", "fault.injected")
+        assert (fired["action"], fired["point"]) == ("stop", "before-commit")
+        assert hit.detail["leader_after"] not in (hit.detail["leader_before"], -1), hit.detail
