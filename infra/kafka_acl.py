@@ -62,6 +62,8 @@ def grants(settings: Settings) -> dict[str, list[Grant]]:
         "writer": _topic(cmd, READ, DESCRIBE, CONFIGS) + _topic(dec, WRITE, DESCRIBE, CONFIGS)
         + _topic(dlq, WRITE, DESCRIBE, CONFIGS) + _topic(log, READ, WRITE, DESCRIBE, CONFIGS)
         + _groups(app_id) + _groups(f"{cmd}-replay")
+        # Faust looks its leader topic up (never made): "not found", not "not authorized"
+        + _topic(f"{app_id}-__assignor-__leader", DESCRIBE)
         + [(ResourceType.TRANSACTIONAL_ID, app_id, PREFIXED, op) for op in (WRITE, DESCRIBE)],
         "projector": _topic(cmd, READ, DESCRIBE) + _topic(dec, READ, DESCRIBE)
         + _groups(f"{ns}-projector"),

@@ -1,10 +1,10 @@
-"""The whole flashsale on a three-node Kafka cluster (RF 3, min.insync 2) under broker faults,
-mid-sale: one node SIGKILLed and restarted, two of three stopped, and a partition's leader
-moved while the writer holds an open transaction on it."""
+"""The whole flashsale on a three-node Kafka cluster (RF 3, min.insync 2), secured as
+``make up CLUSTER=3`` is (SASL, ACLs, signed intents), under broker faults, mid-sale: one
+node SIGKILLed and restarted, two of three stopped, and a partition's leader moved while the
+writer holds an open transaction on it."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import time
@@ -12,13 +12,12 @@ from collections.abc import Iterator
 
 import pytest
 from confluent_kafka import ElectionType, TopicPartition
-from confluent_kafka.admin import AdminClient
 
+from flashsale.kafka_auth import AdminClient
 from flashsale.settings import Settings
 from infra import processes
 from infra.kafka_cluster import KafkaCluster, stop_nodes
 from infra.stack import Endpoints
-from tests.conftest import local_only
 from tests.faults.checks import verify
 from tests.faults.harness import Hit, Sale, System, now_ms, open_sale, plan_sale, run_sale
 from tests.faults.harness import whole_system as _whole_system
@@ -32,17 +31,22 @@ RF3 = {"FLASHSALE_REPLICATION_FACTOR": "3"}
 
 
 @pytest.fixture
-def cluster(settings: Settings, private_cluster: KafkaCluster) -> Iterator[KafkaCluster]:
+def cluster(secured_cluster: tuple[KafkaCluster, Settings]) -> Iterator[KafkaCluster]:
     """The module's cluster with all three nodes running (a scenario restarts what it stops)."""
-    local_only(settings)
-    private_cluster.start()
-    yield private_cluster
+    secured_cluster[0].start()
+    yield secured_cluster[0]
+
+
+@pytest.fixture
+def cluster_settings(secured_cluster: tuple[KafkaCluster, Settings]) -> Settings:
+    """The cluster's settings (RF 3, SASL), for every scenario of this module."""
+    return secured_cluster[1]
 
 
 def whole_system(settings: Settings, endpoints: Endpoints, cluster: KafkaCluster,
                  env: dict[str, str] | None = None):  # fmt: skip
-    s = dataclasses.replace(settings, replication_factor=3, kafka_nodes=3)
-    return _whole_system(s, Endpoints(cluster.bootstrap, endpoints.dsn), {**RF3, **(env or {})})
+    return _whole_system(settings, Endpoints(cluster.bootstrap, endpoints.dsn),
+                         {**RF3, **(env or {})})  # fmt: skip
 
 
 def leader(cluster: KafkaCluster, topic: str, partition: int) -> int:
@@ -51,8 +55,9 @@ def leader(cluster: KafkaCluster, topic: str, partition: int) -> int:
 
 
 def test_one_broker_of_three_sigkilled_and_restarted_no_202_intent_is_lost(
-    settings: Settings, endpoints: Endpoints, cluster: KafkaCluster
+    cluster_settings: Settings, endpoints: Endpoints, cluster: KafkaCluster
 ) -> None:
+    settings = cluster_settings
     with whole_system(settings, endpoints, cluster) as system:
         sale = plan_sale()
         open_sale(system, sale)
@@ -88,8 +93,9 @@ def test_one_broker_of_three_sigkilled_and_restarted_no_202_intent_is_lost(
 
 
 def test_two_brokers_of_three_stopped_the_edge_answers_503_never_202(
-    settings: Settings, endpoints: Endpoints, cluster: KafkaCluster
+    cluster_settings: Settings, endpoints: Endpoints, cluster: KafkaCluster
 ) -> None:
+    settings = cluster_settings
     with whole_system(settings, endpoints, cluster) as system:
         sale = plan_sale()
         open_sale(system, sale)
@@ -118,11 +124,12 @@ def test_two_brokers_of_three_stopped_the_edge_answers_503_never_202(
 
 
 def test_a_leader_change_while_the_writer_holds_an_open_transaction(
-    settings: Settings, endpoints: Endpoints, cluster: KafkaCluster
+    cluster_settings: Settings, endpoints: Endpoints, cluster: KafkaCluster
 ) -> None:
     """The fault hook SIGSTOPs the writer with a batch's decisions sent and its transaction
     open; the decision partition's leadership then moves (a preferred-leader election, no node
     dies) and the writer is continued: its commit lands on the new leader, exactly once."""
+    settings = cluster_settings
     sale = plan_sale()
     partition = partition_of(sale.skus[0], settings.partitions)
     env = {"FLASHSALE_FAULT": f"stop:before-commit:{partition}:150"}

@@ -5,7 +5,6 @@ need the edge's signature; no secret shows in ``ps`` or in a log."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import time
 import uuid
@@ -25,7 +24,7 @@ from infra.kafka import LocalKafka
 from infra.stack import Endpoints
 from producers.commands import SkuAllocation
 from schemas.codec import SchemaRegistry
-from tests.conftest import free_port, local_only
+from tests.conftest import free_port, local_only, operator_of
 from tests.integration.pipeline import Pipeline, start_pipeline
 
 
@@ -38,19 +37,13 @@ def secured(settings: Settings) -> Iterator[tuple[LocalKafka, Settings]]:
                             namespace=f"t-sec{uuid.uuid4().hex[:8]}")  # fmt: skip
     node = LocalKafka(home, free_port(), free_port(), "512m", settings.state_dir / "lib",
                       secrets=kafka_auth.secrets_dir(s))  # fmt: skip
-    before = dict(os.environ)
     try:
         node.start()
-        kafka_auth.log_in(s, "test")  # the operator: admin, holding the intent key
-        intent_sig.key.cache_clear()
-        provision.ensure_topics(node.bootstrap, catalogue(s))
-        kafka_acl.ensure_principals(node.bootstrap, s)
-        yield node, s
+        with operator_of(s):  # admin, holding the intent key
+            provision.ensure_topics(node.bootstrap, catalogue(s))
+            kafka_acl.ensure_principals(node.bootstrap, s)
+            yield node, s
     finally:
-        os.environ.clear()
-        os.environ.update(before)
-        kafka_auth.credentials.cache_clear()
-        intent_sig.key.cache_clear()
         node.stop()
         shutil.rmtree(home, ignore_errors=True)
 
