@@ -37,7 +37,7 @@ def run(settings: Settings, dsn: str, edge: Edge, seconds: int, latency_seconds:
     from producers.http.config import EdgeSettings
 
     url = edge.url
-    secret = load_secret(edge.settings.state_dir, EdgeSettings.from_env().jwt_secret)
+    secret = load_secret(edge.settings.state_dir, EdgeSettings.from_env().jwt_secret).secret
     tokens = [token(f"cmp-{i}", "shopper", 3600, secret) for i in range(users)]
     sale = f"cmp-{uuid.uuid4().hex[:8]}"
     open_sale(url, secret, sale)

@@ -58,6 +58,7 @@ class Settings:
     kafka_nodes: int = 1  # FLASHSALE_CLUSTER: local Kafka nodes forming one cluster
     kafka_auth: str = "none"  # FLASHSALE_KAFKA_AUTH: "scram" (SASL and ACLs) or "none"
     secrets_override: Path | None = None  # FLASHSALE_SECRETS_DIR
+    https_port: int = 0  # FLASHSALE_HTTPS_PORT: nginx also terminates TLS there (0: not)
 
     @property
     def secrets_dir(self) -> Path:
@@ -108,6 +109,7 @@ class Settings:
             namespace=namespace,
             kafka_nodes=nodes,
             kafka_auth=auth,
+            https_port=env_int(e, "FLASHSALE_HTTPS_PORT", 0, 0, 65535),
             secrets_override=Path(e["FLASHSALE_SECRETS_DIR"]).resolve()
             if e.get("FLASHSALE_SECRETS_DIR")
             else None,

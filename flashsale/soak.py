@@ -116,14 +116,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 def _own_edge(settings: Settings, stack: Stack) -> Edge:
     """nginx and two app servers of the soak's own, on free ports with their state under
     ``state_dir/soak/edge`` (``make up``'s edge may be serving the default namespace)."""
-    from producers.http.auth import load_secret
-    from producers.http.config import EdgeSettings
+    from producers.http.auth import keys_dir, load_secret
 
+    load_secret(settings.state_dir)  # the keyring exists before its servers look for it
     ep = stack.endpoints()
     env = {"FLASHSALE_INFRA": "external", "KAFKA_BOOTSTRAP_SERVERS": ep.bootstrap,
-           "DATABASE_URL": ep.dsn,
-           "FLASHSALE_JWT_SECRET": load_secret(settings.state_dir,
-                                               EdgeSettings.from_env().jwt_secret)}  # fmt: skip
+           "DATABASE_URL": ep.dsn,  # the stack's keyring: its tokens are the soak's
+           "FLASHSALE_JWT_KEYS_DIR": str(keys_dir(settings.state_dir))}  # fmt: skip
     own = dataclasses.replace(settings, state_dir=settings.state_dir / "soak" / "edge",
                               http_port=processes.free_port())  # fmt: skip
     return Edge(own, server_ports=[processes.free_port() for _ in range(2)], env=env)

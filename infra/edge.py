@@ -117,7 +117,8 @@ class Edge:
         rate = env_number(given, "FLASHSALE_ADDR_RATE_PER_S", 0.0, 0.0, 1e6)
         burst = env_int(given, "FLASHSALE_ADDR_RATE_BURST", 20, 0, 1_000_000)
         limit = (rate, burst) if rate > 0 else None
-        self.nginx = LocalNginx(settings.state_dir, settings.http_port, ports, limit)
+        self.nginx = LocalNginx(settings.state_dir, settings.http_port, ports, limit,
+                                settings.https_port)  # fmt: skip
 
     @property
     def url(self) -> str:

@@ -67,6 +67,7 @@ def render_config(
     upstreams: Sequence[int],
     module: Path,
     addr_limit: tuple[float, int] | None = None,
+    tls_port: int = 0,
 ) -> str:
     """nginx.conf for a load balancer on 127.0.0.1:port over app servers on ``upstreams``.
 
@@ -95,6 +96,15 @@ def render_config(
             proxy_set_header Host $host;
             proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
             proxy_set_header X-Request-ID $request_id;"""
+    tls = ""
+    if tls_port:  # the same server over TLS, with the certificate set-up made
+        tls = f"""
+        listen 127.0.0.1:{tls_port} ssl backlog=4096;
+        ssl_certificate {prefix}/tls/cert.pem;
+        ssl_certificate_key {prefix}/tls/key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache shared:tls:10m;
+        ssl_session_timeout 1h;"""
     limit_zone = limit_location = ""
     if addr_limit is not None:
         rate, burst = addr_limit
@@ -138,7 +148,7 @@ http {{
     }}
 
     server {{
-        listen 127.0.0.1:{port} backlog=4096;
+        listen 127.0.0.1:{port} backlog=4096;{tls}
         client_max_body_size 4k;
         client_body_buffer_size 4k;
         client_header_timeout 10s;
@@ -197,6 +207,7 @@ class LocalNginx:
     port: int
     upstreams: tuple[int, ...]
     addr_limit: tuple[float, int] | None = None
+    tls_port: int = 0  # FLASHSALE_HTTPS_PORT: also serve HTTPS there (0: not)
 
     @property
     def home(self) -> Path:
@@ -218,6 +229,39 @@ class LocalNginx:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def https_url(self) -> str | None:
+        return f"https://127.0.0.1:{self.tls_port}" if self.tls_port else None
+
+    @property
+    def certificate(self) -> Path:
+        """The local certificate HTTPS clients should trust (made by ``write_config``)."""
+        return self.home / "tls" / "cert.pem"
+
+    def ensure_certificate(self) -> Path:
+        """A self-signed certificate for 127.0.0.1 and localhost, made once (key 0600)."""
+        tls = self.certificate.parent
+        if self.certificate.exists() and (tls / "key.pem").exists():
+            return self.certificate
+        openssl = processes.find_binary(
+            "openssl", "FLASHSALE_OPENSSL", "apt-get install -y openssl"
+        )
+        tls.mkdir(parents=True, exist_ok=True)
+        os.chmod(tls, 0o700)
+        import subprocess
+
+        made = subprocess.run(
+            [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-days", "825", "-subj", "/CN=flashsale local edge",
+             "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+             "-keyout", str(tls / "key.pem"), "-out", str(self.certificate)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if made.returncode != 0:
+            raise InfraError(f"openssl could not make the edge's certificate:\n{made.stderr}")
+        os.chmod(tls / "key.pem", 0o600)
+        return self.certificate
+
     def binary(self) -> str:
         """The nginx executable, or MissingBinary naming the install command."""
         return processes.find_binary("nginx", "FLASHSALE_NGINX", INSTALL, [Path("/usr/sbin")])
@@ -226,9 +270,12 @@ class LocalNginx:
         """Generate nginx.conf and the njs script; check the config with ``nginx -t``."""
         (self.home / "tmp").mkdir(parents=True, exist_ok=True)
         (self.home / "jwt.js").write_text(JWT_SUB_JS)
-        self.conf.write_text(
-            render_config(self.home, self.port, self.upstreams, njs_module(), self.addr_limit)
+        if self.tls_port:
+            self.ensure_certificate()
+        config = render_config(
+            self.home, self.port, self.upstreams, njs_module(), self.addr_limit, self.tls_port
         )
+        self.conf.write_text(config)
         import subprocess
 
         check = subprocess.run(
@@ -260,6 +307,8 @@ class LocalNginx:
         if self.pid() is not None:
             return False
         processes.require_free_port(self.port, "nginx", "FLASHSALE_HTTP_PORT")
+        if self.tls_port:
+            processes.require_free_port(self.tls_port, "nginx (HTTPS)", "FLASHSALE_HTTPS_PORT")
         self.write_config()
         argv = [self.binary(), "-c", str(self.conf), "-p", str(self.home)]
         pid = processes.spawn(argv, self.logfile, self.pidfile)

@@ -13,6 +13,8 @@ command -v runuser >/dev/null || missing+=(util-linux)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 ls /usr/lib/nginx/modules/ngx_http_js_module.so >/dev/null 2>&1 || missing+=(libnginx-mod-http-js)
 command -v wrk >/dev/null || missing+=(wrk)
+# The edge's local TLS certificate (FLASHSALE_HTTPS_PORT).
+command -v openssl >/dev/null || missing+=(openssl)
 # The benchmark's baselines: Redis (redis-server, redis-benchmark); pgbench comes with postgresql.
 command -v redis-server >/dev/null || missing+=(redis-server)
 # The live sale page's browser test (headless; no browser is downloaded at run time).

@@ -1,4 +1,12 @@
-"""Bearer tokens: HS256 JWTs with ``sub`` (user id), ``role``, ``iat`` and ``exp``."""
+"""Bearer tokens: HS256 JWTs with ``sub`` (user id), ``role``, ``iat`` and ``exp``, and the
+key id (``kid``) of the key that signed them.
+
+Keys live in a keyring directory (``<state_dir>/jwt-keys``, or ``FLASHSALE_JWT_KEYS_DIR``):
+one 0600 file per key id and ``current`` naming the key that signs. ``flashsale token rotate``
+adds a key and makes it current; tokens signed with the previous key stay valid until
+``flashsale token retire --kid K`` removes it. App servers notice a change of the keyring
+within a second, without a restart: rotation needs no downtime. (``FLASHSALE_JWT_SECRET``
+instead gives one fixed key, id ``env``, as the tests use.)"""
 
 from __future__ import annotations
 
@@ -16,7 +24,9 @@ from flashsale.settings import Settings
 
 ROLES = ("shopper", "admin")
 ALGORITHM = "HS256"
-SECRET_FILE = "jwt-secret"
+SECRET_FILE = "jwt-secret"  # before key ids: imported into the keyring as its first key
+KEYS_DIR = "jwt-keys"
+RELOAD_EVERY_S = 1.0
 
 
 class Unauthenticated(Exception):
@@ -35,54 +45,160 @@ class Principal:
         return self.role == "admin"
 
 
-def load_secret(state_dir: Path, configured: str | None = None) -> str:
-    """The signing secret: ``configured`` or one generated once into ``state_dir/jwt-secret``.
+@dataclass(frozen=True)
+class SigningKey:
+    kid: str
+    secret: str
 
-    The file is created with O_EXCL and 0600, so concurrent first starts agree on one secret
-    and every local server (and `flashsale token`) signs with the same key.
-    """
+
+@dataclass(frozen=True)
+class Keyring:
+    """Every key a token may be signed with (by id) and the one that signs now."""
+
+    keys: dict[str, str]
+    current: str
+
+    @property
+    def signing(self) -> SigningKey:
+        return SigningKey(self.current, self.keys[self.current])
+
+
+def keys_dir(state_dir: Path, configured: Path | None = None) -> Path:
+    return configured or state_dir / KEYS_DIR
+
+
+def load_keyring(state_dir: Path, configured: str | None = None,
+                 directory: Path | None = None) -> Keyring:  # fmt: skip
+    """The keyring (made on first use, with the pre-key-id secret as its first key)."""
     if configured:
-        return configured
-    path = state_dir / SECRET_FILE
-    state_dir.mkdir(parents=True, exist_ok=True)
+        return Keyring({"env": configured}, "env")
+    d = keys_dir(state_dir, directory)
+    if not (d / "current").exists():
+        legacy = state_dir / SECRET_FILE
+        first = legacy.read_text().strip() if legacy.exists() else None
+        _create(d / "k1.key", first)
+        _create(d / "current", "k1")
+    return _read_ring(d)
+
+
+def _read_ring(d: Path) -> Keyring:
+    keys = {f.stem: _read_key(f) for f in d.glob("*.key")}
+    current = _read_key(d / "current")
+    if current not in keys:
+        raise RuntimeError(f"{d}/current names {current!r}, which has no key file")
+    return Keyring(keys, current)
+
+
+def _read_key(path: Path) -> str:
+    for _ in range(50):  # another process is writing it right now
+        text = path.read_text().strip()
+        if text:
+            return text
+        time.sleep(0.02)
+    raise RuntimeError(f"{path} is empty; delete it to make a new one")
+
+
+def _write(path: Path, text: str) -> None:
+    """Write a 0600 file whole (a reader sees the old or the new one, never half)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text + "\n")
+    tmp.rename(path)
+
+
+def _create(path: Path, secret: str | None = None) -> None:
+    """Create a secret's file once (O_EXCL: app servers starting together agree on one; a
+    reader of a half-written file retries)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        for _ in range(50):  # another process is writing it right now
-            text = path.read_text().strip()
-            if text:
-                return text
-            time.sleep(0.02)
-        raise RuntimeError(f"{path} is empty; delete it to generate a new secret") from None
+        return
     with os.fdopen(fd, "w") as out:
-        secret = secrets.token_urlsafe(48)
-        out.write(secret + "\n")
-    return secret
+        out.write((secret or secrets.token_urlsafe(48)) + "\n")
 
 
-def token(user: str, role: str, ttl: float, secret: str, now: float | None = None) -> str:
-    """A signed token for ``user`` with ``role``, valid for ``ttl`` seconds."""
+def rotate(directory: Path) -> str:
+    """Add a key and make it the signing one; the previous keys stay valid. Its id."""
+    ring = _read_ring(directory)
+    n = 1 + max((int(k[1:]) for k in ring.keys if k[1:].isdigit()), default=0)
+    kid = f"k{n}"
+    _create(directory / f"{kid}.key")
+    _write(directory / "current", kid)
+    return kid
+
+
+def retire(directory: Path, kid: str) -> None:
+    """Stop accepting tokens signed with ``kid`` (not the signing key)."""
+    ring = _read_ring(directory)
+    if kid == ring.current:
+        raise ValueError(f"{kid} signs the tokens now: rotate first")
+    if kid not in ring.keys:
+        raise ValueError(f"no key {kid!r} (the keys: {', '.join(sorted(ring.keys))})")
+    (directory / f"{kid}.key").unlink()
+    os.utime(directory)  # the servers' reload check looks at the directory's mtime
+
+
+def receipt_secret(state_dir: Path, configured: str | None = None) -> str:
+    """The app servers' key for intent receipts: not rotated with the token keys (a receipt
+    outlives a rotation); before key ids it was the token secret, so it starts as that."""
+    if configured:
+        return configured
+    d = keys_dir(state_dir, _env_dir())
+    legacy = state_dir / SECRET_FILE
+    path = d / "receipts.secret"
+    _create(path, legacy.read_text().strip() if legacy.exists() else None)
+    return _read_key(path)
+
+
+def load_secret(state_dir: Path, configured: str | None = None) -> SigningKey:
+    """The key that signs tokens now (``token`` puts its id in them)."""
+    return load_keyring(state_dir, configured, _env_dir()).signing
+
+
+def _env_dir() -> Path | None:
+    raw = os.environ.get("FLASHSALE_JWT_KEYS_DIR")
+    return Path(raw) if raw else None
+
+
+def token(
+    user: str, role: str, ttl: float, secret: str | SigningKey, now: float | None = None
+) -> str:
+    """A signed token for ``user`` with ``role``, valid for ``ttl`` seconds (with the key's
+    id when given a ``SigningKey``)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
     if not user:
         raise ValueError("user must not be empty")
     iat = int(time.time() if now is None else now)
     claims = {"sub": user, "role": role, "iat": iat, "exp": iat + int(ttl)}
+    if isinstance(secret, SigningKey):
+        return jwt.encode(claims, secret.secret, algorithm=ALGORITHM, headers={"kid": secret.kid})
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
 def verify(authorization: str | None, secret: str) -> Principal:
     """The caller of an ``Authorization: Bearer <jwt>`` header, or Unauthenticated."""
-    return _verified(authorization, secret)[0]
+    return _verified(authorization, Keyring({"env": secret}, "env"))[0]
 
 
-def _verified(authorization: str | None, secret: str) -> tuple[Principal, int]:
-    """The caller and the token's ``exp``."""
+def _verified(authorization: str | None, ring: Keyring) -> tuple[Principal, int]:
+    """The caller and the token's ``exp``. A token names its key (``kid``); one without (made
+    before key ids) may be signed by the current key only."""
     if not authorization:
         raise Unauthenticated("missing bearer token")
     scheme, _, raw = authorization.partition(" ")
     if scheme.lower() != "bearer" or not raw.strip():
         raise Unauthenticated("authorization must be 'Bearer <token>'")
+    try:
+        kid = jwt.get_unverified_header(raw.strip()).get("kid")
+    except jwt.PyJWTError:
+        raise Unauthenticated("invalid token") from None
+    secret = ring.keys.get(kid) if kid is not None else ring.keys[ring.current]
+    if secret is None:
+        raise Unauthenticated("token signed with an unknown or retired key")
     try:
         claims = jwt.decode(
             raw.strip(),
@@ -109,21 +225,36 @@ class TokenVerifier:
     """
 
     def __init__(
-        self, secret: str, capacity: int = 100_000, clock: Callable[[], float] = time.time
+        self,
+        keys: str | Callable[[], Keyring],
+        capacity: int = 100_000,
+        clock: Callable[[], float] = time.time,
+        reload_every_s: float = RELOAD_EVERY_S,
     ) -> None:
-        self.secret = secret
+        """``keys``: one fixed secret, or a loader of the keyring, called again (at most every
+        ``reload_every_s``, on a cache miss) so a rotation or a retirement takes effect."""
+        self._load = (lambda: Keyring({"env": keys}, "env")) if isinstance(keys, str) else keys
+        self.ring = self._load()
+        self._loaded_at = clock()
+        self._reload_every_s = reload_every_s
         self.capacity = capacity
         self._clock = clock
         self._cache: dict[str, tuple[str, str, int]] = {}  # header -> (user, role, exp)
 
     def verify(self, authorization: str | None) -> Principal:
         """The caller of an ``Authorization`` header, or Unauthenticated."""
+        now = self._clock()
+        if now - self._loaded_at >= self._reload_every_s:
+            ring, self._loaded_at = self._load(), now
+            if ring != self.ring:  # a key retired: tokens it signed must be checked again
+                self.ring = ring
+                self._cache.clear()
         hit = self._cache.get(authorization) if authorization else None
         if hit is not None:
-            if self._clock() < hit[2]:
+            if now < hit[2]:
                 return Principal(hit[0], hit[1])
             del self._cache[authorization]  # type: ignore[arg-type]
-        principal, exp = _verified(authorization, self.secret)
+        principal, exp = _verified(authorization, self.ring)
         if len(self._cache) >= self.capacity:
             self._cache.clear()
         self._cache[authorization] = (principal.user_id, principal.role, exp)  # type: ignore[index]
@@ -131,18 +262,43 @@ class TokenVerifier:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `flashsale token --user ID [--role admin] [--ttl 3600]`."""
-    p = sub.add_parser("token", help="print a bearer token for the HTTP edge")
-    p.add_argument("--user", required=True, help="user id (the token's sub)")
+    """Add `flashsale token --user ID [--role admin] [--ttl 3600]`, and `token rotate`,
+    `token retire --kid K`, `token keys`."""
+    p = sub.add_parser("token", help="print a bearer token for the HTTP edge; manage its keys")
+    p.add_argument("action", nargs="?", choices=("issue", "rotate", "retire", "keys"),
+                   default="issue", help="issue a token (default), rotate the signing key, "
+                   "retire an old key, or list the keys")  # fmt: skip
+    p.add_argument("--user", help="user id (the token's sub), to issue")
     p.add_argument("--role", choices=ROLES, default="shopper")
     p.add_argument("--ttl", type=int, default=3600, help="seconds the token is valid")
+    p.add_argument("--kid", help="the key to retire")
     p.set_defaults(run=run_token)
 
 
 def run_token(args: argparse.Namespace, settings: Settings) -> int:
-    """Print one token signed with the edge's secret."""
+    """Issue a token signed with the current key, or manage the keyring."""
     from producers.http.config import EdgeSettings
 
-    secret = load_secret(settings.state_dir, EdgeSettings.from_env().jwt_secret)
-    print(token(args.user, args.role, args.ttl, secret))
+    configured = EdgeSettings.from_env().jwt_secret
+    ring = load_keyring(settings.state_dir, configured, _env_dir())
+    d = keys_dir(settings.state_dir, _env_dir())
+    if args.action != "issue" and configured:
+        raise SystemExit("FLASHSALE_JWT_SECRET gives one fixed key: there is no keyring to manage")
+    if args.action == "rotate":
+        print(f"signing with {rotate(d)} now; {ring.current} stays valid until retired")
+    elif args.action == "retire":
+        if not args.kid:
+            raise SystemExit("token retire needs --kid")
+        try:
+            retire(d, args.kid)
+        except ValueError as exc:
+            raise SystemExit(f"flashsale: error: {exc}") from None
+        print(f"{args.kid} retired: the app servers refuse its tokens within a second")
+    elif args.action == "keys":
+        for kid in sorted(ring.keys):
+            print(kid + (" (signing)" if kid == ring.current else ""))
+    else:
+        if not args.user:
+            raise SystemExit("token needs --user")
+        print(token(args.user, args.role, args.ttl, ring.signing))
     return 0

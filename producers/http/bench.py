@@ -241,7 +241,7 @@ def run_http_bench(
     if edge.nginx.pid() is None:
         raise RuntimeError("the HTTP edge is not running (start it with the edge's up())")
     url = edge.url
-    secret = load_secret(edge.settings.state_dir, EdgeSettings.from_env().jwt_secret)
+    secret = load_secret(edge.settings.state_dir, EdgeSettings.from_env().jwt_secret).secret
     sale = f"bench-{uuid.uuid4().hex[:8]}"
     open_sale(url, secret, sale)
     tokens = [token(f"bench-{i}", "shopper", 3600, secret) for i in range(users)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from flashsale.settings import env_int, env_number
 from producers.sales import progress_every_from_env
@@ -19,7 +20,8 @@ class EdgeSettings:
     rate_burst: float = 10.0  # FLASHSALE_RATE_BURST
     read_rate_per_s: float = 20.0  # FLASHSALE_READ_RATE_PER_S (GET status and sale reads)
     read_rate_burst: float = 40.0  # FLASHSALE_READ_RATE_BURST
-    jwt_secret: str | None = None  # FLASHSALE_JWT_SECRET (else <state_dir>/jwt-secret)
+    jwt_secret: str | None = None  # FLASHSALE_JWT_SECRET: one fixed key (else the keyring)
+    jwt_keys_dir: Path | None = None  # FLASHSALE_JWT_KEYS_DIR (else <state_dir>/jwt-keys)
     heartbeat_s: float = 15.0  # FLASHSALE_SSE_HEARTBEAT_S
     server_id: str = ""  # FLASHSALE_HTTP_SERVER_ID, sent as X-Served-By
     pool_size: int = 10  # FLASHSALE_PG_POOL_SIZE
@@ -43,6 +45,9 @@ class EdgeSettings:
             read_rate_per_s=env_number(e, "FLASHSALE_READ_RATE_PER_S", 20.0, 0.001, 1e9),
             read_rate_burst=env_number(e, "FLASHSALE_READ_RATE_BURST", 40.0, 1, 1e9),
             jwt_secret=e.get("FLASHSALE_JWT_SECRET") or None,
+            jwt_keys_dir=Path(e["FLASHSALE_JWT_KEYS_DIR"])
+            if e.get("FLASHSALE_JWT_KEYS_DIR")
+            else None,
             heartbeat_s=env_number(e, "FLASHSALE_SSE_HEARTBEAT_S", 15.0, 0.05, 3600),
             server_id=e.get("FLASHSALE_HTTP_SERVER_ID", ""),
             pool_size=env_int(e, "FLASHSALE_PG_POOL_SIZE", 10, 1, 200),

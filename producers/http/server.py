@@ -38,7 +38,7 @@ def build_app(
     from producers.clock import DrawSeeds
     from producers.commands import CommandProducer
     from producers.http import admin, api, errors, live, ops, orders
-    from producers.http.auth import TokenVerifier, load_secret
+    from producers.http.auth import Keyring, TokenVerifier, load_keyring, receipt_secret
     from producers.http.catchup import CommittedEnds, caught_up
     from producers.http.config import EdgeSettings
     from producers.http.context import EdgeContext
@@ -59,7 +59,10 @@ def build_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         names = TopicNames.of(settings)
-        secret = load_secret(settings.state_dir, cfg.jwt_secret)
+
+        def keyring() -> Keyring:
+            return load_keyring(settings.state_dir, cfg.jwt_secret, cfg.jwt_keys_dir)
+
         producer = CommandProducer(
             endpoints.bootstrap,
             producer_name=f"http-edge-{ident}",
@@ -79,14 +82,15 @@ def build_app(
         await feed.start()
         ends = CommittedEnds(endpoints.bootstrap, names.decisions)
         limiter = RateLimiter(cfg.rate_per_s, cfg.rate_burst)
+        receipts = Receipts(receipt_secret(settings.state_dir, cfg.jwt_secret))
         intake = IntakeService(
-            store, producer, Receipts(secret), RecentIntents(cfg.recent_intents),
+            store, producer, receipts, RecentIntents(cfg.recent_intents),
             cfg.ack_timeout_ms / 1000, in_log=feed.knows, on_placed=feed.placed,
             caught_up=lambda: caught_up(feed, ends, cfg.catch_up_s),
         )  # fmt: skip
         readers = RateLimiter(cfg.read_rate_per_s, cfg.read_rate_burst)
         app.state.edge = EdgeContext(
-            config=cfg, tokens=TokenVerifier(secret), producer=producer, store=store, feed=feed,
+            config=cfg, tokens=TokenVerifier(keyring), producer=producer, store=store, feed=feed,
             limiter=limiter, metrics=metrics, intake=intake, readers=readers,
             sale_views=SaleViews(store),
             intent_views=IntentViews(store, intake.receipts, decisions=feed.decision,

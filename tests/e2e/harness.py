@@ -63,11 +63,15 @@ class EdgeUnderTest:
         assert wait_for(projected, 30), f"sale {sale} was not projected in 30 s"
 
 
-def start_edge(pipeline: Pipeline, servers: int = 2, **env: str) -> EdgeUnderTest:
-    """nginx on a free port in front of ``servers`` app servers, state under state_dir/test."""
+def start_edge(
+    pipeline: Pipeline, servers: int = 2, https: bool = False, **env: str
+) -> EdgeUnderTest:
+    """nginx on a free port (and HTTPS on another, with ``https``) in front of ``servers``
+    app servers, state under state_dir/test."""
     uid = f"{pipeline.settings.namespace}-{uuid.uuid4().hex[:6]}"
     state = pipeline.settings.state_dir / "test" / uid
-    settings = dataclasses.replace(pipeline.settings, state_dir=state, http_port=free_port())
+    settings = dataclasses.replace(pipeline.settings, state_dir=state, http_port=free_port(),
+                                   https_port=free_port() if https else 0)  # fmt: skip
     full_env = {**pipeline.env, "FLASHSALE_JWT_SECRET": SECRET, **env}
     full_env.pop("FLASHSALE_STATE_DIR", None)
     edge = Edge(settings, server_ports=[free_port() for _ in range(servers)], env=full_env)

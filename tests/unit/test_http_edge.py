@@ -67,9 +67,10 @@ def test_unknown_role_cannot_be_issued():
 
 def test_secret_is_generated_once_with_private_permissions(tmp_path: Path):
     first = load_secret(tmp_path)
-    assert load_secret(tmp_path) == first
-    assert stat.S_IMODE(os.stat(tmp_path / "jwt-secret").st_mode) == 0o600
-    assert load_secret(tmp_path, "configured") == "configured"
+    assert load_secret(tmp_path) == first and first.kid == "k1" and len(first.secret) >= 48
+    assert stat.S_IMODE(os.stat(tmp_path / "jwt-keys" / "k1.key").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "jwt-keys").st_mode) == 0o700
+    assert load_secret(tmp_path, "configured").secret == "configured"
 
 
 # -- token buckets --------------------------------------------------------------------------
