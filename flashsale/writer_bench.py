@@ -33,7 +33,7 @@ from flashsale import intent_sig
 from flashsale.kafka_auth import AdminClient, Consumer, Producer
 from flashsale.settings import Settings, env_int
 from flashsale.topics import TopicNames, catalogue
-from infra import provision
+from infra import kafka_acl, provision
 from infra.processes import PeakMemory, cpu_seconds
 from infra.services import Service, SupervisorProcess
 from producers.commands import CommandProducer, SkuAllocation, producer_config
@@ -71,6 +71,8 @@ class Namespace:
         self.names = TopicNames.of(self.settings)
         self.broker_pid = broker_pid
         provision.ensure_topics(self.bootstrap, catalogue(self.settings))
+        if self.settings.kafka_auth == "scram":  # its services log in as on a secured cluster
+            kafka_acl.ensure_principals(self.bootstrap, self.settings)
         if topic_config:  # e.g. flush.messages=1: the broker fsyncs every write
             try:
                 _set_topic_config(self.bootstrap, [t.name for t in catalogue(self.settings)],
