@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 from confluent_kafka import KafkaException
@@ -41,6 +42,34 @@ def ensure_topics(
                     raise InfraError(f"creating topic {name} failed: {exc}") from None
     present = [s for s in specs if s.name in existing]
     return created, drift(admin, present, {n: len(existing[n].partitions) for n in existing})
+
+
+def wait_until_led(bootstrap: str, specs: Iterable[TopicSpec], timeout: float = 60.0) -> None:
+    """Return once the broker's metadata shows every partition of ``specs`` with a leader.
+
+    A topic just created, or a broker just restarted with many partitions to load, may be
+    missing from its metadata for a moment; a Faust group formed then assigns that topic to
+    no one (``Ignoring missing topic``) until its next metadata refresh, minutes later."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    want = {s.name: s.partitions for s in specs}
+    deadline = time.monotonic() + timeout
+    missing: list[str] = list(want)
+    while time.monotonic() < deadline:
+        try:
+            topics = admin.list_topics(timeout=5).topics
+        except KafkaException:
+            topics = {}
+        missing = [
+            name for name, n in want.items()
+            if name not in topics or topics[name].error is not None
+            or len(topics[name].partitions) != n
+            or any(p.leader < 0 for p in topics[name].partitions.values())
+        ]  # fmt: skip
+        if not missing:
+            return
+        time.sleep(0.2)
+    raise InfraError(f"Kafka at {bootstrap} shows no leader for {', '.join(missing)} "
+                     f"after {timeout:.0f} s")  # fmt: skip
 
 
 def drift(admin: AdminClient, specs: list[TopicSpec], partitions: dict[str, int]) -> list[str]:

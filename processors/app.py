@@ -437,6 +437,7 @@ def ensure_topics(settings: Settings, bootstrap: str) -> None:
     wrong = [d for d in drift if "partitions" in d]
     if wrong:
         raise SettingError("topics do not match the catalogue: " + "; ".join(wrong))
+    provision.wait_until_led(bootstrap, catalogue(settings))  # before the group forms
 
 
 def main(settings: Settings, bootstrap: str, loglevel: str = "warn") -> None:
