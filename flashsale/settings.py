@@ -110,7 +110,9 @@ class Settings:
             kafka_nodes=nodes,
             kafka_auth=auth,
             https_port=env_int(e, "FLASHSALE_HTTPS_PORT", 0, 0, 65535),
-            secrets_override=Path(e["FLASHSALE_SECRETS_DIR"]).resolve()
-            if e.get("FLASHSALE_SECRETS_DIR")
-            else None,
+            # resolved now: a copy with another state dir (an edge of the bench's own) keeps
+            # the stack's secrets
+            secrets_override=Path(
+                e.get("FLASHSALE_SECRETS_DIR") or state_dir / "secrets"
+            ).resolve(),
         )

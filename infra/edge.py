@@ -68,7 +68,7 @@ class AppServer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "producers.http.server", "--port", str(self.port)]
         env = {
-            **os.environ,
+            **processes.base_env(),
             "FLASHSALE_LOG_FORMAT": "json",
             "FLASHSALE_STATE_DIR": str(self.settings.state_dir),
             "FLASHSALE_NAMESPACE": self.settings.namespace,

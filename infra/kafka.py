@@ -272,7 +272,7 @@ class LocalKafka:
             *self._log_opts(), "-cp", self._classpath(), "kafka.Kafka", str(props),
         ]  # fmt: skip
         self.logfile.write_text("")
-        processes.spawn(argv, self.logfile, self.pidfile, env=dict(os.environ))
+        processes.spawn(argv, self.logfile, self.pidfile, env=processes.base_env())
         return True
 
     def wait_ready(self) -> None:

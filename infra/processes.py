@@ -11,7 +11,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from infra.errors import MissingBinary, PortInUse
@@ -81,6 +81,18 @@ def read_pid(pidfile: Path) -> int | None:
     return pid
 
 
+# Who a process is (its Kafka login, the intent key): never inherited, only given.
+IDENTITY_VARS = ("FLASHSALE_KAFKA_USER", "FLASHSALE_KAFKA_PASSWORD_FILE",
+                 "FLASHSALE_INTENT_KEY_FILE")  # fmt: skip
+
+
+def base_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``env`` (this process's environment by default) without the identity variables: a
+    child gets its own login added, never its parent's (an operator's ``admin``)."""
+    source = os.environ if env is None else env
+    return {k: v for k, v in source.items() if k not in IDENTITY_VARS}
+
+
 def spawn(argv: list[str], logfile: Path, pidfile: Path, env: dict[str, str] | None = None) -> int:
     """Start argv in its own session, output to logfile, pid to pidfile."""
     proc = _popen(argv, logfile, env)
@@ -103,7 +115,7 @@ def _popen(
             stderr=subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=preexec_fn,
-            env=env,
+            env=base_env() if env is None else env,
         )
 
 
@@ -161,25 +173,23 @@ def alive(pid: int) -> bool:
         return False
 
 
-def signal_group(pid: int, sig: signal.Signals) -> None:
-    """Send ``sig`` to pid's process group (to pid alone where the group is not ours)."""
+def signal_group(pid: int, sig: signal.Signals) -> bool:
+    """Send ``sig`` to pid's process group (to pid alone where the group is not ours);
+    False when the group is gone."""
     try:
         os.killpg(pid, sig)
     except ProcessLookupError:
-        return
+        return False
     except PermissionError:
         os.kill(pid, sig)
+    return True
 
 
 def terminate(pid: int, grace: float = 30.0) -> None:
     """SIGTERM the process group, wait for exit, SIGKILL after grace seconds."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
+        if not signal_group(pid, sig):
             return
-        except PermissionError:
-            os.kill(pid, sig)
         if wait_until(lambda: not alive(pid), wait, 0.1):
             _reap(pid)
             return

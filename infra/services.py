@@ -4,7 +4,6 @@ payment service) as detached processes."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +53,7 @@ class Service:
         argv = [sys.executable, "-m", "flashsale.cli", self.name]
         # The child runs with this service's settings, whatever the caller's environment says.
         full_env = {
-            **os.environ,
+            **processes.base_env(),
             "FLASHSALE_LOG_FORMAT": "json",
             "FLASHSALE_STATE_DIR": str(self.settings.state_dir),
             "FLASHSALE_NAMESPACE": self.settings.namespace,
@@ -122,7 +121,7 @@ class SupervisorProcess:
             return False
         argv = [sys.executable, "-m", "flashsale.cli", "supervise", "--services", *self.services]
         full_env = {
-            **os.environ,
+            **processes.base_env(),
             "FLASHSALE_LOG_FORMAT": "json",
             "FLASHSALE_STATE_DIR": str(self.settings.state_dir),
             "FLASHSALE_NAMESPACE": self.settings.namespace,

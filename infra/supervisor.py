@@ -139,7 +139,7 @@ class Supervisor:
         self.settings = settings
         self.dir = run_dir(settings)
         self.env = {
-            **(os.environ if env is None else env),
+            **processes.base_env(env),  # each child gets its own login added
             "FLASHSALE_LOG_FORMAT": "json",
             "FLASHSALE_STATE_DIR": str(settings.state_dir),
             "FLASHSALE_NAMESPACE": settings.namespace,

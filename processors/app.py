@@ -20,7 +20,7 @@ from typing import Any
 
 import faust
 import structlog
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 from faust.types import TP, ProcessingGuarantee
 
 from flashsale import intent_sig, kafka_auth
@@ -77,6 +77,12 @@ def _sasl() -> faust.SASLCredentials | None:
 
 def build_app(settings: Settings, bootstrap: str) -> faust.App:
     """Build the Faust app, its topics, table and agent from settings."""
+    if kafka_auth.credentials() is not None and intent_sig.key() is None:
+        # on a secured cluster an unchecked intent could come from any command-topic writer
+        raise SettingError(
+            f"the writer logs in to a secured cluster ({kafka_auth.ENV_USER}) but has no "
+            f"intent key: set {intent_sig.ENV_KEY_FILE} (make up and the supervisor do)"
+        )
     env = dict(os.environ)
     commit_ms = env_int(env, "FLASHSALE_COMMIT_INTERVAL_MS", 100, 1, 60_000)
     max_poll = env_int(env, "FLASHSALE_PROCESSOR_MAX_BATCH", 2000, 1, 100_000)
@@ -157,6 +163,8 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         aborted record at the log start would put the first record past it."""
         tp = TopicPartition(names.sku_commands, partition)
         [got] = patient("committed", committed_probe.committed, [tp], timeout=5)
+        if got.error is not None:  # not "nothing committed": never fall back to the start
+            raise KafkaException(got.error)
         if got.offset >= 0:
             return int(got.offset)
         low, _ = patient("log start", committed_probe.get_watermark_offsets, tp, timeout=5,
