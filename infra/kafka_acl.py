@@ -42,7 +42,14 @@ def _topic(name: str, *ops: AclOperation) -> list[Grant]:
     return [(ResourceType.TOPIC, name, LITERAL, op) for op in ops]
 
 
+def _group(name: str) -> list[Grant]:
+    return [(ResourceType.GROUP, name, LITERAL, READ)]
+
+
 def _groups(prefix: str) -> list[Grant]:
+    """Groups named ``prefix``…; every prefix holds a ``.``, which no namespace may: it
+    cannot match another namespace's (another principal's) groups."""
+    assert "." in prefix, prefix
     return [(ResourceType.GROUP, prefix, PREFIXED, READ)]
 
 
@@ -55,24 +62,24 @@ def grants(settings: Settings) -> dict[str, list[Grant]]:
     return {
         # its feed and end-offset readers assign partitions under groups of their own
         "edge": _topic(cmd, WRITE, DESCRIBE) + _topic(dec, READ, DESCRIBE)
-        + _groups("flashsale-edge-"),
+        + _groups(f"{dec}.edge-"),
         "clock": _topic(cmd, WRITE, DESCRIBE),
         "payments": _topic(cmd, WRITE, DESCRIBE) + _topic(dec, READ, DESCRIBE)
-        + _groups(f"{ns}-payments"),
+        + _group(f"{ns}-payments"),
         "writer": _topic(cmd, READ, DESCRIBE, CONFIGS) + _topic(dec, WRITE, DESCRIBE, CONFIGS)
         + _topic(dlq, WRITE, DESCRIBE, CONFIGS) + _topic(log, READ, WRITE, DESCRIBE, CONFIGS)
-        + _groups(app_id) + _groups(f"{cmd}-replay")
+        + _group(app_id) + _group(f"{app_id}-probe") + _group(f"{cmd}-replay")
         # Faust looks its leader topic up (never made): "not found", not "not authorized"
         + _topic(f"{app_id}-__assignor-__leader", DESCRIBE)
         + [(ResourceType.TRANSACTIONAL_ID, app_id, PREFIXED, op) for op in (WRITE, DESCRIBE)],
         "projector": _topic(cmd, READ, DESCRIBE) + _topic(dec, READ, DESCRIBE)
-        + _groups(f"{ns}-projector"),
+        + _group(f"{ns}-projector"),
         "analytics": _topic(cmd, READ, DESCRIBE) + _topic(dec, READ, DESCRIBE)
-        + _groups(f"{ns}-analytics"),
-        # downstream teams read decisions in groups <namespace>-downstream-<team> (and the
+        + _group(f"{ns}-analytics"),
+        # downstream teams read decisions in groups <namespace>.downstream.<team> (and the
         # example fulfilment consumer in its own)
-        "downstream": _topic(dec, READ, DESCRIBE) + _groups(f"{ns}-downstream-")
-        + _groups(f"{ns}-fulfilment"),
+        "downstream": _topic(dec, READ, DESCRIBE) + _groups(f"{ns}.downstream.")
+        + _group(f"{ns}-fulfilment"),
         # auditors replay every topic of the namespace, committing nothing
         "auditor": read_all,
     }  # fmt: skip

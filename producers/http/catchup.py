@@ -42,7 +42,7 @@ class CommittedEnds:
         self.timeout_s = timeout_s  # for a whole query
         self._config = {
             "bootstrap.servers": bootstrap,
-            "group.id": f"flashsale-edge-ends-{uuid.uuid4().hex}",  # never joined
+            "group.id": f"{topic}.edge-ends-{uuid.uuid4().hex}",  # never joined
             "isolation.level": "read_committed",  # the ends are the last stable offsets
             "log_level": 3,
         }

@@ -72,7 +72,7 @@ class DecisionFeed:
         self._registry = registry
         self._config = {
             "bootstrap.servers": bootstrap,
-            "group.id": f"flashsale-edge-feed-{uuid.uuid4().hex}",  # never joined: assign()
+            "group.id": f"{topic}.edge-feed-{uuid.uuid4().hex}",  # never joined: assign()
             "enable.auto.commit": False,
             "isolation.level": "read_committed",
             "enable.partition.eof": True,  # a partition read to its end is up to date

@@ -15,6 +15,11 @@ from typing import Any
 import confluent_kafka
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+from confluent_kafka.admin import (
+    ScramCredentialInfo,
+    ScramMechanism,
+    UserScramCredentialUpsertion,
+)
 
 from flashsale import intent_sig, kafka_auth
 from flashsale.settings import Settings
@@ -79,8 +84,8 @@ def _read_error(bootstrap: str, conf: dict[str, Any], topic: str, group: str) ->
             if msg is not None and msg.error() is not None:
                 return int(msg.error().code())
             if msg is not None:
-                return None
-        return None
+                return None  # a record read: allowed
+        raise AssertionError(f"nothing read from {topic} in 15 s, neither a record nor an error")
     finally:
         c.close()
 
@@ -109,10 +114,30 @@ def test_each_principal_may_do_its_part_and_is_refused_the_rest(secured):
     # a downstream team reads decisions in its own group, but neither the commands nor the
     # writer's group (joining it would take the writer's partitions)
     groups = KafkaError.GROUP_AUTHORIZATION_FAILED
+    operator = kafka_auth.admin_conf(kafka_auth.secrets_dir(s))
+    assert _produce(b, operator, n.decisions) is None  # something for the readers to read
     down = _as(s, "downstream")
-    assert _read_error(b, down, n.decisions, f"{s.namespace}-downstream-shipping") is None
-    assert _read_error(b, down, n.sku_commands, f"{s.namespace}-downstream-x") == denied
+    assert _read_error(b, down, n.decisions, f"{s.namespace}.downstream.shipping") is None
+    assert _read_error(b, down, n.sku_commands, f"{s.namespace}.downstream.x") == denied
+    # a group prefix never reaches past the namespace: another namespace's writer group
+    other = f"{s.namespace}-downstream-x-inventory"  # a namespace "<ns>-downstream-x"
+    assert _read_error(b, down, n.decisions, other) == groups
     assert _read_error(b, down, n.decisions, f"{s.namespace}-inventory") == groups
+
+
+def test_a_principal_without_acls_gets_nothing(secured):
+    node, s = secured
+    n = TopicNames.of(s)
+    admin = kafka_auth.AdminClient({"bootstrap.servers": node.bootstrap})
+    info = ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 8192)
+    upsert = UserScramCredentialUpsertion("nobody", info, b"nobody-password-" + b"x" * 16)
+    admin.alter_user_scram_credentials([upsert])["nobody"].result(30)
+    nobody = _as(s, "nobody", "nobody-password-" + "x" * 16)
+    for topic in (n.sku_commands, n.decisions):  # default deny: no ACL, no write
+        err = _produce(node.bootstrap, nobody, topic)
+        assert err is not None and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, err
+    denied = _read_error(node.bootstrap, nobody, n.decisions, f"{s.namespace}.downstream.n")
+    assert denied in (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED)
 
 
 def test_a_wrong_password_or_no_login_is_refused(secured):
@@ -168,8 +193,11 @@ def test_the_writer_decides_signed_intents_and_dead_letters_unsigned_and_forged_
                              in (b"forged-intent", b"unsigned-intent"))  # fmt: skip
             time.sleep(0.5)
         assert reasons == [b"forged-intent", b"unsigned-intent"]
-        decided = {registry.decode(m.value())[1].get("intent_id") for m in
-                   _records(node.bootstrap, n.decisions)}  # fmt: skip
+        decided = {
+            registry.decode(m.value())[1].get("intent_id")
+            for m in _records(node.bootstrap, n.decisions)
+            if m.value() != b"x"
+        }  # fmt: skip  (the first test's record)
         assert signed in decided
         ids = {registry.decode(v)[1]["intent_id"] for v in (unsigned, forged)}
         assert not ids & decided, "an unsigned or forged intent was decided"
