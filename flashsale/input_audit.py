@@ -150,6 +150,9 @@ def account_records(
         if name and sale_id is not None and record.get("sale_id") != sale_id:
             continue
         acc.inputs += 1
+        if where in dead:  # undecodable, or decodable but refused (an unsigned intent)
+            acc.dead_lettered += 1
+            continue
         if name == "PurchaseIntent":
             intent = record["intent_id"]
             if intent in asked:
@@ -166,8 +169,6 @@ def account_records(
             asked.add(intent)
         elif name in COMMAND_RECORDS:  # sale commands, reveals, ticks: no decision of their own
             acc.sale_commands += 1
-        elif where in dead:
-            acc.dead_lettered += 1
         else:
             acc.unaccounted.append(where)
     acc.extra_decisions = sorted(i for i, n in decisions.items() if n > 1)

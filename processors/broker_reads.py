@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import structlog
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from flashsale.kafka_auth import Consumer
 from processors.writer import Replayed
@@ -16,6 +16,12 @@ from processors.writer import Replayed
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+# refusals that waiting does not change (a lost leader or a timeout does)
+NEVER_RETRIED = {
+    KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED,
+    KafkaError.CLUSTER_AUTHORIZATION_FAILED, KafkaError._AUTHENTICATION,
+    KafkaError.SASL_AUTHENTICATION_FAILED,
+}  # fmt: skip
 PROBE_PATIENCE_S = 30.0  # how long a broker query is retried while leaders move (5 s tries)
 REPLAY_STALL_S = 60.0  # a rebuild that reads nothing for this long fails (and is retried)
 
@@ -29,7 +35,9 @@ def patient(what: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         try:
             return call(*args, **kwargs)
         except KafkaException as exc:
-            if time.monotonic() > deadline:
+            error = exc.args[0] if exc.args else None
+            fatal = error is not None and error.code() in NEVER_RETRIED
+            if fatal or time.monotonic() > deadline:
                 raise
             log.warning("probe.retrying", what=what, error=str(exc))
             time.sleep(0.5)
