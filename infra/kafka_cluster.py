@@ -100,21 +100,27 @@ class KafkaCluster:
         return stop_nodes(list(self.nodes))
 
     def _cluster_id(self) -> str | None:
-        """The id a formatted node already has (a wiped node rejoins its cluster), else a
-        new one for all; None for one node (it formats itself)."""
-        if len(self.nodes) == 1:
-            return None
-        for n in self.nodes:
-            found = _meta(n.home).get("cluster.id")
-            if found:
-                return found
-        return new_cluster_id()
+        """The id to format new nodes with: None for one node (it formats itself), else a
+        new one (``refuse_other_layouts`` made sure no node is formatted yet)."""
+        return None if len(self.nodes) == 1 else new_cluster_id()
 
     def refuse_other_layouts(self) -> None:
         """Refuse to start beside data from another number of nodes in the same state
         directory: PostgreSQL and the writer's tables there remember that cluster's log."""
         state_dir = self.nodes[0].state_dir
         ours = {n.home for n in self.nodes}
+        formatted = [bool(_meta(n.home)) for n in self.nodes]
+        if any(formatted) and not all(formatted):
+            # The quorum's voters are fixed when the cluster is formatted: a node added later
+            # (a bigger FLASHSALE_CLUSTER) or formatted again (its data deleted) would join a
+            # quorum that does not list it, or vote with its Raft log lost.
+            fresh = [str(n.home) for n, f in zip(self.nodes, formatted, strict=True) if not f]
+            raise InfraError(
+                f"the Kafka cluster in {state_dir} was formatted with other nodes than the "
+                f"{len(self.nodes)} asked for (FLASHSALE_CLUSTER), or lost a node's data "
+                f"({', '.join(fresh)}); its voters are fixed: delete all local data with "
+                "`make clean` (or choose another FLASHSALE_STATE_DIR) first"
+            )
         for d in node_dirs(state_dir):
             if d not in ours and _meta(d):
                 raise InfraError(

@@ -36,7 +36,14 @@ def test_another_cluster_size_in_the_same_state_dir_is_refused(tmp_path: Path):
     assert node_dirs(tmp_path) == [tmp_path / "kafka"]
 
 
-def test_a_wiped_node_rejoins_with_the_clusters_id(tmp_path: Path):
-    c = KafkaCluster.local(tmp_path, 20000, 20001, 3)
-    _formatted(tmp_path / "kafka-2", 2)
-    assert c._cluster_id() == "abc"
+def test_a_bigger_cluster_or_a_wiped_voter_is_refused(tmp_path: Path):
+    for i in (1, 2, 3):
+        _formatted(tmp_path / f"kafka-{i}", i)
+    KafkaCluster.local(tmp_path, 20000, 20001, 3).refuse_other_layouts()  # as formatted: fine
+    with pytest.raises(InfraError, match=r"voters are fixed"):  # grown from 3 to 4
+        KafkaCluster.local(tmp_path, 20000, 20001, 4).refuse_other_layouts()
+    with pytest.raises(InfraError, match=r"another size"):  # shrunk from 3 to 2
+        KafkaCluster.local(tmp_path, 20000, 20001, 2).refuse_other_layouts()
+    (tmp_path / "kafka-2" / "data" / "meta.properties").unlink()  # a voter's data lost
+    with pytest.raises(InfraError, match=r"kafka-2"):
+        KafkaCluster.local(tmp_path, 20000, 20001, 3).refuse_other_layouts()
