@@ -17,10 +17,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jwt
+import structlog
 
 from flashsale.settings import Settings
+
+log = structlog.get_logger(__name__)
 
 ROLES = ("shopper", "admin")
 ALGORITHM = "HS256"
@@ -82,7 +86,12 @@ def load_keyring(state_dir: Path, configured: str | None = None,
 
 
 def _read_ring(d: Path) -> Keyring:
-    keys = {f.stem: _read_key(f) for f in d.glob("*.key")}
+    keys = {}
+    for f in d.glob("*.key"):
+        try:
+            keys[f.stem] = _read_key(f)
+        except FileNotFoundError:  # retired between the listing and the read
+            continue
     current = _read_key(d / "current")
     if current not in keys:
         raise RuntimeError(f"{d}/current names {current!r}, which has no key file")
@@ -196,12 +205,30 @@ def _verified(authorization: str | None, ring: Keyring) -> tuple[Principal, int]
         kid = jwt.get_unverified_header(raw.strip()).get("kid")
     except jwt.PyJWTError:
         raise Unauthenticated("invalid token") from None
-    secret = ring.keys.get(kid) if kid is not None else ring.keys[ring.current]
-    if secret is None:
+    if kid is None:  # made before key ids (the first key's), or by a tool with the current
+        secrets_ = [ring.keys[k] for k in dict.fromkeys((ring.current, "k1")) if k in ring.keys]
+    else:
+        secrets_ = [ring.keys[kid]] if kid in ring.keys else []
+    if not secrets_:
         raise Unauthenticated("token signed with an unknown or retired key")
+    claims = _decode(raw.strip(), secrets_)
+    sub, role = claims.get("sub"), claims.get("role")
+    if not isinstance(sub, str) or not sub or role not in ROLES:
+        raise Unauthenticated("token has no valid sub/role")
+    return Principal(sub, str(role)), int(claims["exp"])
+
+
+def _decode(raw: str, candidates: list[str]) -> dict[str, Any]:
+    """The claims of ``raw`` signed by one of ``candidates``, or Unauthenticated."""
+    for secret in candidates[:-1]:
+        try:
+            return _decode(raw, [secret])
+        except Unauthenticated:
+            continue
+    secret = candidates[-1]
     try:
         claims = jwt.decode(
-            raw.strip(),
+            raw,
             secret,
             algorithms=[ALGORITHM],
             options={"require": ["sub", "role", "exp", "iat"]},
@@ -210,10 +237,7 @@ def _verified(authorization: str | None, ring: Keyring) -> tuple[Principal, int]
         raise Unauthenticated("token expired") from None
     except jwt.PyJWTError:
         raise Unauthenticated("invalid token") from None
-    sub, role = claims.get("sub"), claims.get("role")
-    if not isinstance(sub, str) or not sub or role not in ROLES:
-        raise Unauthenticated("token has no valid sub/role")
-    return Principal(sub, str(role)), int(claims["exp"])
+    return dict(claims)
 
 
 class TokenVerifier:
@@ -245,7 +269,12 @@ class TokenVerifier:
         """The caller of an ``Authorization`` header, or Unauthenticated."""
         now = self._clock()
         if now - self._loaded_at >= self._reload_every_s:
-            ring, self._loaded_at = self._load(), now
+            self._loaded_at = now
+            try:
+                ring = self._load()
+            except (OSError, RuntimeError) as exc:  # mid-rotation: keep the keys we have
+                log.warning("keyring.reload_failed", error=str(exc))
+                ring = self.ring
             if ring != self.ring:  # a key retired: tokens it signed must be checked again
                 self.ring = ring
                 self._cache.clear()

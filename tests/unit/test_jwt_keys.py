@@ -78,6 +78,12 @@ def test_the_pre_key_id_secret_becomes_the_first_key_and_keeps_receipts_valid(tm
     verifier = TokenVerifier(lambda: load_keyring(tmp_path))
     assert verifier.verify(bearer(token("u", "shopper", 60, "legacy-" + "z" * 48))).role
     assert receipt_secret(tmp_path) == "legacy-" + "z" * 48
+    legacy = bearer(token("u", "shopper", 600, "legacy-" + "z" * 48))
     rotate(keys_dir(tmp_path))
     assert receipt_secret(tmp_path) == "legacy-" + "z" * 48  # receipts outlive a rotation
+    # a pre-key-id token stays valid after a rotation, until its key (k1) is retired
+    assert TokenVerifier(lambda: load_keyring(tmp_path)).verify(legacy).user_id == "u"
+    retire(keys_dir(tmp_path), "k1")
+    with pytest.raises(Unauthenticated):
+        TokenVerifier(lambda: load_keyring(tmp_path)).verify(legacy)
     assert {p.stat().st_mode & 0o777 for p in keys_dir(tmp_path).iterdir()} == {0o600}
