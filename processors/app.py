@@ -11,6 +11,7 @@ its offset marked processed. Faust's exactly-once commit puts all of that in one
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import os
 import sys
@@ -162,13 +163,14 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
         producer writes the command topic in transactions (none does): a control marker or an
         aborted record at the log start would put the first record past it."""
         tp = TopicPartition(names.sku_commands, partition)
-        [got] = patient("committed", committed_probe.committed, [tp], timeout=5)
+        refresh = functools.partial(committed_probe.list_topics, names.sku_commands, timeout=5)
+        [got] = patient("committed", committed_probe.committed, [tp], timeout=5, refresh=refresh)
         if got.error is not None:  # not "nothing committed": never fall back to the start
             raise KafkaException(got.error)
         if got.offset >= 0:
             return int(got.offset)
         low, _ = patient("log start", committed_probe.get_watermark_offsets, tp, timeout=5,
-                          cached=False)  # fmt: skip
+                          cached=False, refresh=refresh)  # fmt: skip
         return int(low)
 
     async def gap_closed(tp: TP, first: int, expected: int | None, epoch: int) -> bool:
@@ -304,6 +306,8 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
     probe = Consumer({"bootstrap.servers": bootstrap, "group.id": f"{app_id}-probe",
                       "enable.auto.commit": False, "log_level": 3})  # fmt: skip
 
+    probe_refresh = functools.partial(probe.list_topics, names.sku_commands, timeout=5)
+
     def end_offsets() -> dict[TP, int]:
         """The broker's end offsets of the command partitions this worker is assigned."""
         ends = {}
@@ -311,7 +315,7 @@ def build_app(settings: Settings, bootstrap: str) -> faust.App:
             if tp.topic == names.sku_commands:
                 at = TopicPartition(tp.topic, tp.partition)
                 _, high = patient("end", probe.get_watermark_offsets, at, timeout=5,
-                                   cached=False)  # fmt: skip
+                                   cached=False, refresh=probe_refresh)  # fmt: skip
                 ends[tp] = high
         return ends
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -26,10 +27,19 @@ PROBE_PATIENCE_S = 30.0  # how long a broker query is retried while leaders move
 REPLAY_STALL_S = 60.0  # a rebuild that reads nothing for this long fails (and is retried)
 
 
-def patient(what: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+def patient(
+    what: str,
+    call: Callable[..., T],
+    *args: Any,
+    refresh: Callable[[], object] | None = None,
+    **kwargs: Any,
+) -> T:
     """``call`` (a broker query, run in a thread), retried while a cluster moves leaders: a
     node lost or shutting down leaves its partitions unknown or unreachable until the others
-    lead them (a dead node's broker session is 9 s). Past ``PROBE_PATIENCE_S`` it raises."""
+    lead them (a dead node's broker session is 9 s). Past ``PROBE_PATIENCE_S`` it raises.
+
+    ``refresh`` runs before each retry: a metadata request, so the client asks the new
+    leader (a query that timed out against a dead one left its cached leader as it was)."""
     deadline = time.monotonic() + PROBE_PATIENCE_S
     while True:
         try:
@@ -41,6 +51,9 @@ def patient(what: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
                 raise
             log.warning("probe.retrying", what=what, error=str(exc))
             time.sleep(0.5)
+            if refresh is not None:
+                with contextlib.suppress(KafkaException):
+                    refresh()
 
 
 def replay(bootstrap: str, topic: str, partition: int, end: int) -> Any:
