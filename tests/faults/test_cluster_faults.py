@@ -8,12 +8,14 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 from collections.abc import Iterator
 
 import pytest
-from confluent_kafka import ElectionType, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, ElectionType, TopicPartition
+from confluent_kafka.admin import NewTopic
 
-from flashsale.kafka_auth import AdminClient
+from flashsale.kafka_auth import AdminClient, Consumer, Producer
 from flashsale.settings import Settings
 from infra import processes
 from infra.kafka_cluster import KafkaCluster, stop_nodes
@@ -175,3 +177,53 @@ def test_a_leader_change_while_the_writer_holds_an_open_transaction(
         [fired] = system.log_events("processor", "fault.injected")
         assert (fired["action"], fired["point"]) == ("stop", "before-commit")
         assert hit.detail["leader_after"] not in (hit.detail["leader_before"], -1), hit.detail
+
+
+def test_an_acknowledged_write_survives_its_leaders_sigkill(cluster: KafkaCluster) -> None:
+    """Below the whole system: 2,000 acks=all records, their leader SIGKILLed, all of them
+    read back from the other two, once each, in order."""
+    topic = f"t-cluster-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": cluster.bootstrap})
+    new = NewTopic(topic, 1, 3, config={"min.insync.replicas": "2"})
+    admin.create_topics([new])[topic].result(30)
+    producer = Producer({"bootstrap.servers": cluster.bootstrap, "acks": "all",
+                         "enable.idempotence": True})  # fmt: skip
+    acked: list[bytes] = []
+    sent = [f"{i:05d}".encode() for i in range(2000)]
+    for v in sent:
+        producer.produce(topic, v, on_delivery=lambda e, m: e is None and acked.append(m.value()))
+    assert producer.flush(30) == 0
+    assert acked == sent
+    leader = admin.list_topics(topic, timeout=10).topics[topic].partitions[0].leader
+    node = cluster.node(leader)
+    pid = node.pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    assert processes.wait_until(lambda: not processes.alive(pid), 10)
+    try:
+        survivors = ",".join(n.bootstrap for n in cluster.nodes if n is not node)
+        # the dead node is fenced after its broker session (9 s); a new leader serves then
+        got = _read(survivors, topic, len(sent), timeout=60)
+        assert got == sent  # all of them, once each, in order, from the others
+        after = AdminClient({"bootstrap.servers": survivors}).list_topics(topic, timeout=10)
+        assert after.topics[topic].partitions[0].leader not in (leader, -1)
+    finally:
+        node.pidfile.unlink(missing_ok=True)
+        cluster.start()  # the node rejoins; the module's other tests see three
+
+
+def _read(bootstrap: str, topic: str, expected: int, timeout: float) -> list[bytes]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "unused",
+                         "enable.auto.commit": False})  # fmt: skip
+    consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+    got: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(got) < expected and time.monotonic() < deadline:
+            for msg in consumer.consume(1000, timeout=0.5):
+                if msg.error() is None:
+                    got.append(msg.value())
+        got += [m.value() for m in consumer.consume(1000, timeout=1.0) if m.error() is None]
+    finally:
+        consumer.close()
+    return got
