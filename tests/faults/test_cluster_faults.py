@@ -51,6 +51,15 @@ def whole_system(settings: Settings, endpoints: Endpoints, cluster: KafkaCluster
                          {**RF3, **(env or {})})  # fmt: skip
 
 
+def _restored(system: System, cluster: KafkaCluster, hit: Hit) -> Hit:
+    """Start the stopped nodes, then restart what exited meanwhile (the supervisor's job) for
+    as long as a probe may still retry after their return."""
+    cluster.start()
+    hit.ended_ms = now_ms()
+    hit.detail["restarted"] = restart_the_dead(system, 15)
+    return hit
+
+
 def leader(cluster: KafkaCluster, topic: str, partition: int) -> int:
     md = AdminClient({"bootstrap.servers": cluster.bootstrap}).list_topics(topic, timeout=10)
     return md.topics[topic].partitions[partition].leader
@@ -80,11 +89,7 @@ def test_one_broker_of_three_sigkilled_and_restarted_no_202_intent_is_lost(
             hit.detail["queued_while_down"] = _growing(sale) - queued
             hit.detail["new_leader"] = leader(cluster, commands, partition)
             node.pidfile.unlink(missing_ok=True)
-            cluster.start()
-            hit.ended_ms = now_ms()
-            # the supervisor's job, for as long as a probe may retry after the node's return
-            hit.detail["restarted"] = restart_the_dead(system, 15)
-            return hit
+            return _restored(system, cluster, hit)
 
         run_sale(system, sale, kill_leader, 0.2, concurrency=4, pace_s=0.05)
         verify(system, sale, "cluster: the leading broker of three SIGKILLed 15 s")
@@ -112,10 +117,7 @@ def test_two_brokers_of_three_stopped_the_edge_answers_503_never_202(
             time.sleep(12)
             hit.detail = {"queued_while_down": _growing(sale) - queued,
                           "retried_503": _retried(sale) - retried}  # fmt: skip
-            cluster.start()
-            hit.ended_ms = now_ms()
-            hit.detail["restarted"] = restart_the_dead(system, 15)
-            return hit
+            return _restored(system, cluster, hit)
 
         run_sale(system, sale, stop_two, 0.2, concurrency=4, pace_s=0.05)
         verify(system, sale, "cluster: two brokers of three stopped 13 s")
