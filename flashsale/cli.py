@@ -12,7 +12,7 @@ from flashsale.settings import SettingError, Settings
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser with every command group registered."""
-    from flashsale import bench, demo, replay, report, sale_audit, soak, top, trace
+    from flashsale import bench, demo, pseudonyms, replay, report, sale_audit, soak, top, trace
     from infra import commands as infra_commands
     from infra import supervise_command
     from processors import commands as processor_commands
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     projector_commands.register(sub)
     demo.register(sub)
     http_auth.register(sub)
+    pseudonyms.register(sub)
     http_server.register(sub)
     load.register(sub)
     clock.register(sub)

@@ -20,6 +20,7 @@ from flashsale import replay, sale_audit
 from flashsale import report as report_mod
 from flashsale.audit import DecisionAudit
 from flashsale.probe import ProbeResult, run_probe
+from flashsale.pseudonyms import KeyStore
 from flashsale.settings import Settings
 from flashsale.topics import TopicNames
 from infra.edge import Edge
@@ -135,18 +136,21 @@ def _sale(
     )
     t0 = time.monotonic()
     edge_figures: dict[str, Any] = {}
-    if edge is None:
+    if edge is None:  # an event producer writes pseudonyms too, never people's ids
+        alias = KeyStore(stack.endpoints().dsn, settings.namespace).pseudonyms(
+            p.user_id for p in plan.intents
+        )
         futures = []
         for p in plan.intents:
             _, fut = producer.submit_intent(
-                sale_id, p.sku, p.user_id, p.quantity, p.idempotency_key
+                sale_id, p.sku, alias[p.user_id], p.quantity, p.idempotency_key
             )
             futures.append(fut)
             if len(futures) % 2000 == 0:
                 audit.poll(0)
         producer.wait(futures)
         expected = {
-            intent_id_for(p.user_id, sale_id, p.sku, p.idempotency_key) for p in plan.intents
+            intent_id_for(alias[p.user_id], sale_id, p.sku, p.idempotency_key) for p in plan.intents
         }
     else:
         users = {p.user_id for p in plan.intents}

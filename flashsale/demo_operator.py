@@ -19,6 +19,7 @@ import psycopg
 
 from flashsale import sale_audit
 from flashsale.demo_orders import _pay, sale_facts
+from flashsale.pseudonyms import KeyStore
 from flashsale.settings import Settings
 from flashsale.topics import TopicNames
 from infra.edge import Edge
@@ -70,7 +71,8 @@ def run_operator_sale(
 
         operator("pause")
         users = [f"{'payer' if n % 3 else 'idle'}-op-{n:03d}" for n in range(people)]
-        producer.wait([producer.submit_intent(sale_id, sku, u, 1, "op")[1] for u in users])
+        alias = KeyStore(endpoints.dsn, settings.namespace).pseudonyms(users)
+        producer.wait([producer.submit_intent(sale_id, sku, alias[u], 1, "op")[1] for u in users])
         facts = _until(bootstrap, names, sale_id, lambda c: c["IntentDeferred"] >= people)
         operator("units", sku=sku, quantity=added, ref=f"{sale_id}-more")
         operator("resume")
@@ -83,8 +85,9 @@ def run_operator_sale(
                 and c["IntentAccepted"] + c["Waitlisted"] + c["IntentRejected"] >= people
             ),
         )
-        tokens = {u: token(u, "shopper", 3600, secret) for u in users}
-        payers = [r for n, r in facts if n == "IntentAccepted" and r["user_id"].startswith("payer")]
+        tokens = {alias[u]: token(u, "shopper", 3600, secret) for u in users}  # by pseudonym
+        paying = {alias[u] for u in users if u.startswith("payer")}
+        payers = [r for n, r in facts if n == "IntentAccepted" and r["user_id"] in paying]
         for rec in payers:
             _pay(client, edge, producer, sale_id, sku, rec, tokens[rec["user_id"]])
         _until(bootstrap, names, sale_id, lambda c: c["OrderPaid"] >= len(payers))

@@ -19,6 +19,7 @@ import httpx
 import psycopg
 
 from flashsale import input_audit, sale_audit
+from flashsale.pseudonyms import KeyStore
 from flashsale.settings import Settings
 from flashsale.topics import TopicNames
 from infra.edge import Edge
@@ -53,7 +54,11 @@ def run_orders_sale(
     producer = CommandProducer(endpoints.bootstrap, "flashsale-demo", topic=names.sku_commands)
     plan = [PlannedIntent(_person(n), sku, 1, f"o-{n}") for n in range(people)]
     secret = load_secret(settings.state_dir, EdgeSettings.from_env().jwt_secret)
+    alias = KeyStore(endpoints.dsn, settings.namespace).pseudonyms(p.user_id for p in plan)
     tokens = {p.user_id: token(p.user_id, "shopper", 3600, secret) for p in plan}
+    # The log names people by pseudonym: a record's user_id finds the person's token here.
+    by_alias = {alias[u]: t for u, t in tokens.items()}
+    kinds = {alias[p.user_id]: p.user_id.split("-")[0] for p in plan}
     now = int(time.time() * 1000)
     holds = (int(HOLD_S * 1000), int(GRACE_S * 1000), depth)
     opening = asyncio.run(open_sale(settings, producer, sale_id,
@@ -64,13 +69,13 @@ def run_orders_sale(
     print(f"\nsale with holds {sale_id}: {allocation} units, {people} people, orders held "
           f"{HOLD_S:g} s to pay, a waitlist of {depth}")  # fmt: skip
     if edge is None:
-        producer.wait([producer.submit_intent(sale_id, sku, p.user_id, 1, p.idempotency_key)[1]
-                       for p in plan])  # fmt: skip
+        producer.wait([producer.submit_intent(sale_id, sku, alias[p.user_id], 1,
+                                              p.idempotency_key)[1] for p in plan])  # fmt: skip
     else:
         answers = drive_crowd(edge.url, sale_id, plan, tokens)
         if answers.statuses.get(202, 0) != people:
             raise RuntimeError(f"the edge answered {dict(answers.statuses)} to {people} intents")
-    facts = _pay_until_decided(settings, edge, producer, sale_id, sku, people, tokens)
+    facts = _pay_until_decided(settings, edge, producer, sale_id, sku, people, by_alias, kinds)
     producer.close()
     return {**_figures(settings, endpoints.dsn, names, sale_id, facts, allocation),
             "holds_intents": people}  # fmt: skip
@@ -84,8 +89,10 @@ def _pay_until_decided(
     sku: str,
     people: int,
     tokens: dict[str, str],
+    kinds: dict[str, str],
 ) -> list[tuple[str, dict[str, Any]]]:
-    """Pay every order of a payer as soon as it is accepted, until every intent is decided."""
+    """Pay every order of a payer as soon as it is accepted, until every intent is decided
+    (``tokens`` and ``kinds`` by pseudonym)."""
     bootstrap = Stack(settings).endpoints().bootstrap
     topic = TopicNames.of(settings).decisions
     paying: set[str] = set()
@@ -98,7 +105,7 @@ def _pay_until_decided(
                 if name != "IntentAccepted" or rec["order_id"] in paying:
                     continue
                 paying.add(rec["order_id"])
-                if rec["user_id"].startswith("idle"):
+                if kinds[rec["user_id"]] == "idle":
                     continue  # never pays: the hold expires and the unit goes to the line
                 _pay(client, edge, producer, sale_id, sku, rec, tokens[rec["user_id"]])
             counts = Counter(n for n, _ in facts)

@@ -16,6 +16,7 @@ import httpx
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from flashsale import fairness
+from flashsale.pseudonyms import KeyStore
 from flashsale.settings import Settings
 from flashsale.topics import TopicNames
 from infra.edge import Edge
@@ -52,10 +53,12 @@ def run_prequeue_sale(
     crowd = f"{bots} bots x {bot_intents} intents first, then {people} people"
     print(f"\npre-queue sale {sale_id}: {allocation} units, limit 1; draw commitment "
           f"{committed}; {crowd}")  # fmt: skip
-    if edge is None:
+    alias = KeyStore(stack.endpoints().dsn, settings.namespace).pseudonyms(p.user_id for p in plan)
+    bot_aliases = {alias[p.user_id] for p in plan if p.user_id.startswith("bot")}
+    if edge is None:  # an event producer writes pseudonyms too, never people's ids
         producer = CommandProducer(bootstrap, "flashsale-demo", topic=names.sku_commands)
-        producer.wait([producer.submit_intent(sale_id, p.sku, p.user_id, 1, p.idempotency_key)[1]
-                       for p in plan])  # fmt: skip
+        producer.wait([producer.submit_intent(sale_id, p.sku, alias[p.user_id], 1,
+                                              p.idempotency_key)[1] for p in plan])  # fmt: skip
     else:
         secret = load_secret(settings.state_dir, EdgeSettings.from_env().jwt_secret)
         tokens = {p.user_id: token(p.user_id, "shopper", 3600, secret) for p in plan}
@@ -71,7 +74,7 @@ def run_prequeue_sale(
     drawn = next(r for n, r in facts if n == "DrawRevealed")
     winners = [r["user_id"] for n, r in facts if n == "IntentAccepted"]
     audit = fairness.audit_fairness(bootstrap, names, sale_id)
-    bot_wins = sum(1 for u in winners if u.startswith("bot"))
+    bot_wins = sum(1 for u in winners if u in bot_aliases)
     verdict = "PASS" if audit.passed else "FAIL"
     print(f"revealed seed {drawn['seed']}; {len(winners)} winners, {bot_wins} of them bots "
           f"({bots} of {entrants} entrants); fairness audit {verdict}")  # fmt: skip

@@ -79,6 +79,31 @@ class Service:
         return {**env, **intent_sig.key_env(self.settings)} if user in kafka_auth.SIGNERS else env
 
 
+@dataclass(frozen=True)
+class ExtraWorker(Service):
+    """A further writer worker of the namespace (``name`` is "processor"): its own static
+    member id, RocksDB directory, pid file and log (README: adding a worker during a sale)."""
+
+    worker_id: int = 1
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / f"w{self.worker_id}.pid"
+
+    @property
+    def logfile(self) -> Path:
+        return self.run_dir / f"w{self.worker_id}.log"
+
+    @property
+    def datadir(self) -> Path:
+        ns = self.settings.namespace
+        return self.settings.state_dir / "processor" / f"{ns}-w{self.worker_id}"
+
+    def start(self, env: dict[str, str] | None = None) -> bool:
+        return super().start({**(env or {}), "FLASHSALE_WORKER_ID": str(self.worker_id),
+                              "FLASHSALE_PROCESSOR_DATADIR": str(self.datadir)})  # fmt: skip
+
+
 def all_services(settings: Settings) -> list[Service]:
     """Every service of the stack, in start order."""
     return [Service(name, settings) for name in SERVICES]

@@ -5,9 +5,11 @@ happened the first time and never charges or refunds twice. That is what lets th
 service redo anything after a crash (``producers.payments``).
 
 The stub keeps its own ledger in PostgreSQL (``stub_payment_ledger``, per namespace) and
-picks each attempt's outcome from its user id, so tests choose it: a user id containing
-``decline`` is declined; ``timeout`` is charged but the first answer is lost (the caller
-sees ``ProviderTimeout`` and asks again); ``slow`` is answered after ``slow_s``.
+picks each attempt's outcome from the person's id, so tests choose it (the log carries
+pseudonyms: the stub finds the person behind one in ``user_keys``, as a real provider knows
+the card holder): an id containing ``decline`` is declined; ``timeout`` is charged but the
+first answer is lost (the caller sees ``ProviderTimeout`` and asks again); ``slow`` is
+answered after ``slow_s``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import time
 from typing import Any, Protocol
 
 import psycopg
+
+from flashsale.pseudonyms import is_pseudonym, pseudonym
 
 
 class ProviderTimeout(Exception):
@@ -39,6 +43,7 @@ class StubProvider:
         self.dsn, self.namespace, self.slow_s = dsn, namespace, slow_s
         self._conn: psycopg.Connection[Any] | None = None
         self._lost: set[str] = set()  # attempts whose first answer was "lost" (timeout)
+        self._people: dict[str, str] = {}  # pseudonym -> user id
 
     def _db(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
@@ -49,7 +54,21 @@ class StubProvider:
         if self._conn is not None:
             self._conn.close()
 
+    def _person(self, user_id: str) -> str:
+        """The id behind a pseudonym (the pseudonym itself when its key is gone, or for the
+        synthetic ids load generators write)."""
+        if not is_pseudonym(user_id) or user_id in self._people:
+            return self._people.get(user_id, user_id)
+        rows = (
+            self._db()
+            .execute("SELECT user_id, key FROM user_keys WHERE namespace = %s", (self.namespace,))
+            .fetchall()
+        )
+        self._people = {pseudonym(bytes(key), user): user for user, key in rows}
+        return self._people.get(user_id, user_id)
+
     def charge(self, attempt_id: str, order_id: str, user_id: str) -> bool:
+        user_id = self._person(user_id)
         outcome = "declined" if "decline" in user_id else "succeeded"
         db = self._db()
         db.execute(

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from flashsale.pseudonyms import Pseudonyms
 from producers.commands import CommandProducer
 from producers.http.auth import Principal, TokenVerifier, Unauthenticated
 from producers.http.config import EdgeSettings
@@ -37,6 +38,7 @@ class EdgeContext:
     sale_views: SaleViews
     intent_views: IntentViews
     sales: SaleService
+    pseudonyms: Pseudonyms  # token sub -> the user id the log carries
 
 
 async def context(request: Request) -> EdgeContext:
@@ -56,11 +58,14 @@ _bearer = HTTPBearer(auto_error=False, description="HS256 JWT from `flashsale to
 async def caller(
     request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Principal:
-    """The authenticated caller; 401 with WWW-Authenticate otherwise."""
+    """The authenticated caller under their pseudonym (``flashsale.pseudonyms``: nothing
+    past this point sees the token's sub); 401 with WWW-Authenticate otherwise."""
+    ctx: EdgeContext = request.app.state.edge
     try:
-        return request.app.state.edge.tokens.verify(request.headers.get("authorization"))
+        who = ctx.tokens.verify(request.headers.get("authorization"))
     except Unauthenticated as exc:
         raise unauthenticated(str(exc)) from None
+    return Principal(await ctx.pseudonyms.of(who.user_id), who.role)
 
 
 async def shopper(who: Annotated[Principal, Depends(caller)]) -> Principal:

@@ -160,7 +160,7 @@ async def _place(
         raise _too_large(max_body)  # before anything else, as EdgeMiddleware does
     body = await _read_body(receive, max_body)  # 413 first, chunked bodies too (as FastAPI)
     _well_formed(headers, body)
-    user_id = _shopper(ctx, headers)
+    user_id = await _shopper(ctx, headers)
     rate_limit(ctx, user_id)
     intent, key = _validated(sale_id, headers, body)
     try:
@@ -222,7 +222,7 @@ class LeanEdge:
         started = time.perf_counter()
         headers = _headers(scope)
         try:
-            user_id = _shopper(ctx, headers)
+            user_id = await _shopper(ctx, headers)
             rate_limit(ctx, user_id, ctx.readers)
             proof = _status_query(intent_id, scope.get("query_string", b""))
             rendered = await ctx.intent_views.get(user_id, intent_id, proof)
@@ -286,8 +286,8 @@ def _headers(scope: Scope) -> dict[bytes, bytes]:
     return dict(reversed(scope["headers"]))
 
 
-def _shopper(ctx: EdgeContext, headers: dict[bytes, bytes]) -> str:
-    """The caller's user id if they hold the shopper role (401/403 otherwise)."""
+async def _shopper(ctx: EdgeContext, headers: dict[bytes, bytes]) -> str:
+    """The caller's pseudonym if they hold the shopper role (401/403 otherwise)."""
     raw_auth = headers.get(b"authorization")
     try:
         who = ctx.tokens.verify(raw_auth.decode("latin-1") if raw_auth is not None else None)
@@ -295,7 +295,7 @@ def _shopper(ctx: EdgeContext, headers: dict[bytes, bytes]) -> str:
         raise unauthenticated(str(exc)) from None
     if who.role != "shopper":
         raise ApiError(403, "forbidden", "this needs the shopper role")
-    return who.user_id
+    return await ctx.pseudonyms.of(who.user_id)
 
 
 def _status_query(intent_id: str, query_string: bytes) -> tuple[str, str, int, str] | None:

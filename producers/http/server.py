@@ -34,6 +34,7 @@ def build_app(
     then ``on_started`` runs (the server process's own settings, see ``serve``)."""
     from psycopg_pool import AsyncConnectionPool
 
+    from flashsale.pseudonyms import Pseudonyms
     from flashsale.topics import TopicNames
     from producers.clock import DrawSeeds
     from producers.commands import CommandProducer
@@ -98,6 +99,7 @@ def build_app(
             sales=SaleService(PostgresClaims(pool), producer, feed,
                               seeds=DrawSeeds(endpoints.dsn, settings.namespace),
                               progress_every=cfg.progress_every),
+            pseudonyms=Pseudonyms(pool, settings.namespace),
         )  # fmt: skip
         if on_started is not None:
             on_started()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -11,9 +15,15 @@ import httpx
 import jwt
 import psycopg
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
+from flashsale import input_audit
+from flashsale.pseudonyms import KeyStore, Pseudonyms, is_pseudonym
+from flashsale.sale_audit import audit_sale
+from flashsale.settings import REPO_ROOT
 from producers.commands import SkuAllocation
 from producers.http.auth import token
+from schemas.codec import SchemaRegistry
 from tests.e2e.harness import (
     EdgeUnderTest,
     next_event,
@@ -167,7 +177,73 @@ def test_auth_and_role_matrix(edge: EdgeUnderTest, client, uid):
     assert resp.status_code == 202, resp.text  # the same body from a shopper is taken
     in_topic = purchase_intents(edge.pipeline.endpoints.bootstrap,
                                 edge.pipeline.names.sku_commands, sale)  # fmt: skip
-    assert [r["user_id"] for r in in_topic] == [f"s-{uid}"]
+    keys = KeyStore(edge.pipeline.endpoints.dsn, edge.pipeline.settings.namespace)
+    assert [r["user_id"] for r in in_topic] == [keys.known(f"s-{uid}")]  # a pseudonym
+
+
+def test_the_log_names_a_pseudonym_and_erasure_unties_it_from_the_person(edge, client, uid):
+    """No record names the person, only their pseudonym; `flashsale user erase` deletes their
+    key: the log stays as it was, the audit still passes on it, nobody can tie the records to
+    the person any more, and an app server's cached pseudonym runs out."""
+    sale, person = f"priv-{uid}", f"alice.{uid}@example.com"
+    edge.open_sale(client, sale, [sku("k1")])
+    me = {**edge.auth(person), "Idempotency-Key": f"pv-{uid}"}
+    resp = client.post(f"{edge.url}/v1/sales/{sale}/intents", json={"sku": "k1", "quantity": 1},
+                       headers=me)  # fmt: skip
+    assert resp.status_code == 202, resp.text
+    status_url = edge.url + resp.json()["status_url"]
+    decided = wait_for(lambda: client.get(status_url, headers=me).json()["status"] != "queued", 60)
+    assert decided and client.get(status_url, headers=me).json()["status"] == "accepted"
+    settings, bootstrap = edge.pipeline.settings, edge.pipeline.endpoints.bootstrap
+    keys = KeyStore(edge.pipeline.endpoints.dsn, settings.namespace)
+    alias = keys.known(person)
+    assert alias is not None and is_pseudonym(alias)
+
+    def the_sales_records() -> list[tuple[bytes, str | None, dict]]:
+        names, registry = edge.pipeline.names, SchemaRegistry.load_default()
+        found = []
+        for topic, committed in ((names.sku_commands, False), (names.decisions, True)):
+            msgs = input_audit.read_topic(bootstrap, topic, committed, 30)
+            for m, (_, _, name, rec) in zip(msgs, input_audit.decode_all(registry, msgs),
+                                            strict=True):  # fmt: skip
+                if rec and rec.get("sale_id") == sale:
+                    raw = (
+                        (m.key() or b"")
+                        + (m.value() or b"")
+                        + b"".join(v or b"" for _, v in m.headers() or ())
+                    )
+                    found.append((raw, name, rec))
+        return found
+
+    before = the_sales_records()
+    named = {rec["user_id"] for _, _, rec in before if "user_id" in rec}
+    assert {"IntentAccepted", "PurchaseIntent"} <= {n for _, n, _ in before}
+    assert named == {alias}
+    assert not any(person.encode() in raw for raw, _, _ in before)  # not in any byte
+
+    env = {**os.environ, "FLASHSALE_NAMESPACE": settings.namespace}
+    erase = [sys.executable, "-m", "flashsale.cli", "user", "erase", "--user", person]
+    done = subprocess.run(erase, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0 and "erased" in done.stdout, done.stderr
+    assert keys.known(person) is None
+    again = subprocess.run(erase, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                           timeout=60)  # fmt: skip
+    assert again.returncode == 1 and "no key" in again.stdout
+    assert [raw for raw, _, _ in the_sales_records()] == [raw for raw, _, _ in before]
+    assert audit_sale(bootstrap, edge.pipeline.names, sale).passed
+
+    async def resolved_twice() -> tuple[str, str, str]:
+        async with AsyncConnectionPool(edge.pipeline.endpoints.dsn, min_size=1) as pool:
+            resolver = Pseudonyms(pool, settings.namespace, cache_s=0.5)
+            first = await resolver.of(f"bob-{uid}")
+            keys.erase(f"bob-{uid}")
+            cached = await resolver.of(f"bob-{uid}")
+            await asyncio.sleep(0.6)
+            return first, cached, await resolver.of(f"bob-{uid}")
+
+    first, cached, later = asyncio.run(resolved_twice())
+    assert cached == first and later != first and later == keys.known(f"bob-{uid}")
 
 
 def test_rate_limit_holds_across_two_servers(edge: EdgeUnderTest, client, uid):

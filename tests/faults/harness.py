@@ -11,8 +11,6 @@ recovery.
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 import time
 import uuid
@@ -26,9 +24,10 @@ from typing import Any
 import httpx
 
 from flashsale.demo_orders import sale_facts
+from flashsale.pseudonyms import KeyStore
 from flashsale.settings import Settings
 from infra import processes
-from infra.services import Service
+from infra.services import ExtraWorker, Service
 from infra.stack import Endpoints
 from producers.crowd import PlannedIntent
 from producers.http.auth import token
@@ -62,7 +61,7 @@ class System:
     pipeline: Pipeline
     edge: EdgeUnderTest
     services: dict[str, Service]
-    extra: list[Worker] = field(default_factory=list)
+    extra: list[ExtraWorker] = field(default_factory=list)
 
     @property
     def settings(self) -> Settings:
@@ -104,38 +103,6 @@ class System:
         return log_events(self.service(service).logfile, event)
 
 
-@dataclass
-class Worker:
-    """A further writer worker of the namespace (its own member id and state directory)."""
-
-    system_env: dict[str, str]
-    settings: Settings
-    worker_id: int
-
-    @property
-    def pidfile(self) -> Any:
-        return self.settings.state_dir / "run" / self.settings.namespace / f"w{self.worker_id}.pid"
-
-    def start(self) -> int:
-        run = self.settings.state_dir / "run" / self.settings.namespace
-        datadir = (
-            self.settings.state_dir / "processor" / f"{self.settings.namespace}-w{self.worker_id}"
-        )
-        env = {**os.environ, **self.system_env, "FLASHSALE_LOG_FORMAT": "json",
-               "FLASHSALE_STATE_DIR": str(self.settings.state_dir),
-               "FLASHSALE_NAMESPACE": self.settings.namespace,
-               "FLASHSALE_WORKER_ID": str(self.worker_id),
-               "FLASHSALE_PROCESSOR_DATADIR": str(datadir)}  # fmt: skip
-        return processes.spawn([sys.executable, "-m", "flashsale.cli", "processor"],
-                               run / f"w{self.worker_id}.log", self.pidfile, env=env)  # fmt: skip
-
-    def pid(self) -> int | None:
-        return processes.read_pid(self.pidfile)
-
-    def stop(self) -> bool:
-        return processes.stop_tracked(self.pid(), self.pidfile, grace=20.0)
-
-
 @contextmanager
 def whole_system(
     settings: Settings, endpoints: Endpoints, env: dict[str, str] | None = None, servers: int = 2
@@ -149,7 +116,7 @@ def whole_system(
         for s in services.values():
             stack.callback(s.stop)
             s.start(pipeline.env)
-        extra: list[Worker] = []
+        extra: list[ExtraWorker] = []
         stack.callback(lambda: [w.stop() for w in extra])
         edge = start_edge(pipeline, servers)
         stack.callback(edge.edge.down)
@@ -170,6 +137,7 @@ class Sale:
     hit: Hit | None = None
     answered_at_fault: int = 0
     facts: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    alias: dict[str, str] = field(default_factory=dict)  # person -> pseudonym in the log
 
 
 def plan_sale(prequeue: bool = False, people: int = PEOPLE) -> Sale:
@@ -236,6 +204,9 @@ def run_sale(
             sale.answered_at_fault = result.answered
             injector.start()
 
+    sale.alias = KeyStore(system.endpoints.dsn, system.settings.namespace).pseudonyms(
+        p.user_id for p in sale.plan
+    )
     payer = Payer(system, sale)
     payer.start()
     try:
@@ -271,6 +242,7 @@ class Payer(threading.Thread):
         self.paid: set[str] = set()
         self.facts: list[tuple[str, dict[str, Any]]] = []
         self.failures: Counter[str] = Counter()
+        self.people = {a: u for u, a in sale.alias.items()}  # the log names pseudonyms
 
     def run(self) -> None:
         with httpx.Client(timeout=10) as client:
@@ -283,14 +255,16 @@ class Payer(threading.Thread):
                     if (
                         name == "IntentAccepted"
                         and rec["order_id"] not in self.paid
-                        and (rec["user_id"].startswith("idle") or self._pay(client, rec))
+                        and (
+                            self.people[rec["user_id"]].startswith("idle") or self._pay(client, rec)
+                        )
                     ):
                         self.paid.add(rec["order_id"])
                 time.sleep(0.5)
 
     def _pay(self, client: httpx.Client, rec: dict[str, Any]) -> bool:
         url = f"{self.system.edge.url}/v1/orders/{rec['order_id']}/pay"
-        headers = {"Authorization": "Bearer " + self.sale.tokens[rec["user_id"]],
+        headers = {"Authorization": "Bearer " + self.sale.tokens[self.people[rec["user_id"]]],
                    "Idempotency-Key": "fx-pay"}  # fmt: skip
         try:
             reply = client.post(url, headers=headers)

@@ -14,6 +14,7 @@ import pytest
 
 from flashsale.settings import Settings
 from infra import processes
+from infra.services import ExtraWorker
 from infra.stack import Endpoints
 from processors.app import default_datadir
 from tests.conftest import local_only
@@ -22,7 +23,6 @@ from tests.faults.harness import (
     Hit,
     Sale,
     System,
-    Worker,
     now_ms,
     open_sale,
     plan_sale,
@@ -126,9 +126,9 @@ def test_a_worker_joins_and_the_first_leaves_mid_sale(
 
         def rebalance(system: System, sale: Sale) -> Hit:
             hit = Hit(now_ms())
-            second = Worker(system.env, system.settings, 1)
+            second = ExtraWorker("processor", system.settings, 1)
             system.extra.append(second)
-            second.start()
+            second.start(system.env)
             log = system.settings.state_dir / "run" / system.settings.namespace / "w1.log"
 
             def loaded() -> bool:

@@ -341,8 +341,17 @@ def _app(tmp_path: Path, lean: bool, sales: FakeSales, log: FakeLog) -> TestClie
         limiter=RateLimiter(1000, 1000), metrics=EdgeMetrics(), intake=svc,
         readers=RateLimiter(1000, 1000), sale_views=SaleViews(sales, clock=lambda: NOW),  # type: ignore[arg-type]
         intent_views=IntentViews(sales, svc.receipts), sales=None,  # type: ignore[arg-type]
+        pseudonyms=SamePseudonyms(),  # type: ignore[arg-type]
     )  # fmt: skip
     return TestClient(LeanEdge(app))
+
+
+class SamePseudonyms:
+    """Every user is their own pseudonym (both routes must answer alike; PostgreSQL's
+    keys are exercised in tests/e2e/test_edge_privacy.py)."""
+
+    async def of(self, user_id: str) -> str:
+        return user_id
 
 
 def _auth(user: str = "u", role: str = "shopper") -> dict[str, str]:
