@@ -31,14 +31,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=1_000_000,
         help="decided intents in state before the restart measurement",
     )
+    p.add_argument(
+        "--failover-intents",
+        type=int,
+        default=200_000,
+        help="intents decided by two workers before one is killed (failover)",
+    )
     p.add_argument("--seconds", type=int, default=10, help="length of the latency run")
-    p.add_argument("--only", choices=["all", "core", "http", "compare"], default="all")
+    p.add_argument("--only", default="all",
+                   choices=["all", "core", "failover", "http", "compare"])  # fmt: skip
     p.add_argument("--compare", action="store_const", dest="only", const="compare",
                    help="only the comparison with PostgreSQL and Redis")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the bench runs")
     p.add_argument("--out", help="the JSON of the part run alone (core by default; with "
                    "--compare, the comparison; charts next to it)")  # fmt: skip
     p.add_argument("--core-out", default="bench-results/core.json")
+    p.add_argument("--failover-out", default="bench-results/failover.json")
     p.add_argument("--http-out", default="bench-results/http.json")
     p.add_argument("--compare-out", default="bench-results/compare.json")
     p.set_defaults(run=run)
@@ -48,14 +56,22 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run every scenario and report; stop the servers if this command started them."""
     if args.smoke:
         args.intents, args.restart_intents, args.seconds = 2_000, 5_000, 2
+        args.failover_intents = 2_000
     if args.out:  # the part run alone writes where --out says
-        part = {"core": "core_out", "http": "http_out", "compare": "compare_out"}
+        part = {
+            "core": "core_out",
+            "http": "http_out",
+            "compare": "compare_out",
+            "failover": "failover_out",
+        }
         setattr(args, part.get(args.only, "core_out"), args.out)
     stack = Stack(settings)
     started = stack.up()
     try:
         if args.only in ("all", "core"):
             core(args, settings, stack)
+        if args.only in ("all", "failover"):
+            failover(args, settings, stack)
         if args.only in ("all", "http"):
             http(args, settings)
         if args.only in ("all", "compare") and not compare(args, settings, stack):
@@ -202,6 +218,21 @@ def core(args: argparse.Namespace, settings: Settings, stack: Stack) -> None:
     results["restart"] = wb.restart(settings, broker, args.restart_intents)
     _show(f"restart with {args.restart_intents} decided intents in state", results["restart"])
     out = Path(args.core_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"written to {out}")
+
+
+def failover(args: argparse.Namespace, settings: Settings, stack: Stack) -> None:
+    """Two workers, one SIGKILLed: takeover without and with standby replicas."""
+    from flashsale import failover_bench
+
+    settings = dataclasses.replace(settings, kafka_bootstrap=stack.endpoints().bootstrap)
+    broker = stack.kafka.pid() if settings.infra_mode == "local" else None
+    results = failover_bench.failover(settings, broker, args.failover_intents)
+    for variant, figures in results.items():
+        _show(f"failover of {args.failover_intents} decided intents, {variant}", figures)
+    out = Path(args.failover_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"written to {out}")

@@ -286,6 +286,25 @@ class GatedTransactionManager(TransactionManager):
             runtime.after_commit(offsets)
         return True
 
+    async def on_rebalance(self, assigned: Any, revoked: Any, newly_assigned: Any) -> None:
+        """Faust's, after stopping every transactional producer whose partition is not
+        active now.
+
+        With standby replicas Faust marks the input topic's partitions as standbys too
+        (``client_assignment.add_copartitioned_assignment``), and ``_tps_to_active_tpgs``
+        drops standbys: a partition revoked to become a standby kept its producer. The new
+        owner's InitProducerId fenced that producer; when the partition came back, Faust's
+        ``begin_transaction`` found and reused it, and the first commit failed as fenced
+        (a crash and a restart on every failover). Stopped here, a partition that comes back
+        gets a new producer, whose InitProducerId fences any previous owner, as without
+        standbys. The revoke phase committed these partitions' offsets before this runs."""
+        producer: Any = self.producer
+        active = self._tps_to_transactional_ids(assigned)
+        for tid in sorted(set(producer._transaction_producers) - active):
+            log.info("txn.producer_dropped", transactional_id=tid)
+            await producer.stop_transaction(tid)
+        await super().on_rebalance(assigned, revoked, newly_assigned)
+
     async def _commit_one(self, tid: str, offsets: dict[TP, int], begin_next: bool) -> None:
         producer: Any = self.producer
         txn = producer._transaction_producers.get(tid)

@@ -156,6 +156,48 @@ def test_a_worker_joins_and_the_first_leaves_mid_sale(
         assert alone, "nothing was decided after the first worker left"
 
 
+def test_with_standby_replicas_a_worker_joins_dies_and_its_partitions_come_back(
+    settings: Settings, endpoints: Endpoints
+) -> None:
+    """Standby replicas on (``FLASHSALE_STANDBY_REPLICAS=1``): a second worker joins (the
+    first keeps a warm copy of the partitions it gave away), then is SIGKILLed; its
+    partitions come back to the first, which decides them without a crash. (Faust kept the
+    first worker's producers of those partitions through the standby spell; the second
+    fenced them, and the first, reusing them, crashed on its first commit.)"""
+    local_only(settings)
+    with whole_system(settings, endpoints, {"FLASHSALE_STANDBY_REPLICAS": "1"}) as system:
+        sale = plan_sale()
+        open_sale(system, sale)
+
+        def join_then_die(system: System, sale: Sale) -> Hit:
+            hit = Hit(now_ms())
+            second = ExtraWorker("processor", system.settings, 1)
+            system.extra.append(second)
+            second.start(system.env)
+
+            def loaded() -> bool:
+                return '"state.loaded"' in second.logfile.read_text()
+
+            assert processes.wait_until(loaded, 60), "the second worker was given no partition"
+            time.sleep(2)  # both decide for a while; the first follows the second's changelog
+            pid = second.pid()
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            hit.detail = {"killed": pid}
+            hit.ended_ms = now_ms()
+            return hit
+
+        run_sale(system, sale, join_then_die, 0.2, pace_s=0.05)
+        verify(system, sale, "standby replicas: a worker joins and is killed")
+        assert sale.hit is not None
+        assert system.log_events("processor", "processor.crashed") == []
+        dropped = system.log_events("processor", "txn.producer_dropped")
+        assert dropped, "the first worker gave no partition away: the standby path was not taken"
+        back = [t for _, r, t in answer_times(system) if r.get("sale_id") == sale.sale_id
+                and t > sale.hit.ended_ms]  # fmt: skip
+        assert back, "nothing was decided after the second worker died"
+
+
 def test_a_worker_paused_past_its_timeouts_is_fenced_and_replaced(
     settings: Settings, endpoints: Endpoints
 ) -> None:
