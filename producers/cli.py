@@ -192,7 +192,12 @@ async def open_sale(
 
 
 def run_intent(args: argparse.Namespace, settings: Settings) -> int:
-    """Post one intent."""
+    """Post one intent, under the user's pseudonym (``flashsale.pseudonyms``), as the edge
+    writes it."""
+    from flashsale.pseudonyms import KeyStore
+    from infra.stack import Stack
+
+    alias = KeyStore(Stack(settings).endpoints().dsn, settings.namespace).pseudonyms([args.user])
     producer = _producer(settings, "flashsale-cli")
-    print(producer.post_intent(args.sale, args.sku, args.user, args.quantity, args.key))
+    print(producer.post_intent(args.sale, args.sku, alias[args.user], args.quantity, args.key))
     return 0
