@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--seconds", type=int, default=10, help="length of the latency run")
     p.add_argument("--only", default="all",
-                   choices=["all", "core", "failover", "http", "compare"])  # fmt: skip
+                   choices=["all", "core", "failover", "http", "autoscale", "compare"])  # fmt: skip
     p.add_argument("--compare", action="store_const", dest="only", const="compare",
                    help="only the comparison with PostgreSQL and Redis")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the bench runs")
@@ -47,6 +47,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "--compare, the comparison; charts next to it)")  # fmt: skip
     p.add_argument("--core-out", default="bench-results/core.json")
     p.add_argument("--failover-out", default="bench-results/failover.json")
+    p.add_argument("--autoscale-out", default="bench-results/autoscale.json")
     p.add_argument("--http-out", default="bench-results/http.json")
     p.add_argument("--compare-out", default="bench-results/compare.json")
     p.set_defaults(run=run)
@@ -63,6 +64,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             "http": "http_out",
             "compare": "compare_out",
             "failover": "failover_out",
+            "autoscale": "autoscale_out",
         }
         setattr(args, part.get(args.only, "core_out"), args.out)
     stack = Stack(settings)
@@ -74,6 +76,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             failover(args, settings, stack)
         if args.only in ("all", "http"):
             http(args, settings)
+        if args.only in ("all", "autoscale"):
+            autoscaled(args, settings)
         if args.only in ("all", "compare") and not compare(args, settings, stack):
             return 1  # a system failed: its error is in the table and the JSON
     finally:
@@ -119,6 +123,32 @@ def http(args: argparse.Namespace, settings: Settings) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(figures, indent=2))
     print(f"written to {out}")
+
+
+def autoscaled(args: argparse.Namespace, settings: Settings) -> None:
+    """One burst: one app server fixed, autoscaled from one, three fixed (side by side)."""
+    from flashsale import autoscale_bench
+    from producers.http.auth import load_secret
+    from producers.http.config import EdgeSettings
+
+    before = os.environ.get("FLASHSALE_HTTP_SERVERS")
+    os.environ["FLASHSALE_HTTP_SERVERS"] = "1"  # the edge starts with one; the runs add more
+    try:
+        with _edge_stack(settings) as (edge, _):
+            secret = load_secret(settings.state_dir, EdgeSettings.from_env().jwt_secret).secret
+            out = Path(args.autoscale_out)
+            figures = autoscale_bench.run(settings, edge.url, secret, out)
+    finally:
+        if before is None:
+            os.environ.pop("FLASHSALE_HTTP_SERVERS", None)
+        else:
+            os.environ["FLASHSALE_HTTP_SERVERS"] = before
+    for name in autoscale_bench.NAMES:
+        _show(
+            f"a burst of {autoscale_bench.BURST}/s, {name}",
+            {k: v for k, v in figures[name].items() if k not in ("series", "samples")},
+        )
+    print(f"written to {out} and {out.with_suffix('.png')}")
 
 
 def compare(args: argparse.Namespace, settings: Settings, stack: Stack) -> bool:

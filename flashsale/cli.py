@@ -13,8 +13,8 @@ from flashsale.settings import SettingError, Settings
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser with every command group registered."""
     from flashsale import bench, demo, pseudonyms, replay, report, sale_audit, soak, top, trace
+    from infra import autoscale, supervise_command
     from infra import commands as infra_commands
-    from infra import supervise_command
     from processors import commands as processor_commands
     from producers import cli as producer_commands
     from producers import clock, load, payments
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.register(sub)
     trace.register(sub)
     soak.register(sub)
+    autoscale.register(sub)
     return parser
 
 

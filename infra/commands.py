@@ -12,7 +12,7 @@ from flashsale.settings import Settings
 from flashsale.topics import catalogue
 from infra import migrate, provision
 from infra.edge import Edge
-from infra.services import SupervisorProcess, all_services
+from infra.services import SupervisorProcess, all_services, extra_workers
 from infra.stack import Stack
 
 
@@ -69,6 +69,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{'supervise':9} {'stopped' if was else 'not running'}")
         for service in reversed(all_services(settings)):  # leftovers started without it
             print(f"{service.name:9} {'stopped' if service.stop() else 'not running'}")
+        for worker in extra_workers(settings):  # added by hand or by the autoscaler
+            word = "stopped" if worker.stop() else "not running"
+            print(f"{'w' + str(worker.worker_id):9} {word}")
         stopped = stack.down(wipe=args.wipe)
         for name, was in stopped.items():
             print(f"{name:9} {'stopped' if was else 'not running'}")

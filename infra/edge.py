@@ -145,9 +145,16 @@ class Edge:
         return started
 
     def down(self) -> dict[str, bool]:
-        """Stop nginx, then the app servers."""
+        """Stop nginx, then the app servers: ours and any other of the namespace still
+        running (one the autoscaler added, if it was killed before it could stop it)."""
         stopped = {"nginx": self.nginx.stop()}
         stopped.update({f"app-{s.port}": s.stop() for s in self.servers})
+        ours = {s.port for s in self.servers}
+        run = self.servers[0].run_dir if self.servers else None
+        for pidfile in sorted(run.glob("app-*.pid")) if run else ():
+            port = int(pidfile.stem.removeprefix("app-"))
+            if port not in ours:
+                stopped[f"app-{port}"] = AppServer(self.settings, port).stop()
         return stopped
 
     def status(self) -> dict[str, Any]:

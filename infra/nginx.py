@@ -9,8 +9,10 @@ start there with a fresh bucket.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +123,9 @@ def render_config(
 load_module {module};
 daemon off;
 worker_processes 1;
+# After a reload (the autoscaler's), old workers close the event streams they still hold
+# within 10 s; the clients resume with Last-Event-ID on a server still upstream.
+worker_shutdown_timeout 10s;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 
@@ -319,6 +324,18 @@ class LocalNginx:
             tail = processes.log_tail(self.home / "error.log")
             raise InfraError(f"nginx exited at start:\n{tail}\n{processes.log_tail(self.logfile)}")
         return True
+
+    def reload(self, upstreams: Sequence[int]) -> LocalNginx:
+        """The same nginx over ``upstreams``: the config rewritten and checked, then SIGHUP
+        (new workers take new connections; the old ones finish the requests they hold, and
+        close streams within ``worker_shutdown_timeout``). Returns the new description."""
+        pid = self.pid()
+        if pid is None:
+            raise InfraError("nginx is not running: nothing to reload")
+        new = dataclasses.replace(self, upstreams=tuple(upstreams))
+        new.write_config()
+        os.kill(pid, signal.SIGHUP)
+        return new
 
     def stop(self) -> bool:
         """Stop (SIGTERM = fast shutdown, then SIGKILL). True if it was running."""

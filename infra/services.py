@@ -104,6 +104,12 @@ class ExtraWorker(Service):
                               "FLASHSALE_PROCESSOR_DATADIR": str(self.datadir)})  # fmt: skip
 
 
+def extra_workers(settings: Settings) -> list[ExtraWorker]:
+    """The namespace's further writer workers that have a pid file (running or not)."""
+    ids = sorted(int(p.stem[1:]) for p in run_dir(settings).glob("w*.pid") if p.stem[1:].isdigit())
+    return [ExtraWorker("processor", settings, i) for i in ids]
+
+
 def all_services(settings: Settings) -> list[Service]:
     """Every service of the stack, in start order."""
     return [Service(name, settings) for name in SERVICES]

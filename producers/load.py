@@ -68,6 +68,8 @@ class Tally:
     latencies: list[float] = dataclasses.field(default_factory=list)
     lags: list[float] = dataclasses.field(default_factory=list)  # sends behind schedule (s)
     scheduled_ms: dict[str, float] = dataclasses.field(default_factory=dict)  # intent -> wall
+    # (scheduled s from the start, outcome, latency s) per answer, when asked for (a timeline)
+    timeline: list[tuple[float, str, float]] | None = None
 
     @property
     def answered(self) -> int:
@@ -129,6 +131,10 @@ async def http_run(url: str, path: str, tokens: list[str], plan: Plan, tally: Ta
             tally.outcomes["timeout"] += 1
             return
         tally.outcomes[str(answer.status)] += 1
+        if tally.timeline is not None:
+            tally.timeline.append(
+                (scheduled - start, str(answer.status), time.perf_counter() - scheduled)
+            )
         if answer.status == 202:
             tally.latencies.append(time.perf_counter() - scheduled)
             intent = json.loads(answer.body)["intent_id"]

@@ -7,7 +7,8 @@ vendored uPlot); the page polls ``GET /live/sales/{sale_id}/data``:
   (``projections.analytics_series``): intents received and decided per second, accepted and
   rejected, decision latency p50/p99, stock remaining per SKU, queue length; and totals;
 * ``services``: every process of the namespace from its ``/metrics`` (CPU, work per second,
-  consumer lag per service), scraped by this app server at most once a second.
+  consumer lag per service), scraped by this app server at most once a second;
+* ``autoscale``: the autoscaler's latest sample and its last decisions (``infra.autoscale``).
 
 Like ``/metrics`` it is served on each app server's own port, never through nginx.
 """
@@ -24,6 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from flashsale.scrape import WORK, Scrape, rate, scrape, targets
 from flashsale.settings import Settings
+from infra import autoscale
 from producers.http.context import Ctx
 from producers.http.errors import ApiError
 from projections.analytics_series import read_series_async
@@ -104,8 +106,9 @@ async def data(sale_id: str, ctx: Ctx, request: Request) -> JSONResponse:
     scraper: ServiceScraper = request.app.state.live_scraper
     cache: SeriesCache = request.app.state.live_series
     found, services = await asyncio.gather(cache.get(ctx, sale_id), scraper.view())
-    return JSONResponse({"series": found, "services": services, "at": time.time()},
-                        headers={"Cache-Control": "no-store"})  # fmt: skip
+    scaling = autoscale.recent(scraper.settings)  # two small files, while it runs
+    return JSONResponse({"series": found, "services": services, "autoscale": scaling,
+                         "at": time.time()}, headers={"Cache-Control": "no-store"})  # fmt: skip
 
 
 @router.get("/static/{name}")
