@@ -81,7 +81,11 @@ def _variant(settings: Settings, broker_pid: int | None, n: int, standby: int) -
         had = reader.count
         killed = time.time()
         t0 = time.monotonic()
-        os.kill(second.pid() or 0, signal.SIGKILL)
+        victim = second.pid()
+        if victim is None:  # never kill(0): that is this process's own group
+            raise RuntimeError("worker 1 exited before the kill; its log:\n"
+                               + processes.log_tail(second.logfile))  # fmt: skip
+        os.kill(victim, signal.SIGKILL)
         ns.intents(len(SKUS), SKUS, 1, prefix="after-")
         reader.wait(had + len(SKUS), 600)
         took = time.monotonic() - t0

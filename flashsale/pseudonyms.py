@@ -12,8 +12,10 @@ records stay in the log untouched, but nobody, us included, can tie them to the 
 again. If the same person comes back later, they get a new key and a new pseudonym.
 
 App servers cache a user's pseudonym for ``CACHE_S``: an erasure reaches every server
-within that time. While PostgreSQL is unreachable, a cached pseudonym is still used (its
-user keeps buying); a user whose key cannot be read or made is answered 503.
+within that time. While PostgreSQL is unreachable, a pseudonym fetched less than ``STALE_S``
+ago is still used (its user keeps buying; the key is asked for again every ``RETRY_S``); a
+user whose key cannot be read or made is answered 503. Pseudonyms past ``STALE_S`` are swept
+from memory.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import hmac
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import psycopg
@@ -36,6 +38,8 @@ PREFIX = "p-"
 PATTERN = re.compile(r"^p-[0-9a-f]{32}$")
 KEY_BYTES = 32
 CACHE_S = 60.0
+STALE_S = 300.0  # PostgreSQL away: a cached pseudonym serves this long after its fetch
+RETRY_S = 5.0  # ... asked for again at most this often meanwhile
 
 MAX_BATCH = 500
 
@@ -115,20 +119,29 @@ class Pseudonyms:
     to PostgreSQL as one batch, two statements for up to ``MAX_BATCH`` users, instead of a
     round trip each; a user asked for twice meanwhile shares the one lookup."""
 
-    def __init__(self, pool: Any, namespace: str, cache_s: float = CACHE_S,
-                 capacity: int = 200_000) -> None:  # fmt: skip
+    def __init__(
+        self,
+        pool: Any,
+        namespace: str,
+        cache_s: float = CACHE_S,
+        capacity: int = 200_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.pool = pool
+        self._clock = clock
         self.namespace = namespace
         self.cache_s = cache_s
         self.capacity = capacity
-        self._cache: dict[str, tuple[str, float]] = {}  # user -> (pseudonym, cached at)
+        # user -> (pseudonym, fresh until, usable while PostgreSQL is away until); monotonic
+        self._cache: dict[str, tuple[str, float, float]] = {}
         self._pending: dict[str, asyncio.Future[str]] = {}
         self._queue: list[str] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._swept = clock()
 
     async def of(self, user_id: str) -> str:
         hit = self._cache.get(user_id)
-        if hit is not None and time.monotonic() - hit[1] < self.cache_s:
+        if hit is not None and self._clock() < hit[1]:
             return hit[0]
         pending = self._pending.get(user_id)
         if pending is None:
@@ -152,12 +165,11 @@ class Pseudonyms:
                     if not isinstance(exc, Exception):
                         raise
                     continue
-                now = time.monotonic()
-                if len(self._cache) + len(batch) > self.capacity:
-                    self._cache.clear()
+                now = self._clock()
+                self._sweep(now, len(batch))
                 for user in batch:
                     alias = pseudonym(keys[user], user)
-                    self._cache[user] = (alias, now)
+                    self._cache[user] = (alias, now + self.cache_s, now + STALE_S)
                     self._pending.pop(user).set_result(alias)
         finally:
             self._flusher = None
@@ -176,14 +188,28 @@ class Pseudonyms:
         raise psycopg.OperationalError("a user's key could not be made; ask again")
 
     def _failed(self, batch: list[str], exc: Exception) -> None:
-        """PostgreSQL away: a user with a stale pseudonym keeps it; the others get the error."""
+        """PostgreSQL away: a user whose pseudonym was fetched less than ``STALE_S`` ago keeps
+        it (asked for again in ``RETRY_S``, not on every request); the others get the error."""
+        now = self._clock()
         for user in batch:
             waiter = self._pending.pop(user)
             stale = self._cache.get(user)
-            if stale is not None:
+            if stale is not None and now < stale[2]:
+                self._cache[user] = (stale[0], now + RETRY_S, stale[2])
                 waiter.set_result(stale[0])
             else:
+                self._cache.pop(user, None)
                 waiter.set_exception(exc)
+
+    def _sweep(self, now: float, room: int) -> None:
+        """Forget pseudonyms past their stale time (an erased user's goes from memory too),
+        once a minute; start again empty when full."""
+        if now - self._swept >= self.cache_s:
+            self._swept = now
+            for user in [u for u, v in self._cache.items() if v[2] <= now]:
+                del self._cache[user]
+        if len(self._cache) + room > self.capacity:
+            self._cache.clear()
 
 
 def _retrieved(future: asyncio.Future[str]) -> None:

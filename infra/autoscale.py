@@ -69,6 +69,13 @@ class HostCpu:
         return max(0.0, (idle1 - idle0) / (t1 - t0)) if t1 > t0 else 0.0
 
 
+def complete(now: list[Scrape], before: dict[str, Scrape]) -> bool:
+    """Whether every process answered both scrapes: a missing figure is not a zero (a
+    saturated host answers ``/metrics`` slowly, and must not look idle)."""
+    return all(s.error is None and s.key in before and before[s.key].error is None
+               for s in now)  # fmt: skip
+
+
 def measure(now: list[Scrape], before: dict[str, Scrape], at: float, servers: int,
             workers: int, host_idle: float = 0.0) -> Sample:  # fmt: skip
     """A sample from two scrapes of the fleet (rates between them)."""
@@ -102,13 +109,22 @@ class Fleet:
         self.edge = edge or Edge(settings)
         if self.edge.nginx.pid() is None:
             raise InfraError("nginx is not running: start the edge first (make up)")
-        self.servers = [s for s in self.edge.servers if s.pid() is not None]
+        self.servers = self._running_servers()
         if not self.servers:
             raise InfraError("no app server is running: start the edge first (make up)")
         self.first = Service("processor", settings)
         self.found_servers = [s.port for s in self.servers]
         self.found_workers = [w.worker_id for w in extra_workers(settings) if w.pid()]
         self.nginx = self.edge.nginx.reload(self.found_servers)  # upstream = what runs
+
+    def _running_servers(self) -> list[AppServer]:
+        """Every app server of the edge's run directory that runs: the configured ones and
+        any added since (by an earlier autoscaler, or by hand)."""
+        run = AppServer(self.edge.settings, 0).run_dir
+        ports = sorted(int(p.stem.removeprefix("app-")) for p in run.glob("app-*.pid"))
+        known = {s.port: s for s in self.edge.servers}
+        found = [known.get(p) or AppServer(self.edge.settings, p, self.env) for p in ports]
+        return [s for s in found if s.pid() is not None]
 
     def workers(self) -> list[ExtraWorker]:
         return [w for w in extra_workers(self.settings) if w.pid() is not None]
@@ -135,7 +151,11 @@ class Fleet:
         while not processes.port_is_free(port):
             port += 1
         server = AppServer(self.edge.settings, port, self.env)
-        server.start()  # until /healthz answers
+        try:
+            server.start()  # until /healthz answers
+        except BaseException:
+            server.stop()  # not left running untracked
+            raise
         self.servers.append(server)
         self.nginx = self.nginx.reload([s.port for s in self.servers])
 
@@ -167,9 +187,13 @@ class Fleet:
             time.sleep(DRAIN_S)
             server.stop()
             self.servers.remove(server)
+        running = {w.worker_id for w in self.workers()}
         for worker in self.workers():
             if worker.worker_id not in self.found_workers:
                 worker.stop()
+        for worker_id in self.found_workers:  # one it stopped (above the maximum)
+            if worker_id not in running:
+                ExtraWorker("processor", self.settings, worker_id).start(self.env)
 
 
 def run(
@@ -193,12 +217,13 @@ def run(
              policy=asdict(policy))  # fmt: skip
     try:
         while not stop.wait(interval_s):
+            fleet.servers = [s for s in fleet.servers if s.pid() is not None]  # one exited
             scraped = [scrape(t, timeout=0.5) for t in fleet.targets()]
             sample = measure(scraped, before, time.monotonic(), len(fleet.servers),
                              fleet.worker_count(), host.idle_cores())  # fmt: skip
-            fresh = not before
+            known = complete(scraped, before)  # the first sample has no rates yet
             before = {s.key: s for s in scraped}
-            decisions = [] if fresh else scaler.decide(sample)
+            decisions = scaler.decide(sample) if known else []
             _write_now(now_file, sample)
             for d in decisions:
                 row = _act(fleet, scaler, d, sample)

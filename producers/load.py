@@ -117,6 +117,11 @@ async def http_run(url: str, path: str, tokens: list[str], plan: Plan, tally: Ta
     run = uuid.uuid4().hex[:10]
     bodies = {s: json.dumps({"sku": s, "quantity": 1}).encode() for s in set(plan.skus)}
 
+    def answered(outcome: str, scheduled: float) -> None:
+        tally.outcomes[outcome] += 1
+        if tally.timeline is not None:
+            tally.timeline.append((scheduled - start, outcome, time.perf_counter() - scheduled))
+
     async def one(i: int, scheduled: float) -> None:
         headers = {"Authorization": "Bearer " + tokens[plan.users[i]],
                    "Idempotency-Key": f"{run}-{i}", "Content-Type": "application/json"}  # fmt: skip
@@ -125,16 +130,9 @@ async def http_run(url: str, path: str, tokens: list[str], plan: Plan, tally: Ta
                 client.request("POST", path, headers, bodies[plan.skus[i]]), timeout_s
             )
         except (OSError, asyncio.IncompleteReadError) as exc:  # after the client's one retry
-            tally.outcomes[type(exc).__name__] += 1
+            answered(type(exc).__name__, scheduled)  # (a timeout too: TimeoutError is an OSError)
             return
-        except TimeoutError:
-            tally.outcomes["timeout"] += 1
-            return
-        tally.outcomes[str(answer.status)] += 1
-        if tally.timeline is not None:
-            tally.timeline.append(
-                (scheduled - start, str(answer.status), time.perf_counter() - scheduled)
-            )
+        answered(str(answer.status), scheduled)
         if answer.status == 202:
             tally.latencies.append(time.perf_counter() - scheduled)
             intent = json.loads(answer.body)["intent_id"]

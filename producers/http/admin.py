@@ -75,7 +75,7 @@ async def open_sale(
             skus,
             starts_ms,
             ends_ms,
-            who.user_id,
+            await ctx.pseudonyms.of(who.user_id),  # an operator is a person too
             prequeue_opens_at_ms=prequeue_ms,
             holds=holds,
         )

@@ -213,7 +213,7 @@ def _verified(authorization: str | None, ring: Keyring) -> tuple[Principal, int]
         raise Unauthenticated("token signed with an unknown or retired key")
     claims = _decode(raw.strip(), secrets_)
     sub, role = claims.get("sub"), claims.get("role")
-    if not isinstance(sub, str) or not sub or role not in ROLES:
+    if not isinstance(sub, str) or not sub or "\x00" in sub or role not in ROLES:
         raise Unauthenticated("token has no valid sub/role")
     return Principal(sub, str(role)), int(claims["exp"])
 

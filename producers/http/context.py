@@ -58,22 +58,20 @@ _bearer = HTTPBearer(auto_error=False, description="HS256 JWT from `flashsale to
 async def caller(
     request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Principal:
-    """The authenticated caller under their pseudonym (``flashsale.pseudonyms``: nothing
-    past this point sees the token's sub); 401 with WWW-Authenticate otherwise."""
-    ctx: EdgeContext = request.app.state.edge
+    """The authenticated caller, as the token says; 401 with WWW-Authenticate otherwise."""
     try:
-        who = ctx.tokens.verify(request.headers.get("authorization"))
+        return request.app.state.edge.tokens.verify(request.headers.get("authorization"))
     except Unauthenticated as exc:
         raise unauthenticated(str(exc)) from None
-    return Principal(await ctx.pseudonyms.of(who.user_id), who.role)
 
 
-async def shopper(who: Annotated[Principal, Depends(caller)]) -> Principal:
-    """The caller if they hold the shopper role; 403 otherwise (roles are separate: an admin
-    token runs sales, it does not buy or follow intents)."""
+async def shopper(request: Request, who: Annotated[Principal, Depends(caller)]) -> Principal:
+    """The caller if they hold the shopper role, under their pseudonym
+    (``flashsale.pseudonyms``: nothing past this point sees the token's sub); 403 otherwise
+    (roles are separate: an admin token runs sales, it does not buy or follow intents)."""
     if who.role != "shopper":
         raise ApiError(403, "forbidden", "this needs the shopper role")
-    return who
+    return Principal(await request.app.state.edge.pseudonyms.of(who.user_id), who.role)
 
 
 async def rate_limited_shopper(

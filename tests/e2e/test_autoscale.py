@@ -31,6 +31,7 @@ def test_a_server_is_added_and_removed_behind_nginx_without_dropping_a_request(
             under.open_sale(client, sale, [{"sku": "k1", **terms}])
         statuses: Counter[str] = Counter()
         served: Counter[str] = Counter()
+        resent: list[str] = []  # an idle keep-alive connection an old nginx worker closed
         posting = threading.Event()
         posting.set()
 
@@ -45,9 +46,14 @@ def test_a_server_is_added_and_removed_behind_nginx_without_dropping_a_request(
                                "Idempotency-Key": f"{uid}-{n}"}  # fmt: skip
                     try:
                         resp = client.post(url, json={"sku": "k1", "quantity": 1}, headers=headers)
-                    except httpx.HTTPError as exc:
-                        statuses[type(exc).__name__] += 1
-                        continue
+                    except httpx.TransportError as exc:  # sent again once, with the same key
+                        resent.append(type(exc).__name__)
+                        try:
+                            resp = client.post(url, json={"sku": "k1", "quantity": 1},
+                                               headers=headers)  # fmt: skip
+                        except httpx.HTTPError as again:
+                            statuses[type(again).__name__] += 1
+                            continue
                     statuses[str(resp.status_code)] += 1
                     served[resp.headers.get("x-served-by", "?")] += 1
 
@@ -78,6 +84,7 @@ def test_a_server_is_added_and_removed_behind_nginx_without_dropping_a_request(
     finally:
         edge.down()
     assert set(statuses) == {"202"} and statuses["202"] > 50, statuses
+    assert len(resent) <= 3, resent  # one per reload at most: the connection, not the request
     assert 2 in sizes
     conf = edge.nginx.conf.read_text()
     assert conf.count("server 127.0.0.1:") == 1  # the upstream as it was found

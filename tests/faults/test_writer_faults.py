@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -191,8 +192,13 @@ def test_with_standby_replicas_a_worker_joins_dies_and_its_partitions_come_back(
         verify(system, sale, "standby replicas: a worker joins and is killed")
         assert sale.hit is not None
         assert system.log_events("processor", "processor.crashed") == []
-        dropped = system.log_events("processor", "txn.producer_dropped")
-        assert dropped, "the first worker gave no partition away: the standby path was not taken"
+        # The path that crashed: a partition the first worker gave away (its producer dropped)
+        # came back to it after the kill, and it decided there again.
+        given = {int(e["transactional_id"].rsplit("-", 1)[1])
+                 for e in system.log_events("processor", "txn.producer_dropped")}  # fmt: skip
+        back_again = {e["partition"] for e in system.log_events("processor", "state.loaded")
+                      if _stamp_ms(e) > sale.hit.ended_ms}  # fmt: skip
+        assert given & back_again, (given, back_again)
         back = [t for _, r, t in answer_times(system) if r.get("sale_id") == sale.sale_id
                 and t > sale.hit.ended_ms]  # fmt: skip
         assert back, "nothing was decided after the second worker died"
@@ -277,3 +283,8 @@ def _stopped(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
+def _stamp_ms(event: dict) -> int:
+    """A JSON log line's time (structlog's ISO timestamp) in ms since the epoch."""
+    return int(datetime.fromisoformat(event["timestamp"]).timestamp() * 1000)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from flashsale.scrape import Scrape
+from infra.autoscale import complete, measure
 from infra.autoscale_policy import Autoscaler, Bounds, Policy, Sample
 
 POLICY = Policy(servers=Bounds(1, 3), workers=Bounds(1, 2), sustain=3, cooldown_s=10)
@@ -97,3 +99,27 @@ def test_a_policy_without_hysteresis_is_refused():
         Policy(cpu_low=0.8, cpu_high=0.7)
     with pytest.raises(ValueError, match="min <= max"):
         Bounds(3, 2)
+
+
+def _scrape(kind: str, pid: int, at: float, cpu: float, requests: float, lag: float = 0,
+            error: str | None = None) -> Scrape:  # fmt: skip
+    s = Scrape(f"{kind}:{pid}", kind, pid, "http://x/metrics", at=at, error=error)
+    s.samples = {("process_cpu_seconds_total", ()): cpu,
+                 ("flashsale_http_requests_total", (("route", "r"),)): requests,
+                 ("flashsale_consumer_lag", (("partition", "0"),)): lag}  # fmt: skip
+    return s
+
+
+def test_a_sample_is_measured_from_two_scrapes_and_a_missing_one_is_not_a_zero():
+    before = [_scrape("app", 1, 10.0, 5.0, 1000), _scrape("app", 2, 10.0, 7.0, 2000),
+              _scrape("processor", 3, 10.0, 1.0, 0, lag=10)]  # fmt: skip
+    now = [_scrape("app", 1, 12.0, 6.0, 2000), _scrape("app", 2, 12.0, 7.4, 2600),
+           _scrape("processor", 3, 12.0, 2.0, 0, lag=7000)]  # fmt: skip
+    was = {s.key: s for s in before}
+    s = measure(now, was, 12.0, 2, 1, 0.9)
+    assert (s.servers, s.workers, s.lag, s.host_idle) == (2, 1, 7000, 0.9)
+    assert s.server_cpu == pytest.approx((0.5 + 0.2) / 2) and s.requests_per_s == 800
+    assert complete(now, was)
+    slow = [*now[:1], _scrape("app", 2, 12.0, 0, 0, error="timed out"), now[2]]
+    assert not complete(slow, was)  # a saturated server answering late: no decision
+    assert not complete([*now, _scrape("app", 4, 12.0, 0, 0)], was)  # new: no rate yet

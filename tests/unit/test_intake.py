@@ -348,7 +348,7 @@ def _app(tmp_path: Path, lean: bool, sales: FakeSales, log: FakeLog) -> TestClie
 
 class SamePseudonyms:
     """Every user is their own pseudonym (both routes must answer alike; PostgreSQL's
-    keys are exercised in tests/e2e/test_edge_privacy.py)."""
+    keys are exercised in tests/e2e/test_edge.py and tests/integration/test_pseudonyms.py)."""
 
     async def of(self, user_id: str) -> str:
         return user_id
