@@ -4,7 +4,9 @@ The same open-loop burst (quiet, a burst, quiet again) goes through nginx to the
 times, each on a sale of its own: with one app server fixed; with the autoscaler running
 (from one server: 1-3 servers, 1-2 writer workers, a sample a second); with the autoscaler
 told to ignore the host's idle cores (``headroom`` 0: what it did before that rule); and
-with three servers fixed. Each run records per second what was offered, answered ``202``
+with three servers fixed. Before each run the host must be idle (the last burst's backlog in
+the writer and the projector worked off), or the runs would measure each other. Each run
+records per second what was offered, answered ``202``
 and its p99, and the autoscaler's samples (servers, workers, app CPU, request rate, writer
 lag, the host's idle cores) and decisions. Written to ``bench-results/autoscale.json`` and
 drawn in ``autoscale.png``. Figures, never asserted: on two cores, more app servers share the
@@ -30,7 +32,18 @@ from producers import load
 NAMES = ("fixed_1_server", "autoscaled", "autoscaled_ignoring_headroom", "fixed_3_servers")
 QUIET, BURST = 100, 3000  # intents/s
 PHASES = ((15.0, QUIET), (40.0, BURST), (30.0, QUIET))  # (seconds, rate)
+SMOKE = ((3.0, QUIET), (5.0, 500), (3.0, QUIET))
 POLICY = Policy(servers=Bounds(1, 3), workers=Bounds(1, 2), sustain=2, cooldown_s=8)
+
+
+def settle(idle_cores: float = 1.5, timeout_s: float = 300.0) -> float:
+    """Wait until the host has ``idle_cores`` idle for 3 s in a row (the writer and the
+    projector have worked off the last burst); the seconds waited."""
+    host, began, calm = autoscale.HostCpu(), time.monotonic(), 0
+    while calm < 3 and time.monotonic() - began < timeout_s:
+        time.sleep(1)
+        calm = calm + 1 if host.idle_cores() >= min(idle_cores, (os.cpu_count() or 2) - 0.5) else 0
+    return round(time.monotonic() - began, 1)
 
 
 def plan_of(phases: tuple[tuple[float, int], ...], users: int) -> load.Plan:
@@ -43,8 +56,9 @@ def plan_of(phases: tuple[tuple[float, int], ...], users: int) -> load.Plan:
     return load.Plan(at, [i % users for i in range(len(at))], ["b1"] * len(at))
 
 
-def _variant(settings: Settings, url: str, sale: str, tokens: list[str], plan: load.Plan,
-             policy: Policy, servers: int) -> dict[str, Any]:  # fmt: skip
+def _variant(settings: Settings, url: str, sale: str, tokens: list[str],
+             phases: tuple[tuple[float, int], ...], policy: Policy,
+             servers: int) -> dict[str, Any]:  # fmt: skip
     """One run of the burst; ``servers`` fixed beforehand (the autoscaler then samples)."""
     fleet = autoscale.Fleet(settings)
     for _ in range(servers - len(fleet.servers)):
@@ -56,17 +70,18 @@ def _variant(settings: Settings, url: str, sale: str, tokens: list[str], plan: l
                                     lambda s, ds: samples.append((s, ds))))  # fmt: skip
     scaler.start()
     time.sleep(2.5)  # two samples before the load: rates from the first one on
+    plan = plan_of(phases, len(tokens))
     tally = load.Tally(timeline=[])
     began = time.monotonic()
     asyncio.run(load.http_run(url, f"/v1/sales/{sale}/intents", tokens, plan, tally))
     stop.set()
     scaler.join(timeout=120)
     fleet.restore()
-    return _figures(plan, tally, samples, began)
+    return _figures(plan, tally, samples, began, phases)
 
 
 def _figures(plan: load.Plan, tally: load.Tally, samples: list[tuple[Sample, list[Decision]]],
-             began: float) -> dict[str, Any]:  # fmt: skip
+             began: float, phases: tuple[tuple[float, int], ...]) -> dict[str, Any]:  # fmt: skip
     offered: dict[int, int] = defaultdict(int)
     for at in plan.at:
         offered[int(at)] += 1
@@ -78,7 +93,7 @@ def _figures(plan: load.Plan, tally: load.Tally, samples: list[tuple[Sample, lis
         else:
             other[int(at)] += 1
     span = int(plan.at[-1]) + 1
-    burst = range(int(PHASES[0][0]), int(PHASES[0][0] + PHASES[1][0]))
+    burst = range(int(phases[0][0]), int(phases[0][0] + phases[1][0]))
     in_burst = sorted(x for s in burst for x in ok[s])
     series: dict[str, list[Any]] = {
         "t": list(range(span)),
@@ -107,17 +122,17 @@ def _figures(plan: load.Plan, tally: load.Tally, samples: list[tuple[Sample, lis
     }
 
 
-def run(settings: Settings, edge_url: str, secret: str, out: Path) -> dict[str, Any]:
+def run(settings: Settings, edge_url: str, secret: str, out: Path,
+        phases: tuple[tuple[float, int], ...] = PHASES) -> dict[str, Any]:  # fmt: skip
     """The three variants; the JSON and the chart written next to each other."""
     from producers.http.auth import token
     from producers.http.bench import open_sale
 
     users = 5000
     tokens = [token(f"as-{i}", "shopper", 3600, secret) for i in range(users)]
-    plan = plan_of(PHASES, users)
     fixed = {n: Policy(servers=Bounds(n, n), workers=Bounds(1, 1)) for n in (1, 3)}
     results: dict[str, Any] = {
-        "phases": [{"seconds": s, "rate": r} for s, r in PHASES],
+        "phases": [{"seconds": s, "rate": r} for s, r in phases],
         "policy": {
             "servers": "1-3",
             "workers": "1-2",
@@ -132,12 +147,15 @@ def run(settings: Settings, edge_url: str, secret: str, out: Path) -> dict[str, 
         "cores": os.cpu_count(),
     }
     blind = dataclasses.replace(POLICY, headroom=0.0)  # as if the host had cores to spare
+    settled: dict[str, float] = {}
     for name, policy, servers in (("fixed_1_server", fixed[1], 1), ("autoscaled", POLICY, 1),
                                   ("autoscaled_ignoring_headroom", blind, 1),
                                   ("fixed_3_servers", fixed[3], 3)):  # fmt: skip
+        settled[name] = settle()  # the last run's backlog (writer, projector) is done
         sale = f"autoscale-{name.replace('_', '-')}-{int(time.time())}"
         open_sale(edge_url, secret, sale)
-        results[name] = _variant(settings, edge_url, sale, tokens, plan, policy, servers)
+        results[name] = _variant(settings, edge_url, sale, tokens, phases, policy, servers)
+    results["settle_s"] = settled
     out.parent.mkdir(parents=True, exist_ok=True)
     import json
 

@@ -137,7 +137,8 @@ def autoscaled(args: argparse.Namespace, settings: Settings) -> None:
         with _edge_stack(settings) as (edge, _):
             secret = load_secret(settings.state_dir, EdgeSettings.from_env().jwt_secret).secret
             out = Path(args.autoscale_out)
-            figures = autoscale_bench.run(settings, edge.url, secret, out)
+            phases = autoscale_bench.SMOKE if args.smoke else autoscale_bench.PHASES
+            figures = autoscale_bench.run(settings, edge.url, secret, out, phases)
     finally:
         if before is None:
             os.environ.pop("FLASHSALE_HTTP_SERVERS", None)
@@ -145,7 +146,7 @@ def autoscaled(args: argparse.Namespace, settings: Settings) -> None:
             os.environ["FLASHSALE_HTTP_SERVERS"] = before
     for name in autoscale_bench.NAMES:
         _show(
-            f"a burst of {autoscale_bench.BURST}/s, {name}",
+            f"a burst ({phases[1][1]}/s for {phases[1][0]:g} s), {name}",
             {k: v for k, v in figures[name].items() if k not in ("series", "samples")},
         )
     print(f"written to {out} and {out.with_suffix('.png')}")

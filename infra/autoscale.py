@@ -47,6 +47,7 @@ from infra.services import ExtraWorker, Service, extra_workers, run_dir
 log = structlog.get_logger(__name__)
 
 DRAIN_S = 1.0
+SCRAPE_TIMEOUT_S = 2.0  # a saturated app server answers /metrics late, not never
 DECISIONS_FILE = "autoscale.jsonl"
 NOW_FILE = "autoscale-now.json"
 
@@ -218,12 +219,12 @@ def run(
     try:
         while not stop.wait(interval_s):
             fleet.servers = [s for s in fleet.servers if s.pid() is not None]  # one exited
-            scraped = [scrape(t, timeout=0.5) for t in fleet.targets()]
+            scraped = [scrape(t, timeout=SCRAPE_TIMEOUT_S) for t in fleet.targets()]
             sample = measure(scraped, before, time.monotonic(), len(fleet.servers),
                              fleet.worker_count(), host.idle_cores())  # fmt: skip
             known = complete(scraped, before)  # the first sample has no rates yet
             before = {s.key: s for s in scraped}
-            decisions = scaler.decide(sample) if known else []
+            decisions = scaler.decide(sample, known)
             _write_now(now_file, sample)
             for d in decisions:
                 row = _act(fleet, scaler, d, sample)

@@ -100,14 +100,16 @@ class Autoscaler:
         default_factory=lambda: {"servers": _Streak(), "workers": _Streak()}
     )
 
-    def decide(self, s: Sample) -> list[Decision]:
+    def decide(self, s: Sample, complete: bool = True) -> list[Decision]:
+        """``complete``: every process answered. A figure missing reads as zero (a saturated
+        server answers ``/metrics`` late), so an incomplete sample may add, never remove."""
         p = self.policy
         per_server = s.requests_per_s / max(1, s.servers)
         room = s.host_idle >= p.headroom
         servers_up = room and (s.server_cpu > p.cpu_high or per_server > p.rps_high)
-        servers_down = s.server_cpu < p.cpu_low and per_server < p.rps_low
+        servers_down = complete and s.server_cpu < p.cpu_low and per_server < p.rps_low
         why = f"cpu {s.server_cpu:.2f}/server, {per_server:.0f} req/s/server"
-        lag_up, lag_down = room and s.lag > p.lag_high, s.lag < p.lag_low
+        lag_up, lag_down = room and s.lag > p.lag_high, complete and s.lag < p.lag_low
         out = [
             self._judge("servers", s.at, s.servers, p.servers, servers_up, servers_down, why),
             self._judge("workers", s.at, s.workers, p.workers, lag_up, lag_down, f"lag {s.lag}"),

@@ -94,6 +94,14 @@ def test_nothing_is_added_on_a_host_without_an_idle_core():
     assert [d.to for d in decided[-1]] == [1]
 
 
+def test_an_incomplete_sample_may_add_but_never_remove():
+    scaler = Autoscaler(POLICY)
+    for at in range(5):  # a server's /metrics timed out: its zeros look idle
+        assert scaler.decide(sample(at, servers=2, workers=2, cpu=0.0, rps=0, lag=0), False) == []
+    decided = [scaler.decide(sample(at, cpu=0.9), False) for at in range(5, 8)][-1]
+    assert [(d.kind, d.step) for d in decided] == [("servers", 1)]
+
+
 def test_a_policy_without_hysteresis_is_refused():
     with pytest.raises(ValueError, match="below its high mark"):
         Policy(cpu_low=0.8, cpu_high=0.7)
