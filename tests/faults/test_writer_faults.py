@@ -127,19 +127,9 @@ def test_a_worker_joins_and_the_first_leaves_mid_sale(
 
         def rebalance(system: System, sale: Sale) -> Hit:
             hit = Hit(now_ms())
-            second = ExtraWorker("processor", system.settings, 1)
-            system.extra.append(second)
-            second.start(system.env)
-            log = system.settings.state_dir / "run" / system.settings.namespace / "w1.log"
-
-            def loaded() -> bool:
-                return log.exists() and '"state.loaded"' in log.read_text()
-
-            assert processes.wait_until(loaded, 60), "the second worker was given no partition"
-            first = system.pipeline.processor.pid()
-            assert first is not None
-            hit.detail = {"joined_partitions": log.read_text().count('"state.loaded"')}
-            time.sleep(2)  # both decide for a while
+            second = _second_worker(system)
+            assert system.pipeline.processor.pid() is not None
+            hit.detail = {"joined_partitions": second.logfile.read_text().count('"state.loaded"')}
             system.pipeline.processor.stop()  # SIGTERM: the first leaves the group
             hit.ended_ms = now_ms()
             return hit
@@ -148,7 +138,7 @@ def test_a_worker_joins_and_the_first_leaves_mid_sale(
         verify(system, sale, "a worker joins, the first leaves")
         assert sale.hit is not None
         # A rebalance is no crash (the first worker's commit as it began crashed it, once).
-        log = system.settings.state_dir / "run" / system.settings.namespace / "w1.log"
+        log = ExtraWorker("processor", system.settings, 1).logfile
         assert system.log_events("processor", "processor.crashed") == []
         assert '"processor.crashed"' not in log.read_text()
         left = sale.hit.ended_ms  # from here the second worker decided alone
@@ -172,15 +162,7 @@ def test_with_standby_replicas_a_worker_joins_dies_and_its_partitions_come_back(
 
         def join_then_die(system: System, sale: Sale) -> Hit:
             hit = Hit(now_ms())
-            second = ExtraWorker("processor", system.settings, 1)
-            system.extra.append(second)
-            second.start(system.env)
-
-            def loaded() -> bool:
-                return '"state.loaded"' in second.logfile.read_text()
-
-            assert processes.wait_until(loaded, 60), "the second worker was given no partition"
-            time.sleep(2)  # both decide for a while; the first follows the second's changelog
+            second = _second_worker(system)  # the first follows the second's changelog
             pid = second.pid()
             assert pid is not None
             os.kill(pid, signal.SIGKILL)
@@ -283,6 +265,20 @@ def _stopped(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
+def _second_worker(system: System) -> ExtraWorker:
+    """A second writer worker, started and given a partition; both decide for 2 s."""
+    second = ExtraWorker("processor", system.settings, 1)
+    system.extra.append(second)
+    second.start(system.env)
+
+    def loaded() -> bool:
+        return second.logfile.exists() and '"state.loaded"' in second.logfile.read_text()
+
+    assert processes.wait_until(loaded, 60), "the second worker was given no partition"
+    time.sleep(2)
+    return second
 
 
 def _stamp_ms(event: dict) -> int:
