@@ -7,10 +7,13 @@ import time
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from producers.http.rules import SkuTerms
+
+STALE_S = 300.0  # sale terms served from memory at most this long while PostgreSQL is away
 
 _SALE_SQL = """
 SELECT s.sale_id, s.sku, s.allocation, s.per_user_limit, s.per_order_max, s.starts_at,
@@ -37,6 +40,7 @@ class EdgeStore:
         self._ttl = sale_ttl_s
         self._sales: dict[str, tuple[float, dict[str, SkuTerms]]] = {}
         self._refreshing: dict[str, asyncio.Future[dict[str, SkuTerms]]] = {}
+        self._retry_at: dict[str, float] = {}  # PostgreSQL away: not asked again before
 
     async def sale(self, sale_id: str, fresh: bool = False) -> dict[str, SkuTerms]:
         """Terms of a sale's SKUs by SKU (empty when unknown); may lag by the cache TTL.
@@ -49,7 +53,7 @@ class EdgeStore:
         now = time.monotonic()
         hit = self._sales.get(sale_id)
         if hit is not None and not fresh:
-            if now - hit[0] < self._ttl:
+            if now - hit[0] < self._ttl or now < self._retry_at.get(sale_id, 0.0):
                 return hit[1]
             if sale_id in self._refreshing:
                 return hit[1]
@@ -59,7 +63,15 @@ class EdgeStore:
         task = asyncio.ensure_future(self._load(sale_id))
         self._refreshing[sale_id] = task
         task.add_done_callback(lambda _: self._refreshing.pop(sale_id, None))
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except psycopg.OperationalError:
+            if hit is None or fresh or now - hit[0] > STALE_S:
+                raise
+            # PostgreSQL away: the terms as last read (the writer decides; these only answer
+            # early), asked for again in a second rather than by every request.
+            self._retry_at[sale_id] = time.monotonic() + 1.0
+            return hit[1]
 
     async def _load(self, sale_id: str) -> dict[str, SkuTerms]:
         async with self.pool.connection() as conn:
