@@ -50,7 +50,11 @@ demo: setup ## Run a flash sale end to end (reuses what `make up` started, stops
 
 .PHONY: test
 test: setup ## Run every test against real Kafka and PostgreSQL (started if not up); of the fault scenarios, the CI subset
-	$(PY) -m pytest -m "not faults or ci" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "(not faults or ci) and not bench_smoke" $(PYTEST_ARGS)
+
+.PHONY: test-bench
+test-bench: setup ## The benchmark comparison at smoke sizes (every system, none oversells; minutes, not in CI)
+	$(PY) -m pytest -m bench_smoke $(PYTEST_ARGS)
 
 .PHONY: test-faults
 test-faults: setup ## Every fault-injection scenario, FAULT_RUNS times in a row (default 3); figures in .state/test/faults/

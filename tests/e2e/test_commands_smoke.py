@@ -42,10 +42,13 @@ def test_demo_runs_a_small_sale_over_http_and_its_audit_holds(
     local_only(settings)
     report = tmp_path / "demo.json"
     argv = ["demo", "--intents", "3000", "--users", "800", "--allocation", "100"]
+    # A state directory of its own: its nginx, app servers and keys are the test's, never
+    # those of a stack `make up` runs in the default namespace (whose nginx it found before).
+    env = {**_env(settings, endpoints, f"t-demo-{uuid.uuid4().hex[:8]}"),
+           "FLASHSALE_STATE_DIR": str(tmp_path / "state")}  # fmt: skip
     done = subprocess.run(
         [sys.executable, "-m", "flashsale.cli", *argv, "--report", str(report)],
-        env=_env(settings, endpoints, namespace := f"t-demo-{uuid.uuid4().hex[:8]}"),
-        capture_output=True, text=True, timeout=600,
+        env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "INVARIANTS HOLD" in done.stdout
@@ -83,7 +86,7 @@ def test_demo_runs_a_small_sale_over_http_and_its_audit_holds(
     # And `flashsale replay` after the demo, its services stopped: every table the same.
     again = subprocess.run(
         [sys.executable, "-m", "flashsale.cli", "replay", "--json"],
-        env=_env(settings, endpoints, namespace), capture_output=True, text=True, timeout=300,
+        env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     result = json.loads(again.stdout)
@@ -128,6 +131,7 @@ def test_bench_smoke_prints_and_writes_every_writer_figure(
     assert restart["restart_to_first_decision_s_from_empty_disk"] > 0
 
 
+@pytest.mark.bench_smoke  # 135 s of CI's 25 min: run by make test-bench
 def test_bench_compare_smoke_runs_every_system_and_none_oversells(
     settings: Settings, endpoints: Endpoints, tmp_path: Path
 ):
