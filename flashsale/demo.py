@@ -106,7 +106,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.report:
         with open(args.report, "w") as f:
             json.dump(summary, f, indent=2)
-    return 0 if summary["invariants_hold"] else 1
+    # The post-sale reports are part of what the demo promises: none written is a failure.
+    return 0 if summary["invariants_hold"] and "report_error" not in summary else 1
 
 
 def _sale(
@@ -304,7 +305,8 @@ def _open_over_http(url: str, settings: Settings, sale_id: str, skus: list[SkuAl
 
 def _write_reports(settings: Settings, stack: Stack, summary: dict[str, Any]) -> list[str]:
     """Each sale's post-sale report, once the analytics projection has caught up (a report
-    that cannot be made is said in the summary; the sales' verdicts stand)."""
+    that cannot be made is said in the summary and fails the demo; the sales' verdicts
+    stand)."""
     from projections import analytics
     from projections.catch_up import wait_until_projected
 
@@ -397,7 +399,10 @@ def _print(s: dict[str, Any]) -> None:
             [
                 ("sale with holds", s["holds_sale_id"]),
                 ("  held / paid / expired", f"{s['held']} / {s['paid']} / {s['expired']}"),
-                ("  declined / refunded", f"{s['declined']} / {s['refunded']}"),
+                (
+                    "  declined / refunded / payments refused",
+                    f"{s['declined']} / {s['refunded']} / {s['payments_refused']}",
+                ),
                 ("  waitlisted (served)", f"{s['waitlisted']} ({s['waitlist_served']})"),
                 ("  provider charges", s["provider_charges"]),
                 ("  sale audit", s["holds_audit"].upper()),

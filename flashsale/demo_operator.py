@@ -18,7 +18,7 @@ import httpx
 import psycopg
 
 from flashsale import sale_audit
-from flashsale.demo_orders import _pay, sale_facts
+from flashsale.demo_orders import SaleLog, _pay
 from flashsale.pseudonyms import KeyStore
 from flashsale.settings import Settings
 from flashsale.topics import TopicNames
@@ -51,8 +51,10 @@ def run_operator_sale(
         raise RuntimeError(f"sale {sale_id} did not open")
     print(f"\noperator's sale {sale_id}: {allocation} units, {people} people; paused, "
           f"{added} units added, resumed, then cancelled")  # fmt: skip
-    bootstrap = endpoints.bootstrap
-    with httpx.Client(timeout=15) as client:
+    with (
+        httpx.Client(timeout=15) as client,
+        SaleLog(endpoints.bootstrap, names.decisions, sale_id, now) as log,
+    ):
 
         def operator(what: str, **body: Any) -> None:
             if edge is None:
@@ -73,13 +75,11 @@ def run_operator_sale(
         users = [f"{'payer' if n % 3 else 'idle'}-op-{n:03d}" for n in range(people)]
         alias = KeyStore(endpoints.dsn, settings.namespace).pseudonyms(users)
         producer.wait([producer.submit_intent(sale_id, sku, alias[u], 1, "op")[1] for u in users])
-        facts = _until(bootstrap, names, sale_id, lambda c: c["IntentDeferred"] >= people)
+        facts = _until(log, lambda c: c["IntentDeferred"] >= people)
         operator("units", sku=sku, quantity=added, ref=f"{sale_id}-more")
         operator("resume")
         facts = _until(
-            bootstrap,
-            names,
-            sale_id,
+            log,
             lambda c: (
                 c["SaleResumed"] >= 1
                 and c["IntentAccepted"] + c["Waitlisted"] + c["IntentRejected"] >= people
@@ -90,21 +90,21 @@ def run_operator_sale(
         payers = [r for n, r in facts if n == "IntentAccepted" and r["user_id"] in paying]
         for rec in payers:
             _pay(client, edge, producer, sale_id, sku, rec, tokens[rec["user_id"]])
-        _until(bootstrap, names, sale_id, lambda c: c["OrderPaid"] >= len(payers))
+        _until(log, lambda c: c["OrderPaid"] >= len(payers))
         operator("cancel", reason="the demo calls it off")
-        facts = _until(bootstrap, names, sale_id, lambda c: c["SaleCancelled"] >= 1)
+        facts = _until(log, lambda c: c["SaleCancelled"] >= 1)
     producer.close()
     return _figures(settings, endpoints.dsn, names, sale_id, facts, people)
 
 
-def _until(bootstrap: str, names: TopicNames, sale_id: str, done: Any) -> Facts:
+def _until(log: SaleLog, done: Any) -> Facts:
     deadline = time.monotonic() + 60
     while True:
-        facts = sale_facts(bootstrap, names.decisions, sale_id)
+        facts = log.read()
         if done(Counter(n for n, _ in facts)):
             return facts
         if time.monotonic() > deadline:
-            raise RuntimeError(f"sale {sale_id}: the log did not get there in 60 s")
+            raise RuntimeError(f"sale {log.sale_id}: the log did not get there in 60 s")
         time.sleep(0.3)
 
 

@@ -18,7 +18,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
-from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from confluent_kafka import TopicPartition
 
 from flashsale.kafka_auth import Consumer
 from flashsale.topics import TopicNames
@@ -53,38 +53,87 @@ class IncompleteRead(RuntimeError):
 
 def read_topic(bootstrap: str, topic: str, committed_only: bool, timeout: float) -> list:
     """Every record of ``topic`` up to the end offsets seen now (raises IncompleteRead)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"audit-{uuid.uuid4().hex}",
-                         "enable.auto.commit": False, "log_level": 3,
-                         "isolation.level": "read_committed" if committed_only
-                         else "read_uncommitted"})  # fmt: skip
+    tail = TopicTail(bootstrap, topic, committed_only)
     try:
-        parts = list(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                for p in parts}  # fmt: skip
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        return tail.read(timeout)
+    finally:
+        tail.close()
+
+
+class TopicTail:
+    """One consumer reading a topic forward in steps: each ``read`` returns the records
+    appended since the last one, up to the end offsets seen when it began. It starts at the
+    topic's beginning, or at the first record of each partition stamped at or after
+    ``since_ms`` (the broker's index by time), so a tail of one sale does not read the
+    facts of every sale before it."""
+
+    def __init__(self, bootstrap: str, topic: str, committed_only: bool,
+                 since_ms: int | None = None) -> None:  # fmt: skip
+        self.topic = topic
+        self.committed_only = committed_only
+        self._consumer = Consumer({"bootstrap.servers": bootstrap,
+                                   "group.id": f"audit-{uuid.uuid4().hex}",
+                                   "enable.auto.commit": False, "log_level": 3,
+                                   # a fetch waiting at the end of the log holds back the
+                                   # next end-offset query on its connection (500 ms each)
+                                   "fetch.wait.max.ms": 10,
+                                   "isolation.level": "read_committed" if committed_only
+                                   else "read_uncommitted"})  # fmt: skip
+        try:
+            meta = self._consumer.list_topics(topic, timeout=10).topics[topic]
+            self._next = dict.fromkeys(meta.partitions, 0)  # the next offset to read
+            if since_ms is not None:
+                asked = [TopicPartition(topic, p, since_ms) for p in self._next]
+                for tp in self._consumer.offsets_for_times(asked, timeout=10):
+                    # -1: nothing stamped that late yet; start at the end seen now
+                    self._next[tp.partition] = tp.offset if tp.offset >= 0 else self._end(tp)
+            else:
+                for p in self._next:
+                    self._next[p] = self._start(p)
+            self._consumer.assign([TopicPartition(topic, p, o) for p, o in self._next.items()])
+        except BaseException:
+            self._consumer.close()
+            raise
+
+    def _end(self, tp: TopicPartition) -> int:
+        return int(self._consumer.get_watermark_offsets(tp, timeout=10)[1])
+
+    def _start(self, p: int) -> int:
+        return int(
+            self._consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[0]
+        )
+
+    def read(self, timeout: float) -> list:
+        """The records from where the last read stopped up to the end offsets seen now
+        (raises IncompleteRead if they cannot be read within ``timeout`` seconds)."""
+        ends = {p: self._end(TopicPartition(self.topic, p)) for p in self._next}
+        pending = {p for p, end in ends.items() if end > self._next[p]}
         out: list = []
-        pending = {p for p, end in ends.items() if end > 0}
         deadline = time.monotonic() + timeout
         while pending and time.monotonic() < deadline:
-            for msg in consumer.consume(5000, 0.5):
+            for msg in self._consumer.consume(5000, 0.1):
                 if msg.error():
                     continue
                 out.append(msg)
-                if (msg.offset() or 0) + 1 >= ends[msg.partition() or 0]:
-                    pending.discard(msg.partition() or 0)
-            if committed_only:  # transaction markers: the last offsets are not records
+                p = msg.partition() or 0
+                self._next[p] = (msg.offset() or 0) + 1
+                if self._next[p] >= ends[p]:
+                    pending.discard(p)
+            if self.committed_only:  # transaction markers: the last offsets are not records
                 for p in list(pending):
-                    position = consumer.position([TopicPartition(topic, p)])[0].offset
+                    position = self._consumer.position([TopicPartition(self.topic, p)])[0].offset
                     if position >= ends[p]:
+                        self._next[p] = position
                         pending.discard(p)
         if pending:  # a partial read would account for fewer offsets than the log holds
             raise IncompleteRead(
-                f"{topic}: partitions {sorted(pending)} not read to their end offsets "
+                f"{self.topic}: partitions {sorted(pending)} not read to their end offsets "
                 f"({ {p: ends[p] for p in sorted(pending)} }) within {timeout:g} s"
             )
         return out
-    finally:
-        consumer.close()
+
+    def close(self) -> None:
+        self._consumer.close()
 
 
 Decoded = tuple[int, int, str, dict]  # (partition, offset, record name or "", record)
