@@ -87,9 +87,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 @contextlib.contextmanager
-def _edge_stack(settings: Settings) -> Iterator[tuple[Any, list[Any]]]:
-    """The writer, the projector and the HTTP edge (nginx, app servers) up for a bench, and
-    stopped afterwards: whatever fails to start, what did start is stopped."""
+def _edge_stack(settings: Settings, servers: int | None = None) -> Iterator[tuple[Any, list[Any]]]:
+    """The writer, the projector and the HTTP edge (nginx, ``servers`` app servers, by default
+    as configured) up for a bench, and stopped afterwards: whatever fails to start, what did
+    start is stopped."""
     from infra.edge import Edge
     from infra.services import all_services
 
@@ -97,7 +98,7 @@ def _edge_stack(settings: Settings) -> Iterator[tuple[Any, list[Any]]]:
     # figures stay comparable with those measured before it existed.
     services = [s for s in all_services(settings) if s.name != "analytics"]
     started: list[Any] = []
-    edge = Edge(settings)
+    edge = Edge(settings, servers)
     edge_started: dict[str, bool] = {}
     try:
         for service in services:  # recorded one by one: a later failure stops the earlier
@@ -131,19 +132,11 @@ def autoscaled(args: argparse.Namespace, settings: Settings) -> None:
     from producers.http.auth import load_secret
     from producers.http.config import EdgeSettings
 
-    before = os.environ.get("FLASHSALE_HTTP_SERVERS")
-    os.environ["FLASHSALE_HTTP_SERVERS"] = "1"  # the edge starts with one; the runs add more
-    try:
-        with _edge_stack(settings) as (edge, _):
-            secret = load_secret(settings.state_dir, EdgeSettings.from_env().jwt_secret).secret
-            out = Path(args.autoscale_out)
-            phases = autoscale_bench.SMOKE if args.smoke else autoscale_bench.PHASES
-            figures = autoscale_bench.run(settings, edge.url, secret, out, phases)
-    finally:
-        if before is None:
-            os.environ.pop("FLASHSALE_HTTP_SERVERS", None)
-        else:
-            os.environ["FLASHSALE_HTTP_SERVERS"] = before
+    with _edge_stack(settings, servers=1) as (edge, _):  # one to start; the runs add more
+        secret = load_secret(settings.state_dir, EdgeSettings.from_env().jwt_secret).secret
+        out = Path(args.autoscale_out)
+        phases = autoscale_bench.SMOKE if args.smoke else autoscale_bench.PHASES
+        figures = autoscale_bench.run(settings, edge.url, secret, out, phases)
     for name in autoscale_bench.NAMES:
         _show(
             f"a burst ({phases[1][1]}/s for {phases[1][0]:g} s), {name}",

@@ -277,7 +277,9 @@ class LocalKafka:
 
     def wait_ready(self) -> None:
         """Wait until the node answers and lists itself; raise naming why it did not."""
-        pid = self.pid()
+        # The pid just spawned, not ``pid()``: its command-line check can miss a JVM that is
+        # still starting (its launcher may exec again), which read as "exited" once.
+        pid = self.pid() or processes.read_pid(self.pidfile)
         started = time.monotonic()
         while time.monotonic() - started < READY_TIMEOUT_S:
             if pid is None or not processes.alive(pid):
