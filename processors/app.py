@@ -417,7 +417,8 @@ async def _send_dead_letters(
     """Send dead letters with their source and reason in headers; return the futures."""
     futures = []
     for d in dead:
-        log.warning("record.dead_lettered", partition=partition, offset=d.offset, reason=d.reason)
+        log.warning("record.dead_lettered", partition=partition, offset=d.offset, reason=d.reason,
+                    **({"intent_id": d.intent_id} if d.intent_id else {}))  # fmt: skip
         headers = [
             ("dlq.source.topic", names.sku_commands.encode()),
             ("dlq.source.partition", str(partition).encode()),

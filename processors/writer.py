@@ -85,6 +85,7 @@ class DeadLetter:
     value: bytes | None
     reason: str
     detail: str
+    intent_id: str | None = None  # a decoded intent's (an unsigned or forged one): traceable
 
 
 @dataclass
@@ -345,6 +346,7 @@ class PartitionWriter:
         """The record's command, or None after dead-lettering it (when ``out`` is given)."""
         value = record.value
         reason, detail = "empty-value", "record has no value"
+        intent_id = None
         if value is not None:
             try:
                 name, rec = self._registry.decode(value)
@@ -361,10 +363,13 @@ class PartitionWriter:
                     if bad is None:
                         return command_from_record(name, rec)
                     reason, detail = bad
+                    intent_id = rec.get("intent_id")
                 else:
                     reason, detail = "wrong-schema", f"{name} does not belong on this topic"
         if out is not None:
-            out.dead_letters.append(DeadLetter(record.offset, record.key, value, reason, detail))
+            out.dead_letters.append(
+                DeadLetter(record.offset, record.key, value, reason, detail, intent_id)
+            )
         return None
 
     def _decide_one(

@@ -203,7 +203,7 @@ class DecisionFeed:
                 self._apply_one(raw)
             except (KeyError, TypeError) as exc:  # a decodable record without a field we read
                 log.warning("feed.bad_fact", partition=raw[0], offset=raw[1], name=raw[2],
-                            error=repr(exc))  # fmt: skip
+                            intent_id=raw[3].get("intent_id"), error=repr(exc))  # fmt: skip
                 self._next[raw[0]] = raw[1] + 1
         for p, offset in ends:  # read to the end (after this batch's facts)
             self._eof[p] = max(self._eof[p], offset)

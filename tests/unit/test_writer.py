@@ -127,8 +127,9 @@ def test_with_an_intent_key_only_signed_intents_are_decided_live_and_in_a_replay
     result = live.handle_batch(log.records, None)
     decided = [REGISTRY.decode(v)[1].get("intent_id") for _, v in result.events[1:]]
     assert decided == ["i0"]
-    assert [(d.offset, d.reason) for d in result.dead_letters] == [
-        (2, "unsigned-intent"), (3, "forged-intent"),
+    # with each intent's id: its dead-letter log line can be traced
+    assert [(d.offset, d.reason, d.intent_id) for d in result.dead_letters] == [
+        (2, "unsigned-intent", "i1"), (3, "forged-intent", "i2"),
     ]  # fmt: skip
     rebuilt = PartitionWriter(REGISTRY, 0, key)
     assert rebuilt.rebuild(log.records) == 4
