@@ -72,7 +72,7 @@ async def post_intent(
     except Unacknowledged:
         ctx.metrics.unavailable.inc()
         raise not_acknowledged() from None
-    ctx.metrics.intents_accepted.inc()
+    ctx.metrics.placed(placed.ack_s)
     response.headers["Location"] = placed.status_url
     return IntentQueued(intent_id=placed.intent_id, status_url=placed.status_url)
 

@@ -210,7 +210,7 @@ class LeanEdge:
         except Exception as exc:
             await self._error(send, _as_api_error(exc), route, started)
             return
-        ctx.metrics.intents_accepted.inc()
+        ctx.metrics.placed(placed.ack_s)
         url = placed.status_url
         data = _encode({"intent_id": placed.intent_id, "status": "queued", "status_url": url})
         await self._answer(send, 202, data, [(b"location", url.encode())], route, started)

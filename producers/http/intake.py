@@ -97,6 +97,9 @@ class Placed:
     sku: str
     quantity: int
     receipt: str
+    # Seconds from handing the record to the producer to Kafka's ack; None when nothing was
+    # written (a retry answered from memory or from the projection: a repeat).
+    ack_s: float | None = None
 
     @property
     def status_url(self) -> str:
@@ -272,9 +275,10 @@ class IntakeService:
         """The placed intent once Kafka acknowledged it; Refused or Unacknowledged otherwise."""
         if key is None:  # nobody can retry it: no entry in the table
             await self._check(user_id, sale_id, sku, quantity, None)
+            sent = time.perf_counter()
             intent_id, ack = self._submit(user_id, sale_id, sku, quantity, uuid.uuid4().hex)
             placed_at = await self._acknowledged(ack, intent_id)
-            return self._placed(intent_id, user_id, sale_id, sku, quantity, placed_at, fresh=True)
+            return self._placed(intent_id, user_id, sale_id, sku, quantity, placed_at, sent)
         slot = (user_id, sale_id, key)
         seen = self.recent.get(slot)
         if seen is not None:
@@ -302,6 +306,7 @@ class IntakeService:
             if answered is not None:
                 done.set_result(None)  # answered 202 before: nothing to write
                 return self._placed(answered, user_id, sale_id, sku, quantity, None)
+            sent = time.perf_counter()
             produced_id, ack = self._submit(user_id, sale_id, sku, quantity, key)
         except BaseException as exc:
             if not done.done():  # a waiting retry is told the outcome is unknown: it retries
@@ -310,7 +315,7 @@ class IntakeService:
         assert produced_id == intent_id
         ack.add_done_callback(lambda f: _settle_from(done, f))
         place = await self._acknowledged(done, intent_id)
-        return self._placed(intent_id, user_id, sale_id, sku, quantity, place, fresh=True)
+        return self._placed(intent_id, user_id, sale_id, sku, quantity, place, sent)
 
     async def _check(
         self, user_id: str, sale_id: str, sku: str, quantity: int, key: str | None
@@ -389,11 +394,14 @@ class IntakeService:
         sku: str,
         q: int,
         place: Appended | None,
-        fresh: bool = False,
+        sent: float | None = None,
     ) -> Placed:
-        """The 202's answer; a ``fresh`` one (just acknowledged, not a retry answered from
-        memory) starts waiting for its decision (``on_placed``)."""
+        """The 202's answer; a fresh one (``sent`` to Kafka at that ``perf_counter`` time and
+        just acknowledged, not a retry answered from memory) starts waiting for its decision
+        (``on_placed``)."""
         receipt = self.receipts.sign(intent_id, user_id, sale_id, sku, q, place)
-        if fresh and place is not None and self.on_placed is not None:
+        if sent is None:
+            return Placed(intent_id, sale_id, sku, q, receipt)
+        if place is not None and self.on_placed is not None:
             self.on_placed(user_id, intent_id, sale_id, sku, q, place)
-        return Placed(intent_id, sale_id, sku, q, receipt)
+        return Placed(intent_id, sale_id, sku, q, receipt, time.perf_counter() - sent)

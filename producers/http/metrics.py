@@ -41,6 +41,18 @@ class EdgeMetrics:
             "Intents answered 202 (acknowledged by Kafka)",
             registry=self.registry,
         )
+        self.intent_repeats = Counter(
+            "flashsale_http_intent_repeats",
+            "Intents answered 202 with nothing written: a retry of an intent already in the "
+            "log, answered from this server's memory or from the projection (never in the log)",
+            registry=self.registry,
+        )
+        self.kafka_ack = Histogram(
+            "flashsale_http_kafka_ack_seconds",
+            "Time from handing an intent to the producer to Kafka's acknowledgement",
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
         self.unavailable = Counter(
             "flashsale_http_unavailable",
             "503 answers (Kafka or PostgreSQL did not answer in time)",
@@ -59,6 +71,14 @@ class EdgeMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
             registry=self.registry,
         )
+
+    def placed(self, ack_s: float | None) -> None:
+        """One intent answered 202: written (its ack time observed) or a repeat."""
+        self.intents_accepted.inc()
+        if ack_s is None:
+            self.intent_repeats.inc()
+        else:
+            self.kafka_ack.observe(ack_s)
 
     def watch_gc(self) -> None:
         """Time every cyclic garbage collection of this process (``gc.callbacks``)."""

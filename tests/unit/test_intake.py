@@ -24,6 +24,7 @@ from producers.http.context import EdgeContext
 from producers.http.fastpath import LeanEdge
 from producers.http.intake import (
     IntakeService,
+    Placed,
     Receipt,
     Receipts,
     RecentIntents,
@@ -114,7 +115,10 @@ def test_a_retry_is_answered_from_memory_and_a_different_body_is_a_conflict():
     async def scenario() -> None:
         first = await svc.place_intent("u", "s", "k", 1, "key")
         again = await svc.place_intent("u", "s", "k", 1, "key")
-        assert again == first and len(log.produced) == 1
+        assert (again.intent_id, again.receipt) == (first.intent_id, first.receipt)
+        assert len(log.produced) == 1
+        # Written and acknowledged (timed), or a repeat answered with nothing written.
+        assert first.ack_s is not None and first.ack_s >= 0 and again.ack_s is None
         assert first.intent_id == intent_id_for("u", "s", "k", "key")
         for sku, q in (("k", 2), ("j", 1)):  # another quantity, another SKU: same key
             with pytest.raises(Refused) as refused:
@@ -145,7 +149,9 @@ def test_a_retry_while_the_first_waits_for_its_ack_waits_for_the_same_ack():
         assert not first.done() and not second.done()
         log.pending[0].set_result(Appended(2, 7, LOG_TIME_MS))
         a, b = await first, await second
-        assert a == b and a.receipt.endswith(f".2.{LOG_TIME_MS}.7")
+        assert (a.intent_id, a.receipt) == (b.intent_id, b.receipt)
+        assert a.receipt.endswith(f".2.{LOG_TIME_MS}.7")
+        assert a.ack_s is not None and b.ack_s is None  # one write; the retry repeats it
 
     run(scenario())
     assert len(log.produced) == 1
@@ -166,7 +172,9 @@ def test_concurrent_attempts_with_one_key_write_once_and_a_different_body_confli
         same = asyncio.create_task(svc.place_intent("u", "s", "k", 1, "key"))
         other = asyncio.create_task(svc.place_intent("u", "s", "k", 2, "key"))
         results = await asyncio.gather(first, same, other, return_exceptions=True)
-        assert results[0] == results[1]
+        a, b = results[0], results[1]
+        assert isinstance(a, Placed) and isinstance(b, Placed)
+        assert (a.intent_id, a.receipt, b.ack_s) == (b.intent_id, b.receipt, None)
         assert isinstance(results[2], Refused) and results[2].code == "idempotency_conflict"
 
     run(scenario())
@@ -213,7 +221,7 @@ def test_certain_rejections_write_nothing_unless_the_retry_was_answered_202_befo
         # Answered 202 before (by a server that has since died): the same answer, no write.
         sales.projected[intent_id_for("w", "s", "k", "old")] = ("w", "k", 1)
         placed = await svc.place_intent("w", "s", "k", 1, "old")
-        assert placed.intent_id == intent_id_for("w", "s", "k", "old")
+        assert placed.intent_id == intent_id_for("w", "s", "k", "old") and placed.ack_s is None
         with pytest.raises(Refused):  # another body under that key is not that intent
             await svc.place_intent("w", "s", "k", 2, "old")
 
@@ -423,11 +431,22 @@ def test_the_lean_route_answers_every_case_as_the_fastapi_route_does(tmp_path: P
     results = {}
     for lean in (True, False):
         sales, log = FakeSales({"k": terms()}), FakeLog()
-        results[lean] = (_answers(_app(tmp_path, lean, sales, log)), log.produced)
+        client = _app(tmp_path, lean, sales, log)
+        results[lean] = (_answers(client), log.produced)
+        # What never reaches the log is in the edge's metrics: the repeat and the two acks.
+        metrics = client.app.state.edge.metrics  # type: ignore[attr-defined]
+        assert metrics.intents_accepted._value.get() == 3
+        assert metrics.intent_repeats._value.get() == 1
+        assert metrics.kafka_ack._sum.get() >= 0 and _count(metrics.kafka_ack) == 2
     assert results[True][0] == results[False][0]
     # Three 202s, two writes: the retry of "a1" was answered from memory.
     assert [c for c, _ in results[True][0]].count(202) == 3
     assert len(results[True][1]) == len(results[False][1]) == 2
+
+
+def _count(histogram: Any) -> float:
+    return sum(s.value for m in histogram.collect() for s in m.samples
+               if s.name.endswith("_count"))  # fmt: skip
 
 
 def test_a_receipt_answers_queued_until_the_projection_has_the_intent(tmp_path: Path):
