@@ -87,3 +87,21 @@ def rate(now: Scrape, before: Scrape | None, metric: str) -> float | None:
     if before is None or before.error or now.error or now.at <= before.at:
         return None
     return (now.value(metric) - before.value(metric)) / (now.at - before.at)
+
+
+def quantile_between(now: Scrape, before: Scrape | None, metric: str, q: float) -> float | None:
+    """The ``q`` quantile of histogram ``metric`` (its ``_bucket`` samples, summed over
+    every other label) over what it observed between two scrapes, as the upper bound of the
+    bucket it falls in (None: nothing observed, or no earlier scrape)."""
+    if before is None or before.error or now.error:
+        return None
+    by_le: dict[float, float] = {}
+    for (name, labels), value in now.samples.items():
+        if name == f"{metric}_bucket":
+            le = float(dict(labels)["le"])
+            by_le[le] = by_le.get(le, 0.0) + value - before.samples.get((name, labels), 0.0)
+    bounds = sorted(by_le)
+    if not bounds or by_le[bounds[-1]] <= 0:
+        return None
+    wanted = q * by_le[bounds[-1]]
+    return next(b for b in bounds if by_le[b] >= wanted)

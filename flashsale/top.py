@@ -4,7 +4,9 @@ Every refresh scrapes each service's ``/metrics`` (the ports in the run director
 cards, ``flashsale.service_metrics``), every app server's (``run/<ns>/http/app-<port>.pid``)
 and the supervisor's ``supervisor.prom``, and shows per process: CPU (% of one core, from
 ``process_cpu_seconds_total`` between two scrapes), resident memory, open files, its work per
-second, consumer lag and restarts; then per sale and SKU the analytics service's totals.
+second, consumer lag, dead letters and restarts; per app server its requests, 202s, 429s,
+503s and repeats per second with latency percentiles; then per sale and SKU the analytics
+service's totals.
 ``--once`` prints one table (two scrapes a second apart) and exits.
 """
 
@@ -20,7 +22,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from flashsale.scrape import WORK, Scrape, rate, scrape, targets
+from flashsale.scrape import WORK, Scrape, quantile_between, rate, scrape, targets
 from flashsale.settings import Settings
 from projections.analytics_rows import LATENCY_BUCKETS_MS, percentile
 
@@ -44,11 +46,12 @@ def services_table(
 ) -> Table:
     """One row per process."""
     table = Table(title="services", expand=True)
-    for col in ("service", "pid", "cpu %", "rss MB", "files", "work/s", "lag", "restarts"):
+    for col in ("service", "pid", "cpu %", "rss MB", "files", "work/s", "lag", "dead letters",
+                "restarts"):  # fmt: skip
         table.add_column(col, justify="left" if col == "service" else "right")
     for s in now:
         if s.error:
-            table.add_row(s.name, str(s.pid), "-", "-", "-", f"[red]{s.error[:30]}", "-", "-")
+            table.add_row(s.name, str(s.pid), "-", "-", "-", f"[red]{s.error[:30]}", "-", "-", "-")
             continue
         prev = before.get(s.key)
         cpu = rate(s, prev, "process_cpu_seconds_total")
@@ -56,6 +59,8 @@ def services_table(
         work = rate(s, prev, metric) if metric else None
         lag = s.value("flashsale_consumer_lag")
         has_lag = any(n == "flashsale_consumer_lag" for n, _ in s.samples)
+        dead = f"flashsale_{s.kind}_dead_letters_total"
+        has_dead = any(n == dead for n, _ in s.samples)
         table.add_row(
             s.name,
             str(s.pid),
@@ -64,8 +69,33 @@ def services_table(
             f"{s.value('process_open_fds'):.0f}",
             "…" if work is None else f"{work:,.0f} {unit}",
             f"{lag:,.0f}" if has_lag else "-",
+            f"{s.value(dead):,.0f}" if has_dead else "-",
             f"{restarts.get(s.name, 0):.0f}" if s.name in restarts else "-",
         )
+    return table
+
+
+def edge_table(now: list[Scrape], before: dict[str, Scrape]) -> Table:
+    """One row per app server: requests and answers per second, latency since the last
+    refresh (request to its last byte, and an intent's produce to Kafka's ack)."""
+    table = Table(title="edge (app servers)", expand=True)
+    for col in ("server", "req/s", "202/s", "429/s", "503/s", "repeats/s", "p50 ms", "p99 ms",
+                "ack p99 ms"):  # fmt: skip
+        table.add_column(col, justify="left" if col == "server" else "right")
+    for s in now:
+        if s.kind != "app" or s.error:
+            continue
+        prev = before.get(s.key)
+        per_s = [rate(s, prev, m) for m in (
+            "flashsale_http_requests_total", "flashsale_intents_accepted_total",
+            "flashsale_http_rate_limited_total", "flashsale_http_unavailable_total",
+            "flashsale_http_intent_repeats_total")]  # fmt: skip
+        ms = [quantile_between(s, prev, m, q) for m, q in (
+            ("flashsale_http_request_duration_seconds", 0.5),
+            ("flashsale_http_request_duration_seconds", 0.99),
+            ("flashsale_http_kafka_ack_seconds", 0.99))]  # fmt: skip
+        table.add_row(s.name, *("…" if v is None else f"{v:,.0f}" for v in per_s),
+                      *("-" if v is None else f"≤{v * 1000:,.1f}" for v in ms))  # fmt: skip
     return table
 
 
@@ -81,7 +111,7 @@ def sales_table(analytics: Scrape | None) -> Table:
     buckets: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
     for (name, labels), value in analytics.samples.items():
         ls = dict(labels)
-        if "sale" not in ls:
+        if "sku" not in ls or "reason" in ls:  # per SKU only (not by reason, not people)
             continue
         key = (ls["sale"], ls["sku"])
         if name == "flashsale_sale_decision_latency_ms_bucket":
@@ -108,7 +138,8 @@ def snapshot(settings: Settings, before: dict[str, Scrape]) -> tuple[Group, dict
     """Scrape everything once; the view and the scrapes (the next refresh's ``before``)."""
     now = [scrape(t) for t in targets(settings)]
     analytics = next((s for s in now if s.kind == "analytics"), None)
-    view = Group(services_table(now, before, _restarts(settings)), sales_table(analytics))
+    view = Group(services_table(now, before, _restarts(settings)), edge_table(now, before),
+                 sales_table(analytics))  # fmt: skip
     return view, {s.key: s for s in now}
 
 

@@ -143,6 +143,18 @@ FROM analytics_seconds, unnest(latency_ms) WITH ORDINALITY AS u(x, i)
 WHERE {_RECENT} GROUP BY sale_id, sku, i
 """
 
+_REASONS_SQL = f"""
+SELECT sale_id, sku, key, sum(value::bigint)::bigint
+FROM analytics_seconds, jsonb_each_text(rejected_by_reason)
+WHERE {_RECENT} GROUP BY sale_id, sku, key
+"""
+# People per sale, and how many sent 1, 2, 3, 4, 5-9, 10+ intents (the bots' signature).
+_PEOPLE_SQL = f"""
+SELECT sale_id, CASE WHEN intents >= 10 THEN '10+' WHEN intents >= 5 THEN '5-9'
+                     ELSE intents::text END, count(*)
+FROM analytics_users WHERE {_RECENT} GROUP BY 1, 2
+"""
+
 
 class SaleTotalsCollector(Collector):
     """The projected totals of recent sales as Prometheus metrics (read at scrape time)."""
@@ -150,26 +162,32 @@ class SaleTotalsCollector(Collector):
     def __init__(self, dsn: str, recent_s: int = 3600) -> None:
         self.dsn, self.recent_s = dsn, recent_s
         self._lock = threading.Lock()
-        self._cached: tuple[float, Any, Any] = (0.0, [], [])
+        self._cached: tuple[float, _Read] = (0.0, _Read([], {}, [], []))
 
-    def _rows(self) -> tuple[list[tuple[Any, ...]], dict[tuple[str, str], list[int]]]:
+    def _rows(self) -> _Read:
         with self._lock:
-            at, rows, latency = self._cached
+            at, read = self._cached
             if time.monotonic() - at >= 1.0:
                 with psycopg.connect(self.dsn, autocommit=True, connect_timeout=2) as conn:
-                    rows = conn.execute(_TOTALS_SQL, (self.recent_s,)).fetchall()
-                    latency = defaultdict(lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
-                    for sale, sku, i, n in conn.execute(_LATENCY_SQL, (self.recent_s,)):
+                    args = (self.recent_s,)
+                    latency: dict[tuple[str, str], list[int]] = defaultdict(
+                        lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1)
+                    )
+                    for sale, sku, i, n in conn.execute(_LATENCY_SQL, args):
                         latency[(sale, sku)][i - 1] = n
-                self._cached = (time.monotonic(), rows, latency)
-            return rows, latency
+                    read = _Read(conn.execute(_TOTALS_SQL, args).fetchall(), latency,
+                                 conn.execute(_REASONS_SQL, args).fetchall(),
+                                 conn.execute(_PEOPLE_SQL, args).fetchall())  # fmt: skip
+                self._cached = (time.monotonic(), read)
+            return read
 
     def collect(self) -> Iterator[Metric]:
         try:
-            rows, by_sku = self._rows()
+            read = self._rows()
         except psycopg.Error as exc:
             log.warning("metrics.totals_unavailable", error=str(exc))
-            rows, by_sku = [], {}
+            read = _Read([], {}, [], [])
+        rows, by_sku = read.totals, read.latency
         labels = ["sale", "sku"]
         counts = {c: CounterMetricFamily(f"flashsale_sale_{c}", f"{c} (log)", labels=labels)
                   for c in COUNTS}  # fmt: skip
@@ -190,9 +208,31 @@ class SaleTotalsCollector(Collector):
             for bound, n in zip((*LATENCY_BUCKETS_MS, "+Inf"), buckets, strict=False):
                 total += n
                 latency.add_metric([sale, sku, str(bound)], total)
+        reasons = CounterMetricFamily("flashsale_sale_rejected_by_reason",
+                                      "intents rejected, by reason (log)",
+                                      labels=[*labels, "reason"])  # fmt: skip
+        for sale, sku, reason, n in read.reasons:
+            reasons.add_metric([sale, sku, reason], n)
+        people = GaugeMetricFamily("flashsale_sale_people",
+                                   "people who sent this many intents to the sale (log)",
+                                   labels=["sale", "intents"])  # fmt: skip
+        for sale, intents, n in read.people:
+            people.add_metric([sale, intents], n)
         yield from counts.values()
         yield remaining
         yield latency
+        yield reasons
+        yield people
+
+
+@dataclasses.dataclass(frozen=True)
+class _Read:
+    """One scrape's rows, cached a second."""
+
+    totals: list[tuple[Any, ...]]
+    latency: dict[tuple[str, str], list[int]]
+    reasons: list[tuple[Any, ...]]
+    people: list[tuple[Any, ...]]
 
 
 def main(settings: Settings, *, batch_size: int = 2000) -> None:

@@ -22,6 +22,7 @@ import psycopg
 
 from infra.services import Service
 from projections import analytics
+from projections.analytics_rows import LATENCY_BUCKETS_MS, percentile
 from projections.catch_up import wait_until_projected
 from projections.commands import live_name as outcomes_name
 from tests.e2e.harness import EdgeUnderTest
@@ -55,6 +56,26 @@ def _projected(dsn: str, sale: str) -> dict[int, tuple[int, int, int, int]]:
             (sale,),
         ).fetchall()
     return {int(t): (int(a), int(b), int(c), int(d)) for t, a, b, c, d in rows}
+
+
+def _latency_and_stock(
+    dsn: str, sale: str
+) -> tuple[dict[int, list[int]], dict[str, dict[int, int]]]:
+    """Per second: the answers' latency buckets summed over SKUs; and per SKU, per second,
+    the stock remaining after that second's last fact, from the table."""
+    buckets: dict[int, list[int]] = defaultdict(lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
+    stock: dict[str, dict[int, int]] = defaultdict(dict)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for at, sku, latency, left in conn.execute(
+            "SELECT extract(epoch FROM at)::bigint, sku, latency_ms, remaining"
+            " FROM analytics_seconds WHERE sale_id = %s",
+            (sale,),
+        ):
+            for i, n in enumerate(latency or ()):
+                buckets[int(at)][i] += n
+            if left is not None:
+                stock[sku][int(at)] = left
+    return buckets, stock
 
 
 def test_live_page_charts_the_analytics_projection(edge: EdgeUnderTest, uid: str):
@@ -107,8 +128,22 @@ def test_live_page_charts_the_analytics_projection(edge: EdgeUnderTest, uid: str
             assert (received[i], decided[i], accepted[i], rejected[i]) == truth.get(
                 second, (0, 0, 0, 0)
             )
+        # Latency p50/p99 per second, from the buckets the projection holds for that second
+        # (a second with no answer has none).
+        latency, stock_at = _latency_and_stock(p.endpoints.dsn, sale)
+        lt, p50, p99 = charts["latency"]
+        assert lt == t and any(v is not None for v in p99)
+        for i, second in enumerate(t):
+            b = latency.get(second, [0] * (len(LATENCY_BUCKETS_MS) + 1))
+            assert (p50[i], p99[i]) == (percentile(b, 0.5), percentile(b, 0.99)), second
         stock = charts["stock"]
         assert charts["stock_labels"] == [f"remaining {k}" for k in skus]
+        for k, series in zip(skus, stock[1:], strict=True):  # carried forward from 30
+            known = 30
+            for i, second in enumerate(t):
+                known = stock_at[k].get(second, known)
+                assert series[i] == known, (k, second)
+            assert known < 30  # units went
         with psycopg.connect(p.endpoints.dsn, autocommit=True) as conn:
             left = dict(conn.execute("SELECT sku, remaining FROM sale_counters"
                                      " WHERE sale_id = %s", (sale,)).fetchall())  # fmt: skip

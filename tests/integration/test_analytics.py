@@ -97,6 +97,22 @@ def _stored(dsn: str, sale_id: str) -> dict:
     return {(k, s): (a, b, c, d, list(lat), rem) for k, s, a, b, c, d, lat, rem in got}
 
 
+def _samples(text: str, metric: str, sale_id: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of each sample of ``metric`` for ``sale_id`` in a /metrics text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [(s.labels, s.value) for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == metric and s.labels.get("sale") == sale_id]  # fmt: skip
+
+
+def _by(samples: list[tuple[dict[str, str], float]], label: str) -> dict[str, float]:
+    out: dict[str, float] = defaultdict(float)
+    for labels, value in samples:
+        out[labels[label]] += value
+    return dict(out)
+
+
 def _received(dsn: str, sale_id: str) -> int:
     with psycopg.connect(dsn, autocommit=True) as conn:
         row = conn.execute(
@@ -168,6 +184,15 @@ def test_analytics_survive_a_sigkill_and_equal_the_log(
         metric = "flashsale_sale_received_total"
         received = [ln for ln in text.splitlines() if ln.startswith(metric) and sale_id in ln]
         assert sum(float(ln.rsplit(" ", 1)[1]) for ln in received) == 3000
+        by_reason: dict[str, float] = defaultdict(float)  # counted from the log above
+        for reasons in (v[3] for v in expected.values()):
+            for reason, n in reasons.items():
+                by_reason[reason] += n
+        exported = _samples(text, "flashsale_sale_rejected_by_reason_total", sale_id)
+        assert by_reason and _by(exported, "reason") == by_reason
+        # 3,000 intents from 700 people: 500 sent 4, 200 sent 5.
+        people = _by(_samples(text, "flashsale_sale_people", sale_id), "intents")
+        assert people == {"4": 500, "5-9": 200}
         lags = [ln for ln in text.splitlines() if ln.startswith("flashsale_consumer_lag{")]
         assert len(lags) == 2 * ns.partitions
         assert "process_resident_memory_bytes" in text

@@ -6,12 +6,15 @@ import dataclasses
 import os
 from pathlib import Path
 
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
 from flashsale import top
-from flashsale.scrape import rate, scrape, targets
+from flashsale.scrape import Scrape, quantile_between, rate, scrape, targets
 from flashsale.service_metrics import ServiceMetrics, cards, metrics_dir
 from flashsale.settings import Settings
+from producers.http.metrics import EdgeMetrics
 
 
 def test_a_service_card_is_found_scraped_and_removed(tmp_path: Path):
@@ -60,3 +63,38 @@ def test_a_dead_service_card_is_ignored(tmp_path: Path):
     where.mkdir(parents=True)
     (where / "clock-999999999.json").write_text('{"service": "clock", "pid": 999999999, "port": 1}')
     assert cards(settings) == []
+
+
+def _scraped(metrics: EdgeMetrics, at: float) -> Scrape:
+    """What a scrape of an app server with these metrics reads, at monotonic time ``at``."""
+    out = Scrape("app:1", "app", 1, "", at=at)
+    for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
+        for s in family.samples:
+            out.samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_top_shows_each_app_servers_rates_and_latency_between_two_scrapes():
+    metrics = EdgeMetrics()
+    metrics.placed(0.5)  # before the first scrape: not in the figures between the two
+    before = _scraped(metrics, 10.0)
+    for _ in range(99):
+        metrics.placed(0.002)  # written: Kafka acked in 2 ms
+    metrics.placed(0.2)
+    for _ in range(10):
+        metrics.placed(None)  # repeats: answered 202, nothing written
+    for _ in range(5):
+        metrics.rate_limited.inc()
+    after = _scraped(metrics, 12.0)  # two seconds later
+    ack = "flashsale_http_kafka_ack_seconds"
+    assert quantile_between(after, before, ack, 0.5) == 0.0025  # the bucket's upper bound
+    assert quantile_between(after, before, ack, 0.99) == 0.0025
+    assert quantile_between(after, before, ack, 1.0) == 0.25
+    assert quantile_between(after, None, ack, 0.5) is None
+    console = Console(record=True, width=200)
+    console.print(top.edge_table([after], {after.key: before}))
+    row = next(ln for ln in console.export_text().splitlines() if "app:1" in ln)
+    cells = [c.strip() for c in row.strip(" │").split("│")]
+    # 110 answered 202 in 2 s, 5 of them per second repeats; 2.5 429s per second
+    assert cells[2:6] == ["55", "2", "0", "5"], cells
+    assert cells[8] == "≤2.5", cells
