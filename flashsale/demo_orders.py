@@ -137,8 +137,8 @@ class SaleLog:
     def __init__(self, bootstrap: str, topic: str, sale_id: str,
                  opened_ms: int | None = None) -> None:  # fmt: skip
         since = None if opened_ms is None else opened_ms - 60_000  # clocks of one machine
+        self._registry = SchemaRegistry.load_default()  # first: nothing to close if it fails
         self._tail = input_audit.TopicTail(bootstrap, topic, True, since)
-        self._registry = SchemaRegistry.load_default()
         self.sale_id = sale_id
         self.facts: list[tuple[str, dict[str, Any]]] = []
 

@@ -83,10 +83,15 @@ class TopicTail:
             meta = self._consumer.list_topics(topic, timeout=10).topics[topic]
             self._next = dict.fromkeys(meta.partitions, 0)  # the next offset to read
             if since_ms is not None:
+                # ends first: a record appended after the lookup is past them, never skipped
+                ends = {p: self._end(TopicPartition(topic, p)) for p in self._next}
                 asked = [TopicPartition(topic, p, since_ms) for p in self._next]
                 for tp in self._consumer.offsets_for_times(asked, timeout=10):
-                    # -1: nothing stamped that late yet; start at the end seen now
-                    self._next[tp.partition] = tp.offset if tp.offset >= 0 else self._end(tp)
+                    if tp.error is not None:
+                        raise IncompleteRead(f"{topic}[{tp.partition}]: no offset for the "
+                                             f"time {since_ms}: {tp.error}")  # fmt: skip
+                    # -1: nothing stamped that late yet; start at the end seen before
+                    self._next[tp.partition] = tp.offset if tp.offset >= 0 else ends[tp.partition]
             else:
                 for p in self._next:
                     self._next[p] = self._start(p)
@@ -105,7 +110,8 @@ class TopicTail:
 
     def read(self, timeout: float) -> list:
         """The records from where the last read stopped up to the end offsets seen now
-        (raises IncompleteRead if they cannot be read within ``timeout`` seconds)."""
+        (raises IncompleteRead if they cannot be read within ``timeout`` seconds; the tail
+        is then spent: the records read before the error are not given again)."""
         ends = {p: self._end(TopicPartition(self.topic, p)) for p in self._next}
         pending = {p for p, end in ends.items() if end > self._next[p]}
         out: list = []

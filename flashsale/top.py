@@ -94,9 +94,19 @@ def edge_table(now: list[Scrape], before: dict[str, Scrape]) -> Table:
             ("flashsale_http_request_duration_seconds", 0.5),
             ("flashsale_http_request_duration_seconds", 0.99),
             ("flashsale_http_kafka_ack_seconds", 0.99))]  # fmt: skip
-        table.add_row(s.name, *("…" if v is None else f"{v:,.0f}" for v in per_s),
-                      *("-" if v is None else f"≤{v * 1000:,.1f}" for v in ms))  # fmt: skip
+        table.add_row(s.name, *("…" if v is None else _rate(v) for v in per_s),
+                      *("-" if v is None else _bound_ms(v) for v in ms))  # fmt: skip
     return table
+
+
+def _rate(v: float) -> str:
+    """Per second: a decimal below 10 (2.5/s is not 2, 0.3/s is not 0)."""
+    return f"{v:,.1f}" if v < 10 else f"{v:,.0f}"
+
+
+def _bound_ms(seconds: float) -> str:
+    """A histogram bucket's upper bound; the last bucket has none."""
+    return "> top bucket" if seconds == float("inf") else f"≤{seconds * 1000:,.1f}"
 
 
 def sales_table(analytics: Scrape | None) -> Table:

@@ -437,7 +437,7 @@ def test_the_lean_route_answers_every_case_as_the_fastapi_route_does(tmp_path: P
         metrics = client.app.state.edge.metrics  # type: ignore[attr-defined]
         assert metrics.intents_accepted._value.get() == 3
         assert metrics.intent_repeats._value.get() == 1
-        assert metrics.kafka_ack._sum.get() >= 0 and _count(metrics.kafka_ack) == 2
+        assert _count(metrics.kafka_ack) == 2
     assert results[True][0] == results[False][0]
     # Three 202s, two writes: the retry of "a1" was answered from memory.
     assert [c for c, _ in results[True][0]].count(202) == 3

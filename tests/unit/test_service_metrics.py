@@ -96,5 +96,5 @@ def test_top_shows_each_app_servers_rates_and_latency_between_two_scrapes():
     row = next(ln for ln in console.export_text().splitlines() if "app:1" in ln)
     cells = [c.strip() for c in row.strip(" │").split("│")]
     # 110 answered 202 in 2 s, 5 of them per second repeats; 2.5 429s per second
-    assert cells[2:6] == ["55", "2", "0", "5"], cells
+    assert cells[2:6] == ["55", "2.5", "0.0", "5.0"], cells
     assert cells[8] == "≤2.5", cells
